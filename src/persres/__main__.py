@@ -1,0 +1,5 @@
+import sys
+
+from persres.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""Command line: parse -> config -> one library call per subcommand.
+
+Errors the user can fix (``PersresError``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from persres import __version__
+from persres.config import DEFAULT_TOKEN, ResidualConfig, TrainConfig
+from persres.errors import PersresError
+
+log = logging.getLogger("persres")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persres",
+        description="Personalized Residuals for Stable Diffusion: teach a concept from a few photos.",
+    )
+    parser.add_argument("--version", action="version", version=f"persres {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train(commands)
+    add_sample(commands)
+    add_info(commands)
+    add_merge(commands)
+    return parser
+
+
+def add_train(commands: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig(base="", images="", class_word="x")
+    p = commands.add_parser(
+        "train",
+        help="train residuals for a concept from a folder of photos",
+        description="Train personalized residuals (paper defaults: 150 steps, batch 4, lr 1e-3).",
+    )
+    p.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x/2.x folder or hub id")
+    p.add_argument("--images", required=True, help="folder of 1-50 photos of the concept (jpg/png/webp)")
+    p.add_argument("--class-word", required=True, help="the macro class, e.g. dog, teapot, sofa")
+    p.add_argument(
+        "--out", required=True, help="output folder for residuals.safetensors, config.json, checkpoints"
+    )
+    p.add_argument(
+        "--token", default=DEFAULT_TOKEN, help=f"identifier V*, a rare single token (default {DEFAULT_TOKEN})"
+    )
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="images per step (default %(default)s)"
+    )
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--rank", default="0.05", help="fraction of each layer's width (0.05) or fixed rank (16)")
+    p.add_argument("--init", choices=["zero", "random"], default="zero", help="factor init (default zero)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=defaults.resolution,
+        help="training size in px (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="base model precision"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints"
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(handler=run_train)
+
+
+def add_sample(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "sample",
+        help="generate images with trained residuals",
+        description="Sample with DDIM; V* in a prompt stands for the concept's identifier.",
+    )
+    p.add_argument("--base", required=True, help="the base model the residuals were trained on")
+    p.add_argument("--residuals", required=True, help="residuals.safetensors of a training run")
+    p.add_argument(
+        "--prompt", action="append", required=True, help='e.g. "a photo of a V* dog on the beach"; repeatable'
+    )
+    p.add_argument("--out", required=True, help="folder for the PNGs and their JSON sidecars")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j (default 0)")
+    p.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+    p.set_defaults(handler=run_sample)
+
+
+def add_info(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("info", help="print what a residual file holds, as JSON")
+    p.add_argument("file", help="a residuals.safetensors file")
+    p.set_defaults(handler=run_info)
+
+
+def add_merge(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "merge",
+        help="write a full pipeline with the residuals folded into the U-Net",
+        description="The result loads with plain StableDiffusionPipeline.from_pretrained.",
+    )
+    p.add_argument("--base", required=True, help="the base model the residuals were trained on")
+    p.add_argument("--residuals", required=True, help="residuals.safetensors of a training run")
+    p.add_argument("--out", required=True, help="new folder for the merged diffusers pipeline")
+    p.set_defaults(handler=run_merge)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from persres.train import train
+
+    config = TrainConfig(
+        base=args.base,
+        images=args.images,
+        class_word=args.class_word,
+        token=args.token,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        residual=ResidualConfig(rank=ResidualConfig.parse_rank(args.rank), init=args.init),
+        resolution=args.resolution,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+    )
+    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    print(
+        f"trained {result.parameters:,} residual parameters for {result.steps} steps "
+        f"(final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 5)})"
+    )
+    print(f"residuals: {result.residuals}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from persres.sampling import SampleSettings
+    from persres.workflows import sample_to_folder
+
+    settings = SampleSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        num_images=args.num_images,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+    )
+    written = sample_to_folder(
+        args.base, args.residuals, args.prompt, args.out, settings, args.device, args.precision
+    )
+    for path in written:
+        print(path)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from persres.workflows import describe
+
+    print(json.dumps(describe(args.file), indent=2))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from persres.workflows import merge_to_folder
+
+    print(f"merged pipeline written to {merge_to_folder(args.base, args.residuals, args.out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    quiet_third_party()
+    try:
+        return int(args.handler(args))
+    except PersresError as exc:
+        print(f"persres {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"persres {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+def quiet_third_party() -> None:
+    """Library progress bars and advice on loading stay out of the user's terminal."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Frozen configuration dataclasses with the paper's defaults.
+
+Every value here is either from the paper (Ham et al., CVPR 2024) or a documented choice of ours
+where the paper is silent (see PAPER.md, lines marked "choice"). Validation lives in
+``__post_init__`` so a bad value fails where it is made, with the argument named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from persres.errors import ConfigError
+
+InitMode = Literal["zero", "random"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+DEFAULT_TOKEN = "sks"
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """How each ``proj_out`` residual is shaped and started.
+
+    rank: a float in (0, 1] is a fraction of the layer width m_i (the paper's 0.05 gives 16/32/64
+        for 320/640/1280 channels), rounded, at least 1; an int >= 1 is a fixed rank for every layer.
+    init: "zero" starts the up factor at zero so training starts exactly at the base model (our
+        choice, the adapter convention); "random" draws both factors, as the paper's review reports.
+    """
+
+    rank: float | int = 0.05
+    init: InitMode = "zero"
+
+    def __post_init__(self) -> None:
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+            raise ConfigError(f"rank must be a number, got {rank!r}")
+        if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+            raise ConfigError(
+                f"rank {rank} is neither a fraction in (0, 1] nor an integer >= 1; "
+                "use e.g. 0.05 (5% of each layer's width) or 16 (a fixed rank)"
+            )
+        if isinstance(rank, int) and rank < 1:
+            raise ConfigError(f"rank {rank} must be >= 1; use e.g. 0.05 (a fraction) or 16 (a fixed rank)")
+        if self.init not in ("zero", "random"):
+            raise ConfigError(f"init must be 'zero' or 'random', got {self.init!r}")
+
+    def rank_for(self, width: int, layer: str = "") -> int:
+        """The rank of a residual on a layer ``width`` channels wide."""
+        if isinstance(self.rank, float):
+            return max(1, round(self.rank * width))
+        if self.rank > width:
+            raise ConfigError(
+                f"rank {self.rank} is above the width {width} of layer {layer or '?'}; "
+                f"use a rank <= {width} or a fraction such as 0.05"
+            )
+        return self.rank
+
+    @staticmethod
+    def parse_rank(text: str) -> float | int:
+        """'0.05' -> 0.05 (fraction), '16' -> 16 (fixed rank); as typed on a command line."""
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--rank {text!r} is not a number; use e.g. 0.05 or 16") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults: the paper's recipe (150 steps, batch 4, lr 1e-3) and our choices
+    (AdamW, 512 px, constant learning rate, random horizontal flip and mild crop)."""
+
+    base: str
+    images: str
+    class_word: str
+    token: str = DEFAULT_TOKEN
+    steps: int = 150
+    batch_size: int = 4
+    lr: float = 1e-3
+    residual: ResidualConfig = ResidualConfig()
+    resolution: int = 512
+    seed: int = 0
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    flip: bool = True
+    min_crop: float = 0.85  # mild crop: a random square covering at least this share of the side
+    adam_weight_decay: float = 1e-2
+    validation_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 (e.g. 512)")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not 0.0 < self.min_crop <= 1.0:
+            raise ConfigError(f"min_crop must be in (0, 1], got {self.min_crop}")
+        for name in ("class_word", "token"):
+            value = getattr(self, name)
+            if not value.strip():
+                raise ConfigError(f"{name.replace('_', '-')} must not be empty")
+        if any(ch.isspace() for ch in self.token):
+            raise ConfigError(f"token {self.token!r} must be a single word without spaces")
+
+    @property
+    def prompt(self) -> str:
+        """The training prompt, "a photo of a V* {macro class}" (paper, section 3)."""
+        return f"a photo of a {self.token} {self.class_word}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; this persres knows {sorted(fields)}")
+        values = dict(data)
+        if "residual" in values:
+            values["residual"] = ResidualConfig(**values["residual"])
+        if "validation_prompts" in values:
+            values["validation_prompts"] = tuple(values["validation_prompts"])
+        return cls(**values)
+
+    def resumable_with(self, other: TrainConfig) -> list[str]:
+        """Settings that differ from ``other`` and would change the result of a resumed run.
+        ``steps`` and ``checkpoint_every`` may change: a run can be extended."""
+        free = {"steps", "checkpoint_every", "validation_prompts"}
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if k not in free and mine[k] != theirs[k])

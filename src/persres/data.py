@@ -1,0 +1,125 @@
+"""Concept images: read a folder of 1-50 photos into tensors, and draw augmented training batches.
+
+Any PIL mode is accepted (grayscale, RGBA, palette, 16-bit); EXIF orientation is honoured;
+transparency is composited on white. Augmentation (our choice, the paper is silent): a random
+square crop covering at least ``min_crop`` of the shorter side, resized to the training
+resolution, and a random horizontal flip, all drawn from one ``torch.Generator`` so a resumed
+run draws the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from persres.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_IMAGES = 50
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files of ``folder``, sorted; hidden files and sub-folders are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(
+            f"image folder {folder} not found; pass --images with a folder of 1-{MAX_IMAGES} photos"
+        )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if strangers:
+        raise InputError(
+            f"{folder} holds files that are not images: {strangers[:5]}; keep only "
+            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files there"
+        )
+    if not files:
+        raise InputError(f"image folder {folder} is empty; put 1-{MAX_IMAGES} photos of the concept in it")
+    if len(files) > MAX_IMAGES:
+        raise InputError(
+            f"{folder} holds {len(files)} images; personalization takes 1-{MAX_IMAGES}, pick the best"
+        )
+    return files
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open any image as 8-bit RGB, upright per its EXIF orientation."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable image ({exc}); remove or replace it") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else max(float(array.max()), 1e-8)
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" or image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ConceptImages:
+    """The concept's photos, shorter side at the training resolution, ready to crop."""
+
+    paths: list[Path]
+    tensors: list[torch.Tensor]  # each (3, H, W), min(H, W) == resolution
+    resolution: int
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str], resolution: int) -> ConceptImages:
+        paths = list_images(folder)
+        tensors = [to_tensor(resize_shorter_side(load_rgb(p), resolution)) for p in paths]
+        return cls(paths, tensors, resolution)
+
+    def batch(self, size: int, generator: torch.Generator, min_crop: float, flip: bool) -> torch.Tensor:
+        """(size, 3, R, R): random images, each randomly cropped and flipped."""
+        picks = torch.randint(len(self.tensors), (size,), generator=generator).tolist()
+        return torch.stack([self._augment(self.tensors[i], generator, min_crop, flip) for i in picks])
+
+    def _augment(
+        self, image: torch.Tensor, generator: torch.Generator, min_crop: float, flip: bool
+    ) -> torch.Tensor:
+        _, height, width = image.shape
+        draws = torch.rand(4, generator=generator).tolist()  # always four draws: the stream stays aligned
+        side = round(min(height, width) * (min_crop + (1.0 - min_crop) * draws[0]))
+        top = int(draws[1] * (height - side + 1))
+        left = int(draws[2] * (width - side + 1))
+        crop = image[:, top : top + side, left : left + side]
+        if side != self.resolution:
+            crop = F.interpolate(
+                crop[None],
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
+        if flip and draws[3] < 0.5:
+            crop = crop.flip(-1)
+        return crop

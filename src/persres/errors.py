@@ -1,0 +1,32 @@
+"""Errors a user can fix. The CLI prints the message and exits with status 2.
+
+Each message names the culprit (file, layer, argument) and says how to fix it.
+"""
+
+
+class PersresError(Exception):
+    """Base of every error caused by input the user can correct."""
+
+
+class ConfigError(PersresError, ValueError):
+    """A setting out of range or inconsistent with another."""
+
+
+class InputError(PersresError):
+    """A missing, empty or unreadable input file or folder."""
+
+
+class ModelError(PersresError):
+    """A base model that cannot be found or is not a Stable Diffusion pipeline."""
+
+
+class ResidualFileError(PersresError):
+    """A residual file that is not safetensors, or does not fit the model it is loaded into."""
+
+
+class OutputExistsError(PersresError, FileExistsError):
+    """An output that would overwrite an earlier result."""
+
+
+class TrainingDivergedError(PersresError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""

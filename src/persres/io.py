@@ -1,0 +1,171 @@
+"""Residual files: safetensors only, loaded strictly.
+
+Layout of ``residuals.safetensors``: for each wrapped layer two fp32 tensors,
+``{module path}.A`` (m_out x r, the up factor) and ``{module path}.B`` (r x m_in, the down factor),
+e.g. ``down_blocks.0.attentions.0.proj_out.A``. Metadata (all strings): ``format``,
+``format_version`` and whatever the caller adds (base model, token, class word, configs as JSON).
+Any missing, extra or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from persres.config import ResidualConfig
+from persres.errors import ConfigError, ResidualFileError
+from persres.files import atomic_path
+from persres.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
+
+FORMAT_NAME = "persres.residuals"
+FORMAT_VERSION = 1
+FACTORS = ("A", "B")
+
+
+@dataclass(frozen=True)
+class ResidualFile:
+    """The contents of a residual file: factors keyed as saved, and string metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module path -> (A, B)."""
+        return {
+            layer: (self.tensors[f"{layer}.A"], self.tensors[f"{layer}.B"]) for layer in _layer_names(self)
+        }
+
+    def json_field(self, key: str) -> Any:
+        return json.loads(self.metadata[key]) if key in self.metadata else None
+
+
+def save_residuals(
+    unet: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False, **metadata: Any
+) -> Path:
+    """Write the residual factors of ``unet`` to ``path`` atomically.
+
+    Extra keyword arguments become metadata (strings kept, anything else JSON-encoded).
+    An existing file is replaced only with ``overwrite=True``.
+    """
+    params = residual_parameters(unet)
+    if not params:
+        raise ConfigError("this U-Net has no residuals to save; call add_residuals(unet) first")
+    tensors = {
+        key: p.detach().to(device="cpu", dtype=torch.float32).contiguous() for key, p in params.items()
+    }
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    for key, value in metadata.items():
+        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
+    """Read and check a residual file without a model: format, version, factor pairs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResidualFileError(
+            f"residual file {path} not found; pass the residuals.safetensors of a training run"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ResidualFileError(
+            f"{path} is not a safetensors file ({exc}); persres reads and writes residuals only "
+            "as .safetensors"
+        ) from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise ResidualFileError(
+            f"{path} is a safetensors file but not a persres residual file (metadata format is "
+            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+        )
+    version = metadata.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise ResidualFileError(
+            f"{path} has format version {version}; this persres reads version {FORMAT_VERSION}. "
+            "Upgrade persres to read it"
+        )
+    loaded = ResidualFile(path, tensors, metadata)
+    _layer_names(loaded)
+    return loaded
+
+
+def _layer_names(loaded: ResidualFile) -> list[str]:
+    layers: dict[str, set[str]] = {}
+    for key in loaded.tensors:
+        layer, _, factor = key.rpartition(".")
+        if factor not in FACTORS or not layer:
+            raise ResidualFileError(f"{loaded.path}: unexpected tensor {key!r}; keys must end in .A or .B")
+        layers.setdefault(layer, set()).add(factor)
+    for layer, factors in layers.items():
+        if factors != set(FACTORS):
+            missing = sorted(set(FACTORS) - factors)
+            raise ResidualFileError(
+                f"{loaded.path}: layer {layer} lacks factor(s) {missing}; the file is damaged"
+            )
+    if not layers:
+        raise ResidualFileError(f"{loaded.path} holds no residual tensors")
+    return sorted(layers)
+
+
+def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
+    """Load a residual file into ``unet`` strictly; adds the wrappers if ``unet`` has none yet.
+
+    Returns the file's metadata. Raises ``ResidualFileError`` naming the layer (and both shapes)
+    when the file was made for another architecture.
+    """
+    loaded = read_residual_file(path)
+    layers = loaded.layers()
+    check_fits(loaded, find_proj_outs(unet))
+    wrappers = find_residuals(unet)
+    if not wrappers:
+        ranks = {layer: a.shape[1] for layer, (a, _) in layers.items()}
+        wrappers = add_residuals(unet, ResidualConfig(), ranks=ranks)
+    for layer, (a, b) in layers.items():
+        wrapper = wrappers[layer]
+        if wrapper.A.shape != a.shape:
+            raise ResidualFileError(
+                f"{loaded.path}: layer {layer} has rank {a.shape[1]} in the file but {wrapper.rank} in the "
+                "model; call remove_residuals(unet) before loading"
+            )
+        with torch.no_grad():
+            wrapper.A.copy_(a)
+            wrapper.B.copy_(b)
+    return loaded.metadata
+
+
+def check_fits(loaded: ResidualFile, proj_outs: Mapping[str, nn.Module]) -> None:
+    """Every layer of the file exists in the model with matching width, and vice versa."""
+    layers = loaded.layers()
+    missing = sorted(set(proj_outs) - set(layers))
+    extra = sorted(set(layers) - set(proj_outs))
+    if extra or missing:
+        raise ResidualFileError(
+            f"{loaded.path} was made for another architecture: layers in the file but not in the model: "
+            f"{extra or 'none'}; layers in the model but not in the file: {missing or 'none'}. "
+            f"Use the base model the file was trained on ({loaded.metadata.get('base_model', 'unknown')})"
+        )
+    for layer, (a, b) in layers.items():
+        weight = proj_outs[layer].weight
+        out_features, in_features = weight.shape[:2]
+        if a.shape[0] != out_features or b.shape[1] != in_features or a.shape[1] != b.shape[0]:
+            raise ResidualFileError(
+                f"{loaded.path}: layer {layer} does not fit: the file has A {tuple(a.shape)} and B "
+                f"{tuple(b.shape)}, the model's proj_out weight is {tuple(weight.shape)} "
+                f"(needs A ({out_features}, r) and B (r, {in_features})). Use the base model the file was "
+                f"trained on ({loaded.metadata.get('base_model', 'unknown')})"
+            )

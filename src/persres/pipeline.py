@@ -1,0 +1,95 @@
+"""Load a Stable Diffusion 1.x/2.x base model from a local diffusers folder or a hub id, frozen.
+
+Weights are read only from safetensors (``use_safetensors=True``): no pickle is ever loaded.
+Without network, set ``HF_HUB_OFFLINE=1`` so a model that is not cached fails at once instead of
+retrying for minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from persres.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return torch.device(device)
+
+
+def looks_like_path(base: str) -> bool:
+    """A hub id is "org/name"; anything that exists, starts like a path or has more slashes is a folder."""
+    return Path(base).expanduser().exists() or base.startswith((".", "/", "~")) or base.count("/") > 1
+
+
+def load_pipeline(
+    base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
+    """The base pipeline with every pretrained weight frozen, DDIM as its scheduler."""
+    _check_local_folder(base)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            os.path.expanduser(base),
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _check_local_folder(base: str) -> None:
+    if not looks_like_path(base):
+        return
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        raise ModelError(
+            f"--base {base}: no such folder; pass a diffusers Stable Diffusion folder or a hub id"
+        )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(
+            f"--base {base} is not a diffusers pipeline folder (no model_index.json); single-file "
+            "checkpoints (.ckpt/.safetensors) must first be converted to the diffusers layout"
+        )
+    if '"StableDiffusionPipeline"' not in index.read_text(encoding="utf-8", errors="replace"):
+        raise ModelError(
+            f"--base {base}: {index} does not describe a StableDiffusionPipeline; persres supports "
+            "Stable Diffusion 1.x/2.x"
+        )
+
+
+def _not_available_message(base: str, exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (
+        "HF_HUB_OFFLINE is set and the model is not in the local cache: download it once with network, "
+        "or pass a local diffusers folder"
+        if offline
+        else "check the hub id and your network, or pass a local diffusers folder"
+    )
+    return f"cannot load base model {base!r}: {first_line}. {hint}"

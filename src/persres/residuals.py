@@ -1,0 +1,241 @@
+"""The one trainable module type: a low-rank residual wrapped around a transformer block's ``proj_out``.
+
+Paper (section 3): W'_i = W_i + A_i B_i with A_i (m_i x r_i) and B_i (r_i x m_i), on the output
+projection of every transformer block of a frozen U-Net. ``proj_out`` is a 1x1 ``Conv2d`` in SD 1.x
+and a ``Linear`` in SD 2.x (``use_linear_projection=True``); both are handled alike, the Conv2d by
+viewing its (m, m, 1, 1) kernel as a matrix.
+
+Every patch has an exact inverse: ``remove_residuals`` undoes ``add_residuals``; ``unmerge`` undoes
+``merge`` by restoring a copy of the original weight (exact, also in fp16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from persres.config import ResidualConfig
+from persres.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+RANDOM_UP_STD = 1e-3  # choice: "random" init draws A small, so the start stays close to the base model
+
+
+class ResidualProjOut(nn.Module):
+    """``base(x) + A (B x)``: the frozen ``proj_out`` plus a trainable low-rank residual.
+
+    Factors are kept in fp32 whatever the base dtype (fp16 training then needs no gradient unscaling
+    of half-precision parameters). ``mask`` (optional, broadcastable to the output) restricts where
+    the residual applies; it is set by localized sampling and is ``None`` otherwise.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, init: str = "zero") -> None:
+        super().__init__()
+        out_features, in_features = base.weight.shape[:2]
+        self.base = base
+        device = base.weight.device
+        self.A = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        # B as a Linear layer's default init (Kaiming uniform), as in LoRA's down projection.
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        if init == "random":
+            nn.init.normal_(self.A, std=RANDOM_UP_STD)
+        self.enabled = True
+        self.mask: torch.Tensor | None = None
+        self._weight_before_merge: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    @property
+    def merged(self) -> bool:
+        return self._weight_before_merge is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """A B shaped like the base weight: (out, in) or (out, in, 1, 1)."""
+        delta = self.A @ self.B  # (out, in)
+        return delta[:, :, None, None] if self.is_conv else delta
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """A (B x) without the base output, in the factors' precision."""
+        x = x.to(self.A.dtype)
+        if self.is_conv:  # x: (N, C, H, W)
+            return F.conv2d(F.conv2d(x, self.B[:, :, None, None]), self.A[:, :, None, None])
+        return F.linear(F.linear(x, self.B), self.A)  # x: (N, HW, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled or self.merged:
+            return out
+        delta = self.residual(x)
+        if self.mask is not None:
+            delta = delta * self.mask
+        return out + delta.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold A B into the base weight; forward then costs nothing extra."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        self._weight_before_merge = weight.detach().clone()
+        weight.add_(self.delta_weight().to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before ``merge``."""
+        if self._weight_before_merge is None:
+            return
+        self.base.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
+
+
+def find_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
+    """Residual wrappers in ``unet``, keyed by module path (e.g. ``mid_block.attentions.0.proj_out``)."""
+    return {name: module for name, module in unet.named_modules() if isinstance(module, ResidualProjOut)}
+
+
+def find_proj_outs(unet: nn.Module) -> dict[str, nn.Linear | nn.Conv2d]:
+    """The ``proj_out`` of every transformer block, keyed by module path; found by type, not by name."""
+    found: dict[str, nn.Linear | nn.Conv2d] = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, Transformer2DModel):
+            continue
+        path = f"{name}.proj_out" if name else "proj_out"
+        proj = module.proj_out
+        if isinstance(proj, ResidualProjOut):
+            proj = proj.base
+        if not _is_pointwise(proj):
+            raise ModelError(
+                f"{path} is a {type(proj).__name__}; personalized residuals need a Linear or a 1x1 Conv2d "
+                "proj_out (Stable Diffusion 1.x/2.x U-Nets)"
+            )
+        found[path] = proj
+    if not found:
+        raise ModelError(
+            f"no transformer blocks (Transformer2DModel) found in {type(unet).__name__}; "
+            "pass the U-Net of a Stable Diffusion 1.x/2.x pipeline"
+        )
+    return found
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
+
+
+def add_residuals(
+    unet: nn.Module, config: ResidualConfig = ResidualConfig(), ranks: Mapping[str, int] | None = None
+) -> dict[str, ResidualProjOut]:
+    """Wrap every transformer block's ``proj_out`` with a residual and freeze everything else.
+
+    ``ranks`` (module path -> rank) overrides ``config.rank`` per layer, e.g. when loading a file.
+    Returns the wrappers keyed by module path; afterwards only their factors require gradients.
+    """
+    if find_residuals(unet):
+        raise ConfigError("this U-Net already has residuals; call remove_residuals(unet) first")
+    targets = find_proj_outs(unet)
+    if ranks is not None:
+        _check_same_layers(set(ranks), set(targets))
+    unet.requires_grad_(False)
+    wrapped: dict[str, ResidualProjOut] = {}
+    for path, proj in targets.items():
+        width = min(proj.weight.shape[0], proj.weight.shape[1])
+        rank = ranks[path] if ranks is not None else config.rank_for(width, path)
+        if not 1 <= rank <= width:
+            raise ConfigError(f"rank {rank} for layer {path} must be between 1 and its width {width}")
+        wrapper = ResidualProjOut(proj, rank, config.init)
+        _set_module(unet, path, wrapper)
+        wrapped[path] = wrapper
+    log.info("added residuals to %d proj_out layers, %d parameters", len(wrapped), count_parameters(wrapped))
+    return wrapped
+
+
+def _check_same_layers(given: set[str], present: set[str]) -> None:
+    if given != present:
+        raise ConfigError(
+            f"ranks given for layers the U-Net lacks: {sorted(given - present)}; "
+            f"layers without a rank: {sorted(present - given)}"
+        )
+
+
+def remove_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
+    """Put the original ``proj_out`` modules back (unmerging first); the state dict is as before."""
+    removed = find_residuals(unet)
+    for path, wrapper in removed.items():
+        wrapper.unmerge()
+        _set_module(unet, path, wrapper.base)
+    return removed
+
+
+def merge_residuals(unet: nn.Module) -> None:
+    for wrapper in find_residuals(unet).values():
+        wrapper.merge()
+
+
+def unmerge_residuals(unet: nn.Module) -> None:
+    for wrapper in find_residuals(unet).values():
+        wrapper.unmerge()
+
+
+def fold_residuals(unet: nn.Module) -> int:
+    """Merge the residuals for good and drop the wrappers: a plain diffusers U-Net remains.
+    Returns the number of layers folded."""
+    wrappers = find_residuals(unet)
+    for path, wrapper in wrappers.items():
+        wrapper.merge()
+        wrapper._weight_before_merge = None
+        _set_module(unet, path, wrapper.base)
+    return len(wrappers)
+
+
+def set_residuals_enabled(unet: nn.Module, enabled: bool) -> None:
+    for wrapper in find_residuals(unet).values():
+        wrapper.enabled = enabled
+
+
+@contextlib.contextmanager
+def residuals_disabled(unet: nn.Module) -> Iterator[None]:
+    """Run the base model: residuals are bypassed inside the block and restored after it."""
+    wrappers = find_residuals(unet)
+    before = {path: w.enabled for path, w in wrappers.items()}
+    try:
+        for wrapper in wrappers.values():
+            wrapper.enabled = False
+        yield
+    finally:
+        for path, wrapper in wrappers.items():
+            wrapper.enabled = before[path]
+
+
+def count_parameters(residuals: Mapping[str, ResidualProjOut]) -> int:
+    return sum(w.A.numel() + w.B.numel() for w in residuals.values())
+
+
+def residual_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable factors keyed as in the saved file: ``{module path}.A`` and ``{module path}.B``."""
+    params: dict[str, nn.Parameter] = {}
+    for path, wrapper in find_residuals(unet).items():
+        params[f"{path}.A"] = wrapper.A
+        params[f"{path}.B"] = wrapper.B
+    return params
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, module)

@@ -1,0 +1,136 @@
+"""Tiny, randomly initialised Stable Diffusion pipelines built from configs.
+
+Nothing is downloaded: the same diffusers/transformers classes as Stable Diffusion, a few
+thousand parameters each, saved as a normal diffusers folder that every persres command loads
+through ``--base`` like a real checkpoint. Used by the tests and the no-weights demo. Images it
+makes are noise: it has never been trained.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+BASIC_WORDS = (
+    "a photo of an the on in with and at by painting sculpture style red blue green sks zwx dog cat "
+    "cup car chair beach snow forest city grass studio ball playing"
+).split()
+
+
+def word_tokenizer(words: Iterable[str], max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in which each given word is exactly one token.
+
+    Merges are added until every word tokenizes whole: BPE applies merges by rank, so a naive
+    prefix chain per word can be broken by another word's merge; appending the merge a word
+    still needs only ever joins pieces, so the loop ends.
+    """
+    words = sorted({w.lower() for w in words})
+    symbols = sorted({ch for w in words for ch in w})
+    vocab: dict[str, int] = {}
+    for sym in symbols + [f"{s}</w>" for s in symbols]:
+        vocab.setdefault(sym, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for _ in range(sum(len(w) for w in words) + 1):
+        tokenizer = _build(vocab, merges, max_length)
+        split = {w: tokenizer.tokenize(w) for w in words}
+        pending = [pieces for pieces in split.values() if len(pieces) > 1]
+        if not pending:
+            return tokenizer
+        for pieces in pending:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+    raise RuntimeError("word_tokenizer did not converge")  # unreachable: each round joins pieces
+
+
+def _build(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int) -> CLIPTokenizer:
+    full = dict(vocab)
+    for special in SPECIAL_TOKENS:
+        full.setdefault(special, len(full))
+    return CLIPTokenizer(
+        vocab=full, merges=list(merges), model_max_length=max_length, pad_token="<|endoftext|>"
+    )
+
+
+def tiny_unet(
+    linear_projection: bool = False, sample_size: int = 8, cross_attention_dim: int = 32
+) -> UNet2DConditionModel:
+    """Two resolutions, four transformer blocks (down 1, mid 1, up 2), widths 32 and 64."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=linear_projection,
+    )
+
+
+def tiny_pipeline(
+    linear_projection: bool = False, seed: int = 0, words: Iterable[str] = BASIC_WORDS
+) -> StableDiffusionPipeline:
+    """A complete, random Stable Diffusion pipeline: U-Net, VAE (downsamples by 2), CLIP text encoder."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=tiny_unet(linear_projection),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(
+    folder: str | os.PathLike[str], linear_projection: bool = False, seed: int = 0
+) -> Path:
+    """Write a tiny random pipeline as a diffusers folder (safetensors) and return its path."""
+    folder = Path(folder)
+    tiny_pipeline(linear_projection, seed).save_pretrained(folder, safe_serialization=True)
+    return folder

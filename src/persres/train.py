@@ -1,0 +1,234 @@
+"""Train personalized residuals: ``train(config, out) -> TrainResult``.
+
+Paper recipe: frozen base, residuals on every ``proj_out``, plain denoising MSE on "a photo of a
+V* {class}", no regularisation images, 150 steps, batch 4, lr 1e-3. Runs through ``accelerate``
+(mixed precision, several GPUs with ``accelerate launch``). All randomness (batches, crops, noise,
+timesteps) comes from one CPU generator per process whose state is checkpointed, so an interrupted
+and resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from persres import __version__
+from persres.checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
+from persres.config import TrainConfig
+from persres.data import ConceptImages
+from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
+from persres.files import write_json
+from persres.io import save_residuals
+from persres.pipeline import DTYPES, load_pipeline, resolve_device
+from persres.residuals import add_residuals, count_parameters, residual_parameters
+from persres.tokens import check_identifier
+
+log = logging.getLogger(__name__)
+
+RESIDUALS_FILE = "residuals.safetensors"
+CONFIG_FILE = "config.json"
+RUN_FILES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, "validation")
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    residuals: Path
+    steps: int
+    final_loss: float | None
+    parameters: int
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train residuals for the concept in ``config.images`` and write them to ``out``.
+
+    ``callback(step, loss)`` runs after every optimizer step (raise in it to stop the run).
+    """
+    out = Path(out)
+    prepare_output(out, resume, overwrite)
+    images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
+    accelerator = make_accelerator(config, device)
+    pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
+    check_identifier(pipe.tokenizer, config.token)
+    residuals = add_residuals(pipe.unet, config.residual)
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    named = residual_parameters(pipe.unet)
+    names = {param: name for name, param in named.items()}
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.adam_weight_decay)
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    start = restore_or_start(out, config, resume, pipe, optimizer, names, generator, accelerator)
+    if accelerator.is_main_process:
+        write_json(out / CONFIG_FILE, {"persres_version": __version__, **config.to_dict()})
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    text = pipe.encode_prompt(config.prompt, accelerator.device, 1, False)[0]  # (1, T, D)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loss = None
+    bar = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        desc="training",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    for step in bar:
+        pixels = images.batch(config.batch_size, generator, config.min_crop, config.flip)
+        with accelerator.autocast():
+            loss_tensor = denoising_loss(unet, pipe, noise_scheduler, text, pixels, generator)
+        loss = loss_tensor.item()
+        if not math.isfinite(loss):
+            raise diverged(out, step + 1, loss)
+        accelerator.backward(loss_tensor)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_checkpoint(
+                out,
+                done,
+                pipe.unet,
+                optimizer,
+                names,
+                generator,
+                config,
+                accelerator.process_index,
+                accelerator.is_main_process,
+                accelerator.wait_for_everyone,
+            )
+        if callback is not None:
+            callback(done, loss)
+    path = out / RESIDUALS_FILE
+    if accelerator.is_main_process:
+        save_residuals(pipe.unet, path, overwrite=True, **run_metadata(config))
+        log.info("residuals written to %s", path)
+    accelerator.wait_for_everyone()
+    return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+
+
+def make_accelerator(config: TrainConfig, device: str) -> Accelerator:
+    target = resolve_device(device)
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=target.type == "cpu")
+    except ValueError as exc:
+        raise ConfigError(f"--mixed-precision {config.mixed_precision} on {target}: {exc}") from None
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    pipe: StableDiffusionPipeline,
+    noise_scheduler: DDPMScheduler,
+    text: torch.Tensor,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Latent diffusion's MSE between the U-Net's prediction and its target (epsilon or v)."""
+    vae, device = pipe.vae, text.device
+    with torch.no_grad():
+        posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
+        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor  # (N, 4, h, w)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    steps = torch.randint(
+        noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    )
+    steps = steps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, steps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, steps)
+    else:
+        target = noise
+    condition = text.expand(latents.shape[0], -1, -1)
+    prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run unless asked; ``overwrite`` removes only persres' own files."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; pass a folder")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not (resume or overwrite):
+        raise OutputExistsError(
+            f"--out {out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another folder"
+        )
+    if overwrite:
+        for name in existing:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def restore_or_start(
+    out: Path,
+    config: TrainConfig,
+    resume: bool,
+    pipe: StableDiffusionPipeline,
+    optimizer: torch.optim.Optimizer,
+    names: dict[torch.nn.Parameter, str],
+    generator: torch.Generator,
+    accelerator: Accelerator,
+) -> int:
+    """The step to start from: 0, or the latest checkpoint's when resuming (restoring its state)."""
+    checkpoints = list_checkpoints(out) if resume else []
+    if not checkpoints:
+        if resume:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+        return 0
+    latest = checkpoints[-1]
+    step = load_checkpoint(latest, pipe.unet, optimizer, names, generator, config, accelerator.process_index)
+    if step > config.steps:
+        raise ConfigError(f"{latest.folder} is at step {step}, past --steps {config.steps}; raise --steps")
+    log.info("resuming from %s (step %d of %d)", latest.folder, step, config.steps)
+    return step
+
+
+def diverged(out: Path, step: int, loss: float) -> TrainingDivergedError:
+    checkpoints = list_checkpoints(out)
+    kept = (
+        f"the last good checkpoint is kept at {checkpoints[-1].folder} (step {checkpoints[-1].step})"
+        if checkpoints
+        else "no checkpoint had been written yet (use a smaller --checkpoint-every)"
+    )
+    return TrainingDivergedError(
+        f"loss became {loss} at step {step}; training stopped and {kept}. "
+        "Lower --lr, or use --mixed-precision bf16 or no instead of fp16"
+    )
+
+
+def run_metadata(config: TrainConfig) -> dict[str, str]:
+    return {
+        "base_model": config.base,
+        "token": config.token,
+        "class_word": config.class_word,
+        "rank_config": json.dumps(dataclasses.asdict(config.residual)),
+        "train_config": config.to_json(),
+        "step": str(config.steps),
+        "persres_version": __version__,
+    }

@@ -1,0 +1,113 @@
+"""The library calls behind ``persres sample``, ``persres info`` and ``persres merge``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from persres.errors import ConfigError, OutputExistsError
+from persres.files import atomic_dir
+from persres.io import load_residuals, read_residual_file
+from persres.pipeline import load_pipeline, resolve_device
+from persres.residuals import fold_residuals
+from persres.sampling import SampleSettings, sample, write_samples
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto': fp16 on a GPU, fp32 on the CPU (where half precision is slow)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def load_personalized(
+    base: str, residuals: str | os.PathLike[str], device: str = "auto", precision: str = "auto"
+) -> tuple[StableDiffusionPipeline, dict[str, str]]:
+    """The base pipeline with a residual file loaded into its U-Net, and the file's metadata."""
+    read_residual_file(residuals)  # a bad file fails before the model is loaded
+    target = resolve_device(device)
+    pipe = load_pipeline(base, sampling_dtype(precision, target), target)
+    metadata = load_residuals(pipe.unet, residuals)
+    return pipe, metadata
+
+
+def sample_to_folder(
+    base: str,
+    residuals: str | os.PathLike[str],
+    prompts: list[str],
+    out: str | os.PathLike[str],
+    settings: SampleSettings = SampleSettings(),
+    device: str = "auto",
+    precision: str = "auto",
+) -> list[Path]:
+    """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
+    if not prompts:
+        raise ConfigError("no prompt given; pass at least one --prompt")
+    pipe, metadata = load_personalized(base, residuals, device, precision)
+    token = metadata.get("token")
+    if not token:
+        raise ConfigError(f"{residuals} records no identifier token; it cannot resolve V* in prompts")
+    samples = sample(pipe, prompts, token, settings)
+    extra = {
+        "base": base,
+        "residuals": str(residuals),
+        "token": token,
+        "sampler": "normal",
+        "scheduler": "DDIM",
+    }
+    return write_samples(out, samples, settings, extra)
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``persres info`` prints: provenance, per-layer widths and ranks, parameter count."""
+    loaded = read_residual_file(path)
+    layers = [
+        {"path": name, "m": int(a.shape[0]), "rank": int(a.shape[1]), "parameters": a.numel() + b.numel()}
+        for name, (a, b) in loaded.layers().items()
+    ]
+    return {
+        "file": str(loaded.path),
+        "format_version": int(loaded.metadata["format_version"]),
+        "base_model": loaded.metadata.get("base_model"),
+        "token": loaded.metadata.get("token"),
+        "class_word": loaded.metadata.get("class_word"),
+        "rank_config": loaded.json_field("rank_config"),
+        "steps": int(loaded.metadata["step"]) if "step" in loaded.metadata else None,
+        "persres_version": loaded.metadata.get("persres_version"),
+        "layers": layers,
+        "total_parameters": sum(layer["parameters"] for layer in layers),
+    }
+
+
+def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a full diffusers pipeline whose U-Net has the residuals folded into its weights.
+
+    The result loads with plain ``StableDiffusionPipeline.from_pretrained``; prompts still use the
+    identifier token (recorded in ``persres_merge.json``).
+    """
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"--out {out} already exists; merge writes a new folder, choose another path")
+    read_residual_file(residuals)  # a bad file fails before the model is loaded
+    pipe = load_pipeline(base, torch.float32, "cpu")
+    metadata = load_residuals(pipe.unet, residuals)
+    fold_residuals(pipe.unet)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        note = {
+            "merged_from": str(residuals),
+            "base": base,
+            "token": metadata.get("token"),
+            "class_word": metadata.get("class_word"),
+        }
+        (tmp / "persres_merge.json").write_text(json.dumps(note, indent=2) + "\n")
+    return out
