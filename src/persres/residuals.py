@@ -37,7 +37,13 @@ class ResidualProjOut(nn.Module):
     the residual applies; it is set by localized sampling and is ``None`` otherwise.
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, init: str = "zero") -> None:
+    def __init__(
+        self,
+        base: nn.Linear | nn.Conv2d,
+        rank: int,
+        init: str = "zero",
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         out_features, in_features = base.weight.shape[:2]
         self.base = base
@@ -45,9 +51,9 @@ class ResidualProjOut(nn.Module):
         self.A = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
         self.B = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
         # B as a Linear layer's default init (Kaiming uniform), as in LoRA's down projection.
-        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5), generator=generator)
         if init == "random":
-            nn.init.normal_(self.A, std=RANDOM_UP_STD)
+            nn.init.normal_(self.A, std=RANDOM_UP_STD, generator=generator)
         self.enabled = True
         self.mask: torch.Tensor | None = None
         self._weight_before_merge: torch.Tensor | None = None
@@ -139,11 +145,15 @@ def _is_pointwise(module: nn.Module) -> bool:
 
 
 def add_residuals(
-    unet: nn.Module, config: ResidualConfig = ResidualConfig(), ranks: Mapping[str, int] | None = None
+    unet: nn.Module,
+    config: ResidualConfig = ResidualConfig(),
+    ranks: Mapping[str, int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, ResidualProjOut]:
     """Wrap every transformer block's ``proj_out`` with a residual and freeze everything else.
 
     ``ranks`` (module path -> rank) overrides ``config.rank`` per layer, e.g. when loading a file.
+    ``generator`` makes the random factor init reproducible (the global RNG otherwise).
     Returns the wrappers keyed by module path; afterwards only their factors require gradients.
     """
     if find_residuals(unet):
@@ -158,7 +168,7 @@ def add_residuals(
         rank = ranks[path] if ranks is not None else config.rank_for(width, path)
         if not 1 <= rank <= width:
             raise ConfigError(f"rank {rank} for layer {path} must be between 1 and its width {width}")
-        wrapper = ResidualProjOut(proj, rank, config.init)
+        wrapper = ResidualProjOut(proj, rank, config.init, generator)
         _set_module(unet, path, wrapper)
         wrapped[path] = wrapper
     log.info("added residuals to %d proj_out layers, %d parameters", len(wrapped), count_parameters(wrapped))

@@ -60,18 +60,18 @@ def _build(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int
 
 
 def tiny_unet(
-    linear_projection: bool = False, sample_size: int = 8, cross_attention_dim: int = 32
+    linear_projection: bool = False, sample_size: int = 8, widths: tuple[int, int] = (32, 64)
 ) -> UNet2DConditionModel:
-    """Two resolutions, four transformer blocks (down 1, mid 1, up 2), widths 32 and 64."""
+    """Two resolutions, four transformer blocks (down 1, mid 1, up 2), widths 32 and 64 by default."""
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=widths,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
+        cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
         use_linear_projection=linear_projection,
@@ -79,7 +79,10 @@ def tiny_unet(
 
 
 def tiny_pipeline(
-    linear_projection: bool = False, seed: int = 0, words: Iterable[str] = BASIC_WORDS
+    linear_projection: bool = False,
+    seed: int = 0,
+    words: Iterable[str] = BASIC_WORDS,
+    widths: tuple[int, int] = (32, 64),
 ) -> StableDiffusionPipeline:
     """A complete, random Stable Diffusion pipeline: U-Net, VAE (downsamples by 2), CLIP text encoder."""
     torch.manual_seed(seed)
@@ -116,7 +119,7 @@ def tiny_pipeline(
         steps_offset=1,
     )
     return StableDiffusionPipeline(
-        unet=tiny_unet(linear_projection),
+        unet=tiny_unet(linear_projection, widths=widths),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -128,9 +131,12 @@ def tiny_pipeline(
 
 
 def save_tiny_pipeline(
-    folder: str | os.PathLike[str], linear_projection: bool = False, seed: int = 0
+    folder: str | os.PathLike[str],
+    linear_projection: bool = False,
+    seed: int = 0,
+    widths: tuple[int, int] = (32, 64),
 ) -> Path:
     """Write a tiny random pipeline as a diffusers folder (safetensors) and return its path."""
     folder = Path(folder)
-    tiny_pipeline(linear_projection, seed).save_pretrained(folder, safe_serialization=True)
+    tiny_pipeline(linear_projection, seed, widths=widths).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
@@ -68,12 +69,17 @@ def train(
     ``callback(step, loss)`` runs after every optimizer step (raise in it to stop the run).
     """
     out = Path(out)
-    prepare_output(out, resume, overwrite)
+    previous = check_output(out, resume, overwrite)
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
     accelerator = make_accelerator(config, device)
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
     check_identifier(pipe.tokenizer, config.token)
-    residuals = add_residuals(pipe.unet, config.residual)
+    if overwrite and accelerator.is_main_process:
+        remove_run(out, previous)
+    out.mkdir(parents=True, exist_ok=True)
+    residuals = add_residuals(
+        pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
+    )
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     named = residual_parameters(pipe.unet)
@@ -131,6 +137,10 @@ def train(
 
 def make_accelerator(config: TrainConfig, device: str) -> Accelerator:
     target = resolve_device(device)
+    # accelerate keeps one process-wide state and refuses a second run with another precision;
+    # forget the per-run part (not the distributed setup) so the library can train twice in a process.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=target.type == "cpu")
     except ValueError as exc:
@@ -166,8 +176,8 @@ def denoising_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
-def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless asked; ``overwrite`` removes only persres' own files."""
+def check_output(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse to clobber an earlier run unless asked; returns the run files already in ``out``."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
     if out.exists() and not out.is_dir():
@@ -178,11 +188,14 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
             f"--out {out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
             "it, --overwrite to replace it, or choose another folder"
         )
-    if overwrite:
-        for name in existing:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    return existing
+
+
+def remove_run(out: Path, names: list[str]) -> None:
+    """``--overwrite``: remove the earlier run's files, and only persres' own."""
+    for name in names:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def restore_or_start(

@@ -1,0 +1,43 @@
+"""Published U-Net configs of Stable Diffusion 1.5 and 2.1 (diffusers ``unet/config.json``).
+
+Building a U-Net from these gives the real architecture with random weights: nothing is
+downloaded. Used by the benchmarks and by tests that count parameters on the meta device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SD15_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD21_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}

@@ -1,0 +1,161 @@
+"""The command-line contract end to end on tiny models: train -> sample -> info -> merge, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from helpers import run_unet, unet_inputs
+from PIL import Image
+
+from persres import __version__, load_residuals
+from persres.cli import main
+from persres.tiny import save_tiny_pipeline
+
+TRAIN = ["--class-word", "dog", "--steps", "3", "--batch-size", "2", "--resolution", "16", "--device", "cpu"]
+SAMPLE = ["--steps", "3", "--device", "cpu"]
+
+
+def error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one clear line
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(conv_base: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]) == 0
+    return out / "residuals.safetensors"
+
+
+def test_train_sample_info_merge(
+    base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--base", str(base), "--images", str(photos), "--out", str(run), *TRAIN, "--rank", "2"]
+        )
+        == 0
+    )
+    residuals = run / "residuals.safetensors"
+    assert residuals.is_file() and (run / "config.json").is_file()
+    capsys.readouterr()
+
+    images = tmp_path / "images"
+    prompts = ["a photo of a V* dog on the beach", "a painting of a V* dog"]
+    argv = ["sample", "--base", str(base), "--residuals", str(residuals), "--out", str(images), *SAMPLE]
+    assert main(argv + ["--prompt", prompts[0], "--prompt", prompts[1], "--num-images", "2"]) == 0
+    pngs = sorted(images.glob("*.png"))
+    assert len(pngs) == 4 and len(list(images.glob("*.json"))) == 4
+    sidecar = json.loads(pngs[1].with_suffix(".json").read_text())
+    assert (
+        sidecar["prompt"] == prompts[0] and sidecar["expanded_prompt"] == "a photo of a sks dog on the beach"
+    )
+    assert sidecar["seed"] == 1 and sidecar["steps"] == 3 and sidecar["guidance"] == 7.5
+    assert (sidecar["height"], sidecar["width"]) == (16, 16)
+
+    # the same seed gives the same image; new files never replace old ones
+    assert main(argv + ["--prompt", prompts[0], "--seed", "1"]) == 0
+    again = sorted(images.glob("*.png"))
+    assert len(again) == 5 and again[:4] == pngs
+    assert np.array_equal(np.asarray(Image.open(again[4])), np.asarray(Image.open(pngs[1])))
+    assert not np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(pngs[1])))
+    capsys.readouterr()
+
+    assert main(["info", str(residuals)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["token"] == "sks" and info["class_word"] == "dog" and info["base_model"] == str(base)
+    assert info["format_version"] == 1 and info["steps"] == 3
+    assert [layer["rank"] for layer in info["layers"]] == [2, 2, 2, 2]
+    assert info["total_parameters"] == sum(2 * layer["m"] * layer["rank"] for layer in info["layers"]) == 640
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--residuals", str(residuals), "--out", str(merged)]) == 0
+    plain = StableDiffusionPipeline.from_pretrained(merged, use_safetensors=True)  # no persres involved
+    personalized = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
+    load_residuals(personalized.unet, residuals)
+    inputs = unet_inputs(plain.unet)
+    baseline = run_unet(StableDiffusionPipeline.from_pretrained(base, use_safetensors=True).unet, inputs)
+    expected = run_unet(personalized.unet, inputs)
+    assert (expected - baseline).abs().max() > 1e-6  # training moved the model
+    torch.testing.assert_close(run_unet(plain.unet, inputs), expected, atol=1e-5, rtol=1e-5)
+    assert "already exists" in error_of(
+        capsys, ["merge", "--base", str(base), "--residuals", str(residuals), "--out", str(merged)]
+    )
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    version = subprocess.run([sys.executable, "-m", "persres", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"persres {__version__}"
+    for command in ("train", "sample", "info", "merge"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and "usage: persres " + command in capsys.readouterr().out
+
+
+def test_bad_images_are_named(conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["train", "--base", str(conv_base), "--out", str(out), *TRAIN, "--images"]
+    assert "not found" in error_of(capsys, argv + [str(tmp_path / "absent")])
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in error_of(capsys, argv + [str(tmp_path / "empty")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cat.png").write_bytes(b"\x89PNG garbage")
+    assert "cat.png is not a readable image" in error_of(capsys, argv + [str(tmp_path / "bad")])
+    assert not out.exists()
+
+
+def test_bad_bases_fail_fast(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--images", str(photos), "--out", str(tmp_path / "out"), *TRAIN, "--base"]
+    assert "not a diffusers pipeline folder" in error_of(capsys, argv + [str(photos)])
+    assert "no such folder" in error_of(capsys, argv + [str(tmp_path / "nothing")])
+    assert "not in the local cache" in error_of(capsys, argv + ["nobody/no-such-model"])
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_bad_ranks(conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(tmp_path / "o"), *TRAIN]
+    assert "must be >= 1" in error_of(capsys, argv + ["--rank", "0"])
+    assert "above the width 32 of layer down_blocks.0" in error_of(capsys, argv + ["--rank", "40"])
+    assert "not a number" in error_of(capsys, argv + ["--rank", "big"])
+
+
+def test_existing_run_is_not_clobbered(
+    conv_base: Path, photos: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = trained.read_bytes()
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(trained.parent), *TRAIN]
+    assert "already holds a training run" in error_of(capsys, argv)
+    assert trained.read_bytes() == before
+
+
+def test_residuals_for_another_architecture(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = save_tiny_pipeline(tmp_path / "wide", widths=(48, 64))
+    argv = ["--residuals", str(trained), "--out", str(tmp_path / "x")]
+    err = error_of(capsys, ["sample", "--base", str(other), *argv, *SAMPLE, "--prompt", "a V* dog"])
+    assert "down_blocks.0.attentions.0.proj_out does not fit" in err and "(48, 48, 1, 1)" in err
+    err = error_of(capsys, ["merge", "--base", str(other), *argv])
+    assert "does not fit" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_files_that_are_not_safetensors(
+    conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pickled = tmp_path / "pytorch_lora_weights.bin"
+    pickled.write_bytes(b"\x80\x04\x95\x00 pickle")
+    assert "is not a safetensors file" in error_of(capsys, ["info", str(pickled)])
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(pickled), "--out", str(tmp_path / "x")]
+    assert "is not a safetensors file" in error_of(capsys, argv + ["--prompt", "a V* dog"])
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,93 @@
+"""Concept image folders: every PIL mode, EXIF orientation, clear errors naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from persres.data import ConceptImages, list_images, load_rgb
+from persres.errors import InputError
+
+
+def test_modes_become_rgb_with_the_right_colours(tmp_path: Path) -> None:
+    Image.new("L", (6, 4), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (6, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent -> white
+    palette = Image.new("P", (6, 4), 0)
+    palette.putpalette([0, 0, 255] + [0] * 765)
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(np.full((4, 6), 65535, np.uint16)).save(tmp_path / "deep.png")  # 16-bit white
+    Image.new("RGB", (6, 4), (10, 200, 30)).save(tmp_path / "photo.webp", lossless=True)
+    expected = {
+        "gray.png": (128, 128, 128),
+        "clear.png": (255, 255, 255),
+        "palette.png": (0, 0, 255),
+        "deep.png": (255, 255, 255),
+        "photo.webp": (10, 200, 30),
+    }
+    for name, colour in expected.items():
+        image = load_rgb(tmp_path / name)
+        assert image.mode == "RGB" and image.size == (6, 4)
+        assert image.getpixel((2, 2)) == colour, name
+
+
+def test_exif_orientation_is_honoured(tmp_path: Path) -> None:
+    image = Image.new("RGB", (8, 4), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_rgb(tmp_path / "rotated.jpg").size == (4, 8)
+
+
+def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(InputError, match=r"broken.jpg is not a readable image"):
+        ConceptImages.from_folder(tmp_path, 8)
+
+
+def test_non_image_files_missing_and_empty_folders(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        list_images(tmp_path / "absent")
+    with pytest.raises(InputError, match="is empty"):
+        list_images(tmp_path)
+    (tmp_path / ".DS_Store").write_bytes(b"ignored")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(InputError, match="is empty"):
+        list_images(tmp_path)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(InputError, match=r"not images: \['notes.txt'\]"):
+        list_images(tmp_path)
+
+
+def test_more_than_fifty_images_are_refused(tmp_path: Path) -> None:
+    for i in range(51):
+        Image.new("RGB", (2, 2)).save(tmp_path / f"{i:02d}.png")
+    with pytest.raises(InputError, match="holds 51 images"):
+        list_images(tmp_path)
+
+
+def test_batches_are_square_in_range_and_reproducible(photos: Path) -> None:
+    images = ConceptImages.from_folder(photos, 16)
+    assert all(min(t.shape[1:]) == 16 for t in images.tensors)
+    first = images.batch(5, torch.Generator().manual_seed(7), 0.85, True)
+    again = images.batch(5, torch.Generator().manual_seed(7), 0.85, True)
+    other = images.batch(5, torch.Generator().manual_seed(8), 0.85, True)
+    assert first.shape == (5, 3, 16, 16)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.min() >= -1.0 and first.max() <= 1.0
+
+
+def test_flip_only_mirrors(tmp_path: Path) -> None:
+    array = np.zeros((8, 8, 3), np.uint8)
+    array[:, :4] = 255  # left half white
+    Image.fromarray(array).save(tmp_path / "half.png")
+    images = ConceptImages.from_folder(tmp_path, 8)
+    batch = images.batch(64, torch.Generator().manual_seed(0), 1.0, True)
+    left_white = batch[:, 0, :, 0] > 0
+    assert 0 < int(left_white.all(dim=1).sum()) < 64  # some flipped, some not
+    unflipped = images.batch(16, torch.Generator().manual_seed(0), 1.0, False)
+    assert torch.equal(unflipped, images.tensors[0].expand(16, -1, -1, -1))

@@ -1,0 +1,166 @@
+"""Training: the loss falls, resume is exact, divergence and clobbering are caught."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from persres import ResidualConfig, add_residuals, read_residual_file
+from persres.config import TrainConfig
+from persres.data import ConceptImages
+from persres.errors import ConfigError, InputError, OutputExistsError, TrainingDivergedError
+from persres.pipeline import load_pipeline
+from persres.residuals import residual_parameters
+from persres.train import denoising_loss, train
+
+
+def tiny_config(base: Path, photos: Path, **changes: object) -> TrainConfig:
+    config = TrainConfig(
+        base=str(base),
+        images=str(photos),
+        class_word="dog",
+        steps=6,
+        batch_size=2,
+        resolution=16,
+        checkpoint_every=2,
+        lr=1e-2,
+    )
+    return replace(config, **changes)
+
+
+def factors(path: Path) -> dict[str, torch.Tensor]:
+    return read_residual_file(path).tensors
+
+
+def test_steps_lower_the_loss_on_a_fixed_batch(base: Path, photos: Path) -> None:
+    pipe = load_pipeline(str(base))
+    add_residuals(pipe.unet, ResidualConfig(rank=0.25))
+    images = ConceptImages.from_folder(photos, 16)
+    pixels = images.batch(4, torch.Generator().manual_seed(0), 0.85, True)
+    text = pipe.encode_prompt("a photo of a sks dog", "cpu", 1, False)[0]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(residual_parameters(pipe.unet).values(), lr=1e-2)
+
+    def loss() -> torch.Tensor:  # same batch, same noise, same timesteps every time
+        return denoising_loss(pipe.unet, pipe, scheduler, text, pixels, torch.Generator().manual_seed(1))
+
+    first = loss().item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.9 * first
+
+
+def test_run_writes_residuals_config_and_checkpoints(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    config = tiny_config(conv_base, photos)
+    losses: list[float] = []
+    result = train(config, tmp_path / "run", progress=False, callback=lambda step, loss: losses.append(loss))
+    assert len(losses) == 6 and result.final_loss == losses[-1]
+    saved = read_residual_file(result.residuals)
+    assert saved.metadata["token"] == "sks" and saved.metadata["class_word"] == "dog"
+    assert saved.metadata["base_model"] == str(conv_base)
+    assert TrainConfig.from_dict(json.loads(saved.metadata["train_config"])) == config
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["class_word"] == "dog" and written["steps"] == 6
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000006"]  # the two newest
+    assert any(a.abs().sum() > 0 for k, a in saved.tensors.items() if k.endswith(".A"))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    config = tiny_config(conv_base, photos)
+    whole = train(config, tmp_path / "whole", progress=False)
+
+    def crash_after_five(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "split", progress=False, callback=crash_after_five)
+    assert not (tmp_path / "split" / "residuals.safetensors").exists()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(config, tmp_path / "split", progress=False)
+    steps: list[int] = []
+    resumed = train(
+        config, tmp_path / "split", resume=True, progress=False, callback=lambda s, _: steps.append(s)
+    )
+    assert steps == [5, 6]  # continued from the checkpoint at step 4
+    expected, got = factors(whole.residuals), factors(resumed.residuals)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_resume_with_other_settings_is_refused(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    train(tiny_config(conv_base, photos, steps=2), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match=r"settings differ .*\['lr'\]"):
+        train(tiny_config(conv_base, photos, steps=4, lr=5e-3), tmp_path / "run", resume=True, progress=False)
+    longer = train(tiny_config(conv_base, photos, steps=4), tmp_path / "run", resume=True, progress=False)
+    assert read_residual_file(longer.residuals).metadata["step"] == "4"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    conv_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    calls: list[int] = []
+
+    def nan_on_third_step(*args: object) -> torch.Tensor:
+        loss = denoising_loss(*args)  # type: ignore[arg-type]
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr("persres.train.denoising_loss", nan_on_third_step)
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*step-000002 \(step 2\)"):
+        train(tiny_config(conv_base, photos), out, progress=False)
+    assert not (out / "residuals.safetensors").exists()
+    good = factors(out / "checkpoints" / "step-000002" / "residuals.safetensors")
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_overwrite_replaces_only_the_run(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    train(tiny_config(conv_base, photos, steps=2), out, progress=False)
+    with pytest.raises(ConfigError, match="contradict"):
+        train(tiny_config(conv_base, photos), out, resume=True, overwrite=True, progress=False)
+    result = train(
+        tiny_config(conv_base, photos, steps=3, checkpoint_every=5), out, overwrite=True, progress=False
+    )
+    assert (out / "notes.md").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
+    assert read_residual_file(result.residuals).metadata["step"] == "3"
+
+
+def test_gradient_checkpointing_gives_the_same_result(
+    linear_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    plain = train(tiny_config(linear_base, photos, steps=2), tmp_path / "a", progress=False)
+    saved = train(
+        tiny_config(linear_base, photos, steps=2, gradient_checkpointing=True), tmp_path / "b", progress=False
+    )
+    for key, value in factors(plain.residuals).items():
+        torch.testing.assert_close(factors(saved.residuals)[key], value, atol=1e-6, rtol=0)
+
+
+def test_bf16_mixed_precision_keeps_fp32_factors(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    result = train(
+        tiny_config(conv_base, photos, steps=2, mixed_precision="bf16"), tmp_path / "run", progress=False
+    )
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+    assert all(t.dtype == torch.float32 for t in factors(result.residuals).values())
+
+
+def test_bad_images_fail_before_anything_is_written(conv_base: Path, tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(InputError, match="is empty"):
+        train(tiny_config(conv_base, tmp_path / "imgs"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
