@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

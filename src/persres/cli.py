@@ -74,6 +74,12 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument(
+        "--validation-prompt",
+        action="append",
+        default=[],
+        help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(handler=run_train)
 
@@ -136,6 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
+        validation_prompts=tuple(args.validation_prompt),
     )
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(

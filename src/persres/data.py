@@ -50,9 +50,9 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 def load_rgb(path: Path) -> Image.Image:
     """Open any image as 8-bit RGB, upright per its EXIF orientation."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path} is not a readable image ({exc}); remove or replace it") from None
     return to_rgb(image)

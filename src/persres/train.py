@@ -34,6 +34,7 @@ from persres.files import write_json
 from persres.io import save_residuals
 from persres.pipeline import DTYPES, load_pipeline, resolve_device
 from persres.residuals import add_residuals, count_parameters, residual_parameters
+from persres.sampling import SampleSettings, sample, write_samples
 from persres.tokens import check_identifier
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 RESIDUALS_FILE = "residuals.safetensors"
 CONFIG_FILE = "config.json"
 RUN_FILES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, "validation")
+VALIDATION_STEPS = 25
 
 StepCallback = Callable[[int, float], None]
 
@@ -131,8 +133,24 @@ def train(
     if accelerator.is_main_process:
         save_residuals(pipe.unet, path, overwrite=True, **run_metadata(config))
         log.info("residuals written to %s", path)
+        write_validation_images(pipe, config, out / "validation", progress)
     accelerator.wait_for_everyone()
     return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+
+
+def write_validation_images(
+    pipe: StableDiffusionPipeline, config: TrainConfig, folder: Path, progress: bool
+) -> None:
+    """One image per validation prompt (V* = the identifier), at the training resolution."""
+    if not config.validation_prompts:
+        return
+    settings = SampleSettings(
+        steps=VALIDATION_STEPS, seed=config.seed, height=config.resolution, width=config.resolution
+    )
+    samples = sample(pipe, list(config.validation_prompts), config.token, settings, progress)
+    write_samples(
+        folder, samples, settings, {"base": config.base, "token": config.token, "sampler": "normal"}
+    )
 
 
 def make_accelerator(config: TrainConfig, device: str) -> Accelerator:
