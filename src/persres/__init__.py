@@ -32,12 +32,16 @@ _EXPORTS = {
     "save_residuals": "persres.io",
     "train": "persres.train",
     "SampleSettings": "persres.sampling",
+    "sample": "persres.sampling",
+    "Concept": "persres.concepts",
+    "load_concepts": "persres.concepts",
     "load_pipeline": "persres.pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from persres.concepts import Concept, load_concepts
     from persres.config import ResidualConfig, TrainConfig
     from persres.io import load_residuals, read_residual_file, save_residuals
     from persres.pipeline import load_pipeline
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
         set_residuals_enabled,
         unmerge_residuals,
     )
-    from persres.sampling import SampleSettings
+    from persres.sampling import SampleSettings, sample
     from persres.train import train
 
 

@@ -89,12 +89,28 @@ def add_sample(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "sample",
         help="generate images with trained residuals",
-        description="Sample with DDIM; V* in a prompt stands for the concept's identifier.",
+        description="Sample with DDIM; V* in a prompt stands for the concept's identifier "
+        "(V1*, V2*, ... for several --residuals, in their order).",
     )
     p.add_argument("--base", required=True, help="the base model the residuals were trained on")
-    p.add_argument("--residuals", required=True, help="residuals.safetensors of a training run")
+    p.add_argument(
+        "--residuals",
+        action="append",
+        required=True,
+        help="residuals.safetensors of a training run; repeat for several concepts (V1*, V2*, ...)",
+    )
     p.add_argument(
         "--prompt", action="append", required=True, help='e.g. "a photo of a V* dog on the beach"; repeatable'
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["normal", "lag", "both"],
+        default="normal",
+        help="normal: residuals everywhere; lag: only where the concept's cross-attention is; "
+        "both: the two from the same noise plus a side-by-side grid (default normal)",
+    )
+    p.add_argument(
+        "--save-masks", action="store_true", help="lag/both: write LAG's masks per step and resolution"
     )
     p.add_argument("--out", required=True, help="folder for the PNGs and their JSON sidecars")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
@@ -167,7 +183,15 @@ def run_sample(args: argparse.Namespace) -> int:
         width=args.width,
     )
     written = sample_to_folder(
-        args.base, args.residuals, args.prompt, args.out, settings, args.device, args.precision
+        args.base,
+        args.residuals,
+        args.prompt,
+        args.out,
+        settings,
+        args.sampler,
+        args.save_masks,
+        args.device,
+        args.precision,
     )
     for path in written:
         print(path)

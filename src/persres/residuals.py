@@ -33,8 +33,12 @@ class ResidualProjOut(nn.Module):
     """``base(x) + A (B x)``: the frozen ``proj_out`` plus a trainable low-rank residual.
 
     Factors are kept in fp32 whatever the base dtype (fp16 training then needs no gradient unscaling
-    of half-precision parameters). ``mask`` (optional, broadcastable to the output) restricts where
-    the residual applies; it is set by localized sampling and is ``None`` otherwise.
+    of half-precision parameters).
+
+    Several concepts share one wrapper by stacking factors: A = [A_1 A_2], B = [B_1; B_2], so
+    A B = A_1 B_1 + A_2 B_2 (``groups`` holds each concept's rank). ``mask`` (N, groups, HW), set by
+    localized sampling and ``None`` otherwise, restricts each concept to its own positions. It is
+    applied in rank space, M_g * A_g (B_g x) = A_g (M_g * B_g x), which costs r instead of m channels.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class ResidualProjOut(nn.Module):
         if init == "random":
             nn.init.normal_(self.A, std=RANDOM_UP_STD, generator=generator)
         self.enabled = True
+        self.groups: tuple[int, ...] = (rank,)
         self.mask: torch.Tensor | None = None
         self._weight_before_merge: torch.Tensor | None = None
 
@@ -76,20 +81,29 @@ class ResidualProjOut(nn.Module):
         return delta[:, :, None, None] if self.is_conv else delta
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """A (B x) without the base output, in the factors' precision."""
+        """A (M * B x) without the base output, in the factors' precision."""
         x = x.to(self.A.dtype)
         if self.is_conv:  # x: (N, C, H, W)
-            return F.conv2d(F.conv2d(x, self.B[:, :, None, None]), self.A[:, :, None, None])
-        return F.linear(F.linear(x, self.B), self.A)  # x: (N, HW, C)
+            hidden = F.conv2d(x, self.B[:, :, None, None])  # (N, r, H, W)
+            if self.mask is not None:
+                hidden = hidden * self.rank_mask().view(hidden.shape)
+            return F.conv2d(hidden, self.A[:, :, None, None])
+        hidden = F.linear(x, self.B)  # x: (N, HW, C) -> (N, HW, r)
+        if self.mask is not None:
+            hidden = hidden * self.rank_mask().transpose(1, 2)
+        return F.linear(hidden, self.A)
+
+    def rank_mask(self) -> torch.Tensor:
+        """The (N, groups, HW) mask repeated over each group's rank channels: (N, r, HW)."""
+        assert self.mask is not None
+        sizes = torch.tensor(self.groups, device=self.mask.device)
+        return self.mask.to(self.A.dtype).repeat_interleave(sizes, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.enabled or self.merged:
             return out
-        delta = self.residual(x)
-        if self.mask is not None:
-            delta = delta * self.mask
-        return out + delta.to(out.dtype)
+        return out + self.residual(x).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

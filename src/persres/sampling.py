@@ -1,30 +1,31 @@
-"""Sampling with personalized residuals (normal sampling: the residuals apply everywhere).
+"""Sampling with personalized residuals: normal (residuals everywhere) or LAG (only where the
+concept's cross-attention is), or both from the same noise.
 
 Image j of every prompt is drawn from seed ``seed + j`` with a CPU generator, so the same seed gives
-the same image on any run, and different prompts with the same seed start from the same noise.
-The literal ``V*`` in a prompt stands for the concept's identifier token.
+the same image on any run, and different prompts and samplers with the same seed start from the same
+noise. ``V*`` (one concept) or ``V1*``, ``V2*`` ... (several) stand for the concepts' identifiers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from persres.concepts import Concept, PromptPlan, concept_columns, plan_prompts
 from persres.errors import ConfigError
-from persres.files import atomic_path, write_json
+from persres.lag import LagState, localized
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER = "V*"
+Sampler = Literal["normal", "lag", "both"]
+SAMPLERS = ("normal", "lag", "both")
 
 
 @dataclass(frozen=True)
@@ -54,84 +55,61 @@ class Sample:
     prompt: str  # as given, with V*
     expanded: str  # as fed to the text encoder
     seed: int
+    sampler: str  # "normal" or "lag"
     image: Image.Image
-
-
-def expand_prompt(prompt: str, token: str) -> str:
-    """Replace the literal V* by the identifier token."""
-    if PLACEHOLDER not in prompt:
-        log.warning("prompt %r has no %s: the concept's identifier is not in it", prompt, PLACEHOLDER)
-    return prompt.replace(PLACEHOLDER, token)
+    masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> block -> (G, HW)
 
 
 def sample(
     pipe: StableDiffusionPipeline,
     prompts: list[str],
-    token: str,
+    concepts: list[Concept],
     settings: SampleSettings = SampleSettings(),
+    sampler: Sampler = "normal",
+    save_masks: bool = False,
     progress: bool = True,
 ) -> list[Sample]:
-    """Generate ``settings.num_images`` images per prompt with whatever residuals ``pipe.unet`` holds."""
-    if not prompts:
-        raise ConfigError("no prompt given; pass at least one --prompt")
+    """Generate ``settings.num_images`` images per prompt with the concepts loaded in ``pipe.unet``.
+
+    ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    plans = plan_prompts(prompts, concepts)
+    kinds = ["normal", "lag"] if sampler == "both" else [sampler]
+    columns = {
+        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, require="lag" in kinds) for plan in plans
+    }
     samples = []
-    total = len(prompts) * settings.num_images
-    with tqdm(total=total, desc="sampling", disable=not progress) as bar:
-        for prompt in prompts:
-            expanded = expand_prompt(prompt, token)
+    with tqdm(
+        total=len(plans) * settings.num_images * len(kinds), desc="sampling", disable=not progress
+    ) as bar:
+        for plan in plans:
             for j in range(settings.num_images):
-                seed = settings.seed + j
-                image = generate(pipe, expanded, seed, settings)
-                samples.append(Sample(prompt, expanded, seed, image))
-                bar.update()
+                for kind in kinds:
+                    state = LagState(columns[plan.prompt][None], record=save_masks) if kind == "lag" else None
+                    samples.append(generate(pipe, plan, settings.seed + j, settings, state))
+                    bar.update()
     return samples
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, prompt: str, seed: int, settings: SampleSettings) -> Image.Image:
+def generate(
+    pipe: StableDiffusionPipeline, plan: PromptPlan, seed: int, settings: SampleSettings, lag: LagState | None
+) -> Sample:
+    """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
     generator = torch.Generator().manual_seed(seed)
-    result = pipe(
-        prompt,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        height=settings.height,
-        width=settings.width,
-        generator=generator,
-        output_type="pil",
-    )
-    return result.images[0]
-
-
-def next_free_index(out: Path) -> int:
-    """Numbering continues after the images already in ``out``: nothing is overwritten."""
-    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
-    return max(taken, default=-1) + 1
-
-
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
-
-
-def write_samples(
-    out: str | os.PathLike[str], samples: list[Sample], settings: SampleSettings, extra: dict[str, Any]
-) -> list[Path]:
-    """One PNG and one JSON sidecar (prompt, seed, settings) per image; returns the PNG paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = next_free_index(out)
-    written = []
-    for offset, item in enumerate(samples):
-        stem = f"{start + offset:04d}-{slug(item.prompt)}"
-        with atomic_path(out / f"{stem}.png", overwrite=False) as tmp:
-            item.image.save(tmp, format="PNG")
-        sidecar = {"prompt": item.prompt, "expanded_prompt": item.expanded, **asdict(settings), **extra}
-        sidecar.update(
-            seed=item.seed,
-            num_images=1,
-            image=f"{stem}.png",
-            height=item.image.height,
-            width=item.image.width,
+    scope = localized(pipe.unet, lag) if lag is not None else contextlib.nullcontext()
+    with scope:
+        result = pipe(
+            plan.expanded,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            height=settings.height,
+            width=settings.width,
+            generator=generator,
+            output_type="pil",
+            callback_on_step_end=lag.on_step_end if lag is not None else None,
         )
-        write_json(out / f"{stem}.json", sidecar, overwrite=False)
-        written.append(out / f"{stem}.png")
-    return written
+    masks = lag.records if lag is not None else {}
+    return Sample(plan.prompt, plan.expanded, seed, "lag" if lag else "normal", result.images[0], masks)

@@ -27,14 +27,16 @@ from tqdm.auto import tqdm
 
 from persres import __version__
 from persres.checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
+from persres.concepts import Concept
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
 from persres.files import write_json
 from persres.io import save_residuals
+from persres.outputs import write_samples
 from persres.pipeline import DTYPES, load_pipeline, resolve_device
 from persres.residuals import add_residuals, count_parameters, residual_parameters
-from persres.sampling import SampleSettings, sample, write_samples
+from persres.sampling import SampleSettings, sample
 from persres.tokens import check_identifier
 
 log = logging.getLogger(__name__)
@@ -147,10 +149,9 @@ def write_validation_images(
     settings = SampleSettings(
         steps=VALIDATION_STEPS, seed=config.seed, height=config.resolution, width=config.resolution
     )
-    samples = sample(pipe, list(config.validation_prompts), config.token, settings, progress)
-    write_samples(
-        folder, samples, settings, {"base": config.base, "token": config.token, "sampler": "normal"}
-    )
+    concept = Concept(config.token, config.class_word)
+    samples = sample(pipe, list(config.validation_prompts), [concept], settings, progress=progress)
+    write_samples(folder, samples, settings, {"base": config.base, "token": config.token})
 
 
 def make_accelerator(config: TrainConfig, device: str) -> Accelerator:

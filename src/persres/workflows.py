@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 
+from persres.concepts import Concept, load_concepts, plan_prompts
 from persres.errors import ConfigError, OutputExistsError
 from persres.files import atomic_dir
 from persres.io import load_residuals, read_residual_file
+from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, resolve_device
 from persres.residuals import fold_residuals
-from persres.sampling import SampleSettings, sample, write_samples
+from persres.sampling import Sampler, SampleSettings, sample
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,41 +33,46 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_personalized(
-    base: str, residuals: str | os.PathLike[str], device: str = "auto", precision: str = "auto"
-) -> tuple[StableDiffusionPipeline, dict[str, str]]:
-    """The base pipeline with a residual file loaded into its U-Net, and the file's metadata."""
-    read_residual_file(residuals)  # a bad file fails before the model is loaded
+    base: str, residuals: list[str | os.PathLike[str]], device: str = "auto", precision: str = "auto"
+) -> tuple[StableDiffusionPipeline, list[Concept]]:
+    """The base pipeline with one or more residual files loaded into its U-Net, and their concepts."""
+    for path in residuals:
+        read_residual_file(path)  # a bad file fails before the model is loaded
     target = resolve_device(device)
     pipe = load_pipeline(base, sampling_dtype(precision, target), target)
-    metadata = load_residuals(pipe.unet, residuals)
-    return pipe, metadata
+    return pipe, load_concepts(pipe.unet, list(residuals))
 
 
 def sample_to_folder(
     base: str,
-    residuals: str | os.PathLike[str],
+    residuals: list[str | os.PathLike[str]],
     prompts: list[str],
     out: str | os.PathLike[str],
     settings: SampleSettings = SampleSettings(),
+    sampler: Sampler = "normal",
+    save_masks: bool = False,
     device: str = "auto",
     precision: str = "auto",
 ) -> list[Path]:
     """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
-    if not prompts:
-        raise ConfigError("no prompt given; pass at least one --prompt")
-    pipe, metadata = load_personalized(base, residuals, device, precision)
-    token = metadata.get("token")
-    if not token:
-        raise ConfigError(f"{residuals} records no identifier token; it cannot resolve V* in prompts")
-    samples = sample(pipe, prompts, token, settings)
+    if save_masks and sampler == "normal":
+        raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
+    concepts_ = [Concept(token="?", class_word="?", source=str(p)) for p in residuals]
+    plan_prompts(prompts, concepts_)  # placeholder errors before the model is loaded
+    pipe, concepts = load_personalized(base, residuals, device, precision)
+    samples = sample(pipe, prompts, concepts, settings, sampler, save_masks)
     extra = {
         "base": base,
-        "residuals": str(residuals),
-        "token": token,
-        "sampler": "normal",
+        "concepts": [
+            {"placeholder": placeholder(g, len(concepts)), **asdict(c)} for g, c in enumerate(concepts)
+        ],
         "scheduler": "DDIM",
     }
     return write_samples(out, samples, settings, extra)
+
+
+def placeholder(index: int, count: int) -> str:
+    return "V*" if count == 1 else f"V{index + 1}*"
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:

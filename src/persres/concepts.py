@@ -1,0 +1,168 @@
+"""Concepts in prompts: placeholders V* / V1* V2* ..., residual files, and token positions.
+
+One residual file is one concept: its identifier token and class word come from the file's metadata.
+With one file the prompt says ``V*`` (or ``V1*``); with several, ``V1*``, ``V2*``, ... name the files
+in the order given. Words are located by tokenizing, never by string position: a word's columns in the
+cross-attention are every occurrence of all its sub-tokens in the tokenized prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from persres.config import ResidualConfig
+from persres.errors import ConfigError
+from persres.io import check_fits, read_residual_file
+from persres.residuals import add_residuals, find_proj_outs, find_residuals
+
+PLACEHOLDER = re.compile(r"V(\d*)\*")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A learned concept: its identifier token V* and macro-class word."""
+
+    token: str
+    class_word: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt with its placeholders resolved, and which concepts it mentions."""
+
+    prompt: str
+    expanded: str
+    present: tuple[bool, ...]  # per concept
+
+
+def load_concepts(unet: nn.Module, paths: list[str | os.PathLike[str]]) -> list[Concept]:
+    """Load one or more residual files into ``unet``, stacked so that concept g owns rank group g.
+
+    Every file is checked against the model before anything is changed.
+    """
+    if not paths:
+        raise ConfigError("no residual file given; pass --residuals at least once")
+    if find_residuals(unet):
+        raise ConfigError("this U-Net already has residuals; call remove_residuals(unet) first")
+    files = [read_residual_file(p) for p in paths]
+    proj_outs = find_proj_outs(unet)
+    concepts = []
+    for loaded in files:
+        check_fits(loaded, proj_outs)
+        token, class_word = loaded.metadata.get("token"), loaded.metadata.get("class_word")
+        if not token or not class_word:
+            raise ConfigError(
+                f"{loaded.path} records no identifier token or class word; it was not made by train"
+            )
+        concepts.append(Concept(token, class_word, str(loaded.path)))
+    _refuse_shared_tokens(concepts)
+    layers = [loaded.layers() for loaded in files]
+    ranks = {layer: sum(f[layer][0].shape[1] for f in layers) for layer in proj_outs}
+    wrappers = add_residuals(unet, ResidualConfig(), ranks=ranks)
+    with torch.no_grad():
+        for name, wrapper in wrappers.items():
+            wrapper.A.copy_(torch.cat([f[name][0] for f in layers], dim=1))  # (m, r_1 + r_2 + ...)
+            wrapper.B.copy_(torch.cat([f[name][1] for f in layers], dim=0))  # (r_1 + r_2 + ..., m)
+            wrapper.groups = tuple(f[name][0].shape[1] for f in layers)
+    return concepts
+
+
+def _refuse_shared_tokens(concepts: list[Concept]) -> None:
+    seen: dict[str, str] = {}
+    for concept in concepts:
+        if concept.token in seen:
+            raise ConfigError(
+                f"{seen[concept.token]} and {concept.source} both use the identifier {concept.token!r}: "
+                "their concepts cannot be told apart in a prompt; retrain one with another --token"
+            )
+        seen[concept.token] = concept.source
+
+
+def plan_prompts(prompts: list[str], concepts: list[Concept]) -> list[PromptPlan]:
+    """Resolve placeholders; refuse a placeholder without a file and a file without a placeholder."""
+    if not prompts:
+        raise ConfigError("no prompt given; pass at least one --prompt")
+    plans = [_plan(prompt, concepts) for prompt in prompts]
+    for g, concept in enumerate(concepts):
+        if len(concepts) > 1 and not any(plan.present[g] for plan in plans):
+            raise ConfigError(
+                f"residual file {concept.source} (V{g + 1}*) is not used by any prompt; add V{g + 1}* to a "
+                "prompt or drop the file"
+            )
+    return plans
+
+
+def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
+    present = [False] * len(concepts)
+
+    def resolve(match: re.Match[str]) -> str:
+        number = match.group(1)
+        if not number:
+            if len(concepts) > 1:
+                raise ConfigError(
+                    f"prompt {prompt!r} uses V* but {len(concepts)} residual files are given; "
+                    f"name them V1* ... V{len(concepts)}* in the order of --residuals"
+                )
+            index = 0
+        else:
+            index = int(number) - 1
+            if not 0 <= index < len(concepts):
+                raise ConfigError(
+                    f"prompt {prompt!r} uses {match.group(0)} but only {len(concepts)} residual file(s) "
+                    "are given; add the file with another --residuals or fix the placeholder"
+                )
+        present[index] = True
+        return concepts[index].token
+
+    expanded = PLACEHOLDER.sub(resolve, prompt)
+    return PromptPlan(prompt, expanded, tuple(present))
+
+
+def word_positions(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: str) -> list[int]:
+    """Every position in ``prompt_ids`` covered by an occurrence of all of ``word``'s sub-tokens."""
+    pieces = tokenizer(word, add_special_tokens=False).input_ids
+    if not pieces:
+        return []
+    width = len(pieces)
+    positions: list[int] = []
+    for start in range(len(prompt_ids) - width + 1):
+        if prompt_ids[start : start + width] == pieces:
+            positions.extend(range(start, start + width))
+    return positions
+
+
+def concept_columns(
+    tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], require: bool
+) -> torch.Tensor:
+    """(groups, T) 0/1: the identifier's and class word's columns of each concept in the prompt.
+
+    A concept the prompt does not mention gets no column (its mask is then empty). With ``require``
+    (localized sampling), a mentioned concept whose token or class word is missing is an error.
+    """
+    ids = tokenizer(
+        plan.expanded, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+    ).input_ids
+    columns = torch.zeros(len(concepts), len(ids))
+    for g, concept in enumerate(concepts):
+        if len(concepts) == 1 and require and not plan.present[g]:
+            raise ConfigError(
+                f"prompt {plan.prompt!r} has no V*: localized sampling needs the concept's identifier"
+            )
+        if not plan.present[g]:
+            continue
+        for word, what in ((concept.token, "identifier"), (concept.class_word, "class word")):
+            positions = word_positions(tokenizer, ids, word)
+            if not positions and require:
+                raise ConfigError(
+                    f"prompt {plan.prompt!r} has no {what} {word!r} (concept {g + 1}); localized sampling "
+                    f"needs both the identifier and the class word, e.g. 'a V* {concept.class_word}'"
+                )
+            columns[g, positions] = 1.0
+    return columns

@@ -1,0 +1,119 @@
+"""Writing sampled images: PNG + JSON sidecar per image, side-by-side grids, LAG mask strips.
+
+Names are ``NNNN-prompt-SAMPLER.png``; numbering continues after what ``out`` already holds, so
+nothing is ever overwritten. With ``--sampler both`` a normal and a LAG image share a number and a
+``-both.png`` grid shows them side by side. ``-masks.png`` strips show where LAG applied the
+residual: one row per U-Net resolution (blocks of one resolution averaged), one column per step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from persres.files import atomic_path, write_json
+from persres.sampling import Sample, SampleSettings
+
+CELL = 48  # mask strip cell height in px
+GAP = 2
+
+
+def next_free_index(out: Path) -> int:
+    """Numbering continues after the images already in ``out``: nothing is overwritten."""
+    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    return max(taken, default=-1) + 1
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path, overwrite=False) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def write_samples(
+    out: str | os.PathLike[str], samples: list[Sample], settings: SampleSettings, extra: dict[str, Any]
+) -> list[Path]:
+    """Write every sample (and grids and mask strips); returns the paths of the sampled PNGs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = next_free_index(out) - 1
+    written: list[Path] = []
+    previous: Sample | None = None
+    for item in samples:
+        paired = (
+            previous is not None
+            and item.sampler == "lag"
+            and previous.sampler == "normal"
+            and (previous.prompt, previous.seed) == (item.prompt, item.seed)
+        )
+        index += 0 if paired else 1
+        stem = f"{index:04d}-{slug(item.prompt)}"
+        path = save_png(item.image, out / f"{stem}-{item.sampler}.png")
+        sidecar = {"prompt": item.prompt, "expanded_prompt": item.expanded, **asdict(settings), **extra}
+        sidecar.update(
+            seed=item.seed,
+            num_images=1,
+            image=path.name,
+            sampler=item.sampler,
+            height=item.image.height,
+            width=item.image.width,
+        )
+        write_json(path.with_suffix(".json"), sidecar, overwrite=False)
+        written.append(path)
+        if paired and previous is not None:
+            save_png(side_by_side([previous.image, item.image]), out / f"{stem}-both.png")
+        for name, strip in mask_strips(item).items():
+            save_png(strip, out / f"{stem}-{item.sampler}-{name}.png")
+        previous = item
+    return written
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    width = sum(image.width for image in images) + GAP * (len(images) - 1)
+    grid = Image.new("RGB", (width, max(image.height for image in images)), (255, 255, 255))
+    left = 0
+    for image in images:
+        grid.paste(image, (left, 0))
+        left += image.width + GAP
+    return grid
+
+
+def mask_strips(item: Sample) -> dict[str, Image.Image]:
+    """One strip per concept: ``masks`` (one concept) or ``masks-V1``, ``masks-V2``, ..."""
+    if not item.masks:
+        return {}
+    first = next(iter(item.masks.values()))
+    groups = next(iter(first.values())).shape[0]
+    names = ["masks"] if groups == 1 else [f"masks-V{g + 1}" for g in range(groups)]
+    return {name: strip(item.masks, g, item.image.width / item.image.height) for g, name in enumerate(names)}
+
+
+def strip(records: dict[int, dict[str, torch.Tensor]], group: int, aspect: float) -> Image.Image:
+    """Rows: resolutions, finest first; columns: steps. White = residual applied."""
+    steps = sorted(records)
+    sizes = sorted({mask.shape[-1] for block in records.values() for mask in block.values()}, reverse=True)
+    cell_w = max(1, round(CELL * aspect))
+    canvas = Image.new("L", (GAP + len(steps) * (cell_w + GAP), GAP + len(sizes) * (CELL + GAP)), 96)
+    for column, step in enumerate(steps):
+        for row, size in enumerate(sizes):
+            masks = [m[group] for m in records[step].values() if m.shape[-1] == size]
+            height = max(1, round(math.sqrt(size / aspect)))
+            mean = torch.stack(masks).mean(0).view(height, size // height)  # (h, w) at the block's resolution
+            cell = Image.fromarray((mean.numpy() * 255).astype(np.uint8), mode="L")
+            canvas.paste(
+                cell.resize((cell_w, CELL), Image.Resampling.NEAREST),
+                (GAP + column * (cell_w + GAP), GAP + row * (CELL + GAP)),
+            )
+    return canvas
