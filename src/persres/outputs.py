@@ -95,7 +95,7 @@ def mask_strips(item: Sample) -> dict[str, Image.Image]:
     if not item.masks:
         return {}
     first = next(iter(item.masks.values()))
-    groups = next(iter(first.values())).shape[0]
+    groups = next(iter(first.values())).shape[1]  # records are (N=1, groups, HW)
     names = ["masks"] if groups == 1 else [f"masks-V{g + 1}" for g in range(groups)]
     return {name: strip(item.masks, g, item.image.width / item.image.height) for g, name in enumerate(names)}
 
@@ -108,7 +108,7 @@ def strip(records: dict[int, dict[str, torch.Tensor]], group: int, aspect: float
     canvas = Image.new("L", (GAP + len(steps) * (cell_w + GAP), GAP + len(sizes) * (CELL + GAP)), 96)
     for column, step in enumerate(steps):
         for row, size in enumerate(sizes):
-            masks = [m[group] for m in records[step].values() if m.shape[-1] == size]
+            masks = [m[0, group] for m in records[step].values() if m.shape[-1] == size]
             height = max(1, round(math.sqrt(size / aspect)))
             mean = torch.stack(masks).mean(0).view(height, size // height)  # (h, w) at the block's resolution
             cell = Image.fromarray((mean.numpy() * 255).astype(np.uint8), mode="L")
