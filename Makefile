@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+	$(PY) bench/sampling.py
 
 clean:
 	rm -rf $(VENV) demo-output

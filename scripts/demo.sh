@@ -20,7 +20,7 @@ echo "== train (30 steps, CPU) =="
 echo "== sample =="
 "$PERSRES" sample --base "$OUT/tiny-base" --residuals "$OUT/run/residuals.safetensors" --out "$OUT/samples" \
     --prompt "a photo of a V* dog on the beach" --prompt "a painting of a V* dog" \
-    --num-images 2 --steps 10 --height 32 --width 32 --device cpu
+    --num-images 2 --steps 10 --height 32 --width 32 --device cpu --sampler both --save-masks
 
 echo "== info =="
 "$PERSRES" info "$OUT/run/residuals.safetensors"
