@@ -169,8 +169,10 @@ def test_sample_both_with_masks_and_two_concepts(
     assert main(argv + ["--prompt", "a V* dog on the beach", "--sampler", "both", "--save-masks"]) == 0
     names = sorted(p.name for p in out.iterdir())
     stem = "0000-a-v-dog-on-the-beach"
-    assert names == sorted(f"{stem}-{suffix}" for suffix in (
-        "normal.png", "normal.json", "lag.png", "lag.json", "both.png", "lag-masks.png"))
+    assert names == sorted(
+        f"{stem}-{suffix}"
+        for suffix in ("normal.png", "normal.json", "lag.png", "lag.json", "both.png", "lag-masks.png")
+    )
     grid = Image.open(out / f"{stem}-both.png")
     assert grid.size == (16 * 2 + 2, 16)
     strip = Image.open(out / f"{stem}-lag-masks.png")
@@ -180,10 +182,23 @@ def test_sample_both_with_masks_and_two_concepts(
 
     cat_run = tmp_path / "cat"
     cat_argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(cat_run), *TRAIN]
-    assert main([*cat_argv[:-len(TRAIN)], *TRAIN[2:], "--class-word", "cat", "--token", "zwx"]) == 0
+    assert main([*cat_argv[: -len(TRAIN)], *TRAIN[2:], "--class-word", "cat", "--token", "zwx"]) == 0
     cat = cat_run / "residuals.safetensors"
-    two = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--residuals", str(cat),
-           "--out", str(out), *SAMPLE, "--sampler", "lag", "--save-masks"]
+    two = [
+        "sample",
+        "--base",
+        str(conv_base),
+        "--residuals",
+        str(trained),
+        "--residuals",
+        str(cat),
+        "--out",
+        str(out),
+        *SAMPLE,
+        "--sampler",
+        "lag",
+        "--save-masks",
+    ]
     assert main(two + ["--prompt", "a V1* dog playing with a V2* cat"]) == 0
     capsys.readouterr()
     sidecar = json.loads(next(out.glob("0001-*-lag.json")).read_text())
@@ -194,9 +209,22 @@ def test_sample_both_with_masks_and_two_concepts(
     assert "is not used by any prompt" in error_of(capsys, two + ["--prompt", "a V1* dog"])
 
 
-def test_lag_prompt_errors(conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o"), *SAMPLE]
-    assert "no class word 'dog'" in error_of(capsys, argv + ["--sampler", "lag", "--prompt", "a photo of a V*"])
+def test_lag_prompt_errors(
+    conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "sample",
+        "--base",
+        str(conv_base),
+        "--residuals",
+        str(trained),
+        "--out",
+        str(tmp_path / "o"),
+        *SAMPLE,
+    ]
+    assert "no class word 'dog'" in error_of(
+        capsys, argv + ["--sampler", "lag", "--prompt", "a photo of a V*"]
+    )
     assert "has no V*" in error_of(capsys, argv + ["--sampler", "lag", "--prompt", "a photo of a dog"])
     assert "--save-masks" in error_of(capsys, argv + ["--save-masks", "--prompt", "a V* dog"])
     assert not (tmp_path / "o").exists()

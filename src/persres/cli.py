@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from persres import __version__
 from persres.config import DEFAULT_TOKEN, ResidualConfig, TrainConfig
-from persres.errors import PersresError
+from persres.errors import OutputExistsError, PersresError
 
 log = logging.getLogger("persres")
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(commands)
     add_info(commands)
     add_merge(commands)
+    add_evaluate(commands)
     return parser
 
 
@@ -140,6 +141,40 @@ def add_merge(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--residuals", required=True, help="residuals.safetensors of a training run")
     p.add_argument("--out", required=True, help="new folder for the merged diffusers pipeline")
     p.set_defaults(handler=run_merge)
+
+
+def add_evaluate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "evaluate",
+        help="score generated images: CLIP text alignment, CLIP and DINO image alignment",
+        description="CustomConcept101 semantics: clip_t = 2.5 * max(cos, 0) with the identifier removed from "
+        "the prompt; clip_i and dino_i = mean cosine over all (generated, reference) pairs.",
+    )
+    p.add_argument(
+        "--images", required=True, help="folder of generated images (sidecars from persres sample are read)"
+    )
+    p.add_argument("--references", required=True, help="folder of the concept's reference photos")
+    p.add_argument("--prompt", help="prompt of every image, when the images have no JSON sidecars")
+    p.add_argument("--token", help="identifier word to remove from prompts (V*, V1*, <new1> always are)")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
+    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--out", help="write the JSON here too (never over an existing file)")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from persres.evaluate import Scorers, evaluate_folder
+    from persres.files import write_json
+
+    if args.out and os.path.exists(args.out):
+        raise OutputExistsError(f"--out {args.out} already exists; choose another file")
+    scorers = Scorers.load(args.clip, args.dino, args.device)
+    result = evaluate_folder(args.images, args.references, args.prompt, args.token, scorers)
+    if args.out:
+        write_json(args.out, result, overwrite=False)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    ViTConfig,
+    ViTModel,
+)
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 BASIC_WORDS = (
@@ -139,4 +147,59 @@ def save_tiny_pipeline(
     """Write a tiny random pipeline as a diffusers folder (safetensors) and return its path."""
     folder = Path(folder)
     tiny_pipeline(linear_projection, seed, widths=widths).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_clip(folder: str | os.PathLike[str], seed: int = 0, words: Iterable[str] = BASIC_WORDS) -> Path:
+    """A random CLIPModel (ViT-B/32 layout at toy width) with its tokenizer, as a model folder that the
+    ``*WithProjection`` towers load from (``projection_dim`` is set in both sub-configs for that)."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    special = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("bos_token_id", "<|startoftext|>"),
+            ("eos_token_id", "<|endoftext|>"),
+            ("pad_token_id", "<|endoftext|>"),
+        )
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 16,
+        **special,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 224,
+        "patch_size": 32,
+        "projection_dim": 16,
+    }
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_dino(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A random ViT-S/16-layout model at toy width (DINO's architecture class), as a model folder."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=16,
+    )
+    folder = Path(folder)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder

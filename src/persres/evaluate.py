@@ -1,0 +1,216 @@
+"""CLIP and DINO scores with CustomConcept101 semantics, stated exactly.
+
+- ``clip_t`` (text alignment): 2.5 * max(cos, 0) between the CLIP image embedding and the CLIP text
+  embedding of the prompt with the identifier removed ("a V* dog on the beach" -> "a dog on the
+  beach"), per image, then averaged.
+- ``clip_i`` (image alignment): cosine between CLIP image embeddings of a generated image and of each
+  reference image; per image the mean over references, overall the mean over all pairs.
+- ``dino_i``: the same all-pairs mean with the DINO ViT-S/16 CLS token.
+
+Preprocessing (done here, not by a model folder's processor config, so it cannot drift):
+CLIP: shorter side to 224 (bicubic), center crop 224, CLIP mean/std. DINO: shorter side to 256
+(bicubic), center crop 224, ImageNet mean/std. Images are converted to RGB first. One difference from
+torchvision-based reference code: resizing uses PIL's bicubic filter on 8-bit images, which torchvision
+also uses for PIL inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection, ViTModel
+
+from persres.data import load_rgb
+from persres.errors import ConfigError, InputError, ModelError
+from persres.pipeline import resolve_device
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vits16"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TEXT_SCALE = 2.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+NOT_SAMPLES = re.compile(r"-(both|masks(-V\d+)?)\.png$")  # grids and mask strips written beside samples
+IDENTIFIERS = re.compile(r"V\d*\*|<new\d+>")
+
+
+def strip_identifier(prompt: str, token: str | None = None) -> str:
+    """The prompt without its identifier: placeholders (V*, V1*, <new1>) and the token word."""
+    text = IDENTIFIERS.sub(" ", prompt)
+    if token:
+        text = re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def preprocess(images: list[Image.Image], resize: int, crop: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """(N, 3, crop, crop): shorter side to ``resize`` (bicubic), center crop, normalise."""
+    batch = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = resize / min(image.size)
+        size = (max(resize, round(image.width * scale)), max(resize, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (image.width - crop) // 2, (image.height - crop) // 2
+        image = image.crop((left, top, left + crop, top + crop))
+        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+        batch.append((array - np.array(mean, np.float32)) / np.array(std, np.float32))
+    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class Scorers:
+    """CLIP (text and image towers with projection) and DINO, frozen, on one device."""
+
+    clip_text: CLIPTextModelWithProjection
+    clip_vision: CLIPVisionModelWithProjection
+    tokenizer: CLIPTokenizer
+    dino: ViTModel
+    device: torch.device
+    names: tuple[str, str] = (DEFAULT_CLIP, DEFAULT_DINO)
+    batch_size: int = 16
+
+    @classmethod
+    def load(cls, clip: str = DEFAULT_CLIP, dino: str = DEFAULT_DINO, device: str = "auto") -> Scorers:
+        target = resolve_device(device)
+        try:
+            text = CLIPTextModelWithProjection.from_pretrained(clip)
+            vision = CLIPVisionModelWithProjection.from_pretrained(clip)
+            tokenizer = CLIPTokenizer.from_pretrained(clip)
+            dino_model = ViTModel.from_pretrained(dino, add_pooling_layer=False)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"cannot load the scoring models (--clip {clip}, --dino {dino}): {first}. Pass local "
+                "folders or make sure the hub ids are cached (HF_HUB_OFFLINE=1 forbids downloads)"
+            ) from None
+        models = [m.to(target).eval().requires_grad_(False) for m in (text, vision, dino_model)]
+        return cls(models[0], models[1], tokenizer, models[2], target, (clip, dino))
+
+    @torch.no_grad()
+    def clip_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, D) unit-norm CLIP image embeddings."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = preprocess(images[start : start + self.batch_size], 224, 224, CLIP_MEAN, CLIP_STD)
+            out.append(self.clip_vision(pixel_values=pixels.to(self.device)).image_embeds.float())
+        return unit(torch.cat(out))
+
+    @torch.no_grad()
+    def clip_texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) unit-norm CLIP text embeddings (truncated to the tokenizer's 77 tokens)."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            out.append(self.clip_text(input_ids=tokens.input_ids.to(self.device)).text_embeds.float())
+        return unit(torch.cat(out))
+
+    @torch.no_grad()
+    def dino_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, D) unit-norm DINO CLS embeddings."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = preprocess(
+                images[start : start + self.batch_size], 256, 224, IMAGENET_MEAN, IMAGENET_STD
+            )
+            hidden = self.dino(pixel_values=pixels.to(self.device)).last_hidden_state  # (N, 1 + patches, D)
+            out.append(hidden[:, 0].float())
+        return unit(torch.cat(out))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def text_alignment(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """Per image 2.5 * max(cos, 0); rows of both are unit-norm and paired."""
+    return TEXT_SCALE * (images * texts).sum(-1).clamp(min=0)
+
+
+def pairwise_alignment(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per generated image the mean cosine to every reference; their mean is the all-pairs mean."""
+    return (generated @ references.T).mean(dim=1)
+
+
+def image_files(folder: str | os.PathLike[str], what: str) -> list[Path]:
+    """Image files of a folder, without persres' grids and mask strips."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{what} folder {folder} not found")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not NOT_SAMPLES.search(p.name)
+    )
+    if not files:
+        raise InputError(f"{what} folder {folder} holds no images")
+    return files
+
+
+def prompts_for(files: list[Path], prompt: str | None, token: str | None) -> list[str]:
+    """Each image's scoring text: its sidecar's prompt, else ``prompt``; identifier removed."""
+    texts = []
+    for path in files:
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            text, token_here = data.get("prompt", ""), token or data.get("token")
+            tokens = [c.get("token") for c in data.get("concepts", [])] + [token_here]
+        elif prompt is not None:
+            text, tokens = prompt, [token]
+        else:
+            raise ConfigError(
+                f"{path.name} has no JSON sidecar; pass --prompt (and --token) to score text alignment"
+            )
+        for word in tokens:
+            text = strip_identifier(text, word)
+        texts.append(strip_identifier(text))
+    return texts
+
+
+def evaluate_images(
+    scorers: Scorers, generated: list[Path], references: list[Path], texts: list[str]
+) -> dict[str, Any]:
+    """Per-image and mean clip_t, clip_i, dino_i for generated images against references."""
+    images = [load_rgb(p) for p in generated]
+    refs = [load_rgb(p) for p in references]
+    clip_gen = scorers.clip_images(images)
+    clip_t = text_alignment(clip_gen, scorers.clip_texts(texts))
+    clip_i = pairwise_alignment(clip_gen, scorers.clip_images(refs))
+    dino_i = pairwise_alignment(scorers.dino_images(images), scorers.dino_images(refs))
+    per_image = [
+        {"image": p.name, "text": t, "clip_t": float(a), "clip_i": float(b), "dino_i": float(c)}
+        for p, t, a, b, c in zip(generated, texts, clip_t, clip_i, dino_i, strict=True)
+    ]
+    means = {key: float(torch.stack([torch.tensor(r[key]) for r in per_image]).mean()) for key in METRICS}
+    models = {"clip_model": scorers.names[0], "dino_model": scorers.names[1]}
+    return {**means, **models, "num_images": len(per_image), "num_references": len(refs), "images": per_image}
+
+
+METRICS = ("clip_t", "clip_i", "dino_i")
+
+
+def evaluate_folder(
+    images: str | os.PathLike[str],
+    references: str | os.PathLike[str],
+    prompt: str | None = None,
+    token: str | None = None,
+    scorers: Scorers | None = None,
+) -> dict[str, Any]:
+    """``persres evaluate``: score a folder of generated images against a folder of references."""
+    generated = image_files(images, "generated image")
+    refs = image_files(references, "reference image")
+    texts = prompts_for(generated, prompt, token)
+    result = evaluate_images(scorers or Scorers.load(), generated, refs, texts)
+    return {"images_dir": str(images), "references_dir": str(references), **result}
