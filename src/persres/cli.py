@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(commands)
     add_merge(commands)
     add_evaluate(commands)
+    add_benchmark(commands)
+    add_report(commands)
     return parser
 
 
@@ -174,6 +176,103 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, result, overwrite=False)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_benchmark(commands: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig(base="", images="", class_word="x")
+    p = commands.add_parser(
+        "benchmark",
+        help="train, sample and score every concept of a CustomConcept101-format dataset",
+        description="Resumable; under `accelerate launch -m persres benchmark ...` the concepts are split "
+        "across processes. Writes results.csv and summary.json in --out.",
+    )
+    p.add_argument(
+        "--dataset", required=True, help="folder with dataset.json, image folders and prompt files"
+    )
+    p.add_argument("--base", required=True, help="base model: diffusers folder or hub id")
+    p.add_argument("--out", required=True, help="output folder (rerun with the same --out to resume)")
+    p.add_argument("--rank", action="append", help="rank variant(s): 0.05 (default), 16, ...; repeatable")
+    p.add_argument(
+        "--sampler",
+        action="append",
+        choices=["normal", "lag", "auto"],
+        help="sampler rows; repeatable (default: normal, lag and auto)",
+    )
+    p.add_argument("--images-per-prompt", type=int, default=5, help="images per prompt (default 5)")
+    p.add_argument(
+        "--max-prompts", type=int, default=None, help="use only the first N prompts of each concept"
+    )
+    p.add_argument("--concept", action="append", default=[], help="only this image folder name; repeatable")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="default %(default)s")
+    p.add_argument(
+        "--resolution", type=int, default=defaults.resolution, help="training px (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="default 7.5")
+    p.add_argument("--height", type=int, default=None, help="sample height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="sample width (default: the model's)")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
+    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(handler=run_benchmark)
+
+
+def add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("report", help="write a self-contained HTML report of a benchmark folder")
+    p.add_argument("results", help="the --out folder of persres benchmark")
+    p.add_argument("--out", help="HTML file to write (default RESULTS/report.html; never overwritten)")
+    p.set_defaults(handler=run_report)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from persres.benchmark import BenchmarkConfig, run_benchmark
+    from persres.sampling import SampleSettings
+
+    template = TrainConfig(
+        base=args.base,
+        images="-",
+        class_word="-",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        resolution=args.resolution,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+    )
+    config = BenchmarkConfig(
+        dataset=args.dataset,
+        base=args.base,
+        out=args.out,
+        ranks=tuple(ResidualConfig.parse_rank(r) for r in (args.rank or ["0.05"])),
+        samplers=tuple(args.sampler or ["normal", "lag", "auto"]),
+        images_per_prompt=args.images_per_prompt,
+        max_prompts=args.max_prompts,
+        concepts=tuple(args.concept),
+        train=template,
+        sample=SampleSettings(
+            steps=args.sample_steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+        ),
+        clip=args.clip,
+        dino=args.dino,
+    )
+    out = run_benchmark(config, args.device)
+    print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from persres.report import write_report
+
+    print(f"report: {write_report(args.results, args.out)}")
     return 0
 
 

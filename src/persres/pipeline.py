@@ -25,11 +25,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
-    return torch.device(device)
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return target
 
 
 def looks_like_path(base: str) -> bool:

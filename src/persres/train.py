@@ -67,18 +67,23 @@ def train(
     device: str = "auto",
     callback: StepCallback | None = None,
     progress: bool = True,
+    distributed: bool = True,
 ) -> TrainResult:
     """Train residuals for the concept in ``config.images`` and write them to ``out``.
 
     ``callback(step, loss)`` runs after every optimizer step (raise in it to stop the run).
+    Under ``accelerate launch`` the processes train one run together (gradients are averaged);
+    ``distributed=False`` makes each process train its own run alone on its own device (the
+    benchmark runner's case: one concept per process).
     """
     out = Path(out)
     previous = check_output(out, resume, overwrite)
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
     accelerator = make_accelerator(config, device)
+    processes = Processes.of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
     check_identifier(pipe.tokenizer, config.token)
-    if overwrite and accelerator.is_main_process:
+    if overwrite and processes.is_main:
         remove_run(out, previous)
     out.mkdir(parents=True, exist_ok=True)
     residuals = add_residuals(
@@ -89,11 +94,12 @@ def train(
     named = residual_parameters(pipe.unet)
     names = {param: name for name, param in named.items()}
     optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.adam_weight_decay)
-    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-    start = restore_or_start(out, config, resume, pipe, optimizer, names, generator, accelerator)
-    if accelerator.is_main_process:
+    generator = torch.Generator().manual_seed(config.seed + processes.index)
+    start = restore_or_start(out, config, resume, pipe, optimizer, names, generator, processes.index)
+    if processes.is_main:
         write_json(out / CONFIG_FILE, {"persres_version": __version__, **config.to_dict()})
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
+    optimizer = accelerator.prepare(optimizer)
     text = pipe.encode_prompt(config.prompt, accelerator.device, 1, False)[0]  # (1, T, D)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     loss = None
@@ -102,7 +108,7 @@ def train(
         initial=start,
         total=config.steps,
         desc="training",
-        disable=not (progress and accelerator.is_main_process),
+        disable=not (progress and processes.is_main),
     )
     for step in bar:
         pixels = images.batch(config.batch_size, generator, config.min_crop, config.flip)
@@ -125,19 +131,32 @@ def train(
                 names,
                 generator,
                 config,
-                accelerator.process_index,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
+                processes.index,
+                processes.is_main,
+                processes.barrier,
             )
         if callback is not None:
             callback(done, loss)
     path = out / RESIDUALS_FILE
-    if accelerator.is_main_process:
+    if processes.is_main:
         save_residuals(pipe.unet, path, overwrite=True, **run_metadata(config))
         log.info("residuals written to %s", path)
         write_validation_images(pipe, config, out / "validation", progress)
-    accelerator.wait_for_everyone()
+    processes.barrier()
     return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Who this process is in a run: alone by default, or one of ``accelerate launch``'s processes."""
+
+    index: int = 0
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, accelerator: Accelerator) -> Processes:
+        return cls(accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone)
 
 
 def write_validation_images(
@@ -225,7 +244,7 @@ def restore_or_start(
     optimizer: torch.optim.Optimizer,
     names: dict[torch.nn.Parameter, str],
     generator: torch.Generator,
-    accelerator: Accelerator,
+    process_index: int,
 ) -> int:
     """The step to start from: 0, or the latest checkpoint's when resuming (restoring its state)."""
     checkpoints = list_checkpoints(out) if resume else []
@@ -234,7 +253,7 @@ def restore_or_start(
             log.warning("--resume: no checkpoint in %s, starting from step 0", out)
         return 0
     latest = checkpoints[-1]
-    step = load_checkpoint(latest, pipe.unet, optimizer, names, generator, config, accelerator.process_index)
+    step = load_checkpoint(latest, pipe.unet, optimizer, names, generator, config, process_index)
     if step > config.steps:
         raise ConfigError(f"{latest.folder} is at step {step}, past --steps {config.steps}; raise --steps")
     log.info("resuming from %s (step %d of %d)", latest.folder, step, config.steps)

@@ -1,0 +1,257 @@
+"""The benchmark runner: for every concept of a CustomConcept101-format dataset and every rank,
+train, sample every prompt with normal and LAG sampling from the same noise, and score the images.
+
+Layout of ``out``: ``runs/{concept}/rank-{r}/`` holds the training run, the samples and
+``result.json``, which is written last and atomically: a variant with a ``result.json`` is done and
+is skipped by a rerun, one without is redone (training resumes from its checkpoint). ``results.csv``
+(one row per concept x method x sampler) and ``summary.json`` are rebuilt from all ``result.json``
+files, so rows are never duplicated or lost.
+
+Under ``accelerate launch -m persres benchmark ...`` the concepts are split round-robin across the
+processes (one per GPU, or across nodes); each trains alone on its device; the main process merges.
+``--sampler auto`` rows take, per prompt, the LAG or the normal image following the prompt's category.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from persres.categories import CATEGORIES, auto_sampler, prompt_category
+from persres.cc101 import ConceptEntry, load_dataset
+from persres.concepts import load_concepts
+from persres.config import ResidualConfig, TrainConfig
+from persres.errors import ConfigError
+from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, prompts_for
+from persres.files import write_json, write_text
+from persres.outputs import write_samples
+from persres.pipeline import load_pipeline
+from persres.sampling import SampleSettings, sample
+from persres.train import train
+
+log = logging.getLogger(__name__)
+
+SAMPLER_CHOICES = ("normal", "lag", "auto")
+CSV_FIELDS = (
+    "concept",
+    "category",
+    "class_word",
+    "method",
+    "rank",
+    "sampler",
+    *METRICS,
+    "train_seconds",
+    "sample_seconds",
+    "num_images",
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    dataset: str
+    base: str
+    out: str
+    ranks: tuple[float | int, ...] = (0.05,)
+    samplers: tuple[str, ...] = ("normal", "lag")
+    images_per_prompt: int = 5
+    max_prompts: int | None = None
+    concepts: tuple[str, ...] = ()  # only these image-folder names; all when empty
+    train: TrainConfig | None = None  # template: steps, batch, lr, resolution, seed, ...
+    sample: SampleSettings = SampleSettings()
+    clip: str = "openai/clip-vit-base-patch32"
+    dino: str = "facebook/dino-vits16"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.samplers) - set(SAMPLER_CHOICES))
+        if unknown or not self.samplers:
+            raise ConfigError(f"--sampler {unknown or 'none'}: choose from {', '.join(SAMPLER_CHOICES)}")
+        if not self.ranks:
+            raise ConfigError("give at least one --rank")
+        for rank in self.ranks:
+            ResidualConfig(rank=rank)
+        if self.images_per_prompt < 1:
+            raise ConfigError("--images-per-prompt must be >= 1")
+
+
+def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
+    """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
+    out = Path(config.out)
+    entries = select(load_dataset(config.dataset), config.concepts)
+    state = PartialState(cpu=device == "cpu")
+    mine = entries[state.process_index :: state.num_processes]
+    scorers: Scorers | None = None
+    for entry in mine:
+        for rank in config.ranks:
+            folder = out / "runs" / entry.name / f"rank-{rank}"
+            if (folder / "result.json").is_file():
+                log.info("skipping %s rank %s: already done", entry.name, rank)
+                continue
+            scorers = scorers or Scorers.load(config.clip, config.dino, str(state.device))
+            run_variant(
+                config, entry, rank, folder, scorers, str(state.device), progress, state.process_index
+            )
+            log.info("%s rank %s done by process %d", entry.name, rank, state.process_index)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_results(out)
+    state.wait_for_everyone()
+    return out
+
+
+def select(entries: list[ConceptEntry], names: tuple[str, ...]) -> list[ConceptEntry]:
+    if not names:
+        return entries
+    unknown = sorted(set(names) - {e.name for e in entries})
+    if unknown:
+        raise ConfigError(f"--concept {unknown}: not in the dataset; it has {[e.name for e in entries]}")
+    return [e for e in entries if e.name in names]
+
+
+def run_variant(
+    config: BenchmarkConfig,
+    entry: ConceptEntry,
+    rank: float | int,
+    folder: Path,
+    scorers: Scorers,
+    device: str,
+    progress: bool,
+    process_index: int = 0,
+) -> None:
+    """Train, sample and score one concept at one rank; ``result.json`` marks it done."""
+    template = config.train or TrainConfig(base=config.base, images="", class_word="")
+    train_config = replace(
+        template,
+        base=config.base,
+        images=str(entry.images),
+        class_word=entry.class_word,
+        residual=ResidualConfig(rank=rank, init=template.residual.init),
+    )
+    started = time.perf_counter()
+    result = train(
+        train_config, folder / "train", resume=True, device=device, progress=progress, distributed=False
+    )
+    train_seconds = time.perf_counter() - started
+    prompts = list(entry.prompts[: config.max_prompts] if config.max_prompts else entry.prompts)
+    samples_dir = folder / "samples"
+    shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
+    started = time.perf_counter()
+    pipe = load_pipeline(config.base, device=device)
+    concepts = load_concepts(pipe.unet, [result.residuals])
+    settings = replace(config.sample, num_images=config.images_per_prompt)
+    needs_both = set(config.samplers) != {"normal"} and set(config.samplers) != {"lag"}
+    kind = "both" if needs_both else config.samplers[0]
+    images = sample(pipe, prompts, concepts, settings, kind, progress=progress)  # type: ignore[arg-type]
+    write_samples(samples_dir, images, settings, {"base": config.base, "token": concepts[0].token})
+    sample_seconds = time.perf_counter() - started
+    scores = score_samples(samples_dir, entry, scorers)
+    rows = [
+        {
+            "concept": entry.name,
+            "category": entry.category,
+            "class_word": entry.class_word,
+            "method": "personalized-residuals",
+            "rank": rank,
+            "sampler": sampler,
+            **means(pick(scores, sampler)),
+            "train_seconds": round(train_seconds, 2),
+            "sample_seconds": round(sample_seconds, 2),
+            "num_images": len(pick(scores, sampler)),
+        }
+        for sampler in config.samplers
+    ]
+    write_json(
+        folder / "result.json",
+        {
+            "rows": rows,
+            "images": scores,
+            "train_config": train_config.to_dict(),
+            "process_index": process_index,
+        },
+    )
+
+
+def score_samples(samples_dir: Path, entry: ConceptEntry, scorers: Scorers) -> list[dict[str, Any]]:
+    """Per-image scores with the image's sampler, prompt and prompt category."""
+    files = image_files(samples_dir, "sample")
+    texts = prompts_for(files, None, None)
+    scored = evaluate_images(scorers, files, image_files(entry.images, "reference"), texts)["images"]
+    for row, path in zip(scored, files, strict=True):
+        sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        row.update(
+            sampler=sidecar["sampler"],
+            prompt=sidecar["prompt"],
+            seed=sidecar["seed"],
+            prompt_category=prompt_category(sidecar["prompt"]),
+        )
+    return scored
+
+
+def included(image: dict[str, Any], sampler: str) -> bool:
+    """Whether a sampler's row is made with this image; ``auto`` picks per prompt by its category."""
+    wanted = auto_sampler(image["prompt"]) if sampler == "auto" else sampler
+    return bool(image["sampler"] == wanted)
+
+
+def pick(scores: list[dict[str, Any]], sampler: str) -> list[dict[str, Any]]:
+    return [image for image in scores if included(image, sampler)]
+
+
+def means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: round(statistics.fmean(r[key] for r in rows), 6) for key in METRICS} if rows else {}
+
+
+def merge_results(out: Path) -> tuple[Path, Path]:
+    """Rebuild ``results.csv`` and ``summary.json`` from every finished variant."""
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("runs/*/*/result.json"))]
+    rows = sorted(
+        (row for r in results for row in r["rows"]),
+        key=lambda r: (r["concept"], str(r["rank"]), r["sampler"]),
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = write_text(out / "results.csv", buffer.getvalue())
+    summary_path = write_json(out / "summary.json", summarize(results))
+    return csv_path, summary_path
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means overall, per concept category and per prompt category, for each rank x sampler."""
+    rows = [row for r in results for row in r["rows"]]
+    variants = sorted({(str(r["rank"]), r["sampler"]) for r in rows})
+    summary: dict[str, Any] = {
+        "concepts": sorted({r["concept"] for r in rows}),
+        "overall": {},
+        "per_category": {},
+        "per_prompt_category": {},
+    }
+    for rank, sampler in variants:
+        key = f"rank={rank} sampler={sampler}"
+        mine = [r for r in rows if (str(r["rank"]), r["sampler"]) == (rank, sampler)]
+        summary["overall"][key] = means(mine)
+        for category in sorted({r["category"] for r in mine}):
+            summary["per_category"].setdefault(category, {})[key] = means(
+                [r for r in mine if r["category"] == category]
+            )
+        chosen = [
+            image
+            for r in results
+            if str(r["rows"][0]["rank"]) == rank
+            for image in pick(r["images"], sampler)
+        ]
+        for category in CATEGORIES:
+            subset = [image for image in chosen if image["prompt_category"] == category]
+            if subset:
+                summary["per_prompt_category"].setdefault(category, {})[key] = means(subset)
+    return summary

@@ -1,0 +1,77 @@
+"""CustomConcept101-format datasets: ``dataset.json``, concept image folders, prompt files.
+
+An entry looks like ``{"instance_prompt": "photo of a <new1> barn", "class_prompt": "barn",
+"instance_data_dir": "./benchmark_dataset/scene_barn", "prompt_filename": "prompts/barn.txt", ...}``.
+Paths are relative to the dataset folder and must stay inside it. The category is the prefix of the
+image folder's name (``scene_``, ``pet_``, ...). In a prompt file, ``{}`` stands for "<new1> {class}";
+persres writes it as "V* {class}".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from persres.errors import InputError
+
+
+@dataclass(frozen=True)
+class ConceptEntry:
+    name: str  # the image folder's name, e.g. "scene_barn"
+    category: str  # its prefix, e.g. "scene"
+    class_word: str
+    images: Path
+    prompts: tuple[str, ...]  # with V* in place of {}
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refusing absolute paths and anything that leaves ``root``."""
+    if os.path.isabs(relative) or relative.startswith("~"):
+        raise InputError(f"dataset.json: {what} {relative!r} is absolute; paths must be relative to {root}")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InputError(f"dataset.json: {what} {relative!r} leaves the dataset folder {root}; refused")
+    return path
+
+
+def load_dataset(root: str | os.PathLike[str]) -> list[ConceptEntry]:
+    """Every concept of a CustomConcept101-format folder, checked before anything runs."""
+    root = Path(root)
+    index = root / "dataset.json"
+    if not index.is_file():
+        raise InputError(f"{root} has no dataset.json; pass a CustomConcept101-format folder")
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{index} is not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"{index} must be a non-empty JSON list of concept entries")
+    entries = [_entry(root, item, number) for number, item in enumerate(raw)]
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"{index} lists these image folders twice: {duplicates}")
+    return entries
+
+
+def _entry(root: Path, item: object, number: int) -> ConceptEntry:
+    if not isinstance(item, dict):
+        raise InputError(f"dataset.json entry {number} is not an object")
+    for key in ("class_prompt", "instance_data_dir", "prompt_filename"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise InputError(f"dataset.json entry {number} lacks {key!r}")
+    images = inside(root, item["instance_data_dir"], "instance_data_dir")
+    prompt_file = inside(root, item["prompt_filename"], "prompt_filename")
+    if not images.is_dir():
+        raise InputError(f"dataset.json entry {number}: image folder {images} not found")
+    if not prompt_file.is_file():
+        raise InputError(f"dataset.json entry {number}: prompt file {prompt_file} not found")
+    class_word = item["class_prompt"].strip()
+    lines = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = tuple(line.replace("{}", f"V* {class_word}") for line in lines)
+    if not prompts or not all("V*" in p for p in prompts):
+        raise InputError(f"{prompt_file}: every prompt needs a {{}} standing for the concept")
+    name = images.name
+    return ConceptEntry(name, name.split("_", 1)[0] if "_" in name else "other", class_word, images, prompts)

@@ -1,0 +1,159 @@
+"""``persres report``: one self-contained HTML page (no CDN; figures and thumbnails inlined) for a
+benchmark folder: the results table, text alignment per prompt category for normal vs LAG sampling
+(like the supplement's Figure 5), image-vs-text alignment scatter plots per prompt category (like its
+Figure 14), and per concept a grid of references, normal samples and LAG samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from persres.categories import CATEGORIES  # noqa: E402
+from persres.errors import InputError, OutputExistsError  # noqa: E402
+from persres.files import write_text  # noqa: E402
+
+THUMB = 96
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td.l{text-align:left}
+.row{display:flex;gap:4px;align-items:center;margin:2px 0}.row span{width:90px;font-size:12px}"""
+
+
+def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    root = Path(results_dir)
+    if not (root / "results.csv").is_file():
+        raise InputError(f"{root} has no results.csv; run persres benchmark --out {root} first")
+    target = Path(out) if out else root / "report.html"
+    if target.exists():
+        raise OutputExistsError(f"{target} already exists; pass --out with a new file name")
+    with open(root / "results.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    results = {
+        p.parent: json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("runs/*/*/result.json"))
+    }
+    images = [img for r in results.values() for img in r["images"]]
+    body = [
+        f"<h1>persres benchmark: {html.escape(str(root))}</h1>",
+        "<h2>Results (means per concept)</h2>",
+        table(rows),
+        "<h2>Text alignment per prompt category: normal vs LAG</h2>",
+        figure(category_bars(images)),
+        "<h2>Image vs text alignment per prompt category</h2>",
+        figure(scatter(images)),
+        "<h2>Images per concept: references | normal | LAG</h2>",
+        *(grid(folder, result) for folder, result in results.items()),
+    ]
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>persres report</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+    return write_text(target, page, overwrite=False)
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "<p>No finished concepts yet.</p>"
+    header = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    cells = []
+    for row in rows:
+        cells.append(
+            "<tr>"
+            + "".join(
+                f"<td class='l'>{html.escape(v)}</td>"
+                if k in ("concept", "category", "class_word", "method", "sampler")
+                else f"<td>{html.escape(v)}</td>"
+                for k, v in row.items()
+            )
+            + "</tr>"
+        )
+    return f"<table><tr>{header}</tr>{''.join(cells)}</table>"
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def category_bars(images: list[dict[str, Any]]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    width = 0.38
+    for offset, sampler in ((-width / 2, "normal"), (width / 2, "lag")):
+        values = [
+            mean([i["clip_t"] for i in images if i["sampler"] == sampler and i["prompt_category"] == c])
+            for c in CATEGORIES
+        ]
+        ax.bar([x + offset for x in range(len(CATEGORIES))], values, width, label=sampler)
+    ax.set_xticks(range(len(CATEGORIES)), [c.replace("_", "\n") for c in CATEGORIES], fontsize=8)
+    ax.set_ylabel("CLIP text alignment")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def scatter(images: list[dict[str, Any]]) -> plt.Figure:
+    fig, axes = plt.subplots(1, len(CATEGORIES), figsize=(15, 2.8), sharex=True, sharey=True)
+    for ax, category in zip(axes, CATEGORIES, strict=True):
+        for sampler, marker in (("normal", "o"), ("lag", "^")):
+            chosen = [i for i in images if i["sampler"] == sampler and i["prompt_category"] == category]
+            ax.scatter(
+                [i["clip_t"] for i in chosen],
+                [i["clip_i"] for i in chosen],
+                marker=marker,
+                s=12,
+                label=sampler,
+            )
+        ax.set_title(category.replace("_", " "), fontsize=9)
+        ax.set_xlabel("text alignment", fontsize=8)
+    axes[0].set_ylabel("image alignment", fontsize=8)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure(fig: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return inline_png(buffer.getvalue(), "figure")
+
+
+def thumbnail(path: Path) -> str:
+    with Image.open(path) as image:
+        small = image.convert("RGB")
+        small.thumbnail((THUMB, THUMB))
+        buffer = io.BytesIO()
+        small.save(buffer, format="PNG")
+    return inline_png(buffer.getvalue(), path.name)
+
+
+def inline_png(data: bytes, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+
+
+def grid(folder: Path, result: dict[str, Any], per_row: int = 8) -> str:
+    config = result["train_config"]
+    references = sorted(
+        p for p in Path(config["images"]).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    )
+    rows = [("references", references[:per_row])]
+    for sampler in ("normal", "lag"):
+        files = [folder / "samples" / i["image"] for i in result["images"] if i["sampler"] == sampler]
+        rows.append((sampler, files[:per_row]))
+    title = f"{folder.parent.name} ({folder.name}, class '{config['class_word']}')"
+    lines = "".join(
+        f"<div class='row'><span>{name}</span>{''.join(thumbnail(p) for p in files)}</div>"
+        for name, files in rows
+        if files
+    )
+    return f"<h3>{html.escape(title)}</h3>{lines}"

@@ -1,0 +1,243 @@
+"""The benchmark runner on a mini CustomConcept101-format dataset: results, resume, 2 processes, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from persres.benchmark import BenchmarkConfig, run_benchmark
+from persres.categories import auto_sampler, prompt_category
+from persres.cc101 import load_dataset
+from persres.config import TrainConfig
+from persres.errors import InputError
+from persres.report import write_report
+from persres.sampling import SampleSettings
+from persres.tiny import save_tiny_clip, save_tiny_dino
+
+CONCEPTS = {"pet_dog": "dog", "toy_cup": "cup"}
+
+
+@pytest.fixture(scope="module")
+def scorer_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("scorers")
+    return str(save_tiny_clip(root / "clip")), str(save_tiny_dino(root / "dino"))
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "cc101"
+    entries = []
+    rng = np.random.default_rng(0)
+    for name, class_word in CONCEPTS.items():
+        folder = root / "benchmark_dataset" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (root / "prompts").mkdir(exist_ok=True)
+        (root / "prompts" / f"{class_word}.txt").write_text("a photo of {}\n{} on the beach\n")
+        entries.append(
+            {
+                "instance_prompt": f"photo of a <new1> {class_word}",
+                "class_prompt": class_word,
+                "instance_data_dir": f"./benchmark_dataset/{name}",
+                "class_data_dir": "./unused",
+                "prompt_filename": f"prompts/{class_word}.txt",
+            }
+        )
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root
+
+
+def mini_config(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> BenchmarkConfig:
+    return BenchmarkConfig(
+        dataset=str(dataset),
+        base=str(base),
+        out=str(out),
+        images_per_prompt=1,
+        samplers=("normal", "lag", "auto"),
+        train=TrainConfig(
+            base=str(base),
+            images="-",
+            class_word="-",
+            steps=2,
+            batch_size=1,
+            resolution=16,
+            checkpoint_every=1,
+        ),
+        sample=SampleSettings(steps=2, height=16, width=16),
+        clip=scorers[0],
+        dino=scorers[1],
+    )
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_dataset_entries_and_prompts(dataset: Path) -> None:
+    entries = load_dataset(dataset)
+    assert [(e.name, e.category, e.class_word) for e in entries] == [
+        ("pet_dog", "pet", "dog"),
+        ("toy_cup", "toy", "cup"),
+    ]
+    assert entries[0].prompts == ("a photo of V* dog", "V* dog on the beach")
+
+
+@pytest.mark.parametrize("hostile", ["../outside", "/etc", "benchmark_dataset/../../x", "~/photos"])
+def test_paths_leaving_the_dataset_are_refused(dataset: Path, hostile: str) -> None:
+    entries = json.loads((dataset / "dataset.json").read_text())
+    entries[1]["instance_data_dir"] = hostile
+    (dataset / "dataset.json").write_text(json.dumps(entries))
+    with pytest.raises(InputError, match="refused|absolute"):
+        load_dataset(dataset)
+
+
+def test_prompt_categories() -> None:
+    examples = {
+        "a photo of a V* dog": "identity",
+        "V* dog": "identity",
+        "V* dog on the beach": "change_background",
+        "V* barn with the Eiffel Tower in the background": "add_object",
+        "a red V* car": "change_attribute",
+        "V* teddybear made of glass": "change_attribute",
+        "Georgia O'Keeffe style V* barn painting.": "artistic_style",
+        "a watercolor of V* dog": "artistic_style",
+        "a chair in the style of V* sofa": "object_in_style",
+        "a V* dog wearing a hat": "add_object",
+    }
+    assert {p: prompt_category(p) for p in examples} == examples
+    assert auto_sampler("V* dog on the beach") == "lag" and auto_sampler("a red V* car") == "normal"
+
+
+def test_benchmark_resume_and_report(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "bench"
+    config = mini_config(dataset, conv_base, out, scorer_models)
+    import persres.benchmark as bench
+
+    real_score = bench.score_samples
+    calls: list[str] = []
+
+    def crash_on_second(samples_dir: Path, entry, scorers):  # type: ignore[no-untyped-def]
+        calls.append(entry.name)
+        if entry.name == "toy_cup":
+            raise RuntimeError("simulated crash")
+        return real_score(samples_dir, entry, scorers)
+
+    monkeypatch.setattr(bench, "score_samples", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_benchmark(config, device="cpu", progress=False)
+    assert (out / "runs" / "pet_dog" / "rank-0.05" / "result.json").is_file()
+    assert not (out / "runs" / "toy_cup" / "rank-0.05" / "result.json").exists()
+
+    monkeypatch.setattr(bench, "score_samples", real_score)
+    trained: list[str] = []
+    real_train = bench.train
+    monkeypatch.setattr(
+        bench, "train", lambda cfg, *a, **k: trained.append(Path(cfg.images).name) or real_train(cfg, *a, **k)
+    )
+    run_benchmark(config, device="cpu", progress=False)
+    assert trained == ["toy_cup"]  # the finished concept was skipped
+    rows = read_rows(out)
+    assert len(rows) == 6 and len({(r["concept"], r["sampler"]) for r in rows}) == 6
+    assert {r["concept"] for r in rows} == set(CONCEPTS)
+    for row in rows:
+        assert (
+            0 <= float(row["clip_t"]) <= 2.5 and -1 <= float(row["clip_i"]) <= 1 and row["num_images"] == "2"
+        )
+        assert float(row["train_seconds"]) > 0 and row["category"] in ("pet", "toy")
+    auto = {r["concept"]: r for r in rows if r["sampler"] == "auto"}
+    lag = {r["concept"]: r for r in rows if r["sampler"] == "lag"}
+    normal = {r["concept"]: r for r in rows if r["sampler"] == "normal"}
+    for concept in CONCEPTS:  # both prompts (identity, change background) are LAG prompts: auto == lag
+        assert [auto[concept][m] for m in ("clip_t", "clip_i", "dino_i")] == [
+            lag[concept][m] for m in ("clip_t", "clip_i", "dino_i")
+        ]
+    assert normal.keys() == lag.keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["concepts"] == sorted(CONCEPTS)
+    assert set(summary["per_category"]) == {"pet", "toy"}
+    assert set(summary["per_prompt_category"]) == {"identity", "change_background"}
+
+    rerun_rows = read_rows(out)
+    run_benchmark(config, device="cpu", progress=False)  # nothing left to do: the same rows
+    assert read_rows(out) == rerun_rows
+
+    report = write_report(out)
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") >= 2 + 2 * 3  # two figures, three thumbnail rows per concept
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert "pet_dog" in page and "<table>" in page
+    with pytest.raises(Exception, match="already exists"):
+        write_report(out)
+
+
+def test_two_processes_split_the_concepts(
+    dataset: Path, conv_base: Path, tmp_path: Path, scorer_models: tuple[str, str]
+) -> None:
+    out = tmp_path / "bench2"
+    argv = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # accelerate's torchrun launcher: gloo CPU processes when there is no GPU
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "persres",
+        "benchmark",
+        "--dataset",
+        str(dataset),
+        "--base",
+        str(conv_base),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "16",
+        "--images-per-prompt",
+        "1",
+        "--sample-steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--clip",
+        scorer_models[0],
+        "--dino",
+        scorer_models[1],
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 6 and {r["concept"] for r in rows} == set(CONCEPTS)
+    assert len({(r["concept"], r["sampler"]) for r in rows}) == 6
+    processes = {json.loads(p.read_text())["process_index"] for p in out.glob("runs/*/*/result.json")}
+    assert processes == {0, 1}
