@@ -10,7 +10,7 @@ OUT=demo-output
 PERSRES=".venv/bin/persres"
 
 echo "== persres demo on a tiny random model: the images it writes are noise, by design =="
-rm -rf "$OUT/run" "$OUT/samples" "$OUT/merged"  # the demo's own scratch folders only
+rm -rf "$OUT/run" "$OUT/samples" "$OUT/merged" "$OUT/benchmark"  # the demo's own scratch folders only
 "$PY" scripts/demo_setup.py "$OUT"
 
 echo "== train (30 steps, CPU) =="
@@ -28,4 +28,13 @@ echo "== info =="
 echo "== merge =="
 "$PERSRES" merge --base "$OUT/tiny-base" --residuals "$OUT/run/residuals.safetensors" --out "$OUT/merged"
 
-echo "Done. Outputs in $OUT/ (residuals, checkpoints, noise images with JSON sidecars, merged pipeline)."
+echo "== benchmark (CustomConcept101 format, 6 prompt kinds, normal/LAG/auto) and report =="
+echo "   (the scorers are random tiny CLIP/DINO models here: the numbers test the pipeline, not quality)"
+"$PERSRES" benchmark --dataset "$OUT/cc101" --base "$OUT/tiny-base" --out "$OUT/benchmark" \
+    --steps 20 --batch-size 2 --resolution 32 --images-per-prompt 2 --sample-steps 10 --height 32 --width 32 \
+    --clip "$OUT/tiny-clip" --dino "$OUT/tiny-dino" --device cpu
+"$PERSRES" report "$OUT/benchmark"
+
+echo "Done. Outputs in $OUT/: run/ (residuals, checkpoints), samples/ (noise images with JSON sidecars,"
+echo "normal|LAG grids, mask strips), merged/ (a plain diffusers pipeline), benchmark/ (results.csv,"
+echo "summary.json, report.html)."

@@ -63,6 +63,7 @@ def mini_config(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) 
         out=str(out),
         images_per_prompt=1,
         samplers=("normal", "lag", "auto"),
+        ranks=(0.05, 2),
         train=TrainConfig(
             base=str(base),
             images="-",
@@ -151,18 +152,19 @@ def test_benchmark_resume_and_report(
         bench, "train", lambda cfg, *a, **k: trained.append(Path(cfg.images).name) or real_train(cfg, *a, **k)
     )
     run_benchmark(config, device="cpu", progress=False)
-    assert trained == ["toy_cup"]  # the finished concept was skipped
+    assert trained == ["toy_cup", "toy_cup"]  # the finished concept (both ranks) was skipped
     rows = read_rows(out)
-    assert len(rows) == 6 and len({(r["concept"], r["sampler"]) for r in rows}) == 6
+    assert len(rows) == 12 and len({(r["concept"], r["rank"], r["sampler"]) for r in rows}) == 12
+    assert {r["rank"] for r in rows} == {"0.05", "2"}
     assert {r["concept"] for r in rows} == set(CONCEPTS)
     for row in rows:
         assert (
             0 <= float(row["clip_t"]) <= 2.5 and -1 <= float(row["clip_i"]) <= 1 and row["num_images"] == "2"
         )
         assert float(row["train_seconds"]) > 0 and row["category"] in ("pet", "toy")
-    auto = {r["concept"]: r for r in rows if r["sampler"] == "auto"}
-    lag = {r["concept"]: r for r in rows if r["sampler"] == "lag"}
-    normal = {r["concept"]: r for r in rows if r["sampler"] == "normal"}
+    auto = {r["concept"]: r for r in rows if r["sampler"] == "auto" and r["rank"] == "2"}
+    lag = {r["concept"]: r for r in rows if r["sampler"] == "lag" and r["rank"] == "2"}
+    normal = {r["concept"]: r for r in rows if r["sampler"] == "normal" and r["rank"] == "2"}
     for concept in CONCEPTS:  # both prompts (identity, change background) are LAG prompts: auto == lag
         assert [auto[concept][m] for m in ("clip_t", "clip_i", "dino_i")] == [
             lag[concept][m] for m in ("clip_t", "clip_i", "dino_i")
@@ -172,6 +174,9 @@ def test_benchmark_resume_and_report(
     assert summary["concepts"] == sorted(CONCEPTS)
     assert set(summary["per_category"]) == {"pet", "toy"}
     assert set(summary["per_prompt_category"]) == {"identity", "change_background"}
+    assert sorted(summary["overall"]) == sorted(
+        f"rank={r} sampler={s}" for r in ("0.05", "2") for s in ("auto", "lag", "normal")
+    )
 
     rerun_rows = read_rows(out)
     run_benchmark(config, device="cpu", progress=False)  # nothing left to do: the same rows

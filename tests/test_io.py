@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,13 @@ def test_save_never_overwrites_silently_and_leaves_no_temp_files(tmp_path: Path)
     save_residuals(unet, path, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_loading_into_a_pipeline_from_pretrained(conv_base: Path, tmp_path: Path) -> None:
