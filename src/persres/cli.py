@@ -36,7 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(commands)
     add_benchmark(commands)
     add_report(commands)
+    add_suggest(commands)
     return parser
+
+
+def add_suggest(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "suggest-class",
+        help="rank WordNet nouns as macro class for a folder of photos (CLIP)",
+        description="Mean CLIP image embedding of the photos vs 'a photo of a {noun}.' for 117,798 WordNet "
+        "nouns (embeddings cached per CLIP model). nearest = the paper's rule; balanced = the most general "
+        "noun within --margin of the best cosine.",
+    )
+    p.add_argument("--images", required=True, help="folder of the concept's photos")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
+    p.add_argument("--top", type=int, default=10, help="how many to list (default 10)")
+    p.add_argument(
+        "--strategy", choices=["nearest", "balanced"], default="nearest", help="which noun comes first"
+    )
+    p.add_argument("--margin", type=float, default=0.01, help="balanced: cosine margin (default 0.01)")
+    p.add_argument("--nouns", help="own noun list (one per line) instead of WordNet")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {noun, score, ...}")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(handler=run_suggest_class)
+    p = commands.add_parser(
+        "suggest-token",
+        help="propose rare single-token identifiers that are not real words",
+        description="The rarest whole-word tokens of the base model's tokenizer with 3-4 letters that are "
+        "not WordNet nouns, each checked to be one token.",
+    )
+    p.add_argument("--base", required=True, help="base model (its tokenizer is used): folder or hub id")
+    p.add_argument("--top", type=int, default=10, help="how many (default 10)")
+    p.set_defaults(handler=run_suggest_token)
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -48,7 +79,20 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x/2.x folder or hub id")
     p.add_argument("--images", required=True, help="folder of 1-50 photos of the concept (jpg/png/webp)")
-    p.add_argument("--class-word", required=True, help="the macro class, e.g. dog, teapot, sofa")
+    p.add_argument(
+        "--class-word",
+        required=True,
+        help="the macro class, e.g. dog, teapot, sofa; 'auto' picks a WordNet noun with CLIP",
+    )
+    p.add_argument(
+        "--class-strategy",
+        choices=["nearest", "balanced"],
+        default="nearest",
+        help="with --class-word auto: nearest noun (paper) or balanced (more general; default nearest)",
+    )
+    p.add_argument(
+        "--clip", default="openai/clip-vit-base-patch32", help="with --class-word auto: CLIP model"
+    )
     p.add_argument(
         "--out", required=True, help="output folder for residuals.safetensors, config.json, checkpoints"
     )
@@ -279,10 +323,15 @@ def run_report(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from persres.train import train
 
+    class_word, reason = args.class_word, ""
+    if class_word == "auto":
+        class_word, reason = auto_class_word(args.images, args.clip, args.class_strategy, args.device)
+        print(f"class word: {class_word} ({reason})")
     config = TrainConfig(
         base=args.base,
         images=args.images,
-        class_word=args.class_word,
+        class_word=class_word,
+        class_reason=reason,
         token=args.token,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -301,6 +350,64 @@ def run_train(args: argparse.Namespace) -> int:
         f"(final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 5)})"
     )
     print(f"residuals: {result.residuals}")
+    return 0
+
+
+def auto_class_word(images: str, clip: str, strategy: str, device: str) -> tuple[str, str]:
+    from persres.evaluate import Scorers
+    from persres.macro import suggest_classes
+
+    suggestions = suggest_classes(Scorers.load(clip, None, device), images, 5, strategy)  # type: ignore[arg-type]
+    runners_up = ", ".join(f"{s.noun} {s.score:.3f}" for s in suggestions[1:])
+    reason = (
+        f"--class-word auto: WordNet noun chosen by {strategy} with {clip}, cosine "
+        f"{suggestions[0].score:.3f}; next: {runners_up}"
+    )
+    return suggestions[0].noun, reason
+
+
+def run_suggest_class(args: argparse.Namespace) -> int:
+    from persres.evaluate import Scorers
+    from persres.macro import load_nouns, suggest_classes
+
+    nouns = load_nouns(args.nouns) if args.nouns else None
+    scorers = Scorers.load(args.clip, None, args.device)
+    found = suggest_classes(scorers, args.images, args.top, args.strategy, args.margin, nouns)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "noun": s.noun,
+                        "score": round(s.score, 6),
+                        "wordnet_depth": s.depth,
+                        "semcor_count": s.tagged,
+                    }
+                    for s in found
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for s in found:
+            print(f"{s.score:.4f}  {s.noun}")
+    return 0
+
+
+def run_suggest_token(args: argparse.Namespace) -> int:
+    from transformers import CLIPTokenizer
+
+    from persres.macro import real_words
+    from persres.tokens import suggest_tokens
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(args.base, subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise PersresError(
+            f"cannot load the tokenizer of --base {args.base}: {str(exc).splitlines()[0]}"
+        ) from None
+    for word in suggest_tokens(tokenizer, real_words(), args.top):
+        print(word)
     return 0
 
 

@@ -92,6 +92,7 @@ class TrainConfig:
     min_crop: float = 0.85  # mild crop: a random square covering at least this share of the side
     adam_weight_decay: float = 1e-2
     validation_prompts: tuple[str, ...] = ()
+    class_reason: str = ""  # how the class word was chosen, e.g. by --class-word auto
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -139,6 +140,6 @@ class TrainConfig:
     def resumable_with(self, other: TrainConfig) -> list[str]:
         """Settings that differ from ``other`` and would change the result of a resumed run.
         ``steps`` and ``checkpoint_every`` may change: a run can be extended."""
-        free = {"steps", "checkpoint_every", "validation_prompts"}
+        free = {"steps", "checkpoint_every", "validation_prompts", "class_reason"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])

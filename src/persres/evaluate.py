@@ -72,27 +72,29 @@ class Scorers:
     clip_text: CLIPTextModelWithProjection
     clip_vision: CLIPVisionModelWithProjection
     tokenizer: CLIPTokenizer
-    dino: ViTModel
+    dino: ViTModel | None  # None when only CLIP is needed (macro-class suggestions)
     device: torch.device
     names: tuple[str, str] = (DEFAULT_CLIP, DEFAULT_DINO)
     batch_size: int = 16
 
     @classmethod
-    def load(cls, clip: str = DEFAULT_CLIP, dino: str = DEFAULT_DINO, device: str = "auto") -> Scorers:
+    def load(cls, clip: str = DEFAULT_CLIP, dino: str | None = DEFAULT_DINO, device: str = "auto") -> Scorers:
         target = resolve_device(device)
         try:
             text = CLIPTextModelWithProjection.from_pretrained(clip)
             vision = CLIPVisionModelWithProjection.from_pretrained(clip)
             tokenizer = CLIPTokenizer.from_pretrained(clip)
-            dino_model = ViTModel.from_pretrained(dino, add_pooling_layer=False)
+            dino_model = ViTModel.from_pretrained(dino, add_pooling_layer=False) if dino else None
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
                 f"cannot load the scoring models (--clip {clip}, --dino {dino}): {first}. Pass local "
                 "folders or make sure the hub ids are cached (HF_HUB_OFFLINE=1 forbids downloads)"
             ) from None
-        models = [m.to(target).eval().requires_grad_(False) for m in (text, vision, dino_model)]
-        return cls(models[0], models[1], tokenizer, models[2], target, (clip, dino))
+        text, vision = (m.to(target).eval().requires_grad_(False) for m in (text, vision))
+        if dino_model is not None:
+            dino_model = dino_model.to(target).eval().requires_grad_(False)
+        return cls(text, vision, tokenizer, dino_model, target, (clip, dino or ""))
 
     @torch.no_grad()
     def clip_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -121,6 +123,8 @@ class Scorers:
     @torch.no_grad()
     def dino_images(self, images: list[Image.Image]) -> torch.Tensor:
         """(N, D) unit-norm DINO CLS embeddings."""
+        if self.dino is None:
+            raise ConfigError("these scorers were loaded without a DINO model")
         out = []
         for start in range(0, len(images), self.batch_size):
             pixels = preprocess(

@@ -1,4 +1,10 @@
-"""The identifier token V*: located and checked by tokenizing, never by string position."""
+"""The identifier token V*: checked and proposed by tokenizing, never by string position.
+
+The paper's V* is "a rarely used existing token". CLIP's BPE vocabulary is ordered by merge rank, so
+late (high-id) whole-word tokens are the rarest. ``suggest_tokens`` proposes the rarest whole-word
+tokens of 3-4 letters that are not English words (WordNet lemmas or function words): users of peer
+tools complain that "sks" is a rifle, and a real word drags its meaning into the concept.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,57 @@ from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
+WORD_END = "</w>"
+
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, word: str) -> list[str]:
     return list(tokenizer.tokenize(word))
 
 
-def check_identifier(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
-    """Warn when the identifier is not a single token: the paper's V* is one rarely used token."""
+def check_identifier(
+    tokenizer: PreTrainedTokenizerBase, token: str, real_words: set[str] | None = None
+) -> None:
+    """Warn when the identifier is several tokens or a real word."""
     pieces = token_pieces(tokenizer, token)
     if len(pieces) != 1:
         log.warning(
-            "identifier %r is %d tokens (%s) for this tokenizer; a single rare token such as 'sks' "
-            "binds the concept more cleanly",
+            "identifier %r is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
+            "cleanly (see persres suggest-token)",
             token,
             len(pieces),
             " ".join(pieces),
         )
+    if real_words is not None and token.lower() in real_words:
+        log.warning(
+            "identifier %r is a common English word: its meaning will leak into the concept; "
+            "see persres suggest-token",
+            token,
+        )
+
+
+def suggest_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    real_words: set[str],
+    count: int = 10,
+    lengths: tuple[int, int] = (3, 4),
+) -> list[str]:
+    """The rarest whole-word tokens of ``lengths`` letters that are not real words, rarest first.
+
+    Each is checked to tokenize back to exactly one token.
+    """
+    vocab = tokenizer.get_vocab()
+    found: list[str] = []
+    for piece, _ in sorted(vocab.items(), key=lambda item: -item[1]):
+        if not piece.endswith(WORD_END):
+            continue
+        word = piece[: -len(WORD_END)]
+        if not (
+            word.isascii() and word.isalpha() and word.islower() and lengths[0] <= len(word) <= lengths[1]
+        ):
+            continue
+        if word in real_words or token_pieces(tokenizer, word) != [piece]:
+            continue
+        found.append(word)
+        if len(found) == count:
+            break
+    return found

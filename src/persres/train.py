@@ -33,6 +33,7 @@ from persres.data import ConceptImages
 from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
 from persres.files import write_json
 from persres.io import save_residuals
+from persres.macro import real_words
 from persres.outputs import write_samples
 from persres.pipeline import DTYPES, load_pipeline, resolve_device
 from persres.residuals import add_residuals, count_parameters, residual_parameters
@@ -82,7 +83,7 @@ def train(
     accelerator = make_accelerator(config, device)
     processes = Processes.of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
-    check_identifier(pipe.tokenizer, config.token)
+    check_identifier(pipe.tokenizer, config.token, real_words())
     if overwrite and processes.is_main:
         remove_run(out, previous)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +279,7 @@ def run_metadata(config: TrainConfig) -> dict[str, str]:
         "base_model": config.base,
         "token": config.token,
         "class_word": config.class_word,
+        "class_word_reason": config.class_reason or "given by the user",
         "rank_config": json.dumps(dataclasses.asdict(config.residual)),
         "train_config": config.to_json(),
         "step": str(config.steps),

@@ -1,0 +1,191 @@
+"""Choosing the macro class: WordNet nouns ranked by CLIP against the concept's photos.
+
+Paper (supplement, Table 4): the WordNet noun nearest (CLIP cosine) to the mean CLIP image embedding
+of the reference images, used as the class word, raises image alignment and lowers text alignment.
+``nearest`` is that rule. ``balanced`` is ours: among the nouns within ``margin`` of the best cosine
+(at most ``CANDIDATES`` of them), take the most general one - the smallest WordNet depth of its first
+sense, then the most frequent in SemCor, then the best cosine. Why: the nearest noun is often a very
+specific one ("beagle", "teapot" for a mug) which binds appearance but makes prompts less editable;
+a more general noun that is almost as close keeps more of the prompt's meaning. The benchmark's
+``--class-source`` compares dataset / nearest / balanced in the layout of Table 4.
+
+The noun table ships with persres (``assets/wordnet_nouns.tsv.gz``, 117,798 WordNet 3.0 noun lemmas,
+built by ``scripts/build_wordnet.py``; licence in ``assets/WORDNET_LICENSE.txt``). Text embeddings of the
+nouns are cached per CLIP model (keyed by a fingerprint of its text weights) as safetensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from persres.data import load_rgb
+from persres.errors import ConfigError, InputError
+from persres.evaluate import Scorers, image_files, unit
+from persres.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+Strategy = Literal["nearest", "balanced"]
+TEMPLATE = "a photo of a {}."
+CANDIDATES = 20
+DEFAULT_MARGIN = 0.01
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Noun:
+    lemma: str
+    depth: int  # hypernym steps from "entity" to the first sense; -1 when unknown
+    tagged: int  # SemCor sense-tagged count, a frequency proxy
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    noun: str
+    score: float
+    depth: int
+    tagged: int
+
+
+def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
+    """The shipped WordNet nouns, or a custom list (one noun per line, or the same TSV layout)."""
+    if path is None:
+        raw = resources.files("persres").joinpath("assets/wordnet_nouns.tsv.gz").read_bytes()
+        text = gzip.decompress(raw).decode("utf-8")
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise InputError(f"noun list {file} not found")
+        text = file.read_text(encoding="utf-8")
+    nouns = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if not fields[0].strip() or fields[0] == "lemma":
+            continue
+        depth = int(fields[1]) if len(fields) > 1 else -1
+        tagged = int(fields[2]) if len(fields) > 2 else 0
+        nouns.append(Noun(fields[0].strip(), depth, tagged))
+    if not nouns:
+        raise InputError(f"noun list {path} is empty")
+    return nouns
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but nor so yet for of in on at by to from with without into onto upon over under about "
+    "above below between among through during before after since until while as than then that this these "
+    "those there here where when why how what which who whom whose it its he she his her him they them their "
+    "we us our you your i me my mine is are was were be been being am do does did have has had will would "
+    "shall should can could may might must not no yes all any each every some few more most other such own "
+    "same very too also just only".split()
+)
+
+
+def real_words() -> set[str]:
+    """Lower-case English words with a meaning of their own: WordNet's one-word lemmas (nouns, verbs,
+    adjectives, adverbs) and function words."""
+    nouns = {n.lemma.lower() for n in load_nouns() if " " not in n.lemma}
+    raw = resources.files("persres").joinpath("assets/wordnet_other_words.txt.gz").read_bytes()
+    others = set(gzip.decompress(raw).decode("utf-8").split())
+    return nouns | others | FUNCTION_WORDS
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("PERSRES_CACHE", Path.home() / ".cache" / "persres"))
+
+
+def model_fingerprint(scorers: Scorers) -> str:
+    """Identifies the CLIP text tower by its weights (a renamed copy hits the same cache)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(scorers.clip_text.state_dict().items()):
+        if name.endswith(("token_embedding.weight", "text_projection.weight", "final_layer_norm.weight")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def noun_embeddings(
+    scorers: Scorers,
+    nouns: list[str],
+    template: str = TEMPLATE,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, D) unit-norm text embeddings of ``template`` filled with each noun; cached on disk."""
+    key = hashlib.sha256("\n".join([model_fingerprint(scorers), template, *nouns]).encode()).hexdigest()[:24]
+    path = (cache or cache_folder()) / "nouns" / f"{key}.safetensors"
+    if path.is_file():
+        log.info("noun embeddings from cache %s", path)
+        return load_file(str(path))["embeddings"]
+    chunks = []
+    for start in tqdm(
+        range(0, len(nouns), BATCH), desc="embedding nouns (cached after this)", disable=not progress
+    ):
+        chunks.append(scorers.clip_texts([template.format(n) for n in nouns[start : start + BATCH]]).cpu())
+    embeddings = torch.cat(chunks)
+    with atomic_path(path) as tmp:
+        save_file(
+            {"embeddings": embeddings.contiguous()},
+            str(tmp),
+            metadata={"clip": scorers.names[0], "template": template, "count": str(len(nouns))},
+        )
+    return embeddings
+
+
+def image_embedding(scorers: Scorers, folder: str | os.PathLike[str]) -> torch.Tensor:
+    """(D,) unit-norm mean of the unit-norm CLIP embeddings of the folder's images."""
+    images = [load_rgb(p) for p in image_files(folder, "concept image")]
+    return unit(scorers.clip_images(images).mean(dim=0)).cpu()
+
+
+def rank_nouns(
+    image: torch.Tensor, embeddings: torch.Tensor, nouns: list[Noun], top: int
+) -> list[Suggestion]:
+    """The ``top`` nouns by cosine with the image embedding, best first."""
+    scores = embeddings @ image  # (N,)
+    best = torch.topk(scores, min(top, len(nouns)))
+    return [
+        Suggestion(nouns[i].lemma, float(s), nouns[i].depth, nouns[i].tagged)
+        for s, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+    ]
+
+
+def choose(ranked: list[Suggestion], strategy: Strategy, margin: float = DEFAULT_MARGIN) -> Suggestion:
+    """``nearest``: the best cosine. ``balanced``: the most general noun within ``margin`` of it."""
+    if strategy == "nearest":
+        return ranked[0]
+    if strategy != "balanced":
+        raise ConfigError(f"--strategy {strategy!r} is not nearest or balanced")
+    close = [s for s in ranked[:CANDIDATES] if s.score >= ranked[0].score - margin]
+    known = [s for s in close if s.depth >= 0] or close
+    return min(known, key=lambda s: (s.depth, -s.tagged, -s.score))
+
+
+def suggest_classes(
+    scorers: Scorers,
+    images: str | os.PathLike[str],
+    top: int = 10,
+    strategy: Strategy = "nearest",
+    margin: float = DEFAULT_MARGIN,
+    nouns: list[Noun] | None = None,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> list[Suggestion]:
+    """Ranked suggestions; the strategy's choice comes first, then the rest by cosine."""
+    if top < 1:
+        raise ConfigError(f"--top must be >= 1, got {top}")
+    nouns = nouns or load_nouns()
+    embeddings = noun_embeddings(scorers, [n.lemma for n in nouns], cache=cache, progress=progress)
+    ranked = rank_nouns(image_embedding(scorers, images), embeddings, nouns, max(top, CANDIDATES))
+    chosen = choose(ranked, strategy, margin)
+    return ([chosen] + [s for s in ranked if s != chosen])[:top]
