@@ -100,8 +100,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(conv_base: Path, photos: P
 
 def test_resume_with_other_settings_is_refused(conv_base: Path, photos: Path, tmp_path: Path) -> None:
     train(tiny_config(conv_base, photos, steps=2), tmp_path / "run", progress=False)
-    with pytest.raises(ConfigError, match=r"settings differ .*\['lr'\]"):
-        train(tiny_config(conv_base, photos, steps=4, lr=5e-3), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"settings differ .*\['batch_size'\]"):
+        train(
+            tiny_config(conv_base, photos, steps=4, batch_size=1),
+            tmp_path / "run",
+            resume=True,
+            progress=False,
+        )
     longer = train(tiny_config(conv_base, photos, steps=4), tmp_path / "run", resume=True, progress=False)
     assert read_residual_file(longer.residuals).metadata["step"] == "4"
 

@@ -90,6 +90,7 @@ def save_checkpoint(
     process_index: int = 0,
     is_main: bool = True,
     barrier: Callable[[], None] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder for ``step``; keeps the newest KEEP_LAST."""
     wait = barrier or (lambda: None)
@@ -101,7 +102,8 @@ def save_checkpoint(
     wait()
     save_file({"state": generator.get_state()}, str(staging / f"rng-{process_index}.safetensors"))
     if is_main:
-        save_residuals(unet, staging / "residuals.safetensors", step=str(step))
+        tags: dict[str, str] = {**(metadata or {}), "step": str(step)}
+        save_residuals(unet, staging / "residuals.safetensors", overwrite=False, **tags)
         save_file(optimizer_tensors(optimizer, names), str(staging / "optimizer.safetensors"))
         write_json(staging / "state.json", {"step": step, "config": config.to_dict()})
     wait()

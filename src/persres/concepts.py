@@ -85,13 +85,13 @@ def _refuse_shared_tokens(concepts: list[Concept]) -> None:
         seen[concept.token] = concept.source
 
 
-def plan_prompts(prompts: list[str], concepts: list[Concept]) -> list[PromptPlan]:
+def plan_prompts(prompts: list[str], concepts: list[Concept], allow_empty: bool = False) -> list[PromptPlan]:
     """Resolve placeholders; refuse a placeholder without a file and a file without a placeholder."""
-    if not prompts:
+    if not prompts and not allow_empty:
         raise ConfigError("no prompt given; pass at least one --prompt")
     plans = [_plan(prompt, concepts) for prompt in prompts]
     for g, concept in enumerate(concepts):
-        if len(concepts) > 1 and not any(plan.present[g] for plan in plans):
+        if len(concepts) > 1 and plans and not any(plan.present[g] for plan in plans):
             raise ConfigError(
                 f"residual file {concept.source} (V{g + 1}*) is not used by any prompt; add V{g + 1}* to a "
                 "prompt or drop the file"
@@ -115,8 +115,8 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
             index = int(number) - 1
             if not 0 <= index < len(concepts):
                 raise ConfigError(
-                    f"prompt {prompt!r} uses {match.group(0)} but only {len(concepts)} residual file(s) "
-                    "are given; add the file with another --residuals or fix the placeholder"
+                    f"prompt {prompt!r} uses {match.group(0)} but only {len(concepts)} concept(s) are "
+                    "loaded (residual files, in the order given); fix the placeholder or add the file"
                 )
         present[index] = True
         return concepts[index].token
@@ -125,44 +125,66 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
     return PromptPlan(prompt, expanded, tuple(present))
 
 
-def word_positions(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: str) -> list[int]:
-    """Every position in ``prompt_ids`` covered by an occurrence of all of ``word``'s sub-tokens."""
+def word_spans(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: str) -> list[range]:
+    """Every occurrence in ``prompt_ids`` of all of ``word``'s sub-tokens, as position ranges."""
     pieces = tokenizer(word, add_special_tokens=False).input_ids
-    if not pieces:
-        return []
     width = len(pieces)
-    positions: list[int] = []
-    for start in range(len(prompt_ids) - width + 1):
-        if prompt_ids[start : start + width] == pieces:
-            positions.extend(range(start, start + width))
-    return positions
+    if not width:
+        return []
+    return [
+        range(start, start + width)
+        for start in range(len(prompt_ids) - width + 1)
+        if prompt_ids[start : start + width] == pieces
+    ]
+
+
+def word_positions(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: str) -> list[int]:
+    """Every position covered by an occurrence of ``word``."""
+    return [p for span in word_spans(tokenizer, prompt_ids, word) for p in span]
+
+
+def own_class_word(identifier: range, class_spans: list[range]) -> range:
+    """The class word that belongs to an identifier: the first occurrence after it ("a V* dog"),
+    else the nearest before it ("a dog called V*"). Two concepts of one class ("a V1* dog and a V2*
+    dog") thus each get their own "dog" and do not bleed into each other's mask."""
+    after = [span for span in class_spans if span.start >= identifier.stop]
+    return after[0] if after else max(class_spans, key=lambda span: span.start)
 
 
 def concept_columns(
     tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], require: bool
 ) -> torch.Tensor:
-    """(groups, T) 0/1: the identifier's and class word's columns of each concept in the prompt.
+    """(groups, T) 0/1: each concept's identifier and its own class word in the tokenized prompt.
 
     A concept the prompt does not mention gets no column (its mask is then empty). With ``require``
-    (localized sampling), a mentioned concept whose token or class word is missing is an error.
+    (localized sampling), the prompt must mention a concept, and every mentioned concept needs its
+    identifier and class word.
     """
     ids = tokenizer(
         plan.expanded, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
     ).input_ids
+    if require and not any(plan.present):
+        names = "V*" if len(concepts) == 1 else ", ".join(f"V{g + 1}*" for g in range(len(concepts)))
+        raise ConfigError(
+            f"prompt {plan.prompt!r} has no {names}: localized sampling needs the concept's identifier"
+        )
     columns = torch.zeros(len(concepts), len(ids))
     for g, concept in enumerate(concepts):
-        if len(concepts) == 1 and require and not plan.present[g]:
-            raise ConfigError(
-                f"prompt {plan.prompt!r} has no V*: localized sampling needs the concept's identifier"
-            )
         if not plan.present[g]:
             continue
-        for word, what in ((concept.token, "identifier"), (concept.class_word, "class word")):
-            positions = word_positions(tokenizer, ids, word)
-            if not positions and require:
+        identifiers = word_spans(tokenizer, ids, concept.token)
+        classes = word_spans(tokenizer, ids, concept.class_word)
+        for spans, word, what in (
+            (identifiers, concept.token, "identifier"),
+            (classes, concept.class_word, "class word"),
+        ):
+            if not spans and require:
                 raise ConfigError(
-                    f"prompt {plan.prompt!r} has no {what} {word!r} (concept {g + 1}); localized sampling "
-                    f"needs both the identifier and the class word, e.g. 'a V* {concept.class_word}'"
+                    f"prompt {plan.prompt!r} has no {what} {word!r} (concept {g + 1}) within the tokenizer's "
+                    f"{len(ids)} tokens; localized sampling needs both, e.g. 'a V* {concept.class_word}'"
                 )
-            columns[g, positions] = 1.0
+        for identifier in identifiers:
+            columns[g, list(identifier)] = 1.0
+            if classes:
+                columns[g, list(own_class_word(identifier, classes))] = 1.0
     return columns

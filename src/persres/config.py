@@ -98,8 +98,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 1:  # also refuses NaN and infinity
+            raise ConfigError(f"lr must be in (0, 1], got {self.lr}; the paper uses 1e-3")
         if self.resolution % 8:
             raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 (e.g. 512)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -139,7 +139,8 @@ class TrainConfig:
 
     def resumable_with(self, other: TrainConfig) -> list[str]:
         """Settings that differ from ``other`` and would change the result of a resumed run.
-        ``steps`` and ``checkpoint_every`` may change: a run can be extended."""
-        free = {"steps", "checkpoint_every", "validation_prompts", "class_reason"}
+        ``steps`` and ``checkpoint_every`` may change (a run can be extended), and ``lr`` (a diverged run
+        can continue more gently from its last good checkpoint)."""
+        free = {"steps", "checkpoint_every", "validation_prompts", "class_reason", "lr"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from persres import __version__
 from persres.checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
-from persres.concepts import Concept
+from persres.concepts import Concept, plan_prompts
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
@@ -79,17 +79,20 @@ def train(
     """
     out = Path(out)
     previous = check_output(out, resume, overwrite)
+    plan_prompts(
+        list(config.validation_prompts), [Concept(config.token, config.class_word)], allow_empty=True
+    )
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
     accelerator = make_accelerator(config, device)
     processes = Processes.of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
     check_identifier(pipe.tokenizer, config.token, real_words())
+    residuals = add_residuals(  # checks the ranks against the model before anything is written
+        pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
+    )
     if overwrite and processes.is_main:
         remove_run(out, previous)
     out.mkdir(parents=True, exist_ok=True)
-    residuals = add_residuals(
-        pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
-    )
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     named = residual_parameters(pipe.unet)
@@ -121,6 +124,8 @@ def train(
         accelerator.backward(loss_tensor)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in named.values()):
+            raise diverged(out, step + 1, loss, what="the residual factors")
         bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
@@ -135,6 +140,7 @@ def train(
                 processes.index,
                 processes.is_main,
                 processes.barrier,
+                run_metadata(config, done),
             )
         if callback is not None:
             callback(done, loss)
@@ -251,6 +257,7 @@ def restore_or_start(
     checkpoints = list_checkpoints(out) if resume else []
     if not checkpoints:
         if resume:
+            check_same_settings(out / CONFIG_FILE, config)
             log.warning("--resume: no checkpoint in %s, starting from step 0", out)
         return 0
     latest = checkpoints[-1]
@@ -261,7 +268,21 @@ def restore_or_start(
     return step
 
 
-def diverged(out: Path, step: int, loss: float) -> TrainingDivergedError:
+def check_same_settings(config_file: Path, config: TrainConfig) -> None:
+    """Resuming a run that left no checkpoint restarts it: only with the settings it was started with."""
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    saved.pop("persres_version", None)
+    changed = config.resumable_with(TrainConfig.from_dict(saved))
+    if changed:
+        raise ConfigError(
+            f"--resume: {config_file.parent} has no checkpoint and was started with other settings "
+            f"{changed}; resume with the same settings, or start again with --overwrite"
+        )
+
+
+def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:
     checkpoints = list_checkpoints(out)
     kept = (
         f"the last good checkpoint is kept at {checkpoints[-1].folder} (step {checkpoints[-1].step})"
@@ -269,12 +290,13 @@ def diverged(out: Path, step: int, loss: float) -> TrainingDivergedError:
         else "no checkpoint had been written yet (use a smaller --checkpoint-every)"
     )
     return TrainingDivergedError(
-        f"loss became {loss} at step {step}; training stopped and {kept}. "
+        f"{what + ' became non-finite' if what else f'loss became {loss}'} at step {step}; "
+        f"training stopped and {kept}. "
         "Lower --lr, or use --mixed-precision bf16 or no instead of fp16"
     )
 
 
-def run_metadata(config: TrainConfig) -> dict[str, str]:
+def run_metadata(config: TrainConfig, step: int | None = None) -> dict[str, str]:
     return {
         "base_model": config.base,
         "token": config.token,
@@ -282,6 +304,6 @@ def run_metadata(config: TrainConfig) -> dict[str, str]:
         "class_word_reason": config.class_reason or "given by the user",
         "rank_config": json.dumps(dataclasses.asdict(config.residual)),
         "train_config": config.to_json(),
-        "step": str(config.steps),
+        "step": str(config.steps if step is None else step),
         "persres_version": __version__,
     }
