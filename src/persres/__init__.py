@@ -25,7 +25,6 @@ _EXPORTS = {
     "merge_residuals": "persres.residuals",
     "remove_residuals": "persres.residuals",
     "residuals_disabled": "persres.residuals",
-    "set_residuals_enabled": "persres.residuals",
     "unmerge_residuals": "persres.residuals",
     "load_residuals": "persres.io",
     "read_residual_file": "persres.io",
@@ -54,7 +53,6 @@ if TYPE_CHECKING:
         merge_residuals,
         remove_residuals,
         residuals_disabled,
-        set_residuals_enabled,
         unmerge_residuals,
     )
     from persres.sampling import SampleSettings, sample

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from persres.config import ResidualConfig
 from persres.errors import ConfigError
-from persres.io import check_fits, read_residual_file
+from persres.io import check_architecture, check_fits, read_residual_file
 from persres.residuals import add_residuals, find_proj_outs, find_residuals
 
 PLACEHOLDER = re.compile(r"V(\d*)\*")
@@ -56,6 +56,7 @@ def load_concepts(unet: nn.Module, paths: list[str | os.PathLike[str]]) -> list[
     concepts = []
     for loaded in files:
         check_fits(loaded, proj_outs)
+        check_architecture(loaded, unet)
         token, class_word = loaded.metadata.get("token"), loaded.metadata.get("class_word")
         if not token or not class_word:
             raise ConfigError(

@@ -48,7 +48,8 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        for inner in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700, and some writers 0600 files
+            os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~current_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():

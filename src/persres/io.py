@@ -63,7 +63,11 @@ def save_residuals(
     tensors = {
         key: p.detach().to(device="cpu", dtype=torch.float32).contiguous() for key, p in params.items()
     }
-    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "architecture": architecture(unet),
+    }
     for key, value in metadata.items():
         header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     path = Path(path)
@@ -72,9 +76,22 @@ def save_residuals(
     return path
 
 
+def architecture(unet: nn.Module) -> str:
+    """What a residual file needs of its base beyond layer shapes: proj_out kind and text width.
+
+    SD 1.x and SD 2.x U-Nets have the same proj_out paths and widths; this tells them apart.
+    """
+    kinds = {"linear" if isinstance(p, nn.Linear) else "conv" for p in find_proj_outs(unet).values()}
+    config = getattr(unet, "config", None)
+    cross = getattr(config, "cross_attention_dim", None) if config is not None else None
+    return json.dumps({"proj_out": "/".join(sorted(kinds)), "cross_attention_dim": cross}, sort_keys=True)
+
+
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
     """Read and check a residual file without a model: format, version, factor pairs."""
     path = Path(path)
+    if path.is_dir() and (path / "residuals.safetensors").is_file():
+        path = path / "residuals.safetensors"  # a training run's folder
     if not path.is_file():
         raise ResidualFileError(
             f"residual file {path} not found; pass the residuals.safetensors of a training run"
@@ -131,6 +148,7 @@ def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, s
     loaded = read_residual_file(path)
     layers = loaded.layers()
     check_fits(loaded, find_proj_outs(unet))
+    check_architecture(loaded, unet)
     wrappers = find_residuals(unet)
     if not wrappers:
         ranks = {layer: a.shape[1] for layer, (a, _) in layers.items()}
@@ -142,10 +160,23 @@ def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, s
                 f"{loaded.path}: layer {layer} has rank {a.shape[1]} in the file but {wrapper.rank} in the "
                 "model; call remove_residuals(unet) before loading"
             )
+        if wrapper.merged:
+            raise ResidualFileError(f"{layer} is merged; unmerge_residuals(unet) before loading new factors")
         with torch.no_grad():
             wrapper.A.copy_(a)
             wrapper.B.copy_(b)
     return loaded.metadata
+
+
+def check_architecture(loaded: ResidualFile, unet: nn.Module) -> None:
+    """The file's recorded architecture (proj_out kind, text width) matches the model's."""
+    recorded = loaded.metadata.get("architecture")
+    if recorded is not None and json.loads(recorded) != json.loads(architecture(unet)):
+        raise ResidualFileError(
+            f"{loaded.path} was made for another architecture: the file's base had {recorded}, this "
+            f"model has {architecture(unet)} (e.g. SD 1.x vs SD 2.x). Use the base model the file was "
+            f"trained on ({loaded.metadata.get('base_model', 'unknown')})"
+        )
 
 
 def check_fits(loaded: ResidualFile, proj_outs: Mapping[str, nn.Module]) -> None:

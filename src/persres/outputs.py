@@ -97,20 +97,32 @@ def mask_strips(item: Sample) -> dict[str, Image.Image]:
     first = next(iter(item.masks.values()))
     groups = next(iter(first.values())).shape[1]  # records are (N=1, groups, HW)
     names = ["masks"] if groups == 1 else [f"masks-V{g + 1}" for g in range(groups)]
-    return {name: strip(item.masks, g, item.image.width / item.image.height) for g, name in enumerate(names)}
+    return {name: strip(item.masks, g, item.latent_size) for g, name in enumerate(names)}
 
 
-def strip(records: dict[int, dict[str, torch.Tensor]], group: int, aspect: float) -> Image.Image:
+def block_shape(positions: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a U-Net block with ``positions`` = h * w, from the latent size: each down block
+    halves both sides, rounding up (stride-2 convolutions with padding 1)."""
+    height, width = latent
+    while height * width > positions:
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    if height * width != positions:
+        raise ValueError(f"no U-Net resolution of latents {latent} has {positions} positions")
+    return height, width
+
+
+def strip(records: dict[int, dict[str, torch.Tensor]], group: int, latent: tuple[int, int]) -> Image.Image:
     """Rows: resolutions, finest first; columns: steps. White = residual applied."""
     steps = sorted(records)
     sizes = sorted({mask.shape[-1] for block in records.values() for mask in block.values()}, reverse=True)
-    cell_w = max(1, round(CELL * aspect))
+    cell_w = max(1, round(CELL * latent[1] / latent[0]))
     canvas = Image.new("L", (GAP + len(steps) * (cell_w + GAP), GAP + len(sizes) * (CELL + GAP)), 96)
     for column, step in enumerate(steps):
         for row, size in enumerate(sizes):
             masks = [m[0, group] for m in records[step].values() if m.shape[-1] == size]
-            height = max(1, round(math.sqrt(size / aspect)))
-            mean = torch.stack(masks).mean(0).view(height, size // height)  # (h, w) at the block's resolution
+            mean = (
+                torch.stack(masks).mean(0).view(block_shape(size, latent))
+            )  # (h, w) at the block's resolution
             cell = Image.fromarray((mean.numpy() * 255).astype(np.uint8), mode="L")
             canvas.paste(
                 cell.resize((cell_w, CELL), Image.Resampling.NEAREST),

@@ -42,23 +42,26 @@ def looks_like_path(base: str) -> bool:
 
 
 def load_pipeline(
-    base: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    base: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    as_shipped: bool = False,
 ) -> StableDiffusionPipeline:
-    """The base pipeline with every pretrained weight frozen, DDIM as its scheduler."""
+    """The base pipeline with every pretrained weight frozen, DDIM as its scheduler and without the
+    safety checker (not needed to train or sample here). ``as_shipped`` keeps the pipeline's own
+    scheduler and safety checker, for writing a merged pipeline that behaves like the base."""
     _check_local_folder(base)
+    extra = {} if as_shipped else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            os.path.expanduser(base),
-            dtype=dtype,
-            use_safetensors=True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            os.path.expanduser(base), dtype=dtype, use_safetensors=True, **extra
         )
     except (OSError, ValueError) as exc:
         raise ModelError(_not_available_message(base, exc)) from None
     if not isinstance(pipe, StableDiffusionPipeline):
         raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not as_shipped:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
         model.eval()
@@ -70,6 +73,11 @@ def _check_local_folder(base: str) -> None:
     if not looks_like_path(base):
         return
     folder = Path(base).expanduser()
+    if folder.is_file():
+        raise ModelError(
+            f"--base {base} is a single file; persres loads diffusers folders (model_index.json, unet/, "
+            "vae/, ...): convert single-file checkpoints with diffusers' conversion scripts first"
+        )
     if not folder.is_dir():
         raise ModelError(
             f"--base {base}: no such folder; pass a diffusers Stable Diffusion folder or a hub id"
@@ -88,7 +96,12 @@ def _check_local_folder(base: str) -> None:
 
 
 def _not_available_message(base: str, exc: BaseException) -> str:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    if looks_like_path(base):
+        return (
+            f"cannot load base model folder {base}: {first_line}. Its weights are missing or damaged; "
+            "persres reads only .safetensors weights"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     hint = (
         "HF_HUB_OFFLINE is set and the model is not in the local cache: download it once with network, "

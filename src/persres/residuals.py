@@ -227,11 +227,6 @@ def fold_residuals(unet: nn.Module) -> int:
     return len(wrappers)
 
 
-def set_residuals_enabled(unet: nn.Module, enabled: bool) -> None:
-    for wrapper in find_residuals(unet).values():
-        wrapper.enabled = enabled
-
-
 @contextlib.contextmanager
 def residuals_disabled(unet: nn.Module) -> Iterator[None]:
     """Run the base model: residuals are bypassed inside the block and restored after it."""

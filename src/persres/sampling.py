@@ -57,7 +57,8 @@ class Sample:
     seed: int
     sampler: str  # "normal" or "lag"
     image: Image.Image
-    masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> block -> (G, HW)
+    masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> block -> (1, G, HW)
+    latent_size: tuple[int, int] = (0, 0)  # (h, w) of the latents, to lay masks out spatially
 
 
 def sample(
@@ -112,4 +113,6 @@ def generate(
             callback_on_step_end=lag.on_step_end if lag is not None else None,
         )
     masks = lag.records if lag is not None else {}
-    return Sample(plan.prompt, plan.expanded, seed, "lag" if lag else "normal", result.images[0], masks)
+    image = result.images[0]
+    latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
+    return Sample(plan.prompt, plan.expanded, seed, "lag" if lag else "normal", image, masks, latent)

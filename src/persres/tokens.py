@@ -17,15 +17,11 @@ log = logging.getLogger(__name__)
 WORD_END = "</w>"
 
 
-def token_pieces(tokenizer: PreTrainedTokenizerBase, word: str) -> list[str]:
-    return list(tokenizer.tokenize(word))
-
-
 def check_identifier(
     tokenizer: PreTrainedTokenizerBase, token: str, real_words: set[str] | None = None
 ) -> None:
     """Warn when the identifier is several tokens or a real word."""
-    pieces = token_pieces(tokenizer, token)
+    pieces = list(tokenizer.tokenize(token))
     if len(pieces) != 1:
         log.warning(
             "identifier %r is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
@@ -62,7 +58,7 @@ def suggest_tokens(
             word.isascii() and word.isalpha() and word.islower() and lengths[0] <= len(word) <= lengths[1]
         ):
             continue
-        if word in real_words or token_pieces(tokenizer, word) != [piece]:
+        if word in real_words or list(tokenizer.tokenize(word)) != [piece]:
             continue
         found.append(word)
         if len(found) == count:

@@ -55,6 +55,8 @@ def sample_to_folder(
     precision: str = "auto",
 ) -> list[Path]:
     """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OutputExistsError(f"--out {out} is a file; pass a folder for the images")
     if save_masks and sampler == "normal":
         raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
     concepts_ = [Concept(token="?", class_word="?", source=str(p)) for p in residuals]
@@ -106,7 +108,7 @@ def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.
     if out.exists():
         raise OutputExistsError(f"--out {out} already exists; merge writes a new folder, choose another path")
     read_residual_file(residuals)  # a bad file fails before the model is loaded
-    pipe = load_pipeline(base, torch.float32, "cpu")
+    pipe = load_pipeline(base, torch.float32, "cpu", as_shipped=True)
     metadata = load_residuals(pipe.unet, residuals)
     fold_residuals(pipe.unet)
     with atomic_dir(out) as tmp:
