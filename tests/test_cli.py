@@ -81,6 +81,8 @@ def test_train_sample_info_merge(
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(base), "--residuals", str(residuals), "--out", str(merged)]) == 0
     plain = StableDiffusionPipeline.from_pretrained(merged, use_safetensors=True)  # no persres involved
+    assert type(plain.scheduler).__name__ == "PNDMScheduler"  # the base's own, not persres' DDIM
+    assert (merged / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o044 == 0o044
     personalized = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
     load_residuals(personalized.unet, residuals)
     inputs = unet_inputs(plain.unet)

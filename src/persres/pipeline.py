@@ -61,7 +61,8 @@ def load_pipeline(
     if not isinstance(pipe, StableDiffusionPipeline):
         raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
     if not as_shipped:
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        # latents are not in [-1, 1]: a config without clip_sample would wash DDIM's images out
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
         model.eval()

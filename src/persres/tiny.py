@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -118,12 +118,12 @@ def tiny_pipeline(
         norm_num_groups=8,
         layers_per_block=1,
     )
-    scheduler = DDIMScheduler(
+    scheduler = PNDMScheduler(  # as Stable Diffusion 1.x ships; persres samples with DDIM from its config
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        clip_sample=False,
         set_alpha_to_one=False,
+        skip_prk_steps=True,
         steps_offset=1,
     )
     return StableDiffusionPipeline(
