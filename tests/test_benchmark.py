@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,11 +134,11 @@ def test_benchmark_resume_and_report(
     real_score = bench.score_samples
     calls: list[str] = []
 
-    def crash_on_second(samples_dir: Path, entry, scorers):  # type: ignore[no-untyped-def]
+    def crash_on_second(samples_dir: Path, entry, scorers, canonical):  # type: ignore[no-untyped-def]
         calls.append(entry.name)
         if entry.name == "toy_cup":
             raise RuntimeError("simulated crash")
-        return real_score(samples_dir, entry, scorers)
+        return real_score(samples_dir, entry, scorers, canonical)
 
     monkeypatch.setattr(bench, "score_samples", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -246,3 +247,33 @@ def test_two_processes_split_the_concepts(
     assert len({(r["concept"], r["sampler"]) for r in rows}) == 6
     processes = {json.loads(p.read_text())["process_index"] for p in out.glob("runs/*/*/result.json")}
     assert processes == {0, 1}
+
+
+def test_class_sources_are_compared_on_the_same_texts(
+    dataset: Path, conv_base: Path, tmp_path: Path, scorer_models: tuple[str, str]
+) -> None:
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_text("cat\ncup\nchair\nball\n")
+    config = replace(
+        mini_config(dataset, conv_base, tmp_path / "bench", scorer_models),
+        concepts=("pet_dog",),
+        class_sources=("dataset", "nearest"),
+        nouns=str(nouns),
+    )
+    run_benchmark(config, device="cpu", progress=False)
+    rows = read_rows(tmp_path / "bench")
+    assert {(r["class_source"], r["sampler"]) for r in rows} == {
+        (c, s) for c in ("dataset", "nearest") for s in ("normal", "lag", "auto")
+    }
+    chosen = {r["class_word"] for r in rows if r["class_source"] == "nearest"}
+    assert len(chosen) == 1 and chosen <= {"cat", "cup", "chair", "ball"}
+    result = json.loads(
+        (tmp_path / "bench" / "runs" / "pet_dog" / "rank-0.05-class-nearest" / "result.json").read_text()
+    )
+    assert {i["text"] for i in result["images"]} == {
+        "a photo of dog",
+        "dog on the beach",
+    }  # the dataset's wording
+    assert result["train_config"]["class_word"] in chosen
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert "rank=0.05 class=nearest sampler=lag" in summary["overall"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -32,8 +33,9 @@ from persres.cc101 import ConceptEntry, load_dataset
 from persres.concepts import load_concepts
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ConfigError
-from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, prompts_for
+from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, strip_identifier
 from persres.files import write_json, write_text
+from persres.macro import load_nouns, suggest_classes
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline
 from persres.sampling import SampleSettings, sample
@@ -42,10 +44,12 @@ from persres.train import train
 log = logging.getLogger(__name__)
 
 SAMPLER_CHOICES = ("normal", "lag", "auto")
+CLASS_SOURCES = ("dataset", "nearest", "balanced")
 CSV_FIELDS = (
     "concept",
     "category",
     "class_word",
+    "class_source",
     "method",
     "rank",
     "sampler",
@@ -70,6 +74,8 @@ class BenchmarkConfig:
     sample: SampleSettings = SampleSettings()
     clip: str = "openai/clip-vit-base-patch32"
     dino: str = "facebook/dino-vits16"
+    class_sources: tuple[str, ...] = ("dataset",)  # dataset, nearest, balanced: supplement Table 4
+    nouns: str | None = None  # noun list for nearest/balanced; WordNet when None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.samplers) - set(SAMPLER_CHOICES))
@@ -79,6 +85,9 @@ class BenchmarkConfig:
             raise ConfigError("give at least one --rank")
         for rank in self.ranks:
             ResidualConfig(rank=rank)
+        unknown = sorted(set(self.class_sources) - set(CLASS_SOURCES))
+        if unknown or not self.class_sources:
+            raise ConfigError(f"--class-source {unknown or 'none'}: choose from {', '.join(CLASS_SOURCES)}")
         if self.images_per_prompt < 1:
             raise ConfigError("--images-per-prompt must be >= 1")
 
@@ -90,17 +99,17 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
     state = PartialState(cpu=device == "cpu")
     mine = entries[state.process_index :: state.num_processes]
     scorers: Scorers | None = None
-    for entry in mine:
-        for rank in config.ranks:
-            folder = out / "runs" / entry.name / f"rank-{rank}"
-            if (folder / "result.json").is_file():
-                log.info("skipping %s rank %s: already done", entry.name, rank)
-                continue
-            scorers = scorers or Scorers.load(config.clip, config.dino, str(state.device))
-            run_variant(
-                config, entry, rank, folder, scorers, str(state.device), progress, state.process_index
-            )
-            log.info("%s rank %s done by process %d", entry.name, rank, state.process_index)
+    for entry, rank, source in itertools.product(mine, config.ranks, config.class_sources):
+        folder = (
+            out / "runs" / entry.name / (f"rank-{rank}" + ("" if source == "dataset" else f"-class-{source}"))
+        )
+        if (folder / "result.json").is_file():
+            log.info("skipping %s: already done", folder)
+            continue
+        scorers = scorers or Scorers.load(config.clip, config.dino, str(state.device))
+        variant = Variant(entry, rank, source, folder)
+        run_variant(config, variant, scorers, str(state.device), progress, state.process_index)
+        log.info("%s done by process %d", folder, state.process_index)
     state.wait_for_everyone()
     if state.is_main_process:
         merge_results(out)
@@ -117,23 +126,52 @@ def select(entries: list[ConceptEntry], names: tuple[str, ...]) -> list[ConceptE
     return [e for e in entries if e.name in names]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One concept at one rank with one source of its class word."""
+
+    entry: ConceptEntry
+    rank: float | int
+    class_source: str
+    folder: Path
+
+
+def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progress: bool) -> tuple[str, str]:
+    """The class word to train and sample with, and why."""
+    if variant.class_source == "dataset":
+        return variant.entry.class_word, "dataset.json class_prompt"
+    found = suggest_classes(
+        scorers,
+        variant.entry.images,
+        3,
+        variant.class_source,  # type: ignore[arg-type]
+        nouns=load_nouns(nouns) if nouns else None,
+        progress=progress,
+    )
+    return found[0].noun, f"{variant.class_source} WordNet noun, cosine {found[0].score:.4f}"
+
+
 def run_variant(
     config: BenchmarkConfig,
-    entry: ConceptEntry,
-    rank: float | int,
-    folder: Path,
+    variant: Variant,
     scorers: Scorers,
     device: str,
     progress: bool,
     process_index: int = 0,
 ) -> None:
-    """Train, sample and score one concept at one rank; ``result.json`` marks it done."""
+    """Train, sample and score one variant; ``result.json`` marks it done.
+
+    Text alignment is always scored against the dataset's prompt (its own class word), so class
+    sources are compared on the same texts, as in the supplement's Table 4."""
+    entry, rank, folder = variant.entry, variant.rank, variant.folder
+    class_word, reason = class_word_for(variant, scorers, config.nouns, progress)
     template = config.train or TrainConfig(base=config.base, images="", class_word="")
     train_config = replace(
         template,
         base=config.base,
         images=str(entry.images),
-        class_word=entry.class_word,
+        class_word=class_word,
+        class_reason=reason,
         residual=ResidualConfig(rank=rank, init=template.residual.init),
     )
     started = time.perf_counter()
@@ -141,7 +179,9 @@ def run_variant(
         train_config, folder / "train", resume=True, device=device, progress=progress, distributed=False
     )
     train_seconds = time.perf_counter() - started
-    prompts = list(entry.prompts[: config.max_prompts] if config.max_prompts else entry.prompts)
+    count = config.max_prompts or len(entry.templates)
+    prompts = list(entry.prompts_with(class_word)[:count])
+    canonical = dict(zip(prompts, entry.prompts[:count], strict=True))
     samples_dir = folder / "samples"
     shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
     started = time.perf_counter()
@@ -153,12 +193,13 @@ def run_variant(
     images = sample(pipe, prompts, concepts, settings, kind, progress=progress)  # type: ignore[arg-type]
     write_samples(samples_dir, images, settings, {"base": config.base, "token": concepts[0].token})
     sample_seconds = time.perf_counter() - started
-    scores = score_samples(samples_dir, entry, scorers)
+    scores = score_samples(samples_dir, entry, scorers, canonical)
     rows = [
         {
             "concept": entry.name,
             "category": entry.category,
-            "class_word": entry.class_word,
+            "class_word": class_word,
+            "class_source": variant.class_source,
             "method": "personalized-residuals",
             "rank": rank,
             "sampler": sampler,
@@ -180,18 +221,21 @@ def run_variant(
     )
 
 
-def score_samples(samples_dir: Path, entry: ConceptEntry, scorers: Scorers) -> list[dict[str, Any]]:
-    """Per-image scores with the image's sampler, prompt and prompt category."""
+def score_samples(
+    samples_dir: Path, entry: ConceptEntry, scorers: Scorers, canonical: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Per-image scores with the image's sampler, prompt and prompt category; text alignment against
+    ``canonical[prompt]`` (the dataset's wording of the prompt that was sampled)."""
     files = image_files(samples_dir, "sample")
-    texts = prompts_for(files, None, None)
+    sidecars = [json.loads(p.with_suffix(".json").read_text(encoding="utf-8")) for p in files]
+    texts = [strip_identifier(canonical[s["prompt"]]) for s in sidecars]
     scored = evaluate_images(scorers, files, image_files(entry.images, "reference"), texts)["images"]
-    for row, path in zip(scored, files, strict=True):
-        sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    for row, sidecar in zip(scored, sidecars, strict=True):
         row.update(
             sampler=sidecar["sampler"],
             prompt=sidecar["prompt"],
             seed=sidecar["seed"],
-            prompt_category=prompt_category(sidecar["prompt"]),
+            prompt_category=prompt_category(canonical[sidecar["prompt"]]),
         )
     return scored
 
@@ -215,7 +259,7 @@ def merge_results(out: Path) -> tuple[Path, Path]:
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("runs/*/*/result.json"))]
     rows = sorted(
         (row for r in results for row in r["rows"]),
-        key=lambda r: (r["concept"], str(r["rank"]), r["sampler"]),
+        key=lambda r: (r["concept"], str(r["rank"]), r.get("class_source", "dataset"), r["sampler"]),
     )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -228,17 +272,21 @@ def merge_results(out: Path) -> tuple[Path, Path]:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Means overall, per concept category and per prompt category, for each rank x sampler."""
-    rows = [row for r in results for row in r["rows"]]
-    variants = sorted({(str(r["rank"]), r["sampler"]) for r in rows})
+    rows = [
+        dict(row, rank=str(row["rank"]), class_source=row.get("class_source", "dataset"))
+        for r in results
+        for row in r["rows"]
+    ]
+    variants = sorted({(r["rank"], r["class_source"], r["sampler"]) for r in rows})
     summary: dict[str, Any] = {
         "concepts": sorted({r["concept"] for r in rows}),
         "overall": {},
         "per_category": {},
         "per_prompt_category": {},
     }
-    for rank, sampler in variants:
-        key = f"rank={rank} sampler={sampler}"
-        mine = [r for r in rows if (str(r["rank"]), r["sampler"]) == (rank, sampler)]
+    for rank, source, sampler in variants:
+        key = f"rank={rank}" + ("" if source == "dataset" else f" class={source}") + f" sampler={sampler}"
+        mine = [r for r in rows if (r["rank"], r["class_source"], r["sampler"]) == (rank, source, sampler)]
         summary["overall"][key] = means(mine)
         for category in sorted({r["category"] for r in mine}):
             summary["per_category"].setdefault(category, {})[key] = means(
@@ -247,7 +295,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = [
             image
             for r in results
-            if str(r["rows"][0]["rank"]) == rank
+            if (str(r["rows"][0]["rank"]), r["rows"][0].get("class_source", "dataset")) == (rank, source)
             for image in pick(r["images"], sampler)
         ]
         for category in CATEGORIES:

@@ -23,7 +23,15 @@ class ConceptEntry:
     category: str  # its prefix, e.g. "scene"
     class_word: str
     images: Path
-    prompts: tuple[str, ...]  # with V* in place of {}
+    templates: tuple[str, ...]  # prompt file lines; {} stands for the concept phrase
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return self.prompts_with(self.class_word)
+
+    def prompts_with(self, class_word: str) -> tuple[str, ...]:
+        """The prompts with "V* {class_word}" for the concept."""
+        return tuple(line.replace("{}", f"V* {class_word}") for line in self.templates)
 
 
 def inside(root: Path, relative: str, what: str) -> Path:
@@ -69,9 +77,10 @@ def _entry(root: Path, item: object, number: int) -> ConceptEntry:
     if not prompt_file.is_file():
         raise InputError(f"dataset.json entry {number}: prompt file {prompt_file} not found")
     class_word = item["class_prompt"].strip()
-    lines = [line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = tuple(line.replace("{}", f"V* {class_word}") for line in lines)
-    if not prompts or not all("V*" in p for p in prompts):
+    lines = tuple(
+        line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()
+    )
+    if not lines or not all("{}" in line for line in lines):
         raise InputError(f"{prompt_file}: every prompt needs a {{}} standing for the concept")
     name = images.name
-    return ConceptEntry(name, name.split("_", 1)[0] if "_" in name else "other", class_word, images, prompts)
+    return ConceptEntry(name, name.split("_", 1)[0] if "_" in name else "other", class_word, images, lines)

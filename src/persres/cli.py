@@ -93,6 +93,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--clip", default="openai/clip-vit-base-patch32", help="with --class-word auto: CLIP model"
     )
+    p.add_argument("--nouns", help="with --class-word auto: own noun list instead of WordNet")
     p.add_argument(
         "--out", required=True, help="output folder for residuals.safetensors, config.json, checkpoints"
     )
@@ -262,6 +263,13 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="sample width (default: the model's)")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
     p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
+    p.add_argument(
+        "--class-source",
+        action="append",
+        choices=["dataset", "nearest", "balanced"],
+        help="where the class word comes from; repeatable to compare (supplement Table 4; default dataset)",
+    )
+    p.add_argument("--nouns", help="with nearest/balanced: own noun list instead of WordNet")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(handler=run_benchmark)
 
@@ -307,6 +315,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         ),
         clip=args.clip,
         dino=args.dino,
+        class_sources=tuple(args.class_source or ["dataset"]),
+        nouns=args.nouns,
     )
     out = run_benchmark(config, args.device)
     print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")
@@ -325,7 +335,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     class_word, reason = args.class_word, ""
     if class_word == "auto":
-        class_word, reason = auto_class_word(args.images, args.clip, args.class_strategy, args.device)
+        class_word, reason = auto_class_word(
+            args.images, args.clip, args.class_strategy, args.device, args.nouns
+        )
         print(f"class word: {class_word} ({reason})")
     config = TrainConfig(
         base=args.base,
@@ -353,14 +365,17 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def auto_class_word(images: str, clip: str, strategy: str, device: str) -> tuple[str, str]:
+def auto_class_word(images: str, clip: str, strategy: str, device: str, nouns: str | None) -> tuple[str, str]:
     from persres.evaluate import Scorers
-    from persres.macro import suggest_classes
+    from persres.macro import load_nouns, suggest_classes
 
-    suggestions = suggest_classes(Scorers.load(clip, None, device), images, 5, strategy)  # type: ignore[arg-type]
+    scorers = Scorers.load(clip, None, device)
+    listed = load_nouns(nouns) if nouns else None
+    suggestions = suggest_classes(scorers, images, 5, strategy, nouns=listed)  # type: ignore[arg-type]
     runners_up = ", ".join(f"{s.noun} {s.score:.3f}" for s in suggestions[1:])
+    source = "WordNet noun" if nouns is None else f"noun from {nouns}"
     reason = (
-        f"--class-word auto: WordNet noun chosen by {strategy} with {clip}, cosine "
+        f"--class-word auto: {source} chosen by {strategy} with {clip}, cosine "
         f"{suggestions[0].score:.3f}; next: {runners_up}"
     )
     return suggestions[0].noun, reason

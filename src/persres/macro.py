@@ -41,6 +41,7 @@ TEMPLATE = "a photo of a {}."
 CANDIDATES = 20
 DEFAULT_MARGIN = 0.01
 BATCH = 256
+HEADER = "lemma\tdepth\ttagged"
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
     nouns = []
     for line in text.splitlines():
         fields = line.split("\t")
-        if not fields[0].strip() or fields[0] == "lemma":
+        if not fields[0].strip() or line == HEADER:
             continue
         depth = int(fields[1]) if len(fields) > 1 else -1
         tagged = int(fields[2]) if len(fields) > 2 else 0

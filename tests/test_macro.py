@@ -1,0 +1,158 @@
+"""Macro class and identifier choice: WordNet ranking, cache, strategies, --class-word auto, tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPModel
+
+from persres import read_residual_file
+from persres.cli import main
+from persres.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
+from persres.macro import Suggestion, choose, load_nouns, real_words, suggest_classes
+from persres.tiny import save_tiny_clip, word_tokenizer
+from persres.tokens import check_identifier, suggest_tokens
+
+NOUNS = ["dog", "cat", "cup", "car", "chair", "beach", "snow", "forest", "city", "ball", "studio", "grass"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def noun_file(tmp_path: Path) -> Path:
+    path = tmp_path / "nouns.txt"
+    path.write_text("\n".join(NOUNS) + "\n")
+    return path
+
+
+def test_the_shipped_wordnet_table() -> None:
+    nouns = load_nouns()
+    assert len(nouns) == 117_798
+    by_lemma = {n.lemma: n for n in nouns}
+    assert by_lemma["entity"].depth == 0 and by_lemma["dog"].depth < by_lemma["beagle"].depth
+    assert "physical entity" in by_lemma  # multi-word lemmas with spaces
+    words = real_words()
+    assert {"dog", "run", "quickly", "the"} <= words and "sks" not in words
+
+
+def test_ranking_equals_brute_force(clip: Path, photos: Path, noun_file: Path) -> None:
+    scorers = Scorers.load(str(clip), None, "cpu")
+    found = suggest_classes(scorers, photos, top=5, nouns=load_nouns(noun_file), progress=False)
+    model = CLIPModel.from_pretrained(clip).eval()
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in sorted(photos.iterdir())]
+    with torch.no_grad():
+        image_out = model.get_image_features(pixel_values=preprocess(images, 224, 224, CLIP_MEAN, CLIP_STD))
+        image_emb = getattr(image_out, "pooler_output", image_out).numpy()
+        tokens = scorers.tokenizer(
+            [f"a photo of a {n}." for n in NOUNS],
+            padding="max_length",
+            max_length=77,
+            truncation=True,
+            return_tensors="pt",
+        )
+        text_out = model.get_text_features(input_ids=tokens.input_ids)
+        text_emb = getattr(text_out, "pooler_output", text_out).numpy()
+    mean = (image_emb / np.linalg.norm(image_emb, axis=1, keepdims=True)).mean(0)
+    mean /= np.linalg.norm(mean)
+    cosines = text_emb @ mean / np.linalg.norm(text_emb, axis=1)
+    order = np.argsort(-cosines)[:5]
+    assert [s.noun for s in found] == [NOUNS[i] for i in order]
+    assert [s.score for s in found] == pytest.approx([float(cosines[i]) for i in order], abs=1e-5)
+
+
+def test_second_call_hits_the_cache(
+    clip: Path, photos: Path, noun_file: Path, own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorers = Scorers.load(str(clip), None, "cpu")
+    first = suggest_classes(scorers, photos, top=5, nouns=load_nouns(noun_file), progress=False)
+    cached = list(own_cache.glob("nouns/*.safetensors"))
+    assert len(cached) == 1
+    monkeypatch.setattr(Scorers, "clip_texts", lambda *a, **k: pytest.fail("text embeddings recomputed"))
+    again = suggest_classes(
+        Scorers.load(str(clip), None, "cpu"), photos, top=5, nouns=load_nouns(noun_file), progress=False
+    )
+    assert again == first
+
+
+def test_balanced_takes_the_most_general_noun_within_the_margin() -> None:
+    ranked = [
+        Suggestion("beagle", 0.300, 11, 0),
+        Suggestion("hound", 0.296, 10, 1),
+        Suggestion("dog", 0.295, 8, 5),
+        Suggestion("animal", 0.270, 6, 9),
+    ]
+    assert choose(ranked, "nearest").noun == "beagle"
+    assert choose(ranked, "balanced", margin=0.01).noun == "dog"  # animal is too far
+    assert choose(ranked, "balanced", margin=0.001).noun == "beagle"
+    assert choose(ranked, "balanced", margin=0.05).noun == "animal"
+
+
+def test_suggest_class_cli_json(
+    clip: Path, photos: Path, noun_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "suggest-class",
+        "--images",
+        str(photos),
+        "--clip",
+        str(clip),
+        "--nouns",
+        str(noun_file),
+        "--top",
+        "3",
+        "--json",
+        "--device",
+        "cpu",
+        "--strategy",
+        "balanced",
+    ]
+    assert main(argv) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == 3 and all({"noun", "score"} <= set(item) for item in listed)
+    assert {item["noun"] for item in listed} <= set(NOUNS)
+
+
+def test_class_word_auto_end_to_end(
+    conv_base: Path, clip: Path, photos: Path, noun_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run)]
+    argv += ["--class-word", "auto", "--clip", str(clip), "--nouns", str(noun_file)]
+    argv += ["--steps", "1", "--batch-size", "1", "--resolution", "16", "--device", "cpu"]
+    assert main(argv) == 0
+    metadata = read_residual_file(run / "residuals.safetensors").metadata
+    scorers = Scorers.load(str(clip), None, "cpu")
+    best = suggest_classes(scorers, photos, top=1, nouns=load_nouns(noun_file), progress=False)[0]
+    assert metadata["class_word"] == best.noun
+    assert metadata["class_word_reason"].startswith(
+        f"--class-word auto: noun from {noun_file} chosen by nearest"
+    )
+    assert json.loads((run / "config.json").read_text())["class_word"] == metadata["class_word"]
+
+
+def test_suggested_tokens_are_rare_single_tokens_and_not_words(caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = word_tokenizer("a photo of the with and sks zwx dog beach".split())
+    found = suggest_tokens(tokenizer, real_words(), count=5)
+    assert found and set(found) <= {"sks", "zwx"}
+    assert all(tokenizer.tokenize(word) == [f"{word}</w>"] for word in found)
+    with caplog.at_level(logging.WARNING):
+        check_identifier(tokenizer, "dog", real_words())
+        check_identifier(tokenizer, "qqq", real_words())
+    assert "'dog' is a common English word" in caplog.text
+    assert "'qqq' is 3 tokens" in caplog.text
