@@ -176,7 +176,12 @@ def run_variant(
     )
     started = time.perf_counter()
     result = train(
-        train_config, folder / "train", resume=True, device=device, progress=progress, distributed=False
+        train_config,
+        folder / "train",
+        resume=(folder / "train").exists(),
+        device=device,
+        progress=progress,
+        distributed=False,
     )
     train_seconds = time.perf_counter() - started
     count = config.max_prompts or len(entry.templates)
