@@ -22,28 +22,29 @@ import logging
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 
-from persres.categories import CATEGORIES, auto_sampler, prompt_category
+from persres.categories import CATEGORIES, prompt_category, sampler_for
 from persres.cc101 import ConceptEntry, load_dataset
 from persres.concepts import load_concepts
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ConfigError
-from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, strip_identifier
+from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import write_json, write_text
 from persres.macro import load_nouns, suggest_classes
 from persres.outputs import write_samples
-from persres.pipeline import load_pipeline
+from persres.pipeline import load_pipeline, resolve_device
 from persres.sampling import SampleSettings, sample
 from persres.train import train
 
 log = logging.getLogger(__name__)
 
 SAMPLER_CHOICES = ("normal", "lag", "auto")
+SETTINGS_FILE = "benchmark.json"
 CLASS_SOURCES = ("dataset", "nearest", "balanced")
 CSV_FIELDS = (
     "concept",
@@ -78,6 +79,10 @@ class BenchmarkConfig:
     nouns: str | None = None  # noun list for nearest/balanced; WordNet when None
 
     def __post_init__(self) -> None:
+        for name in ("ranks", "samplers", "class_sources", "concepts"):  # a repeated flag counts once
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
         unknown = sorted(set(self.samplers) - set(SAMPLER_CHOICES))
         if unknown or not self.samplers:
             raise ConfigError(f"--sampler {unknown or 'none'}: choose from {', '.join(SAMPLER_CHOICES)}")
@@ -96,7 +101,9 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
     """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
     out = Path(config.out)
     entries = select(load_dataset(config.dataset), config.concepts)
-    state = PartialState(cpu=device == "cpu")
+    state = PartialState(cpu=resolve_device(device).type == "cpu")
+    check_same_settings(out, config, state.is_main_process)
+    state.wait_for_everyone()
     mine = entries[state.process_index :: state.num_processes]
     scorers: Scorers | None = None
     for entry, rank, source in itertools.product(mine, config.ranks, config.class_sources):
@@ -115,6 +122,38 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
         merge_results(out)
     state.wait_for_everyone()
     return out
+
+
+def settings_of(config: BenchmarkConfig) -> dict[str, Any]:
+    """What every variant's result depends on besides its concept, rank and class source."""
+    keep = (
+        "base",
+        "samplers",
+        "images_per_prompt",
+        "max_prompts",
+        "train",
+        "sample",
+        "clip",
+        "dino",
+        "nouns",
+    )
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k in keep}, default=str))
+
+
+def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True) -> None:
+    """A rerun into an existing --out resumes it, so it must ask for the same benchmark."""
+    path = out / SETTINGS_FILE
+    wanted = settings_of(config)
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if changed:
+            raise ConfigError(
+                f"--out {out} holds a benchmark run with other settings ({', '.join(changed)}); rerun "
+                "with the same settings to resume it, or choose another --out"
+            )
+    elif is_main:
+        write_json(path, wanted)
 
 
 def select(entries: list[ConceptEntry], names: tuple[str, ...]) -> list[ConceptEntry]:
@@ -232,7 +271,7 @@ def score_samples(
     """Per-image scores with the image's sampler, prompt and prompt category; text alignment against
     ``canonical[prompt]`` (the dataset's wording of the prompt that was sampled)."""
     files = image_files(samples_dir, "sample")
-    sidecars = [json.loads(p.with_suffix(".json").read_text(encoding="utf-8")) for p in files]
+    sidecars = [read_sidecar(p.with_suffix(".json")) for p in files]
     texts = [strip_identifier(canonical[s["prompt"]]) for s in sidecars]
     scored = evaluate_images(scorers, files, image_files(entry.images, "reference"), texts)["images"]
     for row, sidecar in zip(scored, sidecars, strict=True):
@@ -240,14 +279,14 @@ def score_samples(
             sampler=sidecar["sampler"],
             prompt=sidecar["prompt"],
             seed=sidecar["seed"],
-            prompt_category=prompt_category(canonical[sidecar["prompt"]]),
+            prompt_category=prompt_category(canonical[sidecar["prompt"]], entry.class_word),
         )
     return scored
 
 
 def included(image: dict[str, Any], sampler: str) -> bool:
     """Whether a sampler's row is made with this image; ``auto`` picks per prompt by its category."""
-    wanted = auto_sampler(image["prompt"]) if sampler == "auto" else sampler
+    wanted = sampler_for(image["prompt_category"]) if sampler == "auto" else sampler
     return bool(image["sampler"] == wanted)
 
 

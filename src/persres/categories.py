@@ -80,20 +80,28 @@ _RULES: list[tuple[Category, re.Pattern[str]]] = [
 ]
 
 
-def prompt_category(prompt: str) -> Category:
-    """The first rule that matches the prompt (with V* for the concept); identity when none does."""
-    context = _without_concept_phrase(prompt)
+def prompt_category(prompt: str, class_word: str | None = None) -> Category:
+    """The first rule that matches the prompt (with V* for the concept); identity when none does.
+
+    ``class_word`` (several words allowed, "kids table chair") is removed with V*; without it, the one
+    word after V* is taken for the class."""
+    context = _without_concept_phrase(prompt, class_word)
     for category, pattern in _RULES:
         if pattern.search(prompt if category == "object_in_style" else context):
             return category
     return "identity"
 
 
-def _without_concept_phrase(prompt: str) -> str:
+def _without_concept_phrase(prompt: str, class_word: str | None = None) -> str:
     """Words around V* only: "a photo of a V* dog" -> "a photo of a"; the class word never decides."""
-    return re.sub(rf"{_CONCEPT}\s+\S+", " ", prompt).replace("photo of", " ")
+    phrase = rf"{_CONCEPT}\s+{re.escape(class_word)}\b" if class_word else rf"{_CONCEPT}\s+\S+"
+    return re.sub(phrase, " ", prompt, flags=re.I).replace("photo of", " ")
 
 
-def auto_sampler(prompt: str) -> Literal["normal", "lag"]:
-    """The sampler the supplement's study favours for this prompt's category."""
-    return "lag" if prompt_category(prompt) in LAG_CATEGORIES else "normal"
+def sampler_for(category: str) -> Literal["normal", "lag"]:
+    """The sampler the supplement's study favours for a prompt category."""
+    return "lag" if category in LAG_CATEGORIES else "normal"
+
+
+def auto_sampler(prompt: str, class_word: str | None = None) -> Literal["normal", "lag"]:
+    return sampler_for(prompt_category(prompt, class_word))

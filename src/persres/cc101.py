@@ -16,6 +16,8 @@ from pathlib import Path
 
 from persres.errors import InputError
 
+MODIFIER = "<new1>"
+
 
 @dataclass(frozen=True)
 class ConceptEntry:
@@ -30,18 +32,36 @@ class ConceptEntry:
         return self.prompts_with(self.class_word)
 
     def prompts_with(self, class_word: str) -> tuple[str, ...]:
-        """The prompts with "V* {class_word}" for the concept."""
-        return tuple(line.replace("{}", f"V* {class_word}") for line in self.templates)
+        """The prompts with "V* {class_word}" for the concept: ``{}`` is the concept phrase, and a line
+        written with the modifier token ("<new1> dog swimming") has its "<new1> {class}" replaced."""
+        return tuple(concept_phrase(line, self.class_word, class_word) for line in self.templates)
+
+
+def concept_phrase(line: str, dataset_class: str, class_word: str) -> str:
+    if "{}" in line:
+        return line.replace("{}", f"V* {class_word}")
+    return line.replace(f"{MODIFIER} {dataset_class}", f"V* {class_word}").replace(MODIFIER, "V*")
 
 
 def inside(root: Path, relative: str, what: str) -> Path:
-    """``root / relative``, refusing absolute paths and anything that leaves ``root``."""
+    """``root / relative``, refusing absolute paths, the root itself and anything that leaves ``root``."""
+    if "\0" in relative:
+        raise InputError(f"dataset.json: {what} {relative!r} contains a NUL byte; refused")
     if os.path.isabs(relative) or relative.startswith("~"):
         raise InputError(f"dataset.json: {what} {relative!r} is absolute; paths must be relative to {root}")
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
         raise InputError(f"dataset.json: {what} {relative!r} leaves the dataset folder {root}; refused")
+    if path == root.resolve():
+        raise InputError(f"dataset.json: {what} {relative!r} is the dataset folder itself; name a sub-folder")
     return path
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_dataset(root: str | os.PathLike[str]) -> list[ConceptEntry]:
@@ -51,7 +71,7 @@ def load_dataset(root: str | os.PathLike[str]) -> list[ConceptEntry]:
     if not index.is_file():
         raise InputError(f"{root} has no dataset.json; pass a CustomConcept101-format folder")
     try:
-        raw = json.loads(index.read_text(encoding="utf-8"))
+        raw = json.loads(read_text(index))
     except json.JSONDecodeError as exc:
         raise InputError(f"{index} is not valid JSON: {exc}") from None
     if not isinstance(raw, list) or not raw:
@@ -77,10 +97,8 @@ def _entry(root: Path, item: object, number: int) -> ConceptEntry:
     if not prompt_file.is_file():
         raise InputError(f"dataset.json entry {number}: prompt file {prompt_file} not found")
     class_word = item["class_prompt"].strip()
-    lines = tuple(
-        line.strip() for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()
-    )
-    if not lines or not all("{}" in line for line in lines):
-        raise InputError(f"{prompt_file}: every prompt needs a {{}} standing for the concept")
+    lines = tuple(line.strip() for line in read_text(prompt_file).splitlines() if line.strip())
+    if not lines or not all("{}" in line or MODIFIER in line for line in lines):
+        raise InputError(f"{prompt_file}: every prompt needs a {{}} or {MODIFIER} standing for the concept")
     name = images.name
     return ConceptEntry(name, name.split("_", 1)[0] if "_" in name else "other", class_word, images, lines)

@@ -9,9 +9,9 @@
 
 Preprocessing (done here, not by a model folder's processor config, so it cannot drift):
 CLIP: shorter side to 224 (bicubic), center crop 224, CLIP mean/std. DINO: shorter side to 256
-(bicubic), center crop 224, ImageNet mean/std. Images are converted to RGB first. One difference from
-torchvision-based reference code: resizing uses PIL's bicubic filter on 8-bit images, which torchvision
-also uses for PIL inputs.
+(bicubic), center crop 224, ImageNet mean/std. Images are converted to RGB first. Output sizes and
+crop offsets are computed as torchvision's ``Resize(int)`` and ``CenterCrop`` do, and the resampling is
+PIL's bicubic filter, which torchvision also uses for PIL inputs: the reference pipelines' numbers.
 """
 
 from __future__ import annotations
@@ -51,18 +51,34 @@ def strip_identifier(prompt: str, token: str | None = None) -> str:
 
 
 def preprocess(images: list[Image.Image], resize: int, crop: int, mean: tuple, std: tuple) -> torch.Tensor:
-    """(N, 3, crop, crop): shorter side to ``resize`` (bicubic), center crop, normalise."""
+    """(N, 3, crop, crop): shorter side to ``resize`` (bicubic), center crop, normalise.
+
+    Sizes and offsets follow torchvision's ``Resize(int)`` and ``CenterCrop`` exactly: the longer side
+    is truncated (``int(resize * long / short)``), the crop offset rounded."""
     batch = []
     for image in images:
         image = image.convert("RGB")
-        scale = resize / min(image.size)
-        size = (max(resize, round(image.width * scale)), max(resize, round(image.height * scale)))
+        short, long = sorted(image.size)
+        other = int(resize * long / short)
+        size = (resize, other) if image.width <= image.height else (other, resize)
         image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (image.width - crop) // 2, (image.height - crop) // 2
+        left, top = int(round((image.width - crop) / 2.0)), int(round((image.height - crop) / 2.0))
         image = image.crop((left, top, left + crop, top + crop))
         array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
         batch.append((array - np.array(mean, np.float32)) / np.array(std, np.float32))
     return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def complete(cls: Any, name: str, flag: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` that refuses a checkpoint of another architecture (transformers would
+    fill the missing weights at random and only log a warning)."""
+    model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):
+        raise ModelError(
+            f"{flag} {name} is not a {cls.__name__.removesuffix('WithProjection')} checkpoint: "
+            f"{len(info['missing_keys'])} weights missing (e.g. {sorted(info['missing_keys'])[0]})"
+        )
+    return model
 
 
 @dataclass
@@ -81,10 +97,10 @@ class Scorers:
     def load(cls, clip: str = DEFAULT_CLIP, dino: str | None = DEFAULT_DINO, device: str = "auto") -> Scorers:
         target = resolve_device(device)
         try:
-            text = CLIPTextModelWithProjection.from_pretrained(clip)
-            vision = CLIPVisionModelWithProjection.from_pretrained(clip)
+            text = complete(CLIPTextModelWithProjection, clip, "--clip")
+            vision = complete(CLIPVisionModelWithProjection, clip, "--clip")
             tokenizer = CLIPTokenizer.from_pretrained(clip)
-            dino_model = ViTModel.from_pretrained(dino, add_pooling_layer=False) if dino else None
+            dino_model = complete(ViTModel, dino, "--dino", add_pooling_layer=False) if dino else None
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
@@ -162,15 +178,28 @@ def image_files(folder: str | os.PathLike[str], what: str) -> list[Path]:
     return files
 
 
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """A sample's JSON sidecar, checked to hold a prompt."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"sidecar {path} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+        raise InputError(f"sidecar {path} has no prompt; persres sample writes {{'prompt': ...}}")
+    if not isinstance(data.get("concepts", []), list):
+        raise InputError(f"sidecar {path}: 'concepts' must be a list")
+    return data
+
+
 def prompts_for(files: list[Path], prompt: str | None, token: str | None) -> list[str]:
     """Each image's scoring text: its sidecar's prompt, else ``prompt``; identifier removed."""
     texts = []
     for path in files:
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-            text, token_here = data.get("prompt", ""), token or data.get("token")
-            tokens = [c.get("token") for c in data.get("concepts", [])] + [token_here]
+            data = read_sidecar(sidecar)
+            text, token_here = data["prompt"], token or data.get("token")
+            tokens = [c.get("token") for c in data.get("concepts", []) if isinstance(c, dict)] + [token_here]
         elif prompt is not None:
             text, tokens = prompt, [token]
         else:

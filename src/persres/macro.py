@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -74,8 +75,13 @@ def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
         fields = line.split("\t")
         if not fields[0].strip() or line == HEADER:
             continue
-        depth = int(fields[1]) if len(fields) > 1 else -1
-        tagged = int(fields[2]) if len(fields) > 2 else 0
+        try:
+            depth = int(fields[1]) if len(fields) > 1 else -1
+            tagged = int(fields[2]) if len(fields) > 2 else 0
+        except ValueError:
+            raise InputError(
+                f"noun list {path}: line {line!r} must be 'noun' or 'noun<TAB>depth<TAB>count'"
+            ) from None
         nouns.append(Noun(fields[0].strip(), depth, tagged))
     if not nouns:
         raise InputError(f"noun list {path} is empty")
@@ -108,10 +114,9 @@ def cache_folder() -> Path:
 def model_fingerprint(scorers: Scorers) -> str:
     """Identifies the CLIP text tower by its weights (a renamed copy hits the same cache)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(scorers.clip_text.state_dict().items()):
-        if name.endswith(("token_embedding.weight", "text_projection.weight", "final_layer_norm.weight")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    for name, tensor in sorted(scorers.clip_text.state_dict().items()):  # every weight of the text tower
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -126,8 +131,14 @@ def noun_embeddings(
     key = hashlib.sha256("\n".join([model_fingerprint(scorers), template, *nouns]).encode()).hexdigest()[:24]
     path = (cache or cache_folder()) / "nouns" / f"{key}.safetensors"
     if path.is_file():
-        log.info("noun embeddings from cache %s", path)
-        return load_file(str(path))["embeddings"]
+        try:
+            cached = load_file(str(path))["embeddings"]
+        except (SafetensorError, OSError, KeyError):
+            log.warning("noun embedding cache %s is damaged; recomputing it", path)
+        else:
+            if cached.shape[0] == len(nouns):
+                log.info("noun embeddings from cache %s", path)
+                return cached
     chunks = []
     for start in tqdm(
         range(0, len(nouns), BATCH), desc="embedding nouns (cached after this)", disable=not progress
@@ -185,6 +196,8 @@ def suggest_classes(
     """Ranked suggestions; the strategy's choice comes first, then the rest by cosine."""
     if top < 1:
         raise ConfigError(f"--top must be >= 1, got {top}")
+    if not margin >= 0 or margin == float("inf"):
+        raise ConfigError(f"--margin must be a finite number >= 0, got {margin}")
     nouns = nouns or load_nouns()
     embeddings = noun_embeddings(scorers, [n.lemma for n in nouns], cache=cache, progress=progress)
     ranked = rank_nouns(image_embedding(scorers, images), embeddings, nouns, max(top, CANDIDATES))

@@ -43,15 +43,11 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     results = {
         p.parent: json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("runs/*/*/result.json"))
     }
-    images = [img for r in results.values() for img in r["images"]]
     body = [
         f"<h1>persres benchmark: {html.escape(str(root))}</h1>",
         "<h2>Results (means per concept)</h2>",
         table(rows),
-        "<h2>Text alignment per prompt category: normal vs LAG</h2>",
-        figure(category_bars(images)),
-        "<h2>Image vs text alignment per prompt category</h2>",
-        figure(scatter(images)),
+        *(section for name, images in by_variant(results).items() for section in figures(name, images)),
         "<h2>Images per concept: references | normal | LAG</h2>",
         *(grid(folder, result) for folder, result in results.items()),
     ]
@@ -60,6 +56,25 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
     )
     return write_text(target, page, overwrite=False)
+
+
+def by_variant(results: dict[Path, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per-image scores grouped by rank and class source, so figures never pool variants."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results.values():
+        row = result["rows"][0]
+        name = f"rank {row['rank']}, class word from {row.get('class_source', 'dataset')}"
+        groups.setdefault(name, []).extend(result["images"])
+    return dict(sorted(groups.items()))
+
+
+def figures(name: str, images: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"<h2>Text alignment per prompt category, normal vs LAG ({html.escape(name)})</h2>",
+        figure(category_bars(images)),
+        f"<h2>Image vs text alignment per prompt category ({html.escape(name)})</h2>",
+        figure(scatter(images)),
+    ]
 
 
 def table(rows: list[dict[str, str]]) -> str:
@@ -143,8 +158,11 @@ def inline_png(data: bytes, alt: str) -> str:
 
 def grid(folder: Path, result: dict[str, Any], per_row: int = 8) -> str:
     config = result["train_config"]
+    folder_of_references = Path(config["images"])
     references = sorted(
-        p for p in Path(config["images"]).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+        p
+        for p in (folder_of_references.iterdir() if folder_of_references.is_dir() else [])
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
     )
     rows = [("references", references[:per_row])]
     for sampler in ("normal", "lag"):

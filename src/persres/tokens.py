@@ -12,6 +12,8 @@ import logging
 
 from transformers import PreTrainedTokenizerBase
 
+from persres.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 WORD_END = "</w>"
@@ -48,6 +50,8 @@ def suggest_tokens(
 
     Each is checked to tokenize back to exactly one token.
     """
+    if count < 1:
+        raise ConfigError(f"--top must be >= 1, got {count}")
     vocab = tokenizer.get_vocab()
     found: list[str] = []
     for piece, _ in sorted(vocab.items(), key=lambda item: -item[1]):
