@@ -9,10 +9,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from helpers import randomize_residuals, run_unet, unet_inputs
+from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
 from persres.attention import CaptureCrossAttnProcessor, cross_attentions, swapped_processors
-from persres.concepts import Concept, load_concepts, plan_prompts, word_positions
+from persres.concepts import Concept, load_concepts, plan_prompts, word_spans
 from persres.errors import ConfigError
 from persres.lag import LagState, block_mask, localized
 from persres.pipeline import load_pipeline
@@ -140,10 +141,10 @@ def test_lag_masks_are_recorded_binary_and_half(pipe: StableDiffusionPipeline, d
 def test_words_are_located_by_tokenizing(pipe: StableDiffusionPipeline) -> None:
     tokenizer = pipe.tokenizer
     ids = tokenizer("a photo of a sks dog on the beach").input_ids
-    assert word_positions(tokenizer, ids, "dog") == [6]
-    assert word_positions(tokenizer, ids, "a") == [1, 4]
-    assert word_positions(tokenizer, ids, "dog on") == [6, 7]  # a several-word class: all its sub-tokens
-    assert word_positions(tokenizer, ids, "cat") == []
+    assert positions(tokenizer, ids, "dog") == [6]
+    assert positions(tokenizer, ids, "a") == [1, 4]
+    assert positions(tokenizer, ids, "dog on") == [6, 7]  # a several-word class: all its sub-tokens
+    assert positions(tokenizer, ids, "cat") == []
 
 
 def test_lag_needs_the_identifier_and_the_class_word(pipe: StableDiffusionPipeline, dog: Path) -> None:
@@ -256,3 +257,8 @@ def test_two_concepts_get_their_own_masks(pipe: StableDiffusionPipeline, dog: Pa
     for blocks in lag.masks.values():
         for mask in blocks.values():
             assert mask.shape[1] == 2 and (mask.sum(-1) == mask.shape[-1] // 2).all()
+
+
+def positions(tokenizer: PreTrainedTokenizerBase, ids: list[int], word: str) -> list[int]:
+    """Every position covered by an occurrence of ``word``."""
+    return [p for span in word_spans(tokenizer, ids, word) for p in span]

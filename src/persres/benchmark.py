@@ -31,7 +31,7 @@ from accelerate import PartialState
 from persres.categories import CATEGORIES, prompt_category, sampler_for
 from persres.cc101 import ConceptEntry, load_dataset
 from persres.concepts import load_concepts
-from persres.config import ResidualConfig, TrainConfig
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
 from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import write_json, write_text
@@ -73,8 +73,8 @@ class BenchmarkConfig:
     concepts: tuple[str, ...] = ()  # only these image-folder names; all when empty
     train: TrainConfig | None = None  # template: steps, batch, lr, resolution, seed, ...
     sample: SampleSettings = SampleSettings()
-    clip: str = "openai/clip-vit-base-patch32"
-    dino: str = "facebook/dino-vits16"
+    clip: str = DEFAULT_CLIP
+    dino: str = DEFAULT_DINO
     class_sources: tuple[str, ...] = ("dataset",)  # dataset, nearest, balanced: supplement Table 4
     nouns: str | None = None  # noun list for nearest/balanced; WordNet when None
 

@@ -23,7 +23,7 @@ from persres.commands import (
     run_suggest_token,
     run_train,
 )
-from persres.config import DEFAULT_TOKEN, TrainConfig
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_TOKEN, TrainConfig
 from persres.errors import PersresError
 
 log = logging.getLogger("persres")
@@ -59,7 +59,7 @@ def add_suggest(commands: argparse._SubParsersAction) -> None:
         "noun within --margin of the best cosine.",
     )
     p.add_argument("--images", required=True, help="folder of the concept's photos")
-    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
+    add_scorers(p, dino=False)
     p.add_argument("--top", type=int, default=10, help="how many to list (default 10)")
     p.add_argument(
         "--strategy", choices=["nearest", "balanced"], default="nearest", help="which noun comes first"
@@ -67,7 +67,7 @@ def add_suggest(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, default=0.01, help="balanced: cosine margin (default 0.01)")
     p.add_argument("--nouns", help="own noun list (one per line) instead of WordNet")
     p.add_argument("--json", action="store_true", help="print a JSON list of {noun, score, ...}")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_device(p)
     p.set_defaults(handler=run_suggest_class)
     p = commands.add_parser(
         "suggest-token",
@@ -78,6 +78,20 @@ def add_suggest(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base model (its tokenizer is used): folder or hub id")
     p.add_argument("--top", type=int, default=10, help="how many (default 10)")
     p.set_defaults(handler=run_suggest_token)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def add_scorers(p: argparse.ArgumentParser, dino: bool = True) -> None:
+    p.add_argument(
+        "--clip", default=DEFAULT_CLIP, help=f"CLIP model: hub id or folder (default {DEFAULT_CLIP})"
+    )
+    if dino:
+        p.add_argument(
+            "--dino", default=DEFAULT_DINO, help=f"DINO ViT model: hub id or folder (default {DEFAULT_DINO})"
+        )
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
@@ -100,9 +114,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         default="nearest",
         help="with --class-word auto: nearest noun (paper) or balanced (more general; default nearest)",
     )
-    p.add_argument(
-        "--clip", default="openai/clip-vit-base-patch32", help="with --class-word auto: CLIP model"
-    )
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="with --class-word auto: CLIP model")
     p.add_argument("--nouns", help="with --class-word auto: own noun list instead of WordNet")
     p.add_argument(
         "--out", required=True, help="output folder for residuals.safetensors, config.json, checkpoints"
@@ -139,7 +151,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         default=[],
         help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_device(p)
     p.set_defaults(handler=run_train)
 
 
@@ -177,7 +189,7 @@ def add_sample(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j (default 0)")
     p.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_device(p)
     p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
     p.set_defaults(handler=run_sample)
 
@@ -213,9 +225,8 @@ def add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--references", required=True, help="folder of the concept's reference photos")
     p.add_argument("--prompt", help="prompt of every image, when the images have no JSON sidecars")
     p.add_argument("--token", help="identifier word to remove from prompts (V*, V1*, <new1> always are)")
-    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
-    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_scorers(p)
+    add_device(p)
     p.add_argument("--out", help="write the JSON here too (never over an existing file)")
     p.set_defaults(handler=run_evaluate)
 
@@ -257,8 +268,7 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="default 7.5")
     p.add_argument("--height", type=int, default=None, help="sample height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="sample width (default: the model's)")
-    p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP model: hub id or folder")
-    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
+    add_scorers(p)
     p.add_argument(
         "--class-source",
         action="append",
@@ -266,7 +276,7 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
         help="where the class word comes from; repeatable to compare (supplement Table 4; default dataset)",
     )
     p.add_argument("--nouns", help="with nearest/balanced: own noun list instead of WordNet")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_device(p)
     p.set_defaults(handler=run_benchmark)
 
 

@@ -139,11 +139,6 @@ def word_spans(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: 
     ]
 
 
-def word_positions(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], word: str) -> list[int]:
-    """Every position covered by an occurrence of ``word``."""
-    return [p for span in word_spans(tokenizer, prompt_ids, word) for p in span]
-
-
 def own_class_word(identifier: range, class_spans: list[range]) -> range:
     """The class word that belongs to an identifier: the first occurrence after it ("a V* dog"),
     else the nearest before it ("a dog called V*"). Two concepts of one class ("a V1* dog and a V2*

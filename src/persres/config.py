@@ -17,6 +17,8 @@ from persres.errors import ConfigError
 InitMode = Literal["zero", "random"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 DEFAULT_TOKEN = "sks"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CustomConcept101's CLIP ViT-B/32
+DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO ViT-S/16
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,11 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection, ViTModel
 
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO
 from persres.data import load_rgb
 from persres.errors import ConfigError, InputError, ModelError
 from persres.pipeline import resolve_device
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = "facebook/dino-vits16"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TEXT_SCALE = 2.5
