@@ -86,7 +86,7 @@ class ResidualProjOut(nn.Module):
         if self.is_conv:  # x: (N, C, H, W)
             hidden = F.conv2d(x, self.B[:, :, None, None])  # (N, r, H, W)
             if self.mask is not None:
-                hidden = hidden * self.rank_mask().view(hidden.shape)
+                hidden = hidden * self.rank_mask().view(hidden.shape[0], -1, *hidden.shape[2:])
             return F.conv2d(hidden, self.A[:, :, None, None])
         hidden = F.linear(x, self.B)  # x: (N, HW, C) -> (N, HW, r)
         if self.mask is not None:
@@ -94,10 +94,13 @@ class ResidualProjOut(nn.Module):
         return F.linear(hidden, self.A)
 
     def rank_mask(self) -> torch.Tensor:
-        """The (N, groups, HW) mask repeated over each group's rank channels: (N, r, HW)."""
+        """The (N, groups, HW) mask over rank channels: as is for one concept (it broadcasts over r),
+        else repeated over each concept's rank channels, (N, r, HW)."""
         assert self.mask is not None
-        sizes = torch.tensor(self.groups, device=self.mask.device)
-        return self.mask.to(self.A.dtype).repeat_interleave(sizes, dim=1)
+        mask = self.mask.to(self.A.dtype)
+        if len(self.groups) == 1:
+            return mask
+        return mask.repeat_interleave(torch.tensor(self.groups, device=mask.device), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -198,7 +201,9 @@ def _check_same_layers(given: set[str], present: set[str]) -> None:
 
 
 def remove_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
-    """Put the original ``proj_out`` modules back (unmerging first); the state dict is as before."""
+    """Put the original ``proj_out`` modules back (unmerging first); the state dict is as before.
+
+    The base stays frozen as ``add_residuals`` left it (``unet.requires_grad_(True)`` to train it)."""
     removed = find_residuals(unet)
     for path, wrapper in removed.items():
         wrapper.unmerge()
