@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from persres.config import ResidualConfig
 from persres.errors import ConfigError
-from persres.io import check_architecture, check_fits, read_residual_file
+from persres.io import ResidualFile, check_architecture, check_fits, read_residual_file
 from persres.residuals import add_residuals, find_proj_outs, find_residuals
 
 PLACEHOLDER = re.compile(r"V(\d*)\*")
@@ -42,6 +42,25 @@ class PromptPlan:
     present: tuple[bool, ...]  # per concept
 
 
+def concept_of(loaded: ResidualFile) -> Concept:
+    """The concept a residual file was trained for, from its metadata."""
+    token, class_word = loaded.metadata.get("token"), loaded.metadata.get("class_word")
+    if not token or not class_word:
+        raise ConfigError(
+            f"{loaded.path} records no identifier token or class word; it was not made by train"
+        )
+    return Concept(token, class_word, str(loaded.path))
+
+
+def read_concepts(paths: list[str | os.PathLike[str]]) -> list[Concept]:
+    """The concepts of residual files, checked without a model (format, metadata, distinct tokens)."""
+    if not paths:
+        raise ConfigError("no residual file given; pass --residuals at least once")
+    concepts = [concept_of(read_residual_file(p)) for p in paths]
+    _refuse_shared_tokens(concepts)
+    return concepts
+
+
 def load_concepts(unet: nn.Module, paths: list[str | os.PathLike[str]]) -> list[Concept]:
     """Load one or more residual files into ``unet``, stacked so that concept g owns rank group g.
 
@@ -53,16 +72,10 @@ def load_concepts(unet: nn.Module, paths: list[str | os.PathLike[str]]) -> list[
         raise ConfigError("this U-Net already has residuals; call remove_residuals(unet) first")
     files = [read_residual_file(p) for p in paths]
     proj_outs = find_proj_outs(unet)
-    concepts = []
     for loaded in files:
         check_fits(loaded, proj_outs)
         check_architecture(loaded, unet)
-        token, class_word = loaded.metadata.get("token"), loaded.metadata.get("class_word")
-        if not token or not class_word:
-            raise ConfigError(
-                f"{loaded.path} records no identifier token or class word; it was not made by train"
-            )
-        concepts.append(Concept(token, class_word, str(loaded.path)))
+    concepts = [concept_of(loaded) for loaded in files]
     _refuse_shared_tokens(concepts)
     layers = [loaded.layers() for loaded in files]
     ranks = {layer: sum(f[layer][0].shape[1] for f in layers) for layer in proj_outs}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
-from persres.concepts import Concept, load_concepts, plan_prompts
+from persres.concepts import Concept, load_concepts, plan_prompts, read_concepts
 from persres.errors import ConfigError, OutputExistsError
 from persres.files import atomic_dir
 from persres.io import load_residuals, read_residual_file
@@ -36,8 +36,7 @@ def load_personalized(
     base: str, residuals: list[str | os.PathLike[str]], device: str = "auto", precision: str = "auto"
 ) -> tuple[StableDiffusionPipeline, list[Concept]]:
     """The base pipeline with one or more residual files loaded into its U-Net, and their concepts."""
-    for path in residuals:
-        read_residual_file(path)  # a bad file fails before the model is loaded
+    read_concepts(residuals)  # a bad file fails before the model is loaded
     target = resolve_device(device)
     pipe = load_pipeline(base, sampling_dtype(precision, target), target)
     return pipe, load_concepts(pipe.unet, list(residuals))
@@ -59,8 +58,7 @@ def sample_to_folder(
         raise OutputExistsError(f"--out {out} is a file; pass a folder for the images")
     if save_masks and sampler == "normal":
         raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
-    concepts_ = [Concept(token="?", class_word="?", source=str(p)) for p in residuals]
-    plan_prompts(prompts, concepts_)  # placeholder errors before the model is loaded
+    plan_prompts(prompts, read_concepts(residuals))  # placeholder errors before the model is loaded
     pipe, concepts = load_personalized(base, residuals, device, precision)
     samples = sample(pipe, prompts, concepts, settings, sampler, save_masks)
     extra = {
