@@ -124,7 +124,7 @@ def train(
         accelerator.backward(loss_tensor)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in named.values()):
+        if not torch.stack([torch.isfinite(p).all() for p in named.values()]).all():  # one device sync
             raise diverged(out, step + 1, loss, what="the residual factors")
         bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
