@@ -1,0 +1,138 @@
+"""Personalize toy concepts and score base / normal / LAG images from the same noise.
+
+One function per step: ``reference_photos`` draws a held-out instance's photos, ``personalize``
+trains residuals on them with ``persres.train``, ``sample_variants`` draws every prompt with the
+base model (class word only), then with the residuals (normal and LAG, ``persres.sample``), and
+``score_concept`` reads every image with the judge and the oracle CLIP/DINO scorers (through
+``persres.evaluate``). The demo and ``bench/toyworld_quality.py`` are both made of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from persres.concepts import PromptPlan, load_concepts
+from persres.config import ResidualConfig, TrainConfig
+from persres.evaluate import Scorers, evaluate_folder
+from persres.outputs import write_samples
+from persres.residuals import remove_residuals
+from persres.sampling import Sample, SampleSettings, generate, sample
+from persres.toyworld.judge import Judge, read_images
+from persres.toyworld.prompts import Instance, ToyPrompt
+from persres.toyworld.quality import border_change, check
+from persres.toyworld.scenes import random_scene, render
+from persres.train import train
+
+VARIANTS = ("base", "normal", "lag")
+
+
+@dataclass(frozen=True)
+class ToySettings:
+    steps: int = 200  # personalization steps (the paper's 150 at batch 4, a little more for 32 px)
+    batch_size: int = 4
+    lr: float = 1e-3
+    rank: float | int = 0.05
+    photos: int = 5
+    images_per_prompt: int = 4
+    sample_steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+
+    def sampling(self) -> SampleSettings:
+        return SampleSettings(self.sample_steps, self.guidance, self.images_per_prompt, self.seed)
+
+
+def reference_photos(instance: Instance, folder: Path, count: int = 5, seed: int = 0) -> Path:
+    """``count`` photos of the instance on random backgrounds, no second object."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 11])
+    for i in range(count):
+        scene = random_scene(rng, instance=instance, style="photo", second=None)
+        Image.fromarray(render(scene)[0]).save(folder / f"{instance[0]}-{i}.png")
+    return folder
+
+
+def personalize(base: str, instance: Instance, photos: Path, out: Path, settings: ToySettings) -> Path:
+    """Train residuals for the instance (class word = its class) and return the residual file."""
+    config = TrainConfig(
+        base=base,
+        images=str(photos),
+        class_word=instance[0],
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        residual=ResidualConfig(rank=settings.rank),
+        resolution=32,
+        seed=settings.seed,
+        checkpoint_every=settings.steps,
+    )
+    return train(config, out, device="cpu", progress=False, distributed=False).residuals
+
+
+def base_samples(
+    pipe: StableDiffusionPipeline, prompts: list[ToyPrompt], settings: SampleSettings
+) -> list[Sample]:
+    """The base model on each prompt with the class word only, from the residual images' noise."""
+    out = []
+    for prompt in prompts:
+        plan = PromptPlan(prompt.without_concept(), prompt.without_concept(), ())
+        for j in range(settings.num_images):
+            item = generate(pipe, plan, settings.seed + j, settings, None)
+            item.sampler = "base"
+            out.append(item)
+    return out
+
+
+def sample_variants(
+    pipe: StableDiffusionPipeline, residuals: Path, prompts: list[ToyPrompt], settings: SampleSettings
+) -> dict[str, list[Sample]]:
+    """base / normal / lag samples, each in prompt order then seed order."""
+    variants = {"base": base_samples(pipe, prompts, settings)}
+    concepts = load_concepts(pipe.unet, [residuals])
+    try:
+        both = sample(pipe, [p.text for p in prompts], concepts, settings, "both", progress=False)
+    finally:
+        remove_residuals(pipe.unet)
+    variants["normal"] = [s for s in both if s.sampler == "normal"]
+    variants["lag"] = [s for s in both if s.sampler == "lag"]
+    return variants
+
+
+def score_concept(
+    variants: dict[str, list[Sample]],
+    prompts: list[ToyPrompt],
+    settings: SampleSettings,
+    judge: Judge,
+    scorers: Scorers | None,
+    folder: Path,
+    photos: Path,
+) -> list[dict[str, Any]]:
+    """One row per image: judge checks, border change against the base image, oracle CLIP/DINO scores."""
+    expects = [p for p in prompts for _ in range(settings.num_images)]
+    base_pixels = [np.asarray(s.image) for s in variants["base"]]
+    rows = []
+    for variant in VARIANTS:
+        items = variants[variant]
+        files = write_samples(folder / variant, items, settings, {"variant": variant})
+        oracle = evaluate_folder(folder / variant, photos, scorers=scorers)["images"] if scorers else None
+        reads = read_images(judge, [np.asarray(s.image) for s in items])
+        for k, (item, prompt, read) in enumerate(zip(items, expects, reads, strict=True)):
+            row: dict[str, Any] = {
+                "variant": variant,
+                "prompt": prompt.text,
+                "category": prompt.category,
+                "seed": item.seed,
+                "image": str(files[k].relative_to(folder)),
+                **check(read, prompt.expect),
+                "border_change": border_change(np.asarray(item.image), base_pixels[k]),
+            }
+            if oracle is not None:
+                row.update({m: oracle[k][m] for m in ("clip_t", "clip_i", "dino_i")})
+            rows.append(row)
+    return rows
