@@ -1,40 +1,47 @@
 #!/usr/bin/env bash
-# `make demo`: the whole persres flow on a tiny, randomly initialised Stable Diffusion model.
-# It runs offline on a CPU in under a minute. THE IMAGES ARE NOISE: the tiny model was never
-# trained. On a GPU with real weights, see "Real use" in the README.
+# `make demo`: persres end to end in the toy world, offline, on a CPU in a few minutes.
+# The base model (models/toyworld-base) is a small text-to-image model trained from scratch on
+# procedural scenes (see its README); the concept, a red striped dog, is one it has never seen.
+# The oracle (models/toyworld-oracle) knows every scene's truth, so the scores mean something.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 PY=.venv/bin/python
-OUT=demo-output
 PERSRES=".venv/bin/persres"
+OUT=demo-output
+BASE=models/toyworld-base
+ORACLE=models/toyworld-oracle
+RUN="$OUT/run/residuals.safetensors"
 
-echo "== persres demo on a tiny random model: the images it writes are noise, by design =="
-rm -rf "$OUT/run" "$OUT/samples" "$OUT/merged" "$OUT/benchmark"  # the demo's own scratch folders only
+echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
+rm -rf "$OUT"  # the demo's own output folder only
 "$PY" scripts/demo_setup.py "$OUT"
 
-echo "== train (30 steps, CPU) =="
-"$PERSRES" train --base "$OUT/tiny-base" --images "$OUT/photos" --class-word dog --out "$OUT/run" \
-    --steps 30 --batch-size 2 --resolution 32 --checkpoint-every 10 --device cpu
+echo "== train: 5 photos of a red striped dog, 200 steps, batch 4, 32 px =="
+"$PERSRES" train --base "$BASE" --images "$OUT/photos" --class-word dog --out "$OUT/run" \
+    --steps 200 --batch-size 4 --resolution 32 --no-flip --checkpoint-every 100 --device cpu
 
-echo "== sample =="
-"$PERSRES" sample --base "$OUT/tiny-base" --residuals "$OUT/run/residuals.safetensors" --out "$OUT/samples" \
-    --prompt "a photo of a V* dog on the beach" --prompt "a painting of a V* dog" \
-    --num-images 2 --steps 10 --height 32 --width 32 --device cpu --sampler both --save-masks
+echo "== sample: normal and LAG from the same noise, with LAG's masks =="
+"$PERSRES" sample --base "$BASE" --residuals "$RUN" --out "$OUT/samples" \
+    --prompt "a V* dog on the beach" --prompt "a painting of a V* dog" \
+    --num-images 2 --steps 25 --device cpu --sampler both --save-masks
 
-echo "== info =="
-"$PERSRES" info "$OUT/run/residuals.safetensors"
+echo "== info, evaluate (oracle CLIP/DINO), merge =="
+"$PERSRES" info "$RUN"
+"$PERSRES" evaluate --images "$OUT/samples" --references "$OUT/photos" \
+    --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
+"$PERSRES" merge --base "$BASE" --residuals "$RUN" --out "$OUT/merged"
 
-echo "== merge =="
-"$PERSRES" merge --base "$OUT/tiny-base" --residuals "$OUT/run/residuals.safetensors" --out "$OUT/merged"
+echo "== six prompt kinds: base (class word only) | normal | LAG, scored by the oracle =="
+"$PY" -m persres.toyworld.demo report --base "$BASE" --oracle "$ORACLE" --residuals "$RUN" \
+    --photos "$OUT/photos" --instance dog,red,striped --out "$OUT/toyworld"
 
-echo "== benchmark (CustomConcept101 format, 6 prompt kinds, normal/LAG/auto) and report =="
-echo "   (the scorers are random tiny CLIP/DINO models here: the numbers test the pipeline, not quality)"
-"$PERSRES" benchmark --dataset "$OUT/cc101" --base "$OUT/tiny-base" --out "$OUT/benchmark" \
-    --steps 20 --batch-size 2 --resolution 32 --images-per-prompt 2 --sample-steps 10 --height 32 --width 32 \
-    --clip "$OUT/tiny-clip" --dino "$OUT/tiny-dino" --device cpu
+echo "== benchmark runner on a CustomConcept101-format dataset, and its report =="
+"$PERSRES" benchmark --dataset "$OUT/cc101" --base "$BASE" --out "$OUT/benchmark" \
+    --steps 200 --batch-size 4 --resolution 32 --no-flip --images-per-prompt 2 --sample-steps 25 \
+    --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
 "$PERSRES" report "$OUT/benchmark"
 
-echo "Done. Outputs in $OUT/: run/ (residuals, checkpoints), samples/ (noise images with JSON sidecars,"
-echo "normal|LAG grids, mask strips), merged/ (a plain diffusers pipeline), benchmark/ (results.csv,"
-echo "summary.json, report.html)."
+echo "Done. Open $OUT/toyworld/report.html (base | normal | LAG for six prompt kinds, oracle metrics)."
+echo "Also in $OUT/: run/ (residuals, checkpoints), samples/ (PNGs, JSON sidecars, normal|LAG grids, mask"
+echo "strips), merged/ (a plain diffusers pipeline), benchmark/ (results.csv, summary.json, report.html)."

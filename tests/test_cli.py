@@ -47,7 +47,7 @@ def test_train_sample_info_merge(
         == 0
     )
     residuals = run / "residuals.safetensors"
-    assert residuals.is_file() and (run / "config.json").is_file()
+    assert residuals.is_file() and json.loads((run / "config.json").read_text())["flip"] is True
     capsys.readouterr()
 
     images = tmp_path / "images"
@@ -230,3 +230,20 @@ def test_lag_prompt_errors(
     assert "has no V*" in error_of(capsys, argv + ["--sampler", "lag", "--prompt", "a photo of a dog"])
     assert "--save-masks" in error_of(capsys, argv + ["--save-masks", "--prompt", "a V* dog"])
     assert not (tmp_path / "o").exists()
+
+
+def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--base",
+        str(conv_base),
+        "--images",
+        str(photos),
+        "--out",
+        str(run),
+        *TRAIN,
+        "--no-flip",
+    ]
+    assert main(argv) == 0
+    assert json.loads((run / "config.json").read_text())["flip"] is False

@@ -135,6 +135,9 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         default=defaults.resolution,
         help="training size in px (default %(default)s)",
     )
+    p.add_argument(
+        "--no-flip", action="store_true", help="no random horizontal flips (for asymmetric concepts)"
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     p.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="base model precision"
@@ -262,6 +265,7 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resolution", type=int, default=defaults.resolution, help="training px (default %(default)s)"
     )
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips in training")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")

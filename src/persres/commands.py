@@ -39,6 +39,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        flip=not args.no_flip,
     )
     config = BenchmarkConfig(
         dataset=args.dataset,
@@ -96,6 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        flip=not args.no_flip,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt),

@@ -71,6 +71,7 @@ def personalize(base: str, instance: Instance, photos: Path, out: Path, settings
         resolution=32,
         seed=settings.seed,
         checkpoint_every=settings.steps,
+        flip=False,  # toy objects always face one way
     )
     return train(config, out, device="cpu", progress=False, distributed=False).residuals
 
