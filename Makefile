@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test demo lint typecheck bench clean
+.PHONY: test demo lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,17 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 
+# The toy world's quality benchmark (about 20 minutes on 2 CPU cores; figures in bench/RESULTS.md).
+bench-toyworld: $(STAMP)
+	$(PY) bench/toyworld_quality.py --out bench-output/toyworld
+
+# Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
+# Both refuse to overwrite: move the shipped folder away first.
+toyworld-base: $(STAMP)
+	$(PY) -m persres.toyworld.train_base --work toyworld-work --out models/toyworld-base
+
+toyworld-oracle: $(STAMP)
+	$(PY) -m persres.toyworld.train_oracle --out models/toyworld-oracle
+
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output bench-output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,35 @@ def test_border_change_reads_only_the_frame() -> None:
 def test_means_group_and_count() -> None:
     rows = [{"v": "a", "x": 1.0}, {"v": "a", "x": 0.0}, {"v": "b", "x": 1.0}]
     assert means(rows, ("v",)) == [{"v": "a", "n": 2, "x": 0.5}, {"v": "b", "n": 1, "x": 1.0}]
+
+
+def test_toy_report_shows_every_variant_and_kind(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from persres.toyworld.report import write_toy_report
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (32, 32), "red").save(photos / "ref.png")
+    rows = []
+    for k, prompt in enumerate(concept_prompts(("dog", "red", "striped"), per_kind=1)):
+        for variant in ("base", "normal", "lag"):
+            image = tmp_path / variant / f"{k}.png"
+            image.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (32, 32), "blue").save(image)
+            rows.append(
+                {
+                    "variant": variant,
+                    "prompt": prompt.text,
+                    "category": prompt.category,
+                    "image": f"{variant}/{k}.png",
+                    "identity": float(variant != "base"),
+                    "text": 0.5,
+                }
+            )
+    page = write_toy_report(rows, tmp_path, photos, tmp_path / "report.html", "t").read_text()
+    assert page.count("<img") == 1 + len(rows) + 2  # references, every image, two figures
+    for kind in CATEGORIES:
+        assert f"<td class='l'>{kind}</td>" in page
+    with pytest.raises(Exception, match="exists"):
+        write_toy_report(rows, tmp_path, photos, tmp_path / "report.html", "t")
