@@ -47,7 +47,7 @@ class BaseTrainConfig:
     vae_steps: int = 1600
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 4500
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 100

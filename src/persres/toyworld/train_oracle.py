@@ -192,24 +192,29 @@ def train_dino(pool: Pool, steps: int, seed: int, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the toy world's oracle scorers.")
     parser.add_argument("--out", type=Path, default=Path("models/toyworld-oracle"))
-    parser.add_argument("--pool", type=int, default=20000, help="training scenes rendered once")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--pool", type=int, default=10000, help="training scenes rendered once")
+    parser.add_argument("--judge-steps", type=int, default=1200)
+    parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--dino-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.out.exists():
         parser.error(f"{args.out} already exists; remove it or choose another --out")
     pool, test = Pool.draw(args.seed, args.pool), Pool.draw(args.seed + 1, 2000)
-    judge = train_judge(pool, args.steps, args.seed)
+    judge = train_judge(pool, args.judge_steps, args.seed)
     accuracy = judge_accuracy(judge, test)
     log.info("judge accuracy on fresh scenes: %s", accuracy)
     args.out.mkdir(parents=True)
     save_judge(judge, args.out, accuracy)
-    train_clip(pool, args.steps, args.seed, args.out / "clip")
-    train_dino(pool, args.steps, args.seed, args.out / "dino")
+    train_clip(pool, args.clip_steps, args.seed, args.out / "clip")
+    train_dino(pool, args.dino_steps, args.seed, args.out / "dino")
     write_json(args.out / "training.json", vars(args) | {"out": str(args.out)})
+    from persres.toyworld.oracle_check import measure  # imports this module: not at the top
+
+    write_json(args.out / "accuracy.json", measure(args.out))
 
 
 if __name__ == "__main__":
