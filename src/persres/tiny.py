@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the same diffusers/transformers classes as Stable Diffusion, a few
 thousand parameters each, saved as a normal diffusers folder that every persres command loads
-through ``--base`` like a real checkpoint. Used by the tests and the no-weights demo. Images it
+through ``--base`` like a real checkpoint. Used by the tests. Images it
 makes are noise: it has never been trained.
 """
 

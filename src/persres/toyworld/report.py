@@ -62,7 +62,7 @@ def kind_bars(rows: list[dict[str, Any]], metric: str) -> plt.Figure:
     for i, variant in enumerate(VARIANTS):
         ax.bar(
             np.arange(len(CATEGORIES)) + (i - 1) * width,
-            [by_kind.get((c, variant), 0.0) for c in CATEGORIES],
+            [float(by_kind.get((c, variant), 0.0)) for c in CATEGORIES],  # type: ignore[arg-type]
             width,
             label=variant,
         )
@@ -75,7 +75,9 @@ def kind_bars(rows: list[dict[str, Any]], metric: str) -> plt.Figure:
 
 def _thumb(path: Path, scale: int = 3) -> str:
     with Image.open(path) as image:
-        big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+        big = image.convert("RGB").resize(
+            (image.width * scale, image.height * scale), Image.Resampling.NEAREST
+        )
     buffer = io.BytesIO()
     big.save(buffer, format="PNG")
     return inline_png(buffer.getvalue(), path.name)

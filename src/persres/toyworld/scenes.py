@@ -13,6 +13,7 @@ the concepts the demo and the quality benchmark personalize.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -85,7 +86,7 @@ def random_scene(
     exclude: tuple[tuple[str, str, str], ...] = HELD_OUT,
     style: str | None = None,
     background: str | None = None,
-    second: str | None | bool = False,
+    second: str | None | Literal[False] = False,
 ) -> Scene:
     """A random scene; ``instance`` fixes class, colour and pattern; ``second=False`` draws it at random."""
     while True:
@@ -202,7 +203,7 @@ def stylize(image: Image.Image, style: str, rng: np.random.Generator) -> Image.I
     if style == "painting":
         levels = np.round(np.asarray(image, np.float32) / 64) * 64
         blotches = Image.fromarray((rng.uniform(0.75, 1.2, (4, 4)) * 100).astype(np.uint8))
-        light = np.asarray(blotches.resize(image.size, Image.BICUBIC), np.float32) / 100
+        light = np.asarray(blotches.resize(image.size, Image.Resampling.BICUBIC), np.float32) / 100
         warm = levels * light[..., None] * np.array([1.1, 0.98, 0.8])
         return Image.fromarray(warm.clip(0, 255).astype(np.uint8))
     if style == "sketch":

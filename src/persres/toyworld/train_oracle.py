@@ -63,6 +63,15 @@ def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: 
         group["lr"] = base * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, what: str, step: int, steps: int) -> None:
+    """One optimizer step on ``loss``, logged every 100 steps."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if (step + 1) % 100 == 0:
+        log.info("%s step %d/%d loss %.4f", what, step + 1, steps, loss.item())
+
+
 def train_judge(pool: Pool, steps: int, seed: int) -> Judge:
     torch.manual_seed(seed)
     judge = Judge()
@@ -74,11 +83,7 @@ def train_judge(pool: Pool, steps: int, seed: int) -> Judge:
         scenes, images = pool.batch(rng, 64)
         logits, labels = judge(to_tensor(images)), labels_of(scenes)
         loss = sum(loss_fn(logits[name], labels[name]) for name in HEADS)
-        loss.backward()  # type: ignore[union-attr]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0:
-            log.info("judge step %d/%d loss %.4f", step + 1, steps, float(loss))
+        _update(optimizer, loss, "judge", step, steps)  # type: ignore[arg-type]
     return judge.eval().requires_grad_(False)
 
 
@@ -147,11 +152,7 @@ def train_clip(pool: Pool, steps: int, seed: int, out: Path) -> None:
         loss = (
             -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()
         )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0:
-            log.info("clip step %d/%d loss %.4f", step + 1, steps, loss.item())
+        _update(optimizer, loss, "clip", step, steps)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -181,11 +182,7 @@ def train_dino(pool: Pool, steps: int, seed: int, out: Path) -> None:
         cls_token = model(pixel_values=pixels).last_hidden_state[:, 0]
         labels = torch.tensor([INSTANCES.index(s.instance) for s in scenes])
         loss = nn.functional.cross_entropy(head(cls_token), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0:
-            log.info("dino step %d/%d loss %.4f", step + 1, steps, loss.item())
+        _update(optimizer, loss, "dino", step, steps)
     model.save_pretrained(out, safe_serialization=True)
 
 
