@@ -17,9 +17,9 @@ echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
 rm -rf "$OUT"  # the demo's own output folder only
 "$PY" scripts/demo_setup.py "$OUT"
 
-echo "== train: 5 photos of a red striped dog, 200 steps, batch 4, 32 px =="
+echo "== train: 5 photos of a red striped dog, 400 steps, batch 4, lr 5e-3, 32 px =="
 "$PERSRES" train --base "$BASE" --images "$OUT/photos" --class-word dog --out "$OUT/run" \
-    --steps 200 --batch-size 4 --resolution 32 --no-flip --checkpoint-every 100 --device cpu
+    --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --checkpoint-every 200 --device cpu
 
 echo "== sample: normal and LAG from the same noise, with LAG's masks =="
 "$PERSRES" sample --base "$BASE" --residuals "$RUN" --out "$OUT/samples" \
@@ -38,7 +38,7 @@ echo "== six prompt kinds: base (class word only) | normal | LAG, scored by the 
 
 echo "== benchmark runner on a CustomConcept101-format dataset, and its report =="
 "$PERSRES" benchmark --dataset "$OUT/cc101" --base "$BASE" --out "$OUT/benchmark" \
-    --steps 200 --batch-size 4 --resolution 32 --no-flip --images-per-prompt 2 --sample-steps 25 \
+    --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --images-per-prompt 2 --sample-steps 25 \
     --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
 "$PERSRES" report "$OUT/benchmark"
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import StableDiffusionPipeline
 
+from persres.pipeline import load_pipeline
+from persres.toyworld.experiment import ToySettings, personalize, reference_photos, sample_variants
 from persres.toyworld.judge import load_judge, read_images
-from persres.toyworld.scenes import random_scene, render
+from persres.toyworld.prompts import concept_prompts
+from persres.toyworld.quality import check
+from persres.toyworld.scenes import HELD_OUT, random_scene, render
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "models" / "toyworld-base"
@@ -32,3 +37,31 @@ def test_judge_reads_real_scenes() -> None:
     for name in ("cls", "background", "pattern"):
         accuracy = np.mean([r[name] == getattr(s, name) for r, s in zip(reads, scenes, strict=True)])
         assert accuracy >= 0.95, name
+
+
+def test_shipped_vae_posterior_is_deterministic() -> None:
+    # the base U-Net was trained on posterior means; a sampled latent must be the mean
+    vae = StableDiffusionPipeline.from_pretrained(BASE).vae
+    rng = np.random.default_rng(5)
+    pixels = np.stack([render(random_scene(rng))[0] for _ in range(4)])
+    x = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+    assert posterior.std.max() < 1e-4 * posterior.mean.abs().mean()
+
+
+def test_short_personalization_raises_identity_over_the_base(tmp_path: Path) -> None:
+    instance = HELD_OUT[0]
+    settings = ToySettings(steps=50, lr=1e-2, images_per_prompt=8, sample_steps=10)
+    photos = reference_photos(instance, tmp_path / "photos", seed=0)
+    residuals = personalize(str(BASE), instance, photos, tmp_path / "run", settings)
+    prompt = concept_prompts(instance, per_kind=1)[0]  # "a photo of a V* dog"
+    pipe = load_pipeline(str(BASE), torch.float32, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    variants = sample_variants(pipe, residuals, [prompt], settings.sampling())
+    judge = load_judge(ORACLE)
+    identity = {}
+    for variant in ("base", "normal"):
+        reads = read_images(judge, [np.asarray(s.image) for s in variants[variant]])
+        identity[variant] = np.mean([check(r, prompt.expect)["identity"] for r in reads])
+    assert identity["normal"] >= identity["base"] + 0.25, identity

@@ -9,6 +9,7 @@ Saved as a normal diffusers folder, it loads with ``StableDiffusionPipeline.from
 
 from __future__ import annotations
 
+import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -66,6 +67,21 @@ def toy_vae() -> AutoencoderKL:
         sample_size=SIZE,
         mid_block_add_attention=False,
     )
+
+
+def deterministic_posterior(vae: AutoencoderKL) -> None:
+    """Make the encoder's log-variance head say what the toy VAE is: deterministic.
+
+    The toy VAE is trained on its posterior mean only (KL weight 1e-7), so its log-variance drifts
+    to 0 (std 1, about as large as the latents themselves) while no decoder ever saw a sampled
+    latent. Training code that samples the posterior, as diffusers' scripts and persres do, would
+    then see latents buried in noise. Zeroing the head's weights and setting its bias to -30
+    (diffusers' clamp) gives std e^-15: ``sample()`` equals ``mean`` and nothing else changes.
+    """
+    half = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-30.0)
 
 
 def toy_unet() -> UNet2DConditionModel:

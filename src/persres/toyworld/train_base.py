@@ -30,6 +30,7 @@ from torch import nn
 from persres.files import atomic_dir, write_json
 from persres.toyworld.model import (
     assemble,
+    deterministic_posterior,
     toy_text_encoder,
     toy_tokenizer,
     toy_unet,
@@ -139,6 +140,7 @@ def train_vae(config: BaseTrainConfig, work: Path) -> AutoencoderKL:
         pixels, _ = scene_batch(config.seed, 9, 0, 256)
         std = vae.encode(pixels).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
+    deterministic_posterior(vae)
     return vae
 
 
