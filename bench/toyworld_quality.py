@@ -8,8 +8,8 @@
    personalized LAG from the same noise: identity, text, oracle CLIP-T/CLIP-I/DINO-I, border change.
 3. Rank sweep (supplement Table 5): the same at several ranks.
 
-Prints markdown tables and writes every row to ``--out`` (JSON). CPU: about 2 minutes per concept
-and rank with the defaults.
+Prints markdown tables and writes every row to ``--out`` (JSON). 2-core CPU: about 6 minutes for the
+base model's captions, then 4-5 minutes per concept and rank (under a minute of it training).
 """
 
 from __future__ import annotations

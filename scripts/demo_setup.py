@@ -3,11 +3,10 @@ the shipped base model) and a one-concept CustomConcept101-format dataset around
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from pathlib import Path
 
+from persres.toyworld.dataset import write_cc101
 from persres.toyworld.experiment import reference_photos
 from persres.toyworld.scenes import HELD_OUT
 
@@ -22,24 +21,10 @@ DEMO_PROMPTS = (  # one prompt of each of the supplement's six kinds, in CustomC
 )
 
 
-def write_dataset(root: Path, photos: Path) -> None:
-    """A one-concept CustomConcept101-format folder around the demo photos."""
-    (root / "prompts").mkdir(parents=True, exist_ok=True)
-    (root / "prompts" / "dog.txt").write_text("\n".join(DEMO_PROMPTS) + "\n")
-    entry = {
-        "instance_prompt": "photo of a <new1> dog",
-        "class_prompt": "dog",
-        "instance_data_dir": "./benchmark_dataset/red_striped_dog",
-        "prompt_filename": "prompts/dog.txt",
-    }
-    shutil.copytree(photos, root / "benchmark_dataset" / "red_striped_dog", dirs_exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps([entry], indent=2) + "\n")
-
-
 def main(out: str) -> None:
     root = Path(out)
     photos = reference_photos(CONCEPT, root / "photos", count=5)
-    write_dataset(root / "cc101", photos)
+    write_cc101(root / "cc101", [(CONCEPT, photos, list(DEMO_PROMPTS))])
     print(f"5 photos of a {' '.join(CONCEPT[1:])} {CONCEPT[0]} in {photos}; dataset in {root / 'cc101'}")
 
 

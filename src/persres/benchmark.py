@@ -187,7 +187,8 @@ def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progre
         nouns=load_nouns(nouns) if nouns else None,
         progress=progress,
     )
-    return found[0].noun, f"{variant.class_source} WordNet noun, cosine {found[0].score:.4f}"
+    listed = "WordNet noun" if nouns is None else f"noun from {nouns}"
+    return found[0].noun, f"{variant.class_source} {listed}, cosine {found[0].score:.4f}"
 
 
 def run_variant(
