@@ -28,9 +28,10 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
 
-# The toy world's quality benchmark (about 20 minutes on 2 CPU cores; figures in bench/RESULTS.md).
+# The toy world's quality benchmarks, as run for bench/RESULTS.md (2 CPU cores: about 70 and 25 minutes).
 bench-toyworld: $(STAMP)
-	$(PY) bench/toyworld_quality.py --out bench-output/toyworld
+	$(PY) bench/toyworld_quality.py --ranks 0.05 1 8 32 --sweep-concepts 3 --out bench-output/toyworld
+	$(PY) bench/toyworld_class_source.py --out bench-output/toyworld-class
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
 # Both refuse to overwrite: move the shipped folder away first.
