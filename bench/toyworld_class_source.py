@@ -1,6 +1,7 @@
 """Where the class word comes from, in the toy world (the layout of supplement Table 4).
 
-    python bench/toyworld_class_source.py [--concepts 5] [--out bench-output/toyworld-class]
+    python bench/toyworld_class_source.py [--concepts 5] [--images 4] [--steps 400]
+        [--out bench-output/toyworld-class]
 
 Held-out concepts, one prompt of each of the six kinds, run through ``persres benchmark`` twice: with
 the dataset's class word, and with the toy noun nearest to the photos by the oracle CLIP (the paper's
@@ -83,6 +84,7 @@ def benchmark_config(
         dataset=str(dataset),
         base=args.base,
         out=str(args.out / "benchmark"),
+        ranks=(toy.rank,),
         samplers=("normal", "lag"),
         images_per_prompt=args.images,
         train=template,
@@ -94,7 +96,9 @@ def benchmark_config(
     )
 
 
-def print_tables(judge: Judge, out: Path, concepts: list[tuple[Instance, Path, list[ToyPrompt]]]) -> None:
+def print_tables(
+    judge: Judge, out: Path, concepts: list[tuple[Instance, Path, list[ToyPrompt]]], rank: float | int
+) -> None:
     identity: dict[str, list[float]] = {}
     print(
         md_row("concept", "class source", "class word", "sampler", "judge identity")
@@ -102,7 +106,7 @@ def print_tables(judge: Judge, out: Path, concepts: list[tuple[Instance, Path, l
     )
     for instance, _, prompts in concepts:
         for source in SOURCES:
-            folder = "rank-0.05" + ("" if source == "dataset" else f"-class-{source}")
+            folder = f"rank-{rank}" + ("" if source == "dataset" else f"-class-{source}")
             result = out / "runs" / concept_name(instance) / folder / "result.json"
             rows = judge_rows(judge, result, prompts, instance[0])
             for sampler in ("normal", "lag"):
@@ -130,7 +134,7 @@ def main() -> None:
     parser.add_argument("--base", default="models/toyworld-base")
     parser.add_argument("--oracle", type=Path, default=Path("models/toyworld-oracle"))
     parser.add_argument("--concepts", type=int, default=5)
-    parser.add_argument("--images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--images", type=int, default=ToySettings.images_per_prompt, help="images per prompt")
     parser.add_argument("--steps", type=int, default=ToySettings.steps, help="training steps")
     parser.add_argument("--out", type=Path, default=Path("bench-output/toyworld-class"))
     args = parser.parse_args()
@@ -141,7 +145,7 @@ def main() -> None:
     dataset = write_cc101(args.out / "dataset", [(i, ph, templates(pr, i[0])) for i, ph, pr in concepts])
     nouns = write_text(args.out / "nouns.txt", "\n".join(toy_nouns()) + "\n")
     out = run_benchmark(benchmark_config(args, dataset, nouns, toy), device="cpu", progress=False)
-    print_tables(load_judge(args.oracle), out, concepts)
+    print_tables(load_judge(args.oracle), out, concepts, toy.rank)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def test_written_dataset_loads_with_the_benchmark_reader(tmp_path: Path) -> None
 def test_templates_without_a_concept_slot_are_refused(tmp_path: Path) -> None:
     photos = reference_photos(HELD_OUT[0], tmp_path / "photos", count=1)
     with pytest.raises(ValueError, match="dog_red_striped"):
-        write_cc101(tmp_path / "cc101", [(HELD_OUT[0], photos, ["a photo of a dog"])])
+        write_cc101(tmp_path / "cc101", [(HELD_OUT[1], photos, ["{}"]), (HELD_OUT[0], photos, ["a dog"])])
+    assert not (tmp_path / "cc101").exists()  # nothing half-written
 
 
 def test_toy_nouns_are_single_tokens_and_include_every_class() -> None:

@@ -184,7 +184,7 @@ def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progre
         variant.entry.images,
         3,
         variant.class_source,  # type: ignore[arg-type]
-        nouns=load_nouns(nouns) if nouns else None,
+        nouns=None if nouns is None else load_nouns(nouns),
         progress=progress,
     )
     listed = "WordNet noun" if nouns is None else f"noun from {nouns}"

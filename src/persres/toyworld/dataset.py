@@ -22,12 +22,15 @@ def concept_name(instance: Instance) -> str:
 
 def write_cc101(root: Path, concepts: list[tuple[Instance, Path, list[str]]]) -> Path:
     """``root``/dataset.json, prompts/ and benchmark_dataset/ for (instance, photo folder, templates)."""
+    for instance, _, templates in concepts:  # check everything before writing anything
+        if not all("{}" in line for line in templates):
+            raise ValueError(
+                f"{concept_name(instance)}: every prompt template needs {{}} where the concept goes"
+            )
     (root / "prompts").mkdir(parents=True, exist_ok=True)
     entries = []
     for instance, photos, templates in concepts:
         name = concept_name(instance)
-        if not all("{}" in line for line in templates):
-            raise ValueError(f"{name}: every prompt template needs {{}} where the concept goes")
         (root / "prompts" / f"{name}.txt").write_text("\n".join(templates) + "\n")
         shutil.copytree(photos, root / "benchmark_dataset" / name, dirs_exist_ok=True)
         entries.append(
