@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from toybench import md_row, parse_fresh, toy_parser
 
 from persres.benchmark import BenchmarkConfig, run_benchmark
 from persres.config import TrainConfig
@@ -52,10 +53,6 @@ def judge_rows(judge: Judge, result: Path, prompts: list[ToyPrompt], cls: str) -
         score = check(read, expect[image["prompt"]])
         rows.append({"sampler": image["sampler"], "class_word": chosen, "identity": score["identity"]})
     return rows
-
-
-def md_row(*cells: object) -> str:
-    return "| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 
 def write_concepts(out: Path, count: int, toy: ToySettings) -> list[tuple[Instance, Path, list[ToyPrompt]]]:
@@ -128,18 +125,9 @@ def print_tables(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--base", default="models/toyworld-base")
-    parser.add_argument("--oracle", type=Path, default=Path("models/toyworld-oracle"))
-    parser.add_argument("--concepts", type=int, default=5)
-    parser.add_argument("--images", type=int, default=ToySettings.images_per_prompt, help="images per prompt")
+    parser = toy_parser(__doc__, "bench-output/toyworld-class")
     parser.add_argument("--steps", type=int, default=ToySettings.steps, help="training steps")
-    parser.add_argument("--out", type=Path, default=Path("bench-output/toyworld-class"))
-    args = parser.parse_args()
-    if args.out.exists():
-        parser.error(f"--out {args.out} exists; remove it or choose another folder")
+    args = parse_fresh(parser)
     toy = ToySettings(steps=args.steps)
     concepts = write_concepts(args.out, args.concepts, toy)
     dataset = write_cc101(args.out / "dataset", [(i, ph, templates(pr, i[0])) for i, ph, pr in concepts])

@@ -14,7 +14,6 @@ base model's captions, then 4-5 minutes per concept and rank (under a minute of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from toybench import md_table, parse_fresh, toy_parser
 
 from persres.config import ResidualConfig
 from persres.evaluate import Scorers
@@ -65,14 +65,6 @@ def base_quality(pipe: Any, judge: Judge, count: int, seed: int, held_out: bool)
     return {name: float(np.mean(v)) for name, v in hits.items()}
 
 
-def md_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def concept_rows(
     base: str,
     pipe: Any,
@@ -101,20 +93,11 @@ def concept_rows(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--base", default="models/toyworld-base")
-    parser.add_argument("--oracle", type=Path, default=Path("models/toyworld-oracle"))
-    parser.add_argument("--concepts", type=int, default=5)
+    parser = toy_parser(__doc__, "bench-output/toyworld")
     parser.add_argument("--ranks", nargs="+", type=ResidualConfig.parse_rank, default=[0.05])
     parser.add_argument("--sweep-concepts", type=int, default=0, help="concepts for ranks other than 0.05")
-    parser.add_argument("--images", type=int, default=4, help="images per prompt")
     parser.add_argument("--base-prompts", type=int, default=192)
-    parser.add_argument("--out", type=Path, default=Path("bench-output/toyworld"))
-    args = parser.parse_args()
-    if args.out.exists():
-        parser.error(f"--out {args.out} exists; remove it or choose another folder")
+    args = parse_fresh(parser)
     torch.manual_seed(0)
     pipe = load_pipeline(args.base, torch.float32, torch.device("cpu"))
     judge = load_judge(args.oracle)
