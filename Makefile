@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test demo lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
+.PHONY: test test-fast demo lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(PY) -m pytest -q
+
+# The tests without the slow ones (full trainings, several processes): under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow'
 
 demo: $(STAMP)
 	bash scripts/demo.sh
