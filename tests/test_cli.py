@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from helpers import run_unet, unet_inputs
 from PIL import Image
 
 from persres import __version__, load_residuals
-from persres.cli import main
+from persres.cli import build_parser, main
 from persres.tiny import save_tiny_pipeline
 
 TRAIN = ["--class-word", "dog", "--steps", "3", "--batch-size", "2", "--resolution", "16", "--device", "cpu"]
@@ -98,10 +99,34 @@ def test_train_sample_info_merge(
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     version = subprocess.run([sys.executable, "-m", "persres", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"persres {__version__}"
-    for command in ("train", "sample", "info", "merge"):
-        with pytest.raises(SystemExit) as done:
-            main([command, "--help"])
-        assert done.value.code == 0 and "usage: persres " + command in capsys.readouterr().out
+    commands = subcommands()
+    assert {"train", "sample", "info", "merge", "evaluate", "benchmark", "report"} < set(commands)
+    for command in commands:
+        assert main([command, "--help"]) == 0
+        assert "usage: persres " + command in capsys.readouterr().out
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(action.choices)
+
+
+def test_help_and_argument_errors_never_import_torch() -> None:
+    check = (
+        "import sys, contextlib, io\n"
+        "from persres.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    codes = [main([c, '--help']) for c in {subcommands()!r}]\n"
+        "    codes.append(main(['sample', '--steps', '0']))\n"
+        "    codes.append(main(['info', '/nowhere/residuals.safetensors']))\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    codes, heavy = done.stdout.rsplit("] ", 1)
+    assert heavy.strip() == "[]", done.stdout
+    assert codes.endswith("0, 2, 2"), done.stdout
 
 
 def test_bad_images_are_named(conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -247,3 +272,79 @@ def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_
     ]
     assert main(argv) == 0
     assert json.loads((run / "config.json").read_text())["flip"] is False
+
+
+BAD_NUMBERS = [
+    ("sample", "--guidance", "inf", "[0, 100]"),
+    ("sample", "--guidance", "nan", "[0, 100]"),
+    ("sample", "--guidance", "-1", "[0, 100]"),
+    ("sample", "--steps", "0", "[1, 1000]"),
+    ("sample", "--steps", "5000", "[1, 1000]"),
+    ("sample", "--seed", "-1", "[0, 4294967295]"),
+    ("sample", "--seed", "1e3", "[0, 4294967295]"),
+    ("sample", "--num-images", "0", ">= 1"),
+    ("sample", "--height", "36", "multiple of 8"),
+    ("sample", "--width", "0", "[8, 8192]"),
+    ("train", "--lr", "nan", "(0, 1]"),
+    ("train", "--lr", "0", "(0, 1]"),
+    ("train", "--steps", "0", ">= 1"),
+    ("train", "--batch-size", "-2", ">= 1"),
+    ("train", "--resolution", "100", "multiple of 8"),
+    ("train", "--checkpoint-every", "0", ">= 1"),
+    ("train", "--seed", "-5", "[0, 4294967295]"),
+    ("benchmark", "--images-per-prompt", "0", ">= 1"),
+    ("benchmark", "--max-prompts", "0", ">= 1"),
+    ("benchmark", "--sample-steps", "0", "[1, 1000]"),
+    ("benchmark", "--guidance", "inf", "[0, 100]"),
+    ("suggest-class", "--top", "0", ">= 1"),
+    ("suggest-class", "--margin", "nan", "[0, 1]"),
+    ("suggest-token", "--top", "0", ">= 1"),
+]
+REQUIRED = {
+    "sample": ["--base", "b", "--residuals", "r", "--prompt", "a V* dog", "--out"],
+    "train": ["--base", "b", "--images", "i", "--class-word", "dog", "--out"],
+    "benchmark": ["--dataset", "d", "--base", "b", "--out"],
+    "suggest-class": ["--images", "i", "--clip", "c"],
+    "suggest-token": ["--base", "b"],
+}
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "valid"), BAD_NUMBERS)
+def test_numeric_options_are_checked_when_parsed(
+    command: str, flag: str, value: str, valid: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = [command, *REQUIRED[command]] + ([str(out)] if REQUIRED[command][-1] == "--out" else [])
+    assert main([*argv, f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: must be" in err and valid in err, err
+    assert not out.exists()
+
+
+def test_an_unwritable_out_is_refused_before_any_model_is_loaded(
+    conv_base: Path, photos: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    absent = str(tmp_path / "no-such-model")  # loading it would fail: the --out check must come first
+    commands = [
+        ["sample", "--base", absent, "--residuals", str(trained), "--prompt", "a V* dog", "--out", str(out)],
+        ["merge", "--base", absent, "--residuals", str(trained), "--out", str(out)],
+        [
+            "evaluate",
+            "--images",
+            str(photos),
+            "--references",
+            str(photos),
+            "--clip",
+            absent,
+            "--out",
+            str(out),
+        ],
+        ["benchmark", "--dataset", absent, "--base", absent, "--out", str(out)],
+        ["train", "--base", absent, "--images", str(photos), "--class-word", "dog", "--out", str(out)],
+    ]
+    for argv in commands:
+        err = error_of(capsys, argv)
+        assert f"--out {out}" in err and "is a file, not a folder" in err, err

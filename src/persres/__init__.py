@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from persres import quiet as _quiet  # noqa: E402
+
+_quiet.install()  # before transformers is imported anywhere: drop its torchvision false alarm
+
 _EXPORTS = {
     "ResidualConfig": "persres.config",
     "TrainConfig": "persres.config",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,31 +53,37 @@ def concept_of(loaded: ResidualFile) -> Concept:
     return Concept(token, class_word, str(loaded.path))
 
 
-def read_concepts(paths: list[str | os.PathLike[str]]) -> list[Concept]:
-    """The concepts of residual files, checked without a model (format, metadata, distinct tokens)."""
-    if not paths:
+ResidualSource = str | os.PathLike[str] | ResidualFile  # a path, or a file already read
+
+
+def read_files(sources: Sequence[ResidualSource]) -> list[ResidualFile]:
+    """Residual files read and checked without a model (format, metadata, distinct tokens); a
+    ``ResidualFile`` already read is taken as it is, so a command reads each file once."""
+    if not sources:
         raise ConfigError("no residual file given; pass --residuals at least once")
-    concepts = [concept_of(read_residual_file(p)) for p in paths]
-    _refuse_shared_tokens(concepts)
-    return concepts
+    files = [s if isinstance(s, ResidualFile) else read_residual_file(s) for s in sources]
+    _refuse_shared_tokens([concept_of(loaded) for loaded in files])
+    return files
 
 
-def load_concepts(unet: nn.Module, paths: list[str | os.PathLike[str]]) -> list[Concept]:
+def read_concepts(sources: Sequence[ResidualSource]) -> list[Concept]:
+    """The concepts of residual files, checked without a model."""
+    return [concept_of(loaded) for loaded in read_files(sources)]
+
+
+def load_concepts(unet: nn.Module, sources: Sequence[ResidualSource]) -> list[Concept]:
     """Load one or more residual files into ``unet``, stacked so that concept g owns rank group g.
 
     Every file is checked against the model before anything is changed.
     """
-    if not paths:
-        raise ConfigError("no residual file given; pass --residuals at least once")
     if find_residuals(unet):
         raise ConfigError("this U-Net already has residuals; call remove_residuals(unet) first")
-    files = [read_residual_file(p) for p in paths]
+    files = read_files(sources)
     proj_outs = find_proj_outs(unet)
     for loaded in files:
         check_fits(loaded, proj_outs)
         check_architecture(loaded, unet)
     concepts = [concept_of(loaded) for loaded in files]
-    _refuse_shared_tokens(concepts)
     layers = [loaded.layers() for loaded in files]
     ranks = {layer: sum(f[layer][0].shape[1] for f in layers) for layer in proj_outs}
     wrappers = add_residuals(unet, ResidualConfig(), ranks=ranks)

@@ -146,3 +146,32 @@ class TrainConfig:
         free = {"steps", "checkpoint_every", "validation_prompts", "class_reason", "lr"}
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])
+
+
+MAX_STEPS = 1000  # DDIM cannot take more steps than the 1000 training timesteps of Stable Diffusion
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """DDIM sampling settings; ``height``/``width`` None means the model's native size."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    num_images: int = 1
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"--steps must be in [1, {MAX_STEPS}], got {self.steps}")
+        if self.num_images < 1:
+            raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
+        if not 0 <= self.guidance <= 100:  # also refuses NaN and infinity
+            raise ConfigError(f"--guidance must be a finite number in [0, 100], got {self.guidance}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")

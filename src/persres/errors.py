@@ -30,3 +30,7 @@ class OutputExistsError(PersresError, FileExistsError):
 
 class TrainingDivergedError(PersresError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+class OutputPathError(PersresError):
+    """An output path that cannot be written (a file where a folder is needed, no permission)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from persres.errors import OutputExistsError
+from persres.errors import OutputExistsError, OutputPathError
 
 
 @contextlib.contextmanager
@@ -70,3 +70,26 @@ def write_text(target: str | os.PathLike[str], text: str, overwrite: bool = True
 
 def write_json(target: str | os.PathLike[str], data: Any, overwrite: bool = True) -> Path:
     return write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite)
+
+
+def check_writable(target: str | os.PathLike[str], flag: str, folder: bool = True) -> None:
+    """Refuse an output that cannot be written, before any compute: the nearest existing folder on the
+    way to ``target`` must be a folder we can create files in (tried for real, so read-only file systems
+    and permissions count as the operating system sees them)."""
+    path = Path(target)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {target} is a file; pass a folder")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {target} cannot be created: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".persres-write-check.", dir=existing)
+    except OSError as exc:
+        raise OutputPathError(
+            f"{flag} {target} is not writable: cannot create a file in {existing} ({exc.strerror}); "
+            "choose another place"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)

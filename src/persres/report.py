@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from persres.categories import CATEGORIES  # noqa: E402
 from persres.errors import InputError, OutputExistsError  # noqa: E402
-from persres.files import write_text  # noqa: E402
+from persres.files import check_writable, write_text  # noqa: E402
 
 THUMB = 96
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}
@@ -38,6 +38,7 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     target = Path(out) if out else root / "report.html"
     if target.exists():
         raise OutputExistsError(f"{target} already exists; pass --out with a new file name")
+    check_writable(target, "--out", folder=False)
     with open(root / "results.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     results = {

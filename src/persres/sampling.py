@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from persres.concepts import Concept, PromptPlan, concept_columns, plan_prompts
+from persres.config import SampleSettings
 from persres.errors import ConfigError
 from persres.lag import LagState, localized
 
@@ -26,28 +27,7 @@ log = logging.getLogger(__name__)
 
 Sampler = Literal["normal", "lag", "both"]
 SAMPLERS = ("normal", "lag", "both")
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """DDIM sampling settings; ``height``/``width`` None means the model's native size."""
-
-    steps: int = 50
-    guidance: float = 7.5
-    num_images: int = 1
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
-        if self.num_images < 1:
-            raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
+__all__ = ["SAMPLERS", "Sample", "SampleSettings", "Sampler", "generate", "sample"]
 
 
 @dataclass

@@ -31,7 +31,7 @@ from persres.concepts import Concept, plan_prompts
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
-from persres.files import write_json
+from persres.files import check_writable, write_json
 from persres.io import save_residuals
 from persres.macro import real_words
 from persres.outputs import write_samples
@@ -78,6 +78,7 @@ def train(
     benchmark runner's case: one concept per process).
     """
     out = Path(out)
+    check_writable(out, "--out")
     previous = check_output(out, resume, overwrite)
     plan_prompts(
         list(config.validation_prompts), [Concept(config.token, config.class_word)], allow_empty=True

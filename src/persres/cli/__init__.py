@@ -1,0 +1,73 @@
+"""Command line: parse the arguments (ranges checked as they are read), then make one library call per
+subcommand. Each subcommand lives in one module here with its parser and its handler.
+
+Errors the user can fix (``PersresError``, bad arguments) print one line and exit with status 2.
+Commands that only read files (``info``, ``report``, ``--help``, argument errors) never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from persres import __version__
+from persres.cli import evaluation, generation, suggestion, training
+from persres.errors import PersresError
+
+LIGHT_COMMANDS = {"info", "report"}  # read files only: no torch, diffusers or transformers
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error that names the subcommand and where help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="persres",
+        description="Personalized Residuals for Stable Diffusion: teach a concept from a few photos.",
+    )
+    parser.add_argument("--version", action="version", version=f"persres {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (training, generation, evaluation, suggestion):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argument errors have printed their answer
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    if args.command not in LIGHT_COMMANDS:
+        quiet_third_party()
+    try:
+        return int(args.handler(args))
+    except PersresError as exc:
+        print(f"persres {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"persres {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+def quiet_third_party() -> None:
+    """Library progress bars (weight loading and saving) stay out of the user's terminal; their
+    warnings are shown, except the known false alarm filtered in ``persres.quiet``."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""``persres train``: parse the run's settings into a ``TrainConfig`` and call ``persres.train.train``.
+Defaults come from ``TrainConfig`` itself."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from persres.cli.options import LEARNING_RATE, PIXELS, POSITIVE, SEED, add_device
+from persres.config import DEFAULT_CLIP, ResidualConfig, TrainConfig
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train residuals for a concept from a folder of photos",
+        description="Train personalized residuals (paper defaults: 150 steps, batch 4, lr 1e-3).",
+    )
+    p.add_argument("--base", required=True, help="diffusers Stable Diffusion 1.x/2.x folder or hub id")
+    p.add_argument("--images", required=True, help="folder of 1-50 photos of the concept (jpg/png/webp)")
+    p.add_argument(
+        "--class-word",
+        required=True,
+        help="the macro class, e.g. dog, teapot, sofa; 'auto' picks a WordNet noun with CLIP",
+    )
+    p.add_argument(
+        "--class-strategy",
+        choices=["nearest", "balanced"],
+        default="nearest",
+        help="with --class-word auto: nearest noun (paper) or balanced (more general; default nearest)",
+    )
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="with --class-word auto: CLIP model")
+    p.add_argument("--nouns", help="with --class-word auto: own noun list instead of WordNet")
+    p.add_argument(
+        "--out", required=True, help="output folder for residuals.safetensors, config.json, checkpoints"
+    )
+    p.add_argument(
+        "--token", default=DEFAULTS["token"], help="identifier V*, a rare single token (default %(default)s)"
+    )
+    add_recipe(p)
+    p.add_argument("--rank", default="0.05", help="fraction of each layer's width (0.05) or fixed rank (16)")
+    p.add_argument("--init", choices=["zero", "random"], default="zero", help="factor init (default zero)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=POSITIVE,
+        default=DEFAULTS["checkpoint_every"],
+        help="steps between checkpoints",
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument(
+        "--validation-prompt",
+        action="append",
+        default=[],
+        help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
+    )
+    add_device(p)
+    p.set_defaults(handler=run)
+
+
+def add_recipe(p: argparse.ArgumentParser) -> None:
+    """The training recipe's options, shared with ``persres benchmark``."""
+    p.add_argument(
+        "--steps", type=POSITIVE, default=DEFAULTS["steps"], help="optimizer steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=POSITIVE,
+        default=DEFAULTS["batch_size"],
+        help="images per step (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=LEARNING_RATE, default=DEFAULTS["lr"], help="AdamW learning rate (default %(default)s)"
+    )
+    p.add_argument(
+        "--resolution",
+        type=PIXELS,
+        default=DEFAULTS["resolution"],
+        help="training size in px (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-flip", action="store_true", help="no random horizontal flips (for asymmetric concepts)"
+    )
+    p.add_argument("--seed", type=SEED, default=DEFAULTS["seed"], help="random seed (default %(default)s)")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="base model precision"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from persres.train import train
+
+    class_word, reason = args.class_word, ""
+    if class_word == "auto":
+        class_word, reason = auto_class_word(args)
+        print(f"class word: {class_word} ({reason})")
+    config = TrainConfig(
+        base=args.base,
+        images=args.images,
+        class_word=class_word,
+        class_reason=reason,
+        token=args.token,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        residual=ResidualConfig(rank=ResidualConfig.parse_rank(args.rank), init=args.init),
+        resolution=args.resolution,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        flip=not args.no_flip,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        validation_prompts=tuple(args.validation_prompt),
+    )
+    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    loss = "none" if result.final_loss is None else f"{result.final_loss:.5f}"
+    print(f"trained {result.parameters:,} residual parameters for {result.steps} steps (final loss {loss})")
+    print(f"residuals: {result.residuals}")
+    return 0
+
+
+def auto_class_word(args: argparse.Namespace) -> tuple[str, str]:
+    """``--class-word auto``: the macro class chosen by CLIP among WordNet (or --nouns) nouns, and why."""
+    from persres.evaluate import Scorers
+    from persres.macro import load_nouns, suggest_classes
+
+    scorers = Scorers.load(args.clip, None, args.device)
+    listed = load_nouns(args.nouns) if args.nouns else None
+    suggestions = suggest_classes(scorers, args.images, 5, args.class_strategy, nouns=listed)
+    runners_up = ", ".join(f"{s.noun} {s.score:.3f}" for s in suggestions[1:])
+    source = "WordNet noun" if args.nouns is None else f"noun from {args.nouns}"
+    reason = (
+        f"--class-word auto: {source} chosen by {args.class_strategy} with {args.clip}, cosine "
+        f"{suggestions[0].score:.3f}; next: {runners_up}"
+    )
+    return suggestions[0].noun, reason

@@ -1,0 +1,41 @@
+"""``persres merge``: fold residuals into the U-Net's weights and write a plain diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from persres.errors import OutputExistsError
+from persres.files import atomic_dir, check_writable
+from persres.io import load_residuals, read_residual_file
+from persres.pipeline import load_pipeline
+from persres.residuals import fold_residuals
+
+
+def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a full diffusers pipeline whose U-Net has the residuals folded into its weights.
+
+    The result loads with plain ``StableDiffusionPipeline.from_pretrained``; prompts still use the
+    identifier token (recorded in ``persres_merge.json``).
+    """
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"--out {out} already exists; merge writes a new folder, choose another path")
+    check_writable(out, "--out")
+    read_residual_file(residuals)  # a bad file fails before the model is loaded
+    pipe = load_pipeline(base, torch.float32, "cpu", as_shipped=True)
+    metadata = load_residuals(pipe.unet, residuals)
+    fold_residuals(pipe.unet)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        note = {
+            "merged_from": str(residuals),
+            "base": base,
+            "token": metadata.get("token"),
+            "class_word": metadata.get("class_word"),
+        }
+        (tmp / "persres_merge.json").write_text(json.dumps(note, indent=2) + "\n")
+    return out

@@ -1,0 +1,27 @@
+"""Silence one known false alarm of transformers, for every entry point of persres.
+
+transformers 5 warns at import that ``CLIPImageProcessor`` "requires torchvision" and falls back to
+the PIL processor. persres never uses an image processor of transformers (``persres.evaluate``
+preprocesses images itself) and deliberately does not depend on torchvision, so the warning says
+nothing to a persres user. Only that message is dropped; every other warning is still shown.
+Standard library only: installing the filter must not import transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
+EMITTER = "transformers.utils.import_utils"  # the logger that emits it (transformers 5.x)
+
+
+class DropTorchvisionFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_FALLBACK not in record.getMessage()
+
+
+def install() -> None:
+    """Idempotent: the filter is added to the emitting logger once."""
+    emitter = logging.getLogger(EMITTER)
+    if not any(isinstance(f, DropTorchvisionFallback) for f in emitter.filters):
+        emitter.addFilter(DropTorchvisionFallback())
