@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -348,3 +349,31 @@ def test_an_unwritable_out_is_refused_before_any_model_is_loaded(
     for argv in commands:
         err = error_of(capsys, argv)
         assert f"--out {out}" in err and "is a file, not a folder" in err, err
+
+
+@pytest.mark.slow
+def test_commands_print_no_third_party_noise(
+    trained: Path, conv_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    """A fresh process (transformers warns once per process) runs sample and evaluate as a user would:
+    neither transformers' torchvision fallback nor its load report of the other CLIP tower shows."""
+    from persres.tiny import save_tiny_clip, save_tiny_dino
+
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    samples = tmp_path / "samples"
+    script = (
+        "import sys\nfrom persres.cli import main\n"
+        f"sys.exit(main(['sample', '--base', {str(conv_base)!r}, '--residuals', {str(trained)!r}, "
+        f"'--prompt', 'a V* dog', '--out', {str(samples)!r}, '--steps', '2', '--device', 'cpu']) or "
+        f"main(['evaluate', '--images', {str(samples)!r}, '--references', {str(photos)!r}, "
+        f"'--clip', {str(clip)!r}, '--dino', {str(dino)!r}, '--device', 'cpu']))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "clip_t" in done.stdout
+    for noise in ("torchvision", "LOAD REPORT", "UNEXPECTED"):
+        assert noise not in done.stderr, done.stderr
+    demo = [sys.executable, "-m", "persres.toyworld.demo", "--help"]  # the demo steps outside the CLI
+    done = subprocess.run(demo, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
