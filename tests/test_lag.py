@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import randomize_residuals, run_unet, unet_inputs
+from helpers import drop_model_max_length, randomize_residuals, run_unet, unet_inputs
 from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
@@ -262,3 +263,16 @@ def test_two_concepts_get_their_own_masks(pipe: StableDiffusionPipeline, dog: Pa
 def positions(tokenizer: PreTrainedTokenizerBase, ids: list[int], word: str) -> list[int]:
     """Every position covered by an occurrence of ``word``."""
     return [p for span in word_spans(tokenizer, ids, word) for p in span]
+
+
+def test_a_base_whose_tokenizer_lacks_model_max_length(conv_base: Path, tmp_path: Path) -> None:
+    loose = Path(shutil.copytree(conv_base, tmp_path / "loose"))
+    drop_model_max_length(loose / "tokenizer")
+    pipe = load_pipeline(str(loose))
+    assert pipe.tokenizer.model_max_length == 77  # bounded by the text encoder's positions
+    dog = concept_file(conv_base, tmp_path, "sks", "dog", seed=1)
+    prompts = ["a photo of a V* dog on the beach"]
+    got = sample(pipe, prompts, load_concepts(pipe.unet, [dog]), SETTINGS, "lag", progress=False)
+    reference = load_pipeline(str(conv_base))
+    want = sample(reference, prompts, load_concepts(reference.unet, [dog]), SETTINGS, "lag", progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(got), pixels(want), strict=True))
