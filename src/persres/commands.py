@@ -201,7 +201,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from persres.workflows import describe
+    from persres.info import describe
 
     print(json.dumps(describe(args.file), indent=2))
     return 0

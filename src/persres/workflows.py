@@ -1,4 +1,4 @@
-"""The library calls behind ``persres sample``, ``persres info`` and ``persres merge``."""
+"""The library calls behind ``persres sample`` and ``persres merge`` (``info``: persres.info)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -14,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 from persres.concepts import Concept, load_concepts, plan_prompts, read_concepts
 from persres.errors import ConfigError, OutputExistsError
 from persres.files import atomic_dir
+from persres.info import describe  # noqa: F401  (``persres info``'s function lives there, torch-free)
 from persres.io import load_residuals, read_residual_file
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, resolve_device
@@ -73,27 +73,6 @@ def sample_to_folder(
 
 def placeholder(index: int, count: int) -> str:
     return "V*" if count == 1 else f"V{index + 1}*"
-
-
-def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``persres info`` prints: provenance, per-layer widths and ranks, parameter count."""
-    loaded = read_residual_file(path)
-    layers = [
-        {"path": name, "m": int(a.shape[0]), "rank": int(a.shape[1]), "parameters": a.numel() + b.numel()}
-        for name, (a, b) in loaded.layers().items()
-    ]
-    return {
-        "file": str(loaded.path),
-        "format_version": int(loaded.metadata["format_version"]),
-        "base_model": loaded.metadata.get("base_model"),
-        "token": loaded.metadata.get("token"),
-        "class_word": loaded.metadata.get("class_word"),
-        "rank_config": loaded.json_field("rank_config"),
-        "steps": int(loaded.metadata["step"]) if "step" in loaded.metadata else None,
-        "persres_version": loaded.metadata.get("persres_version"),
-        "layers": layers,
-        "total_parameters": sum(layer["parameters"] for layer in layers),
-    }
 
 
 def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
