@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from persres.residuals import find_residuals
@@ -30,3 +33,13 @@ def run_unet(unet: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, to
     with torch.no_grad():
         latents, steps, text = inputs
         return unet(latents, steps, encoder_hidden_states=text).sample
+
+
+def drop_model_max_length(tokenizer_folder: Path) -> Path:
+    """Remove ``model_max_length`` from a saved tokenizer's config, as transformers 5 saves a
+    CLIPProcessor: the tokenizer then reads it as 1e30."""
+    path = tokenizer_folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("model_max_length") is not None
+    path.write_text(json.dumps(config))
+    return tokenizer_folder

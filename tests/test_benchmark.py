@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from persres.benchmark import BenchmarkConfig, run_benchmark
+from persres.benchmark import BenchmarkConfig, Variant, run_benchmark, variant_train_config
 from persres.categories import auto_sampler, prompt_category
 from persres.cc101 import load_dataset
-from persres.config import TrainConfig
+from persres.config import ResidualConfig, TrainConfig
 from persres.errors import InputError
 from persres.report import write_report
 from persres.sampling import SampleSettings
@@ -101,6 +101,38 @@ def test_paths_leaving_the_dataset_are_refused(dataset: Path, hostile: str) -> N
     (dataset / "dataset.json").write_text(json.dumps(entries))
     with pytest.raises(InputError, match="refused|absolute"):
         load_dataset(dataset)
+
+
+def test_a_variant_without_a_train_template_uses_the_training_defaults(dataset: Path, tmp_path: Path) -> None:
+    entry = load_dataset(dataset)[0]
+    variant = Variant(entry, 2, "dataset", tmp_path / "variant")
+    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "out"))  # train=None
+    made = variant_train_config(config, variant, "dog", "dataset.json class_prompt")
+    expected = TrainConfig(
+        base="some/base",
+        images=str(entry.images),
+        class_word="dog",
+        class_reason="dataset.json class_prompt",
+        residual=ResidualConfig(rank=2),
+    )
+    assert made == expected
+    assert (made.steps, made.batch_size, made.lr) == (150, 4, 1e-3)  # the paper's recipe
+
+
+def test_a_variant_keeps_the_train_template_settings(dataset: Path, tmp_path: Path) -> None:
+    entry = load_dataset(dataset)[1]
+    template = TrainConfig(
+        base="other", images="-", class_word="-", steps=7, lr=5e-4, residual=ResidualConfig(init="random")
+    )
+    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "o"), train=template)
+    made = variant_train_config(config, Variant(entry, 0.25, "nearest", tmp_path / "v"), "mug", "nearest")
+    assert (made.base, made.images, made.class_word, made.class_reason) == (
+        "some/base",
+        str(entry.images),
+        "mug",
+        "nearest",
+    )
+    assert (made.steps, made.lr, made.residual) == (7, 5e-4, ResidualConfig(rank=0.25, init="random"))
 
 
 def test_prompt_categories() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import drop_model_max_length
 from PIL import Image
 from transformers import CLIPModel, ViTModel
 
@@ -180,3 +181,23 @@ def test_cli_writes_json_and_refuses_to_overwrite(
     assert "already exists" in capsys.readouterr().err
     assert main([*argv[:-2], "--references", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_clip_tokenizer_without_model_max_length(
+    scorers: Scorers,
+    models: tuple[Path, Path],
+    folders: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clip = drop_model_max_length(save_tiny_clip(tmp_path / "clip"))  # the same weights as models[0]
+    loose = Scorers.load(str(clip), str(models[1]), "cpu")
+    assert loose.tokenizer.model_max_length > 10**9
+    texts = ["a photo of a dog", "a painting of a dog " * 30]  # 150 tokens: truncated at 77
+    assert torch.equal(loose.clip_texts(texts), scorers.clip_texts(texts))
+    generated, references = folders
+    argv = ["evaluate", "--images", str(generated), "--references", str(references), "--clip", str(clip)]
+    assert main([*argv, "--dino", str(models[1]), "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = evaluate_folder(generated, references, scorers=scorers)
+    assert printed["clip_t"] == expected["clip_t"] and printed["num_images"] == 3

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import randomize_residuals, run_unet, unet_inputs
+from helpers import drop_model_max_length, randomize_residuals, run_unet, unet_inputs
 from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
@@ -262,3 +265,67 @@ def test_two_concepts_get_their_own_masks(pipe: StableDiffusionPipeline, dog: Pa
 def positions(tokenizer: PreTrainedTokenizerBase, ids: list[int], word: str) -> list[int]:
     """Every position covered by an occurrence of ``word``."""
     return [p for span in word_spans(tokenizer, ids, word) for p in span]
+
+
+def test_a_base_whose_tokenizer_lacks_model_max_length(conv_base: Path, tmp_path: Path) -> None:
+    loose = Path(shutil.copytree(conv_base, tmp_path / "loose"))
+    drop_model_max_length(loose / "tokenizer")
+    pipe = load_pipeline(str(loose))
+    assert pipe.tokenizer.model_max_length == 77  # bounded by the text encoder's positions
+    dog = concept_file(conv_base, tmp_path, "sks", "dog", seed=1)
+    prompts = ["a photo of a V* dog on the beach"]
+    got = sample(pipe, prompts, load_concepts(pipe.unet, [dog]), SETTINGS, "lag", progress=False)
+    reference = load_pipeline(str(conv_base))
+    want = sample(reference, prompts, load_concepts(reference.unet, [dog]), SETTINGS, "lag", progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(got), pixels(want), strict=True))
+
+
+def test_block_mask_for_a_batch_without_an_unconditional_half() -> None:
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(2, 4, 64, 7, generator=g).softmax(-1)  # two conditional prompts, no guidance
+    columns = torch.zeros(2, 1, 7)
+    columns[0, 0, 2] = columns[1, 0, 5] = 1
+    mask = block_mask(probs, columns)
+    assert mask.shape == (2, 1, 64) and (mask.sum(-1) == 32).all()
+    for n, column in ((0, 2), (1, 5)):  # each prompt's own maps and columns
+        score = probs[n].mean(0)[:, column]
+        assert torch.equal(mask[n, 0].bool(), score > score.median())
+    with pytest.raises(ValueError, match="attention batch 3 does not match 2"):
+        block_mask(probs[:1].expand(3, -1, -1, -1), columns)
+
+
+def test_lag_without_classifier_free_guidance(
+    pipe: StableDiffusionPipeline, dog: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = replace(SETTINGS, guidance=1.0)  # diffusers then runs the U-Net on the prompt alone
+    concepts = load_concepts(pipe.unet, [dog])
+    prompts = ["a photo of a V* dog on the beach"]
+    batches: list[int] = []
+
+    def spy(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        batches.append(probs.shape[0])
+        return block_mask(probs, columns)
+
+    monkeypatch.setattr("persres.lag.block_mask", spy)
+    [normal, lag] = sample(pipe, prompts, concepts, settings, "both", save_masks=True, progress=False)
+    assert batches and set(batches) == {1}  # no unconditional half
+    for blocks in lag.masks.values():
+        for mask in blocks.values():
+            assert mask.shape[:2] == (1, 1) and mask.sum() == mask.shape[-1] // 2
+    with residuals_disabled(pipe.unet):
+        base = pixels(sample(pipe, prompts, concepts, settings, "normal", progress=False))[0]
+    assert np.abs(pixels([normal])[0] - base).max() > 0  # the residuals change the image
+
+    def filled(value: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return lambda probs, columns: torch.full((probs.shape[0], columns.shape[1], probs.shape[2]), value)
+
+    inputs = unet_inputs(pipe.unet, batch=1)
+    with residuals_disabled(pipe.unet):
+        base_out = run_unet(pipe.unet, inputs)
+    full_out = run_unet(pipe.unet, inputs)
+    for value, expected_out, expected in ((0.0, base_out, base), (1.0, full_out, pixels([normal])[0])):
+        monkeypatch.setattr("persres.lag.block_mask", filled(value))
+        with localized(pipe.unet, LagState(torch.ones(1, 1, 7))):  # one U-Net pass, batch 1
+            torch.testing.assert_close(run_unet(pipe.unet, inputs), expected_out, atol=1e-5, rtol=1e-5)
+        image = pixels(sample(pipe, prompts, concepts, settings, "lag", progress=False))[0]
+        assert np.abs(image - expected).max() <= 1  # 8-bit rounding of attention computed without SDPA

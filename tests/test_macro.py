@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import drop_model_max_length
 from transformers import CLIPModel
 
 from persres import read_residual_file
@@ -156,3 +157,20 @@ def test_suggested_tokens_are_rare_single_tokens_and_not_words(caplog: pytest.Lo
         check_identifier(tokenizer, "qqq", real_words())
     assert "'dog' is a common English word" in caplog.text
     assert "'qqq' is 3 tokens" in caplog.text
+
+
+def test_suggest_class_with_a_clip_tokenizer_without_model_max_length(
+    clip: Path,
+    photos: Path,
+    noun_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loose = drop_model_max_length(save_tiny_clip(tmp_path / "clip"))  # the same weights as ``clip``
+    argv = ["suggest-class", "--images", str(photos), "--nouns", str(noun_file), "--json", "--device", "cpu"]
+    assert main([*argv, "--clip", str(loose)]) == 0
+    found = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "other-cache"))  # embed the nouns again
+    assert main([*argv, "--clip", str(clip)]) == 0
+    assert found == json.loads(capsys.readouterr().out)

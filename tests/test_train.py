@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,3 +170,41 @@ def test_bad_images_fail_before_anything_is_written(conv_base: Path, tmp_path: P
     with pytest.raises(InputError, match="is empty"):
         train(tiny_config(conv_base, tmp_path / "imgs"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+class FixedLatentVae:
+    """A VAE stand-in whose posterior is a point: the training latents are known exactly."""
+
+    dtype = torch.float64
+    config = SimpleNamespace(scaling_factor=0.5)
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+
+    def encode(self, pixels: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=self.mean, std=torch.zeros_like(self.mean)))
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_the_training_target_follows_the_prediction_type(prediction_type: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    vae = FixedLatentVae(torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64))
+    latents = vae.mean * vae.config.scaling_factor
+    seen: dict[str, torch.Tensor] = {}
+
+    def unet(noisy: torch.Tensor, steps: torch.Tensor, **text: torch.Tensor) -> SimpleNamespace:
+        seen.update(noisy=noisy, steps=steps, prediction=torch.randn(noisy.shape, generator=g))
+        return SimpleNamespace(sample=seen["prediction"])
+
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    text, pixels = torch.zeros(1, 7, 32), torch.zeros(3, 3, 8, 8)
+    loss = denoising_loss(unet, SimpleNamespace(vae=vae), scheduler, text, pixels, torch.Generator())
+    # the noise that was drawn, recovered from x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise
+    abar = scheduler.alphas_cumprod.double()[seen["steps"]].view(-1, 1, 1, 1)
+    noise = (seen["noisy"] - abar.sqrt() * latents) / (1 - abar).sqrt()
+    velocity = scheduler.get_velocity(latents, noise, seen["steps"])
+    torch.testing.assert_close(velocity, abar.sqrt() * noise - (1 - abar).sqrt() * latents)
+    target, other = (velocity, noise) if prediction_type == "v_prediction" else (noise, velocity)
+    prediction = seen["prediction"].double()
+    torch.testing.assert_close(loss.double(), (prediction - target).square().mean(), rtol=1e-5, atol=0)
+    assert not torch.isclose(loss.double(), (prediction - other).square().mean(), rtol=1e-3)

@@ -191,6 +191,23 @@ def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progre
     return found[0].noun, f"{variant.class_source} {listed}, cosine {found[0].score:.4f}"
 
 
+def variant_train_config(
+    config: BenchmarkConfig, variant: Variant, class_word: str, reason: str
+) -> TrainConfig:
+    """The training run of one variant: the template's settings (``TrainConfig``'s defaults without
+    one) with the variant's images, class word and rank."""
+    images = str(variant.entry.images)
+    template = config.train or TrainConfig(base=config.base, images=images, class_word=class_word)
+    return replace(
+        template,
+        base=config.base,
+        images=images,
+        class_word=class_word,
+        class_reason=reason,
+        residual=ResidualConfig(rank=variant.rank, init=template.residual.init),
+    )
+
+
 def run_variant(
     config: BenchmarkConfig,
     variant: Variant,
@@ -205,15 +222,7 @@ def run_variant(
     sources are compared on the same texts, as in the supplement's Table 4."""
     entry, rank, folder = variant.entry, variant.rank, variant.folder
     class_word, reason = class_word_for(variant, scorers, config.nouns, progress)
-    template = config.train or TrainConfig(base=config.base, images="", class_word="")
-    train_config = replace(
-        template,
-        base=config.base,
-        images=str(entry.images),
-        class_word=class_word,
-        class_reason=reason,
-        residual=ResidualConfig(rank=rank, init=template.residual.init),
-    )
+    train_config = variant_train_config(config, variant, class_word, reason)
     started = time.perf_counter()
     result = train(
         train_config,

@@ -168,16 +168,21 @@ def own_class_word(identifier: range, class_spans: list[range]) -> range:
 
 
 def concept_columns(
-    tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], require: bool
+    tokenizer: PreTrainedTokenizerBase,
+    plan: PromptPlan,
+    concepts: list[Concept],
+    require: bool,
+    length: int | None = None,
 ) -> torch.Tensor:
     """(groups, T) 0/1: each concept's identifier and its own class word in the tokenized prompt.
 
     A concept the prompt does not mention gets no column (its mask is then empty). With ``require``
     (localized sampling), the prompt must mention a concept, and every mentioned concept needs its
-    identifier and class word.
+    identifier and class word. ``length`` (T): the text encoder's prompt length,
+    ``tokens.text_length(tokenizer, text_encoder)``; the tokenizer's ``model_max_length`` when None.
     """
     ids = tokenizer(
-        plan.expanded, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        plan.expanded, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True
     ).input_ids
     if require and not any(plan.present):
         names = "V*" if len(concepts) == 1 else ", ".join(f"V{g + 1}*" for g in range(len(concepts)))

@@ -35,6 +35,7 @@ from persres.config import DEFAULT_CLIP, DEFAULT_DINO
 from persres.data import load_rgb
 from persres.errors import ConfigError, InputError, ModelError
 from persres.pipeline import resolve_device
+from persres.tokens import text_length
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -140,13 +141,14 @@ class Scorers:
 
     @torch.no_grad()
     def clip_texts(self, texts: list[str]) -> torch.Tensor:
-        """(N, D) unit-norm CLIP text embeddings (truncated to the tokenizer's 77 tokens)."""
+        """(N, D) unit-norm CLIP text embeddings (truncated to CLIP's 77 tokens)."""
         out = []
+        length = text_length(self.tokenizer, self.clip_text)
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding="max_length",
-                max_length=self.tokenizer.model_max_length,
+                max_length=length,
                 truncation=True,
                 return_tensors="pt",
             )

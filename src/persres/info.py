@@ -1,29 +1,35 @@
-"""``persres info``: what a residual file holds (placeholder until the torch-free header reader lands)."""
+"""``persres info``: what a residual file holds, read from its header without importing torch.
+
+Standard library only (through ``persres.header``), so the command answers at once; the file is
+checked by the same rules ``read_residual_file`` applies (tensor values, e.g. NaN, are not read).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from persres.io import read_residual_file
+from persres.header import read_residual_header
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``persres info`` prints: provenance, per-layer widths and ranks, parameter count."""
-    loaded = read_residual_file(path)
+    """Provenance, per-layer widths and ranks, and the parameter count of a residual file."""
+    header = read_residual_header(path)
+    metadata = header.metadata
     layers = [
-        {"path": name, "m": int(a.shape[0]), "rank": int(a.shape[1]), "parameters": a.numel() + b.numel()}
-        for name, (a, b) in loaded.layers().items()
+        {"path": name, "m": a.shape[0], "rank": a.shape[1], "parameters": a.numel + b.numel}
+        for name, (a, b) in header.layers().items()
     ]
     return {
-        "file": str(loaded.path),
-        "format_version": int(loaded.metadata["format_version"]),
-        "base_model": loaded.metadata.get("base_model"),
-        "token": loaded.metadata.get("token"),
-        "class_word": loaded.metadata.get("class_word"),
-        "rank_config": loaded.json_field("rank_config"),
-        "steps": int(loaded.metadata["step"]) if "step" in loaded.metadata else None,
-        "persres_version": loaded.metadata.get("persres_version"),
+        "file": str(header.path),
+        "format_version": int(metadata["format_version"]),
+        "base_model": metadata.get("base_model"),
+        "token": metadata.get("token"),
+        "class_word": metadata.get("class_word"),
+        "rank_config": json.loads(metadata["rank_config"]) if "rank_config" in metadata else None,
+        "steps": int(metadata["step"]) if "step" in metadata else None,
+        "persres_version": metadata.get("persres_version"),
         "layers": layers,
         "total_parameters": sum(layer["parameters"] for layer in layers),
     }

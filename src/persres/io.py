@@ -4,7 +4,9 @@ Layout of ``residuals.safetensors``: for each wrapped layer two fp32 tensors,
 ``{module path}.A`` (m_out x r, the up factor) and ``{module path}.B`` (r x m_in, the down factor),
 e.g. ``down_blocks.0.attentions.0.proj_out.A``. Metadata (all strings): ``format``,
 ``format_version`` and whatever the caller adds (base model, token, class word, configs as JSON).
-Any missing, extra or mis-shaped tensor is an error that names it.
+Any missing, extra or mis-shaped tensor is an error that names it; the header's rules (format,
+metadata, factor pairs, dtypes, shapes) live in ``persres.header``, and reading also refuses factors
+that are not finite (a diverged run).
 """
 
 from __future__ import annotations
@@ -24,11 +26,8 @@ from torch import nn
 from persres.config import ResidualConfig
 from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
+from persres.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
 from persres.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
-
-FORMAT_NAME = "persres.residuals"
-FORMAT_VERSION = 1
-FACTORS = ("A", "B")
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,9 @@ class ResidualFile:
     metadata: dict[str, str]
 
     def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Module path -> (A, B)."""
-        return {
-            layer: (self.tensors[f"{layer}.A"], self.tensors[f"{layer}.B"]) for layer in _layer_names(self)
-        }
+        """Module path -> (A, B), sorted by module path."""
+        names = sorted({key.rpartition(".")[0] for key in self.tensors})
+        return {layer: (self.tensors[f"{layer}.A"], self.tensors[f"{layer}.B"]) for layer in names}
 
     def json_field(self, key: str) -> Any:
         return json.loads(self.metadata[key]) if key in self.metadata else None
@@ -88,55 +86,27 @@ def architecture(unet: nn.Module) -> str:
 
 
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
-    """Read and check a residual file without a model: format, version, factor pairs."""
-    path = Path(path)
-    if path.is_dir() and (path / "residuals.safetensors").is_file():
-        path = path / "residuals.safetensors"  # a training run's folder
-    if not path.is_file():
-        raise ResidualFileError(
-            f"residual file {path} not found; pass the residuals.safetensors of a training run"
-        )
+    """Read and check a residual file without a model: its header (``persres.header``), then the
+    factors, which must be finite; they load as fp32 whatever float type they were saved in."""
+    header = read_residual_header(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        with safe_open(str(header.path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ResidualFileError(
-            f"{path} is not a safetensors file ({exc}); persres reads and writes residuals only "
-            "as .safetensors"
+            f"{header.path} is not a readable safetensors file ({exc}); persres reads and writes residuals "
+            "only as .safetensors"
         ) from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise ResidualFileError(
-            f"{path} is a safetensors file but not a persres residual file (metadata format is "
-            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
-        )
-    version = metadata.get("format_version", "?")
-    if version != str(FORMAT_VERSION):
-        raise ResidualFileError(
-            f"{path} has format version {version}; this persres reads version {FORMAT_VERSION}. "
-            "Upgrade persres to read it"
-        )
-    loaded = ResidualFile(path, tensors, metadata)
-    _layer_names(loaded)
-    return loaded
-
-
-def _layer_names(loaded: ResidualFile) -> list[str]:
-    layers: dict[str, set[str]] = {}
-    for key in loaded.tensors:
-        layer, _, factor = key.rpartition(".")
-        if factor not in FACTORS or not layer:
-            raise ResidualFileError(f"{loaded.path}: unexpected tensor {key!r}; keys must end in .A or .B")
-        layers.setdefault(layer, set()).add(factor)
-    for layer, factors in layers.items():
-        if factors != set(FACTORS):
-            missing = sorted(set(FACTORS) - factors)
+    tensors = {key: tensor.float() for key, tensor in tensors.items()}
+    for key, tensor in sorted(tensors.items()):
+        if not torch.isfinite(tensor).all():
+            layer, _, factor = key.rpartition(".")
             raise ResidualFileError(
-                f"{loaded.path}: layer {layer} lacks factor(s) {missing}; the file is damaged"
+                f"{header.path}: layer {layer} has NaN or infinite values in factor {factor}: the training "
+                "run that wrote it diverged. Retrain (e.g. with a lower --lr) or use an earlier checkpoint "
+                "(its run folder's checkpoints/step-NNNNNN/residuals.safetensors)"
             )
-    if not layers:
-        raise ResidualFileError(f"{loaded.path} holds no residual tensors")
-    return sorted(layers)
+    return ResidualFile(header.path, tensors, header.metadata)
 
 
 def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from persres.errors import ConfigError, ModelError
+from persres.tokens import text_length
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ def load_pipeline(
         raise ModelError(_not_available_message(base, exc)) from None
     if not isinstance(pipe, StableDiffusionPipeline):
         raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
+    # diffusers' encode_prompt pads every prompt to the tokenizer's model_max_length: bound it by the
+    # text encoder (a tokenizer config without it reads as 1e30 in transformers 5)
+    pipe.tokenizer.model_max_length = text_length(pipe.tokenizer, pipe.text_encoder)
     if not as_shipped:
         # latents are not in [-1, 1]: a config without clip_sample would wash DDIM's images out
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)

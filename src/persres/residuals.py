@@ -5,8 +5,9 @@ projection of every transformer block of a frozen U-Net. ``proj_out`` is a 1x1 `
 and a ``Linear`` in SD 2.x (``use_linear_projection=True``); both are handled alike, the Conv2d by
 viewing its (m, m, 1, 1) kernel as a matrix.
 
-Every patch has an exact inverse: ``remove_residuals`` undoes ``add_residuals``; ``unmerge`` undoes
-``merge`` by restoring a copy of the original weight (exact, also in fp16).
+Every patch has an exact inverse: ``remove_residuals`` undoes ``add_residuals`` (modules, weights and
+``requires_grad`` flags); ``unmerge`` undoes ``merge`` by restoring a copy of the original weight (exact,
+also in fp16); ``residuals_disabled`` gives the base model, merged or not.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from persres.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 RANDOM_UP_STD = 1e-3  # choice: "random" init draws A small, so the start stays close to the base model
+# Attribute of the U-Net that holds each parameter's ``requires_grad`` from before ``add_residuals``
+# (which freezes the base), so that ``remove_residuals`` can give them back.
+GRAD_FLAGS = "_persres_requires_grad"
 
 
 class ResidualProjOut(nn.Module):
@@ -178,18 +182,26 @@ def add_residuals(
     targets = find_proj_outs(unet)
     if ranks is not None:
         _check_same_layers(set(ranks), set(targets))
+    chosen = {path: _rank_of(path, proj, config, ranks) for path, proj in targets.items()}  # may raise
+    setattr(unet, GRAD_FLAGS, [(p, p.requires_grad) for p in unet.parameters()])
     unet.requires_grad_(False)
     wrapped: dict[str, ResidualProjOut] = {}
     for path, proj in targets.items():
-        width = min(proj.weight.shape[0], proj.weight.shape[1])
-        rank = ranks[path] if ranks is not None else config.rank_for(width, path)
-        if not 1 <= rank <= width:
-            raise ConfigError(f"rank {rank} for layer {path} must be between 1 and its width {width}")
-        wrapper = ResidualProjOut(proj, rank, config.init, generator)
+        wrapper = ResidualProjOut(proj, chosen[path], config.init, generator)
         _set_module(unet, path, wrapper)
         wrapped[path] = wrapper
     log.info("added residuals to %d proj_out layers, %d parameters", len(wrapped), count_parameters(wrapped))
     return wrapped
+
+
+def _rank_of(
+    path: str, proj: nn.Linear | nn.Conv2d, config: ResidualConfig, ranks: Mapping[str, int] | None
+) -> int:
+    width = min(proj.weight.shape[0], proj.weight.shape[1])
+    rank = ranks[path] if ranks is not None else config.rank_for(width, path)
+    if not 1 <= rank <= width:
+        raise ConfigError(f"rank {rank} for layer {path} must be between 1 and its width {width}")
+    return rank
 
 
 def _check_same_layers(given: set[str], present: set[str]) -> None:
@@ -201,13 +213,15 @@ def _check_same_layers(given: set[str], present: set[str]) -> None:
 
 
 def remove_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
-    """Put the original ``proj_out`` modules back (unmerging first); the state dict is as before.
-
-    The base stays frozen as ``add_residuals`` left it (``unet.requires_grad_(True)`` to train it)."""
+    """Put the original ``proj_out`` modules back (unmerging first): the state dict is as before, and
+    every parameter's ``requires_grad`` is again what it was before ``add_residuals`` froze the base."""
     removed = find_residuals(unet)
     for path, wrapper in removed.items():
         wrapper.unmerge()
         _set_module(unet, path, wrapper.base)
+    flags: list[tuple[nn.Parameter, bool]] = unet.__dict__.pop(GRAD_FLAGS, [])
+    for param, flag in flags:
+        param.requires_grad_(flag)
     return removed
 
 
@@ -234,16 +248,21 @@ def fold_residuals(unet: nn.Module) -> int:
 
 @contextlib.contextmanager
 def residuals_disabled(unet: nn.Module) -> Iterator[None]:
-    """Run the base model: residuals are bypassed inside the block and restored after it."""
+    """Run the base model inside the block, merged or not: residuals are bypassed, and merged ones are
+    unmerged (the weight holds W + A B otherwise) and merged again on exit. Unmerging restores the saved
+    W and merging recomputes W + A B from it, so both the base and the merged weights are exact."""
     wrappers = find_residuals(unet)
-    before = {path: w.enabled for path, w in wrappers.items()}
+    before = {path: (w.enabled, w.merged) for path, w in wrappers.items()}
     try:
         for wrapper in wrappers.values():
             wrapper.enabled = False
+            wrapper.unmerge()
         yield
     finally:
         for path, wrapper in wrappers.items():
-            wrapper.enabled = before[path]
+            wrapper.enabled, merged = before[path]
+            if merged:
+                wrapper.merge()
 
 
 def count_parameters(residuals: Mapping[str, ResidualProjOut]) -> int:

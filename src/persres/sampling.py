@@ -22,6 +22,7 @@ from persres.concepts import Concept, PromptPlan, concept_columns, plan_prompts
 from persres.config import SampleSettings
 from persres.errors import ConfigError
 from persres.lag import LagState, localized
+from persres.tokens import text_length
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ def sample(
         raise ConfigError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
+    length = text_length(pipe.tokenizer, pipe.text_encoder)
     columns = {
-        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, require="lag" in kinds) for plan in plans
+        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, "lag" in kinds, length) for plan in plans
     }
     samples = []
     with tqdm(

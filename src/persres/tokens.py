@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from persres.errors import ConfigError
@@ -17,6 +18,14 @@ from persres.errors import ConfigError
 log = logging.getLogger(__name__)
 
 WORD_END = "</w>"
+
+
+def text_length(tokenizer: PreTrainedTokenizerBase, text_model: nn.Module) -> int:
+    """Tokens per prompt (padding and truncation): the tokenizer's ``model_max_length`` bounded by the
+    text model's position embeddings (77 for CLIP). transformers 5 leaves ``model_max_length`` at 1e30
+    when a tokenizer config lacks it (a CLIPProcessor saved by transformers 5 does), and padding to that
+    raises ``OverflowError``."""
+    return min(int(tokenizer.model_max_length), int(text_model.config.max_position_embeddings))
 
 
 def check_identifier(

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from persres.files import atomic_dir, write_json
+from persres.tokens import text_length
 from persres.toyworld.model import (
     assemble,
     deterministic_posterior,
@@ -204,7 +205,7 @@ def train_unet(config: BaseTrainConfig, work: Path, vae: AutoencoderKL, out: Pat
         ids = tokenizer(
             captions,
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=text_length(tokenizer, text_encoder),
             truncation=True,
             return_tensors="pt",
         ).input_ids
