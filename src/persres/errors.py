@@ -30,3 +30,7 @@ class OutputExistsError(PersresError, FileExistsError):
 
 class TrainingDivergedError(PersresError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+class RunLockedError(OutputExistsError):
+    """A training run folder in use by another running ``train``."""
