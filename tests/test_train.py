@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from persres import ResidualConfig, add_residuals, read_residual_file
+from persres.cli import main
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, InputError, OutputExistsError, TrainingDivergedError
@@ -208,3 +215,144 @@ def test_the_training_target_follows_the_prediction_type(prediction_type: str) -
     prediction = seen["prediction"].double()
     torch.testing.assert_close(loss.double(), (prediction - target).square().mean(), rtol=1e-5, atol=0)
     assert not torch.isclose(loss.double(), (prediction - other).square().mean(), rtol=1e-3)
+
+
+def cli_train(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:
+    return ["train", "--base", str(base), "--images", str(photos), "--out", str(out), "--class-word", "dog",
+            "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu", *flags]  # fmt: skip
+
+
+def write_lock(out: Path, pid: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock = {"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (out / ".persres.lock").write_text(json.dumps(lock))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_files_persres_did_not_write(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.json").write_text('{"learning_rate": 1}')  # the user's own project files
+    (out / "checkpoints" / "model.ckpt").write_text("weights")
+    before = snapshot(out)
+    for flags in ({"overwrite": True}, {}, {"resume": True}):
+        with pytest.raises(OutputExistsError) as caught:
+            train(tiny_config(conv_base, photos), out, progress=False, **flags)
+        assert "persres did not write: config.json, checkpoints; choose another folder" in str(caught.value)
+        assert "training run" not in str(caught.value)
+        assert snapshot(out) == before
+
+
+def test_resume_needs_a_persres_run(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "missing"):
+        with pytest.raises(InputError, match=f"--resume: --out {out} holds no persres training run"):
+            train(tiny_config(conv_base, photos), out, resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "missing").exists()
+
+
+def test_out_and_images_must_be_apart(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    own = tmp_path / "photos"
+    shutil.copytree(photos, own)
+    (tmp_path / "link").symlink_to(own)
+    before = snapshot(own)
+    for out in (own, own / "run", tmp_path / "link"):
+        with pytest.raises(ConfigError, match=f"--out {out} .*--images {own}"):
+            train(tiny_config(conv_base, own), out, progress=False)
+    with pytest.raises(ConfigError, match="overlap"):  # the photos inside the run folder
+        train(tiny_config(conv_base, own), tmp_path, progress=False)
+    assert snapshot(own) == before
+
+
+def test_a_live_lock_refuses_a_second_train(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(out, other.pid)
+        assert main(cli_train(conv_base, photos, out)) == 2
+        error = capsys.readouterr().err
+        assert f"in use by another persres train: pid {other.pid} on host {socket.gethostname()}" in error
+        assert "since 2026-01-01" in error
+        assert json.loads((out / ".persres.lock").read_text())["pid"] == other.pid  # left alone
+        assert sorted(p.name for p in out.iterdir()) == [".persres.lock"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.slow
+def test_a_dead_process_lock_is_taken_over(
+    conv_base: Path, photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # exited and reaped: its pid is no longer alive
+    write_lock(out, gone.pid)
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        train(tiny_config(conv_base, photos, steps=2), out, progress=False)
+    assert f"taking over the stale lock {out / '.persres.lock'}: pid {gone.pid}" in caplog.text
+    assert not (out / ".persres.lock").exists()
+    assert (out / "residuals.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_lock_is_held_for_the_run_and_released_when_it_raises(
+    conv_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    held: list[dict[str, object]] = []
+
+    def look_then_crash(step: int, loss: float) -> None:
+        held.append(json.loads((out / ".persres.lock").read_text()))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(conv_base, photos), out, progress=False, callback=look_then_crash)
+    assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
+    assert not (out / ".persres.lock").exists()
+    assert json.loads((out / "persres-run.json").read_text())["files"] == [
+        "residuals.safetensors", "config.json", "checkpoints", "validation", "logs"
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_without_marker_is_recognised_by_its_content(
+    conv_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    """Runs of persres 0.1.0 have no persres-run.json; they resume and are overwritten as before."""
+    out = tmp_path / "run"
+    train(tiny_config(conv_base, photos, steps=2), out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    (out / "persres-run.json").unlink()
+    with pytest.raises(OutputExistsError, match=r"already holds a training run \(residuals.safetensors"):
+        train(tiny_config(conv_base, photos, steps=2), out, progress=False)
+    longer = train(tiny_config(conv_base, photos, steps=3), out, resume=True, progress=False)
+    assert read_residual_file(longer.residuals).metadata["step"] == "3"
+    assert (out / "persres-run.json").is_file()  # adopted: marked from now on
+    (out / "persres-run.json").unlink()
+    (out / "residuals.safetensors").unlink()  # as if 0.1.0 was killed: its checkpoints prove the run
+    train(tiny_config(conv_base, photos, steps=2), out, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+
+
+@pytest.mark.slow
+def test_processes_of_one_accelerate_run_share_its_lock(
+    conv_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "persres", *cli_train(conv_base, photos, out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "residuals.safetensors").is_file() and (out / "persres-run.json").is_file()
+    assert not (out / ".persres.lock").exists()

@@ -38,6 +38,7 @@ from persres.files import write_json, write_text
 from persres.macro import load_nouns, suggest_classes
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, resolve_device
+from persres.runfolder import find_run
 from persres.sampling import SampleSettings, sample
 from persres.train import train
 
@@ -227,7 +228,7 @@ def run_variant(
     result = train(
         train_config,
         folder / "train",
-        resume=(folder / "train").exists(),
+        resume=find_run(folder / "train") is not None,  # a run killed before its marker restarts
         device=device,
         progress=progress,
         distributed=False,

@@ -34,3 +34,7 @@ class TrainingDivergedError(PersresError):
 
 class OutputPathError(PersresError):
     """An output path that cannot be written (a file where a folder is needed, no permission)."""
+
+
+class RunLockedError(OutputExistsError):
+    """A training run folder in use by another running ``train``."""

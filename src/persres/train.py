@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +25,23 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres import __version__
-from persres.checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
+from persres.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from persres.concepts import Concept, plan_prompts
 from persres.config import TrainConfig
 from persres.data import ConceptImages
-from persres.errors import ConfigError, OutputExistsError, TrainingDivergedError
+from persres.errors import ConfigError, TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.io import save_residuals
 from persres.macro import real_words
 from persres.outputs import write_samples
 from persres.pipeline import DTYPES, load_pipeline, resolve_device
 from persres.residuals import add_residuals, count_parameters, residual_parameters
+from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RunFolder
 from persres.sampling import SampleSettings, sample
 from persres.tokens import check_identifier
 
 log = logging.getLogger(__name__)
 
-RESIDUALS_FILE = "residuals.safetensors"
-CONFIG_FILE = "config.json"
-RUN_FILES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, "validation")
 VALIDATION_STEPS = 25
 
 StepCallback = Callable[[int, float], None]
@@ -77,9 +74,24 @@ def train(
     ``distributed=False`` makes each process train its own run alone on its own device (the
     benchmark runner's case: one concept per process).
     """
-    out = Path(out)
     check_writable(out, "--out")
-    previous = check_output(out, resume, overwrite)
+    folder = RunFolder.check(Path(out), config.images, resume, overwrite)  # see persres.runfolder
+    try:
+        return train_in(folder, config, device, callback, progress, distributed)
+    finally:
+        folder.release()
+
+
+def train_in(
+    folder: RunFolder,
+    config: TrainConfig,
+    device: str,
+    callback: StepCallback | None,
+    progress: bool,
+    distributed: bool,
+) -> TrainResult:
+    """``train`` in a checked ``--out``, which the main process claims once the settings are checked."""
+    out, resume = folder.path, folder.resume
     plan_prompts(
         list(config.validation_prompts), [Concept(config.token, config.class_word)], allow_empty=True
     )
@@ -91,9 +103,9 @@ def train(
     residuals = add_residuals(  # checks the ranks against the model before anything is written
         pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
     )
-    if overwrite and processes.is_main:
-        remove_run(out, previous)
-    out.mkdir(parents=True, exist_ok=True)
+    processes.barrier()  # every process has checked --out before the main one changes it
+    if processes.is_main:
+        folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     named = residual_parameters(pipe.unet)
@@ -220,28 +232,6 @@ def denoising_loss(
     condition = text.expand(latents.shape[0], -1, -1)
     prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
     return F.mse_loss(prediction.float(), target.float())
-
-
-def check_output(out: Path, resume: bool, overwrite: bool) -> list[str]:
-    """Refuse to clobber an earlier run unless asked; returns the run files already in ``out``."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pick one")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; pass a folder")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not (resume or overwrite):
-        raise OutputExistsError(
-            f"--out {out} already holds a training run ({', '.join(existing)}); pass --resume to continue "
-            "it, --overwrite to replace it, or choose another folder"
-        )
-    return existing
-
-
-def remove_run(out: Path, names: list[str]) -> None:
-    """``--overwrite``: remove the earlier run's files, and only persres' own."""
-    for name in names:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def restore_or_start(
