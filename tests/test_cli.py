@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +249,93 @@ def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_
     ]
     assert main(argv) == 0
     assert json.loads((run / "config.json").read_text())["flip"] is False
+
+
+@pytest.mark.parametrize(
+    "limit", [150, 300]
+)  # 400 pixels: above twice the limit (PIL raises), above it (PIL warns)
+def test_decompression_bombs_are_refused_by_train(
+    conv_base: Path,
+    tmp_path: Path,
+    limit: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "small.png")
+    Image.new("RGB", (20, 20)).save(photos / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    out = tmp_path / "out"
+    err = error_of(
+        capsys, ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
+    )
+    assert "bomb.png has 400 pixels, above the decompression-bomb limit" in err
+    assert not out.exists()
+
+
+def test_a_prompt_whose_identifier_is_cut_off_is_refused(
+    conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(out), *SAMPLE]
+    err = error_of(capsys, argv + ["--prompt", "a " * 80 + "V* dog"])  # V* is token 82 of 84
+    assert (
+        "is 84 tokens and its identifier V* ('sks') falls past the text encoder's limit of 77 tokens" in err
+    )
+    assert len(err) < 500 and not out.exists()
+
+
+def test_a_prompt_cut_after_its_identifier_is_sampled_with_a_warning(
+    conv_base: Path,
+    trained: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prompt = "a V* dog" + " on the beach" * 30
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o")]
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        assert main([*argv, *SAMPLE, "--prompt", prompt]) == 0
+    assert (
+        f"prompt {prompt[:60]!r}... (398 characters) is 95 tokens: the text encoder reads 77" in caplog.text
+    )
+
+
+def test_sample_numbers_after_a_stray_sidecar_and_overwrites_nothing(
+    conv_base: Path, trained: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "0000-a-v-dog-normal.json").write_text("{}")  # its PNG was deleted
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(out), *SAMPLE]
+    assert main([*argv, "--prompt", "a V* dog"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0000-a-v-dog-normal.json",
+        "0001-a-v-dog-normal.json",
+        "0001-a-v-dog-normal.png",
+    ]
+    assert (out / "0000-a-v-dog-normal.json").read_text() == "{}"
+
+
+def test_suggest_token_refuses_what_is_not_a_model(
+    conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "not a diffusers pipeline folder" in error_of(capsys, ["suggest-token", "--base", str(tmp_path)])
+    assert "not in the local cache" in error_of(capsys, ["suggest-token", "--base", "nobody/no-such-model"])
+    partial = tmp_path / "partial"
+    shutil.copytree(conv_base, partial, ignore=shutil.ignore_patterns("tokenizer"))
+    err = error_of(capsys, ["suggest-token", "--base", str(partial)])
+    assert f"cannot load base model folder {partial}: it has no tokenizer" in err
+    assert main(["suggest-token", "--base", str(conv_base), "--top", "2"]) == 0
+    assert capsys.readouterr().out.split() == ["zwx", "sks"]
+
+
+def test_errors_quote_at_most_a_few_dozen_characters_of_a_prompt(
+    conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = "a V3* dog" + " on the beach" * 6200  # 80 KB
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o")]
+    err = error_of(capsys, [*argv, *SAMPLE, "--prompt", prompt])
+    assert "uses V3* but only 1 concept(s) are loaded" in err and "(80,609 characters)" in err
+    assert len(err) < 500

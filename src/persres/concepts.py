@@ -8,20 +8,25 @@ cross-attention are every occurrence of all its sub-tokens in the tokenized prom
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from persres.config import ResidualConfig
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 from persres.io import ResidualFile, check_architecture, check_fits, read_residual_file
 from persres.residuals import add_residuals, find_proj_outs, find_residuals
 
+log = logging.getLogger(__name__)
+
 PLACEHOLDER = re.compile(r"V(\d*)\*")
+UNBOUNDED = 10**6  # transformers says model_max_length 1e30 for tokenizers saved without a limit
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def _refuse_shared_tokens(concepts: list[Concept]) -> None:
     for concept in concepts:
         if concept.token in seen:
             raise ConfigError(
-                f"{seen[concept.token]} and {concept.source} both use the identifier {concept.token!r}: "
+                f"{seen[concept.token]} and {concept.source} both use the identifier {quote(concept.token)}: "
                 "their concepts cannot be told apart in a prompt; retrain one with another --token"
             )
         seen[concept.token] = concept.source
@@ -121,7 +126,7 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
         if not number:
             if len(concepts) > 1:
                 raise ConfigError(
-                    f"prompt {prompt!r} uses V* but {len(concepts)} residual files are given; "
+                    f"prompt {quote(prompt)} uses V* but {len(concepts)} residual files are given; "
                     f"name them V1* ... V{len(concepts)}* in the order of --residuals"
                 )
             index = 0
@@ -129,7 +134,7 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
             index = int(number) - 1
             if not 0 <= index < len(concepts):
                 raise ConfigError(
-                    f"prompt {prompt!r} uses {match.group(0)} but only {len(concepts)} concept(s) are "
+                    f"prompt {quote(prompt)} uses {match.group(0)} but only {len(concepts)} concept(s) are "
                     "loaded (residual files, in the order given); fix the placeholder or add the file"
                 )
         present[index] = True
@@ -175,7 +180,7 @@ def concept_columns(
     if require and not any(plan.present):
         names = "V*" if len(concepts) == 1 else ", ".join(f"V{g + 1}*" for g in range(len(concepts)))
         raise ConfigError(
-            f"prompt {plan.prompt!r} has no {names}: localized sampling needs the concept's identifier"
+            f"prompt {quote(plan.prompt)} has no {names}: localized sampling needs the concept's identifier"
         )
     columns = torch.zeros(len(concepts), len(ids))
     for g, concept in enumerate(concepts):
@@ -189,11 +194,59 @@ def concept_columns(
         ):
             if not spans and require:
                 raise ConfigError(
-                    f"prompt {plan.prompt!r} has no {what} {word!r} (concept {g + 1}) within the tokenizer's "
-                    f"{len(ids)} tokens; localized sampling needs both, e.g. 'a V* {concept.class_word}'"
+                    f"prompt {quote(plan.prompt)} has no {what} {quote(word)} (concept {g + 1}) within the "
+                    f"tokenizer's {len(ids)} tokens; localized sampling needs both, e.g. "
+                    f"{quote('a V* ' + concept.class_word)}"
                 )
         for identifier in identifiers:
             columns[g, list(identifier)] = 1.0
             if classes:
                 columns[g, list(own_class_word(identifier, classes))] = 1.0
     return columns
+
+
+def prompt_token_limit(tokenizer: PreTrainedTokenizerBase, text_encoder_config: Any) -> int:
+    """How many tokens (start and end tokens included) of a prompt the text encoder reads: 77 for CLIP.
+
+    The tokenizer's ``model_max_length``, bounded by the text model's ``max_position_embeddings``:
+    transformers reports 1e30 for some saved tokenizers, and the text model cannot read more
+    positions than it has embeddings for."""
+    candidates = (
+        getattr(tokenizer, "model_max_length", None),
+        getattr(text_encoder_config, "max_position_embeddings", None),
+    )
+    limits = [n for n in candidates if isinstance(n, int) and 2 < n < UNBOUNDED]
+    if not limits:
+        raise ConfigError(
+            "neither the tokenizer (model_max_length) nor the text encoder (max_position_embeddings) "
+            "states how many tokens a prompt may have; fix the base model's tokenizer_config.json"
+        )
+    return min(limits)
+
+
+def check_prompt_length(
+    tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], limit: int
+) -> None:
+    """Refuse a prompt whose identifier falls past the text encoder's ``limit`` (it would be cut off
+    silently, and the image would not show the concept); warn when only other words are cut."""
+    ids = tokenizer(plan.expanded, verbose=False).input_ids  # start and end tokens, untruncated
+    if len(ids) <= limit:
+        return
+    kept = limit - 1  # truncation keeps the first limit - 1 tokens and appends the end token
+    for g, concept in enumerate(concepts):
+        if not plan.present[g]:
+            continue
+        if any(span.stop > kept for span in word_spans(tokenizer, ids, concept.token)):
+            name = "V*" if len(concepts) == 1 else f"V{g + 1}*"
+            raise ConfigError(
+                f"prompt {quote(plan.prompt)} is {len(ids)} tokens and its identifier {name} "
+                f"({quote(concept.token)}) falls past the text encoder's limit of {limit} tokens, where it "
+                f"would be cut off; shorten the prompt or move {name} nearer its start"
+            )
+    log.warning(
+        "prompt %s is %d tokens: the text encoder reads %d, the words after %s are cut off",
+        quote(plan.prompt),
+        len(ids),
+        limit,
+        quote(" ".join(tokenizer.decode(ids[1:kept]).split()[-6:])),
+    )

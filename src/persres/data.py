@@ -10,6 +10,8 @@ run draws the same batches.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +50,30 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open any image as 8-bit RGB, upright per its EXIF orientation."""
+    """Open any image as 8-bit RGB, upright per its EXIF orientation.
+
+    An image above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is refused: PIL only
+    warns between one and two times the limit, and a few such files would exhaust the memory."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(too_large(path, exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path} is not a readable image ({exc}); remove or replace it") from None
     return to_rgb(image)
+
+
+def too_large(path: Path, exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))  # PIL: "Image size (N pixels) exceeds limit ..."
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return (
+        f"{path} has {size}, above the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
+        "pixels (PIL's Image.MAX_IMAGE_PIXELS); shrink it (a few megapixels are plenty) or remove it"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
-from persres.errors import ConfigError, ModelError
+from persres.errors import ConfigError, ModelError, quote
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,29 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def load_tokenizer(base: str) -> CLIPTokenizer:
+    """The base model's tokenizer alone, without any weights: for checks that run before a model is
+    loaded (a benchmark's prompts, suggest-token). Refuses a folder or hub id that holds no tokenizer
+    (transformers then quietly builds one that knows only its two special tokens)."""
+    _check_local_folder(base)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.expanduser(base), subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(_not_available_message(base, OSError("it has no tokenizer (tokenizer/ folder)")))
+    return tokenizer
+
+
+def load_text_encoder_config(base: str) -> PretrainedConfig:
+    """The configuration of the base model's text encoder (no weights), e.g. its number of positions."""
+    _check_local_folder(base)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(base), subfolder="text_encoder")
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+
+
 def _check_local_folder(base: str) -> None:
     if not looks_like_path(base):
         return
@@ -110,4 +134,4 @@ def _not_available_message(base: str, exc: BaseException) -> str:
         if offline
         else "check the hub id and your network, or pass a local diffusers folder"
     )
-    return f"cannot load base model {base!r}: {first_line}. {hint}"
+    return f"cannot load base model {quote(base)}: {first_line}. {hint}"

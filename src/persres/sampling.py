@@ -18,8 +18,15 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from persres.concepts import Concept, PromptPlan, concept_columns, plan_prompts
-from persres.errors import ConfigError
+from persres.concepts import (
+    Concept,
+    PromptPlan,
+    check_prompt_length,
+    concept_columns,
+    plan_prompts,
+    prompt_token_limit,
+)
+from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,11 @@ def sample(
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
     """
     if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
+    limit = prompt_token_limit(pipe.tokenizer, pipe.text_encoder.config)
+    for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
+        check_prompt_length(pipe.tokenizer, plan, concepts, limit)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
     columns = {
         plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, require="lag" in kinds) for plan in plans

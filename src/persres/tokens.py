@@ -12,7 +12,7 @@ import logging
 
 from transformers import PreTrainedTokenizerBase
 
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +26,17 @@ def check_identifier(
     pieces = list(tokenizer.tokenize(token))
     if len(pieces) != 1:
         log.warning(
-            "identifier %r is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
+            "identifier %s is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
             "cleanly (see persres suggest-token)",
-            token,
+            quote(token),
             len(pieces),
-            " ".join(pieces),
+            " ".join(pieces[:10]) + (" ..." if len(pieces) > 10 else ""),
         )
     if real_words is not None and token.lower() in real_words:
         log.warning(
-            "identifier %r is a common English word: its meaning will leak into the concept; "
+            "identifier %s is a common English word: its meaning will leak into the concept; "
             "see persres suggest-token",
-            token,
+            quote(token),
         )
 
 
