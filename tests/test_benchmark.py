@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,9 +18,12 @@ from PIL import Image
 from persres.benchmark import BenchmarkConfig, Variant, run_benchmark, variant_train_config
 from persres.categories import auto_sampler, prompt_category
 from persres.cc101 import load_dataset
+from persres.cli import main
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import InputError
+from persres.files import write_json
 from persres.report import write_report
+from persres.results import merge_results
 from persres.sampling import SampleSettings
 from persres.tiny import save_tiny_clip, save_tiny_dino
 
@@ -101,38 +105,6 @@ def test_paths_leaving_the_dataset_are_refused(dataset: Path, hostile: str) -> N
     (dataset / "dataset.json").write_text(json.dumps(entries))
     with pytest.raises(InputError, match="refused|absolute"):
         load_dataset(dataset)
-
-
-def test_a_variant_without_a_train_template_uses_the_training_defaults(dataset: Path, tmp_path: Path) -> None:
-    entry = load_dataset(dataset)[0]
-    variant = Variant(entry, 2, "dataset", tmp_path / "variant")
-    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "out"))  # train=None
-    made = variant_train_config(config, variant, "dog", "dataset.json class_prompt")
-    expected = TrainConfig(
-        base="some/base",
-        images=str(entry.images),
-        class_word="dog",
-        class_reason="dataset.json class_prompt",
-        residual=ResidualConfig(rank=2),
-    )
-    assert made == expected
-    assert (made.steps, made.batch_size, made.lr) == (150, 4, 1e-3)  # the paper's recipe
-
-
-def test_a_variant_keeps_the_train_template_settings(dataset: Path, tmp_path: Path) -> None:
-    entry = load_dataset(dataset)[1]
-    template = TrainConfig(
-        base="other", images="-", class_word="-", steps=7, lr=5e-4, residual=ResidualConfig(init="random")
-    )
-    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "o"), train=template)
-    made = variant_train_config(config, Variant(entry, 0.25, "nearest", tmp_path / "v"), "mug", "nearest")
-    assert (made.base, made.images, made.class_word, made.class_reason) == (
-        "some/base",
-        str(entry.images),
-        "mug",
-        "nearest",
-    )
-    assert (made.steps, made.lr, made.residual) == (7, 5e-4, ResidualConfig(rank=0.25, init="random"))
 
 
 def test_prompt_categories() -> None:
@@ -309,3 +281,193 @@ def test_class_sources_are_compared_on_the_same_texts(
     assert result["train_config"]["class_word"] in chosen
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert "rank=0.05 class=nearest sampler=lag" in summary["overall"]
+
+
+def bench_argv(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> list[str]:
+    return [
+        "benchmark",
+        "--dataset",
+        str(dataset),
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        *("--steps", "2", "--batch-size", "1", "--resolution", "16", "--images-per-prompt", "1"),
+        *("--sample-steps", "2", "--height", "16", "--width", "16", "--device", "cpu"),
+        *("--clip", scorers[0], "--dino", scorers[1]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        ("a photo of {}\n<new1> on the beach\n", "line 2: prompt 'V* on the beach' has no class word 'dog'"),
+        ("a photo of {}\n\n{} on the beach" + " on the beach" * 30 + "\n", "line 3: prompt 'V* dog on the"),
+    ],
+)
+def test_prompts_are_checked_before_any_training(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    lines: str,
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (dataset / "prompts" / "dog.txt").write_text(lines)
+    out = tmp_path / "bench"
+    assert main(bench_argv(dataset, conv_base, out, scorer_models)) == 2
+    err = capsys.readouterr().err
+    assert f"{dataset / 'prompts' / 'dog.txt'} {problem}" in err and len(err) < 500
+    if "beach on" in lines:
+        assert "is 97 tokens, above the base model's limit of 77; shorten the line" in err
+    assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object")]
+)
+def test_a_damaged_settings_file_is_named(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    content: str,
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "benchmark.json").write_text(content)
+    assert main(bench_argv(dataset, conv_base, out, scorer_models)) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'benchmark.json'} is damaged ({problem}" in err and "choose another --out" in err
+    assert not (out / "runs").exists()
+
+
+def finished(root: Path) -> Path:
+    """A benchmark folder as persres writes it, with one finished variant (two sampled images)."""
+    out, references = root / "bench", root / "references"
+    folder = out / "runs" / "pet_dog" / "rank-0.05"
+    (folder / "samples").mkdir(parents=True)
+    references.mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(references / "ref.png")
+    scores = {"clip_t": 0.5, "clip_i": 0.6, "dino_i": 0.7}
+    images = []
+    for sampler in ("normal", "lag"):
+        name = f"0000-a-photo-of-v-dog-{sampler}.png"
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "samples" / name)
+        images.append({"image": name, "sampler": sampler, "prompt_category": "identity", **scores})
+    rows = [
+        {"concept": "pet_dog", "category": "pet", "class_word": "dog", "rank": 0.05, "sampler": s, **scores}
+        for s in ("normal", "lag")
+    ]
+    config = {"images": str(references), "class_word": "dog"}
+    write_json(folder / "result.json", {"rows": rows, "images": images, "train_config": config})
+    merge_results(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("runs/pet_dog/rank-0.05/result.json", b'{"rows": [', "not valid JSON"),
+        ("runs/pet_dog/rank-0.05/result.json", b'{"rows": [{"concept": "pet_dog"}]}', "row 0 lacks the text"),
+        (
+            "runs/pet_dog/rank-0.05/result.json",
+            b'{"rows": [], "images": []}',
+            "'rows' is not a non-empty list",
+        ),
+        ("results.csv", b"concept,rank,sampler\npet_dog,0.05\n", "row 1 has fewer fields than its header"),
+        ("results.csv", b"concept,rank,sampler\npet_dog,0.05,lag,extra\n", "row 1 has more fields"),
+        ("results.csv", b"concept,rank,sampler\ncaf\xe9,1,lag\n", "not UTF-8 text"),
+        ("results.csv", b"name,score\nx,1\n", "its header 'name,score' is not persres'"),
+    ],
+)
+def test_report_refuses_damaged_files_naming_them(
+    tmp_path: Path, name: str, content: bytes, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = finished(tmp_path)
+    assert main(["report", str(out), "--out", str(tmp_path / "sound.html")]) == 0
+    assert (tmp_path / "sound.html").read_text().count("data:image/png;base64,") >= 2 + 3
+    (out / name).write_bytes(content)
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / name} is damaged ({problem}" in err and "rerun persres benchmark" in err
+    assert not (out / "report.html").exists()
+
+
+def test_a_damaged_result_outside_the_run_is_refused_before_training(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = finished(tmp_path)
+    damaged = out / "runs" / "pet_dog" / "rank-0.05" / "result.json"
+    damaged.write_text('{"rows": [{"concept": "pet_dog", "sampler": 3}]}')
+    assert main([*bench_argv(dataset, conv_base, out, scorer_models), "--concept", "toy_cup"]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged} is damaged (row 0 lacks the text field 'category')" in err
+    assert "delete it and rerun persres benchmark" in err
+    assert not (out / "runs" / "toy_cup").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_result_of_the_run_is_redone(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = tmp_path / "bench"
+    config = replace(
+        mini_config(dataset, conv_base, out, scorer_models),
+        concepts=("pet_dog",),
+        ranks=(2,),
+        samplers=("normal",),
+    )
+    run_benchmark(config, device="cpu", progress=False)
+    result = out / "runs" / "pet_dog" / "rank-2" / "result.json"
+    sound = json.loads(result.read_text())
+    result.write_text(result.read_text()[:100])  # cut off, as by a full disk
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        run_benchmark(config, device="cpu", progress=False)
+    assert f"{result} is damaged (not valid JSON" in caplog.text and "redoing the variant" in caplog.text
+    redone = json.loads(result.read_text())
+    assert redone["rows"][0].keys() == sound["rows"][0].keys()
+    assert [(r["concept"], r["rank"], r["sampler"]) for r in read_rows(out)] == [("pet_dog", "2", "normal")]
+
+
+def test_a_variant_without_a_train_template_uses_the_training_defaults(dataset: Path, tmp_path: Path) -> None:
+    entry = load_dataset(dataset)[0]
+    variant = Variant(entry, 2, "dataset", tmp_path / "variant")
+    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "out"))  # train=None
+    made = variant_train_config(config, variant, "dog", "dataset.json class_prompt")
+    expected = TrainConfig(
+        base="some/base",
+        images=str(entry.images),
+        class_word="dog",
+        class_reason="dataset.json class_prompt",
+        residual=ResidualConfig(rank=2),
+    )
+    assert made == expected
+    assert (made.steps, made.batch_size, made.lr) == (150, 4, 1e-3)  # the paper's recipe
+
+
+def test_a_variant_keeps_the_train_template_settings(dataset: Path, tmp_path: Path) -> None:
+    entry = load_dataset(dataset)[1]
+    template = TrainConfig(
+        base="other", images="-", class_word="-", steps=7, lr=5e-4, residual=ResidualConfig(init="random")
+    )
+    config = BenchmarkConfig(dataset=str(dataset), base="some/base", out=str(tmp_path / "o"), train=template)
+    made = variant_train_config(config, Variant(entry, 0.25, "nearest", tmp_path / "v"), "mug", "nearest")
+    assert (made.base, made.images, made.class_word, made.class_reason) == (
+        "some/base",
+        str(entry.images),
+        "mug",
+        "nearest",
+    )
+    assert (made.steps, made.lr, made.residual) == (7, 5e-4, ResidualConfig(rank=0.25, init="random"))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,29 +107,6 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in commands:
         assert main([command, "--help"]) == 0
         assert "usage: persres " + command in capsys.readouterr().out
-
-
-def subcommands() -> list[str]:
-    parser = build_parser()
-    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return sorted(action.choices)
-
-
-def test_help_and_argument_errors_never_import_torch() -> None:
-    check = (
-        "import sys, contextlib, io\n"
-        "from persres.cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        f"    codes = [main([c, '--help']) for c in {subcommands()!r}]\n"
-        "    codes.append(main(['sample', '--steps', '0']))\n"
-        "    codes.append(main(['info', '/nowhere/residuals.safetensors']))\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
-        "print(codes, heavy)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
-    codes, heavy = done.stdout.rsplit("] ", 1)
-    assert heavy.strip() == "[]", done.stdout
-    assert codes.endswith("0, 2, 2"), done.stdout
 
 
 def test_bad_images_are_named(conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -275,6 +254,120 @@ def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_
     assert json.loads((run / "config.json").read_text())["flip"] is False
 
 
+@pytest.mark.parametrize(
+    "limit", [150, 300]
+)  # 400 pixels: above twice the limit (PIL raises), above it (PIL warns)
+def test_decompression_bombs_are_refused_by_train(
+    conv_base: Path,
+    tmp_path: Path,
+    limit: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "small.png")
+    Image.new("RGB", (20, 20)).save(photos / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    out = tmp_path / "out"
+    err = error_of(
+        capsys, ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
+    )
+    assert "bomb.png has 400 pixels, above the decompression-bomb limit" in err
+    assert not out.exists()
+
+
+def test_a_prompt_whose_identifier_is_cut_off_is_refused(
+    conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(out), *SAMPLE]
+    err = error_of(capsys, argv + ["--prompt", "a " * 80 + "V* dog"])  # V* is token 82 of 84
+    assert (
+        "is 84 tokens and its identifier V* ('sks') falls past the text encoder's limit of 77 tokens" in err
+    )
+    assert len(err) < 500 and not out.exists()
+
+
+def test_a_prompt_cut_after_its_identifier_is_sampled_with_a_warning(
+    conv_base: Path,
+    trained: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prompt = "a V* dog" + " on the beach" * 30
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o")]
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        assert main([*argv, *SAMPLE, "--prompt", prompt]) == 0
+    assert (
+        f"prompt {prompt[:60]!r}... (398 characters) is 95 tokens: the text encoder reads 77" in caplog.text
+    )
+
+
+def test_sample_numbers_after_a_stray_sidecar_and_overwrites_nothing(
+    conv_base: Path, trained: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "0000-a-v-dog-normal.json").write_text("{}")  # its PNG was deleted
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(out), *SAMPLE]
+    assert main([*argv, "--prompt", "a V* dog"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0000-a-v-dog-normal.json",
+        "0001-a-v-dog-normal.json",
+        "0001-a-v-dog-normal.png",
+    ]
+    assert (out / "0000-a-v-dog-normal.json").read_text() == "{}"
+
+
+def test_suggest_token_refuses_what_is_not_a_model(
+    conv_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "not a diffusers pipeline folder" in error_of(capsys, ["suggest-token", "--base", str(tmp_path)])
+    assert "not in the local cache" in error_of(capsys, ["suggest-token", "--base", "nobody/no-such-model"])
+    partial = tmp_path / "partial"
+    shutil.copytree(conv_base, partial, ignore=shutil.ignore_patterns("tokenizer"))
+    err = error_of(capsys, ["suggest-token", "--base", str(partial)])
+    assert f"cannot load base model folder {partial}: it has no tokenizer" in err
+    assert main(["suggest-token", "--base", str(conv_base), "--top", "2"]) == 0
+    assert capsys.readouterr().out.split() == ["zwx", "sks"]
+
+
+def test_errors_quote_at_most_a_few_dozen_characters_of_a_prompt(
+    conv_base: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = "a V3* dog" + " on the beach" * 6200  # 80 KB
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o")]
+    err = error_of(capsys, [*argv, *SAMPLE, "--prompt", prompt])
+    assert "uses V3* but only 1 concept(s) are loaded" in err and "(80,609 characters)" in err
+    assert len(err) < 500
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(action.choices)
+
+
+def test_help_and_argument_errors_never_import_torch() -> None:
+    check = (
+        "import sys, contextlib, io\n"
+        "from persres.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    codes = [main([c, '--help']) for c in {subcommands()!r}]\n"
+        "    codes.append(main(['sample', '--steps', '0']))\n"
+        "    codes.append(main(['info', '/nowhere/residuals.safetensors']))\n"
+        "    codes.append(main(['report', '/nowhere']))\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    codes, heavy = done.stdout.rsplit("] ", 1)
+    assert heavy.strip() == "[]", done.stdout
+    assert codes.endswith("0, 2, 2, 2"), done.stdout
+
+
 BAD_NUMBERS = [
     ("sample", "--guidance", "inf", "[0, 100]"),
     ("sample", "--guidance", "nan", "[0, 100]"),
@@ -301,6 +394,8 @@ BAD_NUMBERS = [
     ("suggest-class", "--margin", "nan", "[0, 1]"),
     ("suggest-token", "--top", "0", ">= 1"),
 ]
+
+
 REQUIRED = {
     "sample": ["--base", "b", "--residuals", "r", "--prompt", "a V* dog", "--out"],
     "train": ["--base", "b", "--images", "i", "--class-word", "dog", "--out"],

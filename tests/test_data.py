@@ -91,3 +91,19 @@ def test_flip_only_mirrors(tmp_path: Path) -> None:
     assert 0 < int(left_white.all(dim=1).sum()) < 64  # some flipped, some not
     unflipped = images.batch(16, torch.Generator().manual_seed(0), 1.0, False)
     assert torch.equal(unflipped, images.tensors[0].expand(16, -1, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "limit", [150, 300]
+)  # 400 pixels: above twice the limit (PIL raises), above once (warns)
+def test_decompression_bombs_are_refused_with_their_size(
+    tmp_path: Path, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(
+        InputError, match=rf"huge.png has 400 pixels, above the decompression-bomb limit of {limit}"
+    ):
+        load_rgb(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+    assert load_rgb(tmp_path / "huge.png").size == (20, 20)  # at the limit: fine

@@ -183,6 +183,44 @@ def test_cli_writes_json_and_refuses_to_overwrite(
     assert "not found" in capsys.readouterr().err
 
 
+def test_decompression_bomb_is_refused(
+    models: tuple[Path, Path],
+    folders: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    generated, references = folders
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the 64x48 images (3072 pixels) warn: refused too
+    argv = ["evaluate", "--images", str(generated), "--references", str(references)]
+    assert main([*argv, "--clip", str(models[0]), "--dino", str(models[1]), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "0000-x-normal.png has 3,072 pixels, above the decompression-bomb limit of 2,000" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"prompt": "a V* dog", "token": 5}', "'token' must be str"),
+        ('{"prompt": "a V* dog", "concepts": [{"token": 7}]}', "'concepts' must be objects"),
+        ('{"prompt": 3}', "'prompt' must be str"),
+        ("\xff\xfe{", "not valid JSON"),
+    ],
+)
+def test_damaged_sidecars_are_named(
+    models: tuple[Path, Path],
+    folders: tuple[Path, Path],
+    content: str,
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    generated, references = folders
+    (generated / "0001-x-normal.json").write_bytes(content.encode("latin-1"))
+    argv = ["evaluate", "--images", str(generated), "--references", str(references)]
+    assert main([*argv, "--clip", str(models[0]), "--dino", str(models[1]), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "0001-x-normal.json" in err and problem in err and "delete it" in err
+
+
 def test_a_clip_tokenizer_without_model_max_length(
     scorers: Scorers,
     models: tuple[Path, Path],

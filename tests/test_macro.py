@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import drop_model_max_length
+from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from persres import read_residual_file
 from persres.cli import main
 from persres.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
-from persres.macro import Suggestion, choose, load_nouns, real_words, suggest_classes
+from persres.macro import Suggestion, choose, load_nouns, noun_embeddings, real_words, suggest_classes
 from persres.tiny import save_tiny_clip, word_tokenizer
 from persres.tokens import check_identifier, suggest_tokens
 
@@ -157,6 +159,125 @@ def test_suggested_tokens_are_rare_single_tokens_and_not_words(caplog: pytest.Lo
         check_identifier(tokenizer, "qqq", real_words())
     assert "'dog' is a common English word" in caplog.text
     assert "'qqq' is 3 tokens" in caplog.text
+
+
+def test_decompression_bomb_is_refused_by_suggest_class(
+    clip: Path,
+    noun_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "photos" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 pixels: PIL only warns
+    argv = [
+        "suggest-class",
+        "--images",
+        str(tmp_path / "photos"),
+        "--clip",
+        str(clip),
+        "--nouns",
+        str(noun_file),
+    ]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert "bomb.png has 400 pixels, above the decompression-bomb limit of 300" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"dog\ncaf\xe9\n", "is not UTF-8 text"),  # a Latin-1 file
+        (b"dog\t3\t5\ncat\tdeep\t1\n", "line 2: 'cat\\tdeep\\t1' must be 'noun' or"),
+        (b"dog\t-4\t1\n", "line 1"),
+        (b"dog\t1\t2\t3\n", "line 1"),
+        (b"\n  \n", "holds no noun"),
+    ],
+)
+def test_bad_noun_lists_are_named(
+    clip: Path, photos: Path, tmp_path: Path, content: bytes, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_bytes(content)
+    argv = ["suggest-class", "--images", str(photos), "--clip", str(clip), "--nouns", str(nouns)]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"noun list {nouns}" in err and problem in err
+
+
+def damage(path: Path, kind: str) -> None:
+    good = load_file(str(path))["embeddings"]
+    bad = {
+        "dtype": good.half(),
+        "width": torch.nn.functional.normalize(torch.randn(good.shape[0], good.shape[1] + 1), dim=-1),
+        "flat": good.flatten(),
+        "nan": good.clone().fill_(float("nan")),
+        "norm": good * 3,
+        "key": None,
+    }[kind]
+    save_file({"other": good} if bad is None else {"embeddings": bad.contiguous()}, str(path))
+
+
+@pytest.mark.parametrize("kind", ["dtype", "width", "flat", "nan", "norm", "key"])
+def test_a_damaged_noun_cache_is_recomputed(
+    clip: Path,
+    photos: Path,
+    noun_file: Path,
+    own_cache: Path,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scorers = Scorers.load(str(clip), None, "cpu")
+    first = suggest_classes(scorers, photos, top=5, nouns=load_nouns(noun_file), progress=False)
+    (cached,) = own_cache.glob("nouns/*.safetensors")
+    damage(cached, kind)
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        again = suggest_classes(scorers, photos, top=5, nouns=load_nouns(noun_file), progress=False)
+    assert [s.noun for s in again] == [s.noun for s in first]
+    assert [s.score for s in again] == pytest.approx([s.score for s in first], abs=1e-6)
+    assert f"noun embedding cache {cached} is damaged" in caplog.text
+    assert load_file(str(cached))["embeddings"].shape == (len(NOUNS), 16)  # rewritten whole
+
+
+def test_an_unwritable_noun_cache_only_warns(
+    clip: Path,
+    photos: Path,
+    noun_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "a-file"))
+    with caplog.at_level(logging.WARNING, logger="persres"):
+        found = suggest_classes(
+            Scorers.load(str(clip), None, "cpu"), photos, 3, nouns=load_nouns(noun_file), progress=False
+        )
+    assert len(found) == 3 and "cannot write the noun embedding cache" in caplog.text
+
+
+def test_noun_cache_key_covers_the_tokenizer(
+    clip: Path, photos: Path, noun_file: Path, tmp_path: Path, own_cache: Path
+) -> None:
+    """Same text weights, another vocabulary (two words' ids swapped): other token ids, other embeddings."""
+    other = tmp_path / "clip-other-vocab"
+    shutil.copytree(clip, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["dog</w>"], vocab["cat</w>"] = vocab["cat</w>"], vocab["dog</w>"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    first, second = Scorers.load(str(clip), None, "cpu"), Scorers.load(str(other), None, "cpu")
+    assert first.tokenizer("dog").input_ids != second.tokenizer("dog").input_ids
+    nouns = [n.lemma for n in load_nouns(noun_file)]
+    noun_embeddings(first, nouns, progress=False)
+    from_second = noun_embeddings(second, nouns, progress=False)
+    assert len(list(own_cache.glob("nouns/*.safetensors"))) == 2
+    fresh = noun_embeddings(second, nouns, cache=tmp_path / "fresh-cache", progress=False)
+    assert torch.equal(from_second, fresh)
+    noun_embeddings(first, nouns, progress=False)  # a tokenizer that has been used keeps its key
+    assert len(list(own_cache.glob("nouns/*.safetensors"))) == 2
 
 
 def test_suggest_class_with_a_clip_tokenizer_without_model_max_length(

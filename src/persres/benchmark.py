@@ -3,9 +3,12 @@ train, sample every prompt with normal and LAG sampling from the same noise, and
 
 Layout of ``out``: ``runs/{concept}/rank-{r}/`` holds the training run, the samples and
 ``result.json``, which is written last and atomically: a variant with a ``result.json`` is done and
-is skipped by a rerun, one without is redone (training resumes from its checkpoint). ``results.csv``
-(one row per concept x method x sampler) and ``summary.json`` are rebuilt from all ``result.json``
-files, so rows are never duplicated or lost.
+is skipped by a rerun, one without is redone (training resumes from its checkpoint). A damaged
+``result.json`` (not JSON, or lacking a field) of a variant the rerun covers is logged and the variant
+redone; one of a variant it does not cover is refused, naming it, before anything is trained.
+``results.csv`` (one row per concept x method x sampler) and ``summary.json`` are rebuilt from all
+``result.json`` files, so rows are never duplicated or lost. Every prompt is checked against the base
+model's tokenizer (identifier, class word, length) before the first concept is trained.
 
 Under ``accelerate launch -m persres benchmark ...`` the concepts are split round-robin across the
 processes (one per GPU, or across nodes); each trains alone on its device; the main process merges.
@@ -14,13 +17,10 @@ processes (one per GPU, or across nodes); each trains alone on its device; the m
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,18 +28,20 @@ from typing import Any
 
 from accelerate import PartialState
 
-from persres.categories import CATEGORIES, prompt_category, sampler_for
-from persres.cc101 import ConceptEntry, load_dataset
+from persres.categories import prompt_category
+from persres.cc101 import ConceptEntry, check_prompts, load_dataset
 from persres.concepts import load_concepts
-from persres.config import DEFAULT_CLIP, DEFAULT_DINO, ResidualConfig, TrainConfig
-from persres.errors import ConfigError
-from persres.evaluate import METRICS, Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
-from persres.files import write_json, write_text
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_TOKEN, ResidualConfig, TrainConfig
+from persres.errors import ConfigError, InputError
+from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
+from persres.files import write_json
 from persres.macro import load_nouns, suggest_classes
 from persres.outputs import write_samples
-from persres.pipeline import load_pipeline, resolve_device
+from persres.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
+from persres.results import means, merge_results, pick, read_result, read_settings
 from persres.runfolder import find_run
 from persres.sampling import SampleSettings, sample
+from persres.tokens import text_length
 from persres.train import train
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,6 @@ log = logging.getLogger(__name__)
 SAMPLER_CHOICES = ("normal", "lag", "auto")
 SETTINGS_FILE = "benchmark.json"
 CLASS_SOURCES = ("dataset", "nearest", "balanced")
-CSV_FIELDS = (
-    "concept",
-    "category",
-    "class_word",
-    "class_source",
-    "method",
-    "rank",
-    "sampler",
-    *METRICS,
-    "train_seconds",
-    "sample_seconds",
-    "num_images",
-)
 
 
 @dataclass(frozen=True)
@@ -102,16 +91,16 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
     """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
     out = Path(config.out)
     entries = select(load_dataset(config.dataset), config.concepts)
+    check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")
     check_same_settings(out, config, state.is_main_process)
+    check_other_results(out, config, entries)
     state.wait_for_everyone()
     mine = entries[state.process_index :: state.num_processes]
     scorers: Scorers | None = None
     for entry, rank, source in itertools.product(mine, config.ranks, config.class_sources):
-        folder = (
-            out / "runs" / entry.name / (f"rank-{rank}" + ("" if source == "dataset" else f"-class-{source}"))
-        )
-        if (folder / "result.json").is_file():
+        folder = variant_folder(out, entry, rank, source)
+        if is_done(folder):
             log.info("skipping %s: already done", folder)
             continue
         scorers = scorers or Scorers.load(config.clip, config.dino, str(state.device))
@@ -123,6 +112,54 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
         merge_results(out)
     state.wait_for_everyone()
     return out
+
+
+def variant_folder(out: Path, entry: ConceptEntry, rank: float | int, source: str) -> Path:
+    return out / "runs" / entry.name / (f"rank-{rank}" + ("" if source == "dataset" else f"-class-{source}"))
+
+
+def is_done(folder: Path) -> bool:
+    """Whether the variant has a sound ``result.json``; a damaged one is logged and the variant redone."""
+    if not (folder / "result.json").is_file():
+        return False
+    try:
+        read_result(folder / "result.json")
+    except InputError as exc:
+        log.warning("%s; redoing the variant now", str(exc).split("; ")[0])
+        return False
+    return True
+
+
+def check_other_results(out: Path, config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
+    """The merge reads every ``result.json`` under ``out``: a damaged one of a variant this run does not
+    redo (another --concept, --rank or --class-source) is refused now, before hours of training."""
+    ours = {
+        variant_folder(out, e, r, s)
+        for e, r, s in itertools.product(entries, config.ranks, config.class_sources)
+    }
+    for path in sorted(out.glob("runs/*/*/result.json")):
+        if path.parent not in ours:
+            read_result(path)
+
+
+def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
+    """What can be checked before the first concept is trained: the noun list, and every prompt with
+    the dataset's class word against the base model's tokenizer (nearest and balanced class words are
+    known only once CLIP has ranked the nouns: their prompts are checked then, before that training)."""
+    if config.nouns is not None and set(config.class_sources) != {"dataset"}:
+        load_nouns(config.nouns)
+    if "dataset" in config.class_sources:
+        check_entry_prompts(config, [(entry, entry.class_word) for entry in entries])
+
+
+def check_entry_prompts(config: BenchmarkConfig, cases: list[tuple[ConceptEntry, str]]) -> None:
+    """Each (concept, class word)'s prompts as they will be sampled, with the base model's tokenizer."""
+    tokenizer = load_tokenizer(config.base)
+    limit = text_length(tokenizer, load_text_encoder_config(config.base))
+    token = config.train.token if config.train else DEFAULT_TOKEN
+    for entry, class_word in cases:
+        count = config.max_prompts or len(entry.templates)
+        check_prompts(entry, class_word, token, tokenizer, limit, count)
 
 
 def settings_of(config: BenchmarkConfig) -> dict[str, Any]:
@@ -146,7 +183,7 @@ def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True
     path = out / SETTINGS_FILE
     wanted = settings_of(config)
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_settings(path)
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if changed:
             raise ConfigError(
@@ -223,6 +260,8 @@ def run_variant(
     sources are compared on the same texts, as in the supplement's Table 4."""
     entry, rank, folder = variant.entry, variant.rank, variant.folder
     class_word, reason = class_word_for(variant, scorers, config.nouns, progress)
+    if variant.class_source != "dataset":  # the dataset's class word was checked before any training
+        check_entry_prompts(config, [(entry, class_word)])
     train_config = variant_train_config(config, variant, class_word, reason)
     started = time.perf_counter()
     result = train(
@@ -282,7 +321,7 @@ def score_samples(
     """Per-image scores with the image's sampler, prompt and prompt category; text alignment against
     ``canonical[prompt]`` (the dataset's wording of the prompt that was sampled)."""
     files = image_files(samples_dir, "sample")
-    sidecars = [read_sidecar(p.with_suffix(".json")) for p in files]
+    sidecars = [read_sidecar(p.with_suffix(".json"), ("prompt", "sampler", "seed")) for p in files]
     texts = [strip_identifier(canonical[s["prompt"]]) for s in sidecars]
     scored = evaluate_images(scorers, files, image_files(entry.images, "reference"), texts)["images"]
     for row, sidecar in zip(scored, sidecars, strict=True):
@@ -293,68 +332,3 @@ def score_samples(
             prompt_category=prompt_category(canonical[sidecar["prompt"]], entry.class_word),
         )
     return scored
-
-
-def included(image: dict[str, Any], sampler: str) -> bool:
-    """Whether a sampler's row is made with this image; ``auto`` picks per prompt by its category."""
-    wanted = sampler_for(image["prompt_category"]) if sampler == "auto" else sampler
-    return bool(image["sampler"] == wanted)
-
-
-def pick(scores: list[dict[str, Any]], sampler: str) -> list[dict[str, Any]]:
-    return [image for image in scores if included(image, sampler)]
-
-
-def means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: round(statistics.fmean(r[key] for r in rows), 6) for key in METRICS} if rows else {}
-
-
-def merge_results(out: Path) -> tuple[Path, Path]:
-    """Rebuild ``results.csv`` and ``summary.json`` from every finished variant."""
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("runs/*/*/result.json"))]
-    rows = sorted(
-        (row for r in results for row in r["rows"]),
-        key=lambda r: (r["concept"], str(r["rank"]), r.get("class_source", "dataset"), r["sampler"]),
-    )
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path = write_text(out / "results.csv", buffer.getvalue())
-    summary_path = write_json(out / "summary.json", summarize(results))
-    return csv_path, summary_path
-
-
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means overall, per concept category and per prompt category, for each rank x sampler."""
-    rows = [
-        dict(row, rank=str(row["rank"]), class_source=row.get("class_source", "dataset"))
-        for r in results
-        for row in r["rows"]
-    ]
-    variants = sorted({(r["rank"], r["class_source"], r["sampler"]) for r in rows})
-    summary: dict[str, Any] = {
-        "concepts": sorted({r["concept"] for r in rows}),
-        "overall": {},
-        "per_category": {},
-        "per_prompt_category": {},
-    }
-    for rank, source, sampler in variants:
-        key = f"rank={rank}" + ("" if source == "dataset" else f" class={source}") + f" sampler={sampler}"
-        mine = [r for r in rows if (r["rank"], r["class_source"], r["sampler"]) == (rank, source, sampler)]
-        summary["overall"][key] = means(mine)
-        for category in sorted({r["category"] for r in mine}):
-            summary["per_category"].setdefault(category, {})[key] = means(
-                [r for r in mine if r["category"] == category]
-            )
-        chosen = [
-            image
-            for r in results
-            if (str(r["rows"][0]["rank"]), r["rows"][0].get("class_source", "dataset")) == (rank, source)
-            for image in pick(r["images"], sampler)
-        ]
-        for category in CATEGORIES:
-            subset = [image for image in chosen if image["prompt_category"] == category]
-            if subset:
-                summary["per_prompt_category"].setdefault(category, {})[key] = means(subset)
-    return summary

@@ -14,7 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from persres.errors import InputError
+from transformers import PreTrainedTokenizerBase
+
+from persres.concepts import Concept, plan_prompts, word_spans
+from persres.errors import ConfigError, InputError, quote
 
 MODIFIER = "<new1>"
 
@@ -26,6 +29,8 @@ class ConceptEntry:
     class_word: str
     images: Path
     templates: tuple[str, ...]  # prompt file lines; {} stands for the concept phrase
+    prompt_file: Path | None = None
+    line_numbers: tuple[int, ...] = ()  # of each template in the prompt file, counted from 1
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -46,14 +51,18 @@ def concept_phrase(line: str, dataset_class: str, class_word: str) -> str:
 def inside(root: Path, relative: str, what: str) -> Path:
     """``root / relative``, refusing absolute paths, the root itself and anything that leaves ``root``."""
     if "\0" in relative:
-        raise InputError(f"dataset.json: {what} {relative!r} contains a NUL byte; refused")
+        raise InputError(f"dataset.json: {what} {quote(relative)} contains a NUL byte; refused")
     if os.path.isabs(relative) or relative.startswith("~"):
-        raise InputError(f"dataset.json: {what} {relative!r} is absolute; paths must be relative to {root}")
+        raise InputError(
+            f"dataset.json: {what} {quote(relative)} is absolute; paths must be relative to {root}"
+        )
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise InputError(f"dataset.json: {what} {relative!r} leaves the dataset folder {root}; refused")
+        raise InputError(f"dataset.json: {what} {quote(relative)} leaves the dataset folder {root}; refused")
     if path == root.resolve():
-        raise InputError(f"dataset.json: {what} {relative!r} is the dataset folder itself; name a sub-folder")
+        raise InputError(
+            f"dataset.json: {what} {quote(relative)} is the dataset folder itself; name a sub-folder"
+        )
     return path
 
 
@@ -97,8 +106,55 @@ def _entry(root: Path, item: object, number: int) -> ConceptEntry:
     if not prompt_file.is_file():
         raise InputError(f"dataset.json entry {number}: prompt file {prompt_file} not found")
     class_word = item["class_prompt"].strip()
-    lines = tuple(line.strip() for line in read_text(prompt_file).splitlines() if line.strip())
-    if not lines or not all("{}" in line or MODIFIER in line for line in lines):
-        raise InputError(f"{prompt_file}: every prompt needs a {{}} or {MODIFIER} standing for the concept")
+    numbered = [
+        (n, line.strip()) for n, line in enumerate(read_text(prompt_file).splitlines(), 1) if line.strip()
+    ]
+    if not numbered:
+        raise InputError(
+            f"{prompt_file} holds no prompt; write one prompt per line, {{}} standing for the concept"
+        )
+    for n, line in numbered:
+        if "{}" not in line and MODIFIER not in line:
+            raise InputError(
+                f"{prompt_file} line {n}: {quote(line)} needs a {{}} or {MODIFIER} standing for the "
+                "concept; add one to the line"
+            )
     name = images.name
-    return ConceptEntry(name, name.split("_", 1)[0] if "_" in name else "other", class_word, images, lines)
+    category = name.split("_", 1)[0] if "_" in name else "other"
+    lines = tuple(line for _, line in numbered)
+    return ConceptEntry(name, category, class_word, images, lines, prompt_file, tuple(n for n, _ in numbered))
+
+
+def check_prompts(
+    entry: ConceptEntry,
+    class_word: str,
+    token: str,
+    tokenizer: PreTrainedTokenizerBase,
+    limit: int,
+    count: int,
+) -> None:
+    """The first ``count`` prompts of ``entry``, as they will be sampled with ``class_word`` and the
+    identifier ``token``, checked before anything is trained: each must hold the identifier and the
+    class word (LAG masks and the prompt categories need both) and fit in the text encoder's ``limit``
+    tokens (a longer one would be cut silently)."""
+    concept = Concept(token, class_word)
+    for number, prompt in zip(
+        entry.line_numbers[:count], entry.prompts_with(class_word)[:count], strict=True
+    ):
+        where = f"{entry.prompt_file} line {number}"
+        try:
+            plan = plan_prompts([prompt], [concept])[0]
+        except ConfigError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        ids = tokenizer(plan.expanded, verbose=False).input_ids  # start and end tokens, untruncated
+        if len(ids) > limit:
+            raise InputError(
+                f"{where}: prompt {quote(prompt)} is {len(ids)} tokens, above the base model's limit of "
+                f"{limit}; shorten the line"
+            )
+        for word, what in ((token, "identifier"), (class_word, "class word")):
+            if not word_spans(tokenizer, ids, word):
+                raise InputError(
+                    f"{where}: prompt {quote(prompt)} has no {what} {quote(word)}; write the concept as {{}} "
+                    f"or as {quote(MODIFIER + ' ' + entry.class_word)}"
+                )

@@ -8,6 +8,7 @@ cross-attention are every occurrence of all its sub-tokens in the tokenized prom
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -18,9 +19,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from persres.config import ResidualConfig
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 from persres.io import ResidualFile, check_architecture, check_fits, read_residual_file
 from persres.residuals import add_residuals, find_proj_outs, find_residuals
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER = re.compile(r"V(\d*)\*")
 
@@ -100,7 +103,7 @@ def _refuse_shared_tokens(concepts: list[Concept]) -> None:
     for concept in concepts:
         if concept.token in seen:
             raise ConfigError(
-                f"{seen[concept.token]} and {concept.source} both use the identifier {concept.token!r}: "
+                f"{seen[concept.token]} and {concept.source} both use the identifier {quote(concept.token)}: "
                 "their concepts cannot be told apart in a prompt; retrain one with another --token"
             )
         seen[concept.token] = concept.source
@@ -128,7 +131,7 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
         if not number:
             if len(concepts) > 1:
                 raise ConfigError(
-                    f"prompt {prompt!r} uses V* but {len(concepts)} residual files are given; "
+                    f"prompt {quote(prompt)} uses V* but {len(concepts)} residual files are given; "
                     f"name them V1* ... V{len(concepts)}* in the order of --residuals"
                 )
             index = 0
@@ -136,7 +139,7 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
             index = int(number) - 1
             if not 0 <= index < len(concepts):
                 raise ConfigError(
-                    f"prompt {prompt!r} uses {match.group(0)} but only {len(concepts)} concept(s) are "
+                    f"prompt {quote(prompt)} uses {match.group(0)} but only {len(concepts)} concept(s) are "
                     "loaded (residual files, in the order given); fix the placeholder or add the file"
                 )
         present[index] = True
@@ -179,7 +182,7 @@ def concept_columns(
     A concept the prompt does not mention gets no column (its mask is then empty). With ``require``
     (localized sampling), the prompt must mention a concept, and every mentioned concept needs its
     identifier and class word. ``length`` (T): the text encoder's prompt length,
-    ``tokens.text_length(tokenizer, text_encoder)``; the tokenizer's ``model_max_length`` when None.
+    ``tokens.text_length(tokenizer, text_encoder.config)``; the tokenizer's ``model_max_length`` when None.
     """
     ids = tokenizer(
         plan.expanded, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True
@@ -187,7 +190,7 @@ def concept_columns(
     if require and not any(plan.present):
         names = "V*" if len(concepts) == 1 else ", ".join(f"V{g + 1}*" for g in range(len(concepts)))
         raise ConfigError(
-            f"prompt {plan.prompt!r} has no {names}: localized sampling needs the concept's identifier"
+            f"prompt {quote(plan.prompt)} has no {names}: localized sampling needs the concept's identifier"
         )
     columns = torch.zeros(len(concepts), len(ids))
     for g, concept in enumerate(concepts):
@@ -201,11 +204,40 @@ def concept_columns(
         ):
             if not spans and require:
                 raise ConfigError(
-                    f"prompt {plan.prompt!r} has no {what} {word!r} (concept {g + 1}) within the tokenizer's "
-                    f"{len(ids)} tokens; localized sampling needs both, e.g. 'a V* {concept.class_word}'"
+                    f"prompt {quote(plan.prompt)} has no {what} {quote(word)} (concept {g + 1}) within the "
+                    f"tokenizer's {len(ids)} tokens; localized sampling needs both, e.g. "
+                    f"{quote('a V* ' + concept.class_word)}"
                 )
         for identifier in identifiers:
             columns[g, list(identifier)] = 1.0
             if classes:
                 columns[g, list(own_class_word(identifier, classes))] = 1.0
     return columns
+
+
+def check_prompt_length(
+    tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], limit: int
+) -> None:
+    """Refuse a prompt whose identifier falls past the text encoder's ``limit`` (it would be cut off
+    silently, and the image would not show the concept); warn when only other words are cut."""
+    ids = tokenizer(plan.expanded, verbose=False).input_ids  # start and end tokens, untruncated
+    if len(ids) <= limit:
+        return
+    kept = limit - 1  # truncation keeps the first limit - 1 tokens and appends the end token
+    for g, concept in enumerate(concepts):
+        if not plan.present[g]:
+            continue
+        if any(span.stop > kept for span in word_spans(tokenizer, ids, concept.token)):
+            name = "V*" if len(concepts) == 1 else f"V{g + 1}*"
+            raise ConfigError(
+                f"prompt {quote(plan.prompt)} is {len(ids)} tokens and its identifier {name} "
+                f"({quote(concept.token)}) falls past the text encoder's limit of {limit} tokens, where it "
+                f"would be cut off; shorten the prompt or move {name} nearer its start"
+            )
+    log.warning(
+        "prompt %s is %d tokens: the text encoder reads %d, the words after %s are cut off",
+        quote(plan.prompt),
+        len(ids),
+        limit,
+        quote(" ".join(tokenizer.decode(ids[1:kept]).split()[-6:])),
+    )

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 
 InitMode = Literal["zero", "random"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -69,7 +69,7 @@ class ResidualConfig:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(f"--rank {text!r} is not a number; use e.g. 0.05 or 16") from None
+            raise ConfigError(f"--rank {quote(text)} is not a number; use e.g. 0.05 or 16") from None
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class TrainConfig:
             if not value.strip():
                 raise ConfigError(f"{name.replace('_', '-')} must not be empty")
         if any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token {self.token!r} must be a single word without spaces")
+            raise ConfigError(f"token {quote(self.token)} must be a single word without spaces")
 
     @property
     def prompt(self) -> str:

@@ -1,7 +1,7 @@
 """Concept images: read a folder of 1-50 photos into tensors, and draw augmented training batches.
 
-Any PIL mode is accepted (grayscale, RGBA, palette, 16-bit); EXIF orientation is honoured;
-transparency is composited on white. Augmentation (our choice, the paper is silent): a random
+Images are opened by ``persres.images.load_rgb`` (any mode, EXIF orientation, bombs refused).
+Augmentation (our choice, the paper is silent): a random
 square crop covering at least ``min_crop`` of the shorter side, resized to the training
 resolution, and a random horizontal flip, all drawn from one ``torch.Generator`` so a resumed
 run draws the same batches.
@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from persres.errors import InputError
+from persres.images import load_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 50
@@ -45,30 +46,6 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
             f"{folder} holds {len(files)} images; personalization takes 1-{MAX_IMAGES}, pick the best"
         )
     return files
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open any image as 8-bit RGB, upright per its EXIF orientation."""
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable image ({exc}); remove or replace it") from None
-    return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I") else max(float(array.max()), 1e-8)
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" or image.mode in ("LA", "PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-    return image.convert("RGB")
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

@@ -38,3 +38,16 @@ class OutputPathError(PersresError):
 
 class RunLockedError(OutputExistsError):
     """A training run folder in use by another running ``train``."""
+
+
+QUOTE_LIMIT = 60
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a user string for an error message, cut to its first ``limit`` characters.
+
+    A message repeats the culprit, and a prompt or a file line may be kilobytes long: quoting at
+    most about 80 characters keeps every error one readable line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"

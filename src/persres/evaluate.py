@@ -32,9 +32,10 @@ from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection, ViTModel
 
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO
-from persres.data import load_rgb
 from persres.errors import ConfigError, InputError, ModelError
+from persres.images import load_rgb
 from persres.pipeline import resolve_device
+from persres.results import METRICS
 from persres.tokens import text_length
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -143,7 +144,7 @@ class Scorers:
     def clip_texts(self, texts: list[str]) -> torch.Tensor:
         """(N, D) unit-norm CLIP text embeddings (truncated to CLIP's 77 tokens)."""
         out = []
-        length = text_length(self.tokenizer, self.clip_text)
+        length = text_length(self.tokenizer, self.clip_text.config)
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(
                 texts[start : start + self.batch_size],
@@ -197,16 +198,33 @@ def image_files(folder: str | os.PathLike[str], what: str) -> list[Path]:
     return files
 
 
-def read_sidecar(path: Path) -> dict[str, Any]:
-    """A sample's JSON sidecar, checked to hold a prompt."""
+SIDECAR_FIELDS = {"prompt": str, "token": str, "sampler": str, "seed": int, "concepts": list}
+
+
+def read_sidecar(path: Path, required: tuple[str, ...] = ("prompt",)) -> dict[str, Any]:
+    """A sample's JSON sidecar, checked to hold the ``required`` fields, and every field that is read
+    (prompt, token, sampler, seed, concepts and their tokens) to be of the right type."""
+    fix = "fix it, or delete it (then pass --prompt to score the image)"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"sidecar {path} is not valid JSON ({exc}); fix or remove it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
-        raise InputError(f"sidecar {path} has no prompt; persres sample writes {{'prompt': ...}}")
-    if not isinstance(data.get("concepts", []), list):
-        raise InputError(f"sidecar {path}: 'concepts' must be a list")
+        raise InputError(f"sidecar {path} is not valid JSON ({exc}); {fix}") from None
+    except OSError as exc:
+        raise InputError(f"sidecar {path} cannot be read ({exc.strerror or exc}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise InputError(f"sidecar {path} is not valid JSON ({type(exc).__name__}); {fix}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"sidecar {path} is not a JSON object; persres sample writes {{'prompt': ...}}")
+    for key in required:
+        if data.get(key) is None:
+            raise InputError(f"sidecar {path} has no {key}; persres sample writes {{'{key}': ...}}; {fix}")
+    for key, kind in SIDECAR_FIELDS.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise InputError(f"sidecar {path}: {key!r} must be {kind.__name__}; {fix}")
+    for concept in data.get("concepts") or []:
+        if not isinstance(concept, dict) or not isinstance(concept.get("token", ""), str | None):
+            raise InputError(f"sidecar {path}: 'concepts' must be objects whose 'token' is text; {fix}")
     return data
 
 
@@ -218,7 +236,7 @@ def prompts_for(files: list[Path], prompt: str | None, token: str | None) -> lis
         if sidecar.is_file():
             data = read_sidecar(sidecar)
             text, token_here = data["prompt"], token or data.get("token")
-            tokens = [c.get("token") for c in data.get("concepts", []) if isinstance(c, dict)] + [token_here]
+            tokens = [c.get("token") for c in data.get("concepts") or []] + [token_here]
         elif prompt is not None:
             text, tokens = prompt, [token]
         else:
@@ -250,7 +268,6 @@ def evaluate_images(
     return {**means, **models, "num_images": len(per_image), "num_references": len(refs), "images": per_image}
 
 
-METRICS = ("clip_t", "clip_i", "dino_i")
 
 
 def evaluate_folder(

@@ -11,13 +11,15 @@ a more general noun that is almost as close keeps more of the prompt's meaning. 
 
 The noun table ships with persres (``assets/wordnet_nouns.tsv.gz``, 117,798 WordNet 3.0 noun lemmas,
 built by ``scripts/build_wordnet.py``; licence in ``assets/WORDNET_LICENSE.txt``). Text embeddings of the
-nouns are cached per CLIP model (keyed by a fingerprint of its text weights) as safetensors.
+nouns are cached per CLIP model (keyed by a fingerprint of its text weights and of its tokenizer) as
+safetensors; a cache file that is damaged in any way is logged and recomputed.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,11 +31,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from persres.data import load_rgb
-from persres.errors import ConfigError, InputError
+from persres.errors import ConfigError, InputError, quote
 from persres.evaluate import Scorers, image_files, unit
 from persres.files import atomic_path
+from persres.images import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +67,43 @@ def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
     """The shipped WordNet nouns, or a custom list (one noun per line, or the same TSV layout)."""
     if path is None:
         raw = resources.files("persres").joinpath("assets/wordnet_nouns.tsv.gz").read_bytes()
-        text = gzip.decompress(raw).decode("utf-8")
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise InputError(f"noun list {file} not found")
+        return parse_nouns(gzip.decompress(raw).decode("utf-8"), "the shipped WordNet table")
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"noun list {file} not found; pass --nouns with a text file, one noun per line")
+    try:
         text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"noun list {file} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"noun list {file} cannot be read ({exc.strerror or exc})") from None
+    return parse_nouns(text, f"noun list {file}")
+
+
+def parse_nouns(text: str, where: str) -> list[Noun]:
+    """Lines ``noun`` or ``noun<TAB>depth<TAB>count``; blank lines and the TSV header are skipped."""
     nouns = []
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if not fields[0].strip() or line == HEADER:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line == HEADER:
             continue
+        fields = line.split("\t")
         try:
+            if not fields[0].strip() or len(fields) > 3:
+                raise ValueError("not one noun and at most two numbers")
             depth = int(fields[1]) if len(fields) > 1 else -1
             tagged = int(fields[2]) if len(fields) > 2 else 0
+            if depth < -1 or tagged < 0:
+                raise ValueError("negative number")
         except ValueError:
             raise InputError(
-                f"noun list {path}: line {line!r} must be 'noun' or 'noun<TAB>depth<TAB>count'"
+                f"{where} line {number}: {quote(line)} must be 'noun' or 'noun<TAB>depth<TAB>count' "
+                "(whole numbers: depth -1 when unknown, count >= 0)"
             ) from None
         nouns.append(Noun(fields[0].strip(), depth, tagged))
     if not nouns:
-        raise InputError(f"noun list {path} is empty")
+        raise InputError(f"{where} holds no noun; write one noun per line")
     return nouns
 
 
@@ -120,6 +139,19 @@ def model_fingerprint(scorers: Scorers) -> str:
     return digest.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identifies a tokenizer by what decides the token ids of a text: its vocabulary, merges,
+    normalisation and special tokens (the serialized tokenizer) and its length limit. The padding and
+    truncation state is left out: the tokenizers library stores there how it was last called."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items())}
+    described = json.dumps([spec, tokenizer.model_max_length], sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
 def noun_embeddings(
     scorers: Scorers,
     nouns: list[str],
@@ -127,31 +159,63 @@ def noun_embeddings(
     cache: Path | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """(N, D) unit-norm text embeddings of ``template`` filled with each noun; cached on disk."""
-    key = hashlib.sha256("\n".join([model_fingerprint(scorers), template, *nouns]).encode()).hexdigest()[:24]
+    """(N, D) unit-norm text embeddings of ``template`` filled with each noun; cached on disk, keyed by
+    the text tower's weights, the tokenizer, the template and the nouns."""
+    fingerprints = [model_fingerprint(scorers), tokenizer_fingerprint(scorers.tokenizer)]
+    key = hashlib.sha256("\n".join([*fingerprints, template, *nouns]).encode()).hexdigest()[:24]
     path = (cache or cache_folder()) / "nouns" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            cached = load_file(str(path))["embeddings"]
-        except (SafetensorError, OSError, KeyError):
-            log.warning("noun embedding cache %s is damaged; recomputing it", path)
-        else:
-            if cached.shape[0] == len(nouns):
-                log.info("noun embeddings from cache %s", path)
-                return cached
+    cached = read_cache(path, len(nouns), scorers.clip_text.config.projection_dim)
+    if cached is not None:
+        log.info("noun embeddings from cache %s", path)
+        return cached
     chunks = []
     for start in tqdm(
         range(0, len(nouns), BATCH), desc="embedding nouns (cached after this)", disable=not progress
     ):
         chunks.append(scorers.clip_texts([template.format(n) for n in nouns[start : start + BATCH]]).cpu())
     embeddings = torch.cat(chunks)
-    with atomic_path(path) as tmp:
-        save_file(
-            {"embeddings": embeddings.contiguous()},
-            str(tmp),
-            metadata={"clip": scorers.names[0], "template": template, "count": str(len(nouns))},
+    try:
+        with atomic_path(path) as tmp:
+            save_file(
+                {"embeddings": embeddings.contiguous()},
+                str(tmp),
+                metadata={"clip": scorers.names[0], "template": template, "count": str(len(nouns))},
+            )
+    except OSError as exc:  # a cache is a convenience: a read-only home must not stop the command
+        log.warning(
+            "cannot write the noun embedding cache %s (%s); set PERSRES_CACHE to a writable folder", path, exc
         )
     return embeddings
+
+
+def read_cache(path: Path, count: int, width: int) -> torch.Tensor | None:
+    """The cached (count, width) embeddings, or None when there are none; a damaged cache file (not
+    safetensors, another shape or dtype, not finite, not unit-norm) is logged and recomputed."""
+    if not path.exists():
+        return None
+    problem: str | None
+    try:
+        cached = load_file(str(path))["embeddings"]
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
+        problem = "not a safetensors file holding 'embeddings'"
+    else:
+        problem = embedding_problem(cached, count, width)
+    if problem is None:
+        return cached
+    log.warning("noun embedding cache %s is damaged (%s); recomputing it", path, problem)
+    return None
+
+
+def embedding_problem(cached: torch.Tensor, count: int, width: int) -> str | None:
+    if cached.dtype != torch.float32:
+        return f"dtype {cached.dtype}, expected float32"
+    if tuple(cached.shape) != (count, width):
+        return f"shape {tuple(cached.shape)}, expected {(count, width)}"
+    if not torch.isfinite(cached).all():
+        return "values that are not finite"
+    if not torch.allclose(cached.norm(dim=-1), torch.ones(count), atol=1e-3):
+        return "rows that are not unit-norm"
+    return None
 
 
 def image_embedding(scorers: Scorers, folder: str | os.PathLike[str]) -> torch.Tensor:

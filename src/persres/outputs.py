@@ -1,7 +1,8 @@
 """Writing sampled images: PNG + JSON sidecar per image, side-by-side grids, LAG mask strips.
 
-Names are ``NNNN-prompt-SAMPLER.png``; numbering continues after what ``out`` already holds, so
-nothing is ever overwritten. With ``--sampler both`` a normal and a LAG image share a number and a
+Names are ``NNNN-prompt-SAMPLER.png``; numbering continues after every numbered file ``out`` already
+holds, and all names are checked before the first file is written, so nothing is ever overwritten and
+a refusal writes nothing. With ``--sampler both`` a normal and a LAG image share a number and a
 ``-both.png`` grid shows them side by side. ``-masks.png`` strips show where LAG applied the
 residual: one row per U-Net resolution (blocks of one resolution averaged), one column per step.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from persres.errors import OutputExistsError
 from persres.files import atomic_path, write_json
 from persres.sampling import Sample, SampleSettings
 
@@ -27,8 +29,9 @@ GAP = 2
 
 
 def next_free_index(out: Path) -> int:
-    """Numbering continues after the images already in ``out``: nothing is overwritten."""
-    taken = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    """Numbering continues after every numbered file in ``out`` (a stray sidecar without its PNG too):
+    nothing is overwritten."""
+    taken = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d+)-", p.name))]
     return max(taken, default=-1) + 1
 
 
@@ -45,22 +48,60 @@ def save_png(image: Image.Image, path: Path) -> Path:
 def write_samples(
     out: str | os.PathLike[str], samples: list[Sample], settings: SampleSettings, extra: dict[str, Any]
 ) -> list[Path]:
-    """Write every sample (and grids and mask strips); returns the paths of the sampled PNGs."""
+    """Write every sample (and grids and mask strips); returns the paths of the sampled PNGs.
+
+    Every name is chosen and checked to be free before the first file is written, so a refusal
+    leaves ``out`` as it was."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; samples are written into a folder, choose another --out")
+    planned, images = plan_files(out, samples, settings, extra)
+    taken = [path for path in planned if path.exists() or path.is_symlink()]
+    if taken:
+        raise OutputExistsError(
+            f"{taken[0]} already exists ({len(taken)} of the {len(planned)} files to write do); nothing "
+            "was written: remove them or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    index = next_free_index(out) - 1
-    written: list[Path] = []
+    for path, content in planned.items():
+        if isinstance(content, Image.Image):
+            save_png(content, path)
+        else:
+            write_json(path, content, overwrite=False)
+    return images
+
+
+def stems(out: Path, samples: list[Sample]) -> list[tuple[str, Sample]]:
+    """The file stem of each sample: a normal and a LAG image of one prompt and seed share a number."""
+    index = (next_free_index(out) if out.is_dir() else 0) - 1
+    named: list[tuple[str, Sample]] = []
     previous: Sample | None = None
     for item in samples:
-        paired = (
-            previous is not None
-            and item.sampler == "lag"
-            and previous.sampler == "normal"
-            and (previous.prompt, previous.seed) == (item.prompt, item.seed)
-        )
-        index += 0 if paired else 1
-        stem = f"{index:04d}-{slug(item.prompt)}"
-        path = save_png(item.image, out / f"{stem}-{item.sampler}.png")
+        index += 0 if paired(previous, item) else 1
+        named.append((f"{index:04d}-{slug(item.prompt)}", item))
+        previous = item
+    return named
+
+
+def paired(previous: Sample | None, item: Sample) -> bool:
+    return (
+        previous is not None
+        and item.sampler == "lag"
+        and previous.sampler == "normal"
+        and (previous.prompt, previous.seed) == (item.prompt, item.seed)
+    )
+
+
+def plan_files(
+    out: Path, samples: list[Sample], settings: SampleSettings, extra: dict[str, Any]
+) -> tuple[dict[Path, Image.Image | dict[str, Any]], list[Path]]:
+    """Every file to write, in order (per sample its PNG, its JSON sidecar, a side-by-side grid with
+    the normal image before it, and its mask strips), and the samples' PNG paths."""
+    planned: dict[Path, Image.Image | dict[str, Any]] = {}
+    images: list[Path] = []
+    previous: Sample | None = None
+    for stem, item in stems(out, samples):
+        path = out / f"{stem}-{item.sampler}.png"
         sidecar = {"prompt": item.prompt, "expanded_prompt": item.expanded, **asdict(settings), **extra}
         sidecar.update(
             seed=item.seed,
@@ -70,14 +111,15 @@ def write_samples(
             height=item.image.height,
             width=item.image.width,
         )
-        write_json(path.with_suffix(".json"), sidecar, overwrite=False)
-        written.append(path)
-        if paired and previous is not None:
-            save_png(side_by_side([previous.image, item.image]), out / f"{stem}-both.png")
-        for name, strip in mask_strips(item).items():
-            save_png(strip, out / f"{stem}-{item.sampler}-{name}.png")
+        planned[path] = item.image
+        images.append(path)
+        planned[path.with_suffix(".json")] = sidecar
+        if previous is not None and paired(previous, item):
+            planned[out / f"{stem}-both.png"] = side_by_side([previous.image, item.image])
+        for name, strip_image in mask_strips(item).items():
+            planned[out / f"{stem}-{item.sampler}-{name}.png"] = strip_image
         previous = item
-    return written
+    return planned, images
 
 
 def side_by_side(images: list[Image.Image]) -> Image.Image:

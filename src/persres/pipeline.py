@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
-from persres.errors import ConfigError, ModelError
+from persres.errors import ConfigError, ModelError, quote
 from persres.tokens import text_length
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def load_pipeline(
         raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
     # diffusers' encode_prompt pads every prompt to the tokenizer's model_max_length: bound it by the
     # text encoder (a tokenizer config without it reads as 1e30 in transformers 5)
-    pipe.tokenizer.model_max_length = text_length(pipe.tokenizer, pipe.text_encoder)
+    pipe.tokenizer.model_max_length = text_length(pipe.tokenizer, pipe.text_encoder.config)
     if not as_shipped:
         # latents are not in [-1, 1]: a config without clip_sample would wash DDIM's images out
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
@@ -72,6 +73,29 @@ def load_pipeline(
         model.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_tokenizer(base: str) -> CLIPTokenizer:
+    """The base model's tokenizer alone, without any weights: for checks that run before a model is
+    loaded (a benchmark's prompts, suggest-token). Refuses a folder or hub id that holds no tokenizer
+    (transformers then quietly builds one that knows only its two special tokens)."""
+    _check_local_folder(base)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.expanduser(base), subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(_not_available_message(base, OSError("it has no tokenizer (tokenizer/ folder)")))
+    return tokenizer
+
+
+def load_text_encoder_config(base: str) -> PretrainedConfig:
+    """The configuration of the base model's text encoder (no weights), e.g. its number of positions."""
+    _check_local_folder(base)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(base), subfolder="text_encoder")
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
 
 
 def _check_local_folder(base: str) -> None:
@@ -114,4 +138,4 @@ def _not_available_message(base: str, exc: BaseException) -> str:
         if offline
         else "check the hub id and your network, or pass a local diffusers folder"
     )
-    return f"cannot load base model {base!r}: {first_line}. {hint}"
+    return f"cannot load base model {quote(base)}: {first_line}. {hint}"

@@ -7,10 +7,8 @@ Figure 14), and per concept a grid of references, normal samples and LAG samples
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,11 +17,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from persres.categories import CATEGORIES  # noqa: E402
 from persres.errors import InputError, OutputExistsError  # noqa: E402
 from persres.files import check_writable, write_text  # noqa: E402
+from persres.images import load_rgb  # noqa: E402
+from persres.results import read_result, read_results_csv  # noqa: E402
 
 THUMB = 96
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}
@@ -39,11 +38,8 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     if target.exists():
         raise OutputExistsError(f"{target} already exists; pass --out with a new file name")
     check_writable(target, "--out", folder=False)
-    with open(root / "results.csv", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    results = {
-        p.parent: json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("runs/*/*/result.json"))
-    }
+    rows = read_results_csv(root / "results.csv")
+    results = {p.parent: read_result(p) for p in sorted(root.glob("runs/*/*/result.json"))}
     body = [
         f"<h1>persres benchmark: {html.escape(str(root))}</h1>",
         "<h2>Results (means per concept)</h2>",
@@ -145,11 +141,10 @@ def figure(fig: plt.Figure) -> str:
 
 
 def thumbnail(path: Path) -> str:
-    with Image.open(path) as image:
-        small = image.convert("RGB")
-        small.thumbnail((THUMB, THUMB))
-        buffer = io.BytesIO()
-        small.save(buffer, format="PNG")
+    small = load_rgb(path)  # a damaged image or a decompression bomb is an InputError naming it
+    small.thumbnail((THUMB, THUMB))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
     return inline_png(buffer.getvalue(), path.name)
 
 

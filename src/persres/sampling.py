@@ -18,9 +18,15 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from persres.concepts import Concept, PromptPlan, concept_columns, plan_prompts
+from persres.concepts import (
+    Concept,
+    PromptPlan,
+    check_prompt_length,
+    concept_columns,
+    plan_prompts,
+)
 from persres.config import SampleSettings
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
 from persres.tokens import text_length
 
@@ -56,12 +62,14 @@ def sample(
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
     """
     if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
+    limit = text_length(pipe.tokenizer, pipe.text_encoder.config)
+    for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
+        check_prompt_length(pipe.tokenizer, plan, concepts, limit)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
-    length = text_length(pipe.tokenizer, pipe.text_encoder)
     columns = {
-        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, "lag" in kinds, length) for plan in plans
+        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, "lag" in kinds, limit) for plan in plans
     }
     samples = []
     with tqdm(

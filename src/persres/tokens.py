@@ -9,23 +9,36 @@ tools complain that "sks" is a rifle, and a real word drags its meaning into the
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 
 log = logging.getLogger(__name__)
+
+UNBOUNDED = 10**6  # transformers says model_max_length 1e30 for tokenizers saved without a limit
 
 WORD_END = "</w>"
 
 
-def text_length(tokenizer: PreTrainedTokenizerBase, text_model: nn.Module) -> int:
-    """Tokens per prompt (padding and truncation): the tokenizer's ``model_max_length`` bounded by the
-    text model's position embeddings (77 for CLIP). transformers 5 leaves ``model_max_length`` at 1e30
-    when a tokenizer config lacks it (a CLIPProcessor saved by transformers 5 does), and padding to that
-    raises ``OverflowError``."""
-    return min(int(tokenizer.model_max_length), int(text_model.config.max_position_embeddings))
+def text_length(tokenizer: PreTrainedTokenizerBase, text_config: Any) -> int:
+    """Tokens per prompt, start and end tokens included (77 for CLIP): the tokenizer's
+    ``model_max_length`` bounded by the text model's ``max_position_embeddings`` (``text_config`` is the
+    text encoder's config). transformers 5 leaves ``model_max_length`` at 1e30 when a tokenizer config
+    lacks it (a CLIPProcessor saved by transformers 5 does), and padding to that raises
+    ``OverflowError``; the text model cannot read more positions than it has embeddings for."""
+    candidates = (
+        getattr(tokenizer, "model_max_length", None),
+        getattr(text_config, "max_position_embeddings", None),
+    )
+    limits = [n for n in candidates if isinstance(n, int) and 2 < n < UNBOUNDED]
+    if not limits:
+        raise ConfigError(
+            "neither the tokenizer (model_max_length) nor the text encoder (max_position_embeddings) "
+            "states how many tokens a prompt may have; fix the base model's tokenizer_config.json"
+        )
+    return min(limits)
 
 
 def check_identifier(
@@ -35,17 +48,17 @@ def check_identifier(
     pieces = list(tokenizer.tokenize(token))
     if len(pieces) != 1:
         log.warning(
-            "identifier %r is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
+            "identifier %s is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
             "cleanly (see persres suggest-token)",
-            token,
+            quote(token),
             len(pieces),
-            " ".join(pieces),
+            " ".join(pieces[:10]) + (" ..." if len(pieces) > 10 else ""),
         )
     if real_words is not None and token.lower() in real_words:
         log.warning(
-            "identifier %r is a common English word: its meaning will leak into the concept; "
+            "identifier %s is a common English word: its meaning will leak into the concept; "
             "see persres suggest-token",
-            token,
+            quote(token),
         )
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from persres.cli.options import POSITIVE, add_device, add_scorers, number
-from persres.errors import PersresError
 
 MARGIN = number(0.0, 1.0)
 
@@ -61,17 +60,11 @@ def run_suggest_class(args: argparse.Namespace) -> int:
 
 
 def run_suggest_token(args: argparse.Namespace) -> int:
-    from transformers import CLIPTokenizer
-
     from persres.macro import real_words
+    from persres.pipeline import load_tokenizer
     from persres.tokens import suggest_tokens
 
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(args.base, subfolder="tokenizer")
-    except (OSError, ValueError) as exc:
-        raise PersresError(
-            f"cannot load the tokenizer of --base {args.base}: {str(exc).splitlines()[0]}"
-        ) from None
+    tokenizer = load_tokenizer(args.base)
     for word in suggest_tokens(tokenizer, real_words(), args.top):
         print(word)
     return 0

@@ -205,7 +205,7 @@ def train_unet(config: BaseTrainConfig, work: Path, vae: AutoencoderKL, out: Pat
         ids = tokenizer(
             captions,
             padding="max_length",
-            max_length=text_length(tokenizer, text_encoder),
+            max_length=text_length(tokenizer, text_encoder.config),
             truncation=True,
             return_tensors="pt",
         ).input_ids

@@ -1,0 +1,210 @@
+"""A benchmark's result files: every variant's ``result.json`` merged into ``results.csv`` and
+``summary.json``, and all of them (``benchmark.json`` too) read back.
+
+Any of them can be damaged (a full disk, a crash outside persres' atomic writes, a copy gone wrong)
+or edited by hand, and the benchmark and the report read them back: each is checked for the fields
+that are used, and a damaged one is an ``InputError`` that names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from persres.categories import CATEGORIES, sampler_for
+from persres.errors import InputError, quote
+from persres.files import write_json, write_text
+
+METRICS = ("clip_t", "clip_i", "dino_i")  # CustomConcept101: CLIP text, CLIP image, DINO image alignment
+
+CSV_FIELDS = (
+    "concept",
+    "category",
+    "class_word",
+    "class_source",
+    "method",
+    "rank",
+    "sampler",
+    *METRICS,
+    "train_seconds",
+    "sample_seconds",
+    "num_images",
+)
+REDO = "delete it and rerun persres benchmark with the same --out and settings to redo that variant"
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON in ``path``; ``fix`` says what to do when it is damaged."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is damaged (not UTF-8 text at byte {exc.start}); {fix}") from None
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}); {fix}"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise InputError(f"{path} is damaged ({type(exc).__name__}); {fix}") from None
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """A benchmark folder's ``benchmark.json``: the settings its results were made with."""
+    fix = (
+        "it records the settings of the results in that folder: restore it, or choose another --out "
+        "(deleting it lets a rerun mix results made with other settings)"
+    )
+    saved = read_json(path, fix)
+    if not isinstance(saved, dict):
+        raise InputError(f"{path} is damaged (not a JSON object); {fix}")
+    return saved
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A variant's ``result.json``, checked to hold every field that the merge and the report use."""
+    result = read_json(path, REDO)
+    problem = result_problem(result)
+    if problem:
+        raise InputError(f"{path} is damaged ({problem}); {REDO}")
+    return result  # type: ignore[no-any-return]
+
+
+def result_problem(result: Any) -> str | None:
+    """What is wrong with a parsed ``result.json``, or None."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    rows, images, config = result.get("rows"), result.get("images"), result.get("train_config")
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+        return "'rows' is not a non-empty list of objects"
+    for number, row in enumerate(rows):
+        unknown = sorted(set(row) - set(CSV_FIELDS))
+        if unknown:
+            return f"row {number} has unknown fields {quote(', '.join(map(str, unknown)))}"
+        problem = fields_problem(row, ("concept", "category", "sampler"), ("rank", *METRICS))
+        if not problem and not isinstance(row.get("class_source", ""), str):
+            problem = "has a 'class_source' that is not text"
+        if problem:
+            return f"row {number} {problem}"
+    if not isinstance(images, list) or not all(isinstance(image, dict) for image in images):
+        return "'images' is not a list of objects"
+    for number, image in enumerate(images):
+        problem = fields_problem(image, ("image", "sampler", "prompt_category"), METRICS)
+        if problem:
+            return f"image {number} {problem}"
+        if Path(image["image"]).name != image["image"] or image["image"] in ("", ".", ".."):
+            return f"image {number} names {quote(image['image'])}, not a file of the samples folder"
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(k), str) for k in ("images", "class_word")
+    ):
+        return "'train_config' lacks its images folder or class word"
+    return None
+
+
+def fields_problem(item: dict[str, Any], texts: tuple[str, ...], numbers: tuple[str, ...]) -> str | None:
+    for key in texts:
+        if not isinstance(item.get(key), str):
+            return f"lacks the text field {key!r}"
+    for key in numbers:
+        value = item.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"lacks the number {key!r}"
+    return None
+
+
+def read_results_csv(path: Path) -> list[dict[str, str]]:
+    """``results.csv``: a header and rows of exactly its columns."""
+    fix = "delete it and rerun persres benchmark with the same --out and settings to rebuild it"
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is damaged (not UTF-8 text at byte {exc.start}); {fix}") from None
+    except csv.Error as exc:
+        raise InputError(f"{path} is damaged ({exc}); {fix}") from None
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
+    missing = [name for name in ("concept", "rank", "sampler") if name not in header]
+    if missing or len(set(header)) != len(header):
+        raise InputError(f"{path} is damaged (its header {quote(','.join(header))} is not persres'); {fix}")
+    for number, row in enumerate(rows, start=1):
+        if None in row or None in row.values():
+            raise InputError(
+                f"{path} is damaged (row {number} has {'more' if None in row else 'fewer'} fields than "
+                f"its header); {fix}"
+            )
+    return rows
+
+
+def included(image: dict[str, Any], sampler: str) -> bool:
+    """Whether a sampler's row is made with this image; ``auto`` picks per prompt by its category."""
+    wanted = sampler_for(image["prompt_category"]) if sampler == "auto" else sampler
+    return bool(image["sampler"] == wanted)
+
+
+def pick(scores: list[dict[str, Any]], sampler: str) -> list[dict[str, Any]]:
+    return [image for image in scores if included(image, sampler)]
+
+
+def means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: round(statistics.fmean(r[key] for r in rows), 6) for key in METRICS} if rows else {}
+
+
+def merge_results(out: Path) -> tuple[Path, Path]:
+    """Rebuild ``results.csv`` and ``summary.json`` from every finished variant."""
+    results = [read_result(p) for p in sorted(out.glob("runs/*/*/result.json"))]
+    rows = sorted(
+        (row for r in results for row in r["rows"]),
+        key=lambda r: (r["concept"], str(r["rank"]), r.get("class_source", "dataset"), r["sampler"]),
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = write_text(out / "results.csv", buffer.getvalue())
+    summary_path = write_json(out / "summary.json", summarize(results))
+    return csv_path, summary_path
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means overall, per concept category and per prompt category, for each rank x sampler."""
+    rows = [
+        dict(row, rank=str(row["rank"]), class_source=row.get("class_source", "dataset"))
+        for r in results
+        for row in r["rows"]
+    ]
+    variants = sorted({(r["rank"], r["class_source"], r["sampler"]) for r in rows})
+    summary: dict[str, Any] = {
+        "concepts": sorted({r["concept"] for r in rows}),
+        "overall": {},
+        "per_category": {},
+        "per_prompt_category": {},
+    }
+    for rank, source, sampler in variants:
+        key = f"rank={rank}" + ("" if source == "dataset" else f" class={source}") + f" sampler={sampler}"
+        mine = [r for r in rows if (r["rank"], r["class_source"], r["sampler"]) == (rank, source, sampler)]
+        summary["overall"][key] = means(mine)
+        for category in sorted({r["category"] for r in mine}):
+            summary["per_category"].setdefault(category, {})[key] = means(
+                [r for r in mine if r["category"] == category]
+            )
+        chosen = [
+            image
+            for r in results
+            if (str(r["rows"][0]["rank"]), r["rows"][0].get("class_source", "dataset")) == (rank, source)
+            for image in pick(r["images"], sampler)
+        ]
+        for category in CATEGORIES:
+            subset = [image for image in chosen if image["prompt_category"] == category]
+            if subset:
+                summary["per_prompt_category"].setdefault(category, {})[key] = means(subset)
+    return summary
