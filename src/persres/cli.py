@@ -154,6 +154,13 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         default=[],
         help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
     )
+    p.add_argument("--validation-every", type=int, help="also sample the validation prompts every N steps")
+    p.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb"],
+        default=defaults.report_to,
+        help="also log the loss to this tracker, in OUT/logs (default none; OUT/logs/loss.csv always)",
+    )
     add_device(p)
     p.set_defaults(handler=run_train)
 

@@ -101,6 +101,8 @@ def run_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt),
+        validation_every=args.validation_every,
+        report_to=args.report_to,
     )
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(
