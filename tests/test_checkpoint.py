@@ -101,8 +101,8 @@ def test_a_damaged_checkpoint_file_is_named_with_what_to_do(
     message = resume_error(run, conv_base, photos)
     assert str(run / STEP2 / name) in message
     assert (
-        f"delete {run / STEP2} to resume from the checkpoint before it, or start again with --overwrite"
-        in message
+        f"delete {run / STEP2} to resume from the checkpoint before it (from step 0 if there is none), "
+        "or start again with --overwrite" in message
     )
 
 
@@ -114,7 +114,7 @@ def test_a_checkpoint_without_state_json_is_not_skipped(run: Path, conv_base: Pa
 
 
 def test_a_step_folder_that_is_no_checkpoint_is_named(run: Path, conv_base: Path, photos: Path) -> None:
-    (run / "checkpoints" / "step-abc").mkdir()
+    shutil.copytree(run / STEP2, run / "checkpoints" / "step-abc")  # a hand-made copy
     (run / "checkpoints" / "notes.txt").write_text("mine")  # not step-*: left alone
     message = resume_error(run, conv_base, photos)
     assert (

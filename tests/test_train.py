@@ -254,7 +254,7 @@ def test_validation_every_writes_a_folder_per_step(uninterrupted: Path) -> None:
         assert [p.name for p in images] == ["0000-a-v-dog-normal.png", "0001-a-v-dog-on-the-beach-normal.png"]
         sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in images]
         assert [s["prompt"] for s in sidecars] == list(PROMPTS)
-        assert {s["step"] for s in sidecars} == {int(folder.name.removeprefix("step-"))}
+        assert {s["train_step"] for s in sidecars} == {int(folder.name.removeprefix("step-"))}
         with Image.open(folder / "grid.png") as grid:
             assert grid.size == (2 * 16 + 2, 16)  # the two prompts side by side
     assert len(loss_rows(uninterrupted)) == 6 and (uninterrupted / "logs" / "loss.png").is_file()

@@ -98,7 +98,7 @@ def list_checkpoints(out: Path) -> list[Checkpoint]:
 def damaged(file: Path, what: str) -> InputError:
     return InputError(
         f"checkpoint file {file} is damaged or was edited ({what}); delete {file.parent} to resume from "
-        "the checkpoint before it, or start again with --overwrite"
+        "the checkpoint before it (from step 0 if there is none), or start again with --overwrite"
     )
 
 

@@ -113,7 +113,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     state = make_state(config, pipe, processes)
     start = restore_or_start(out, resume, state)
-    loop = prepare_loop(config, out, pipe, state, images, accelerator, start, distributed)
+    loop = prepare_loop(out, pipe, state, images, accelerator, start, distributed)
     try:
         loss = run_steps(loop, start, callback, progress)
         path = finish(loop)
@@ -123,7 +123,6 @@ def train(
 
 
 def prepare_loop(
-    config: TrainConfig,
     out: Path,
     pipe: StableDiffusionPipeline,
     state: TrainState,
@@ -134,7 +133,7 @@ def prepare_loop(
 ) -> Loop:
     """Open the loss log (a damaged one fails here, before anything is written), write config.json,
     start the tracker and hand the model to accelerate."""
-    loss_log = None
+    config, loss_log = state.config, None
     if state.processes.is_main:
         loss_log = LossLog.open(out, start)
         drop_later(out, start)

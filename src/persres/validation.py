@@ -46,8 +46,9 @@ def write_validation(pipe: StableDiffusionPipeline, config: TrainConfig, out: Pa
     concept = Concept(config.token, config.class_word)
     samples = sample(pipe, list(config.validation_prompts), [concept], settings, progress=False)
     target = validation_folder(out, step)
+    extra = {"base": config.base, "token": config.token, "train_step": step}
     with atomic_dir(target) as tmp:
-        write_samples(tmp, samples, settings, {"base": config.base, "token": config.token, "step": step})
+        write_samples(tmp, samples, settings, extra)
         save_png(side_by_side([item.image for item in samples]), tmp / GRID)
     log.info("validation images written to %s", target)
     return target
