@@ -254,6 +254,51 @@ def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_
     assert json.loads((run / "config.json").read_text())["flip"] is False
 
 
+def test_report_to_a_tracker_that_is_not_installed_fails_before_training(
+    conv_base: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("persres.trainlog.installed", lambda package: False)  # whatever this venv holds
+    out = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
+    argv.append("--report-to")
+    assert "pip install tensorboard" in error_of(capsys, [*argv, "tensorboard"])
+    assert "pip install wandb" in error_of(capsys, [*argv, "wandb"])
+    assert not out.exists()
+
+
+def test_validation_every_needs_a_prompt_and_a_positive_count(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
+    message = error_of(capsys, [*argv, "--validation-every", "2"])
+    assert "--validation-every" in message and "--validation-prompt" in message
+    assert "validation-every must be >= 1" in error_of(
+        capsys, [*argv, "--validation-every", "0", "--validation-prompt", "a V* dog"]
+    )
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_train_logs_its_loss_and_validates_every_n_steps(
+    conv_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    argv += ["--report-to", "none", "--validation-every", "2", "--validation-prompt", "a V* dog"]
+    assert main(argv) == 0
+    lines = (run / "logs" / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,smoothed_loss,lr,elapsed_seconds" and len(lines) == 4
+    assert (run / "logs" / "loss.png").is_file()
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-000002", "step-000003"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["validation_every"] == 2 and config["report_to"] == "none"
+
+
 @pytest.mark.parametrize(
     "limit", [150, 300]
 )  # 400 pixels: above twice the limit (PIL raises), above it (PIL warns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from persres import ResidualConfig, add_residuals, read_residual_file
 from persres.cli import main
@@ -177,6 +179,142 @@ def test_bad_images_fail_before_anything_is_written(conv_base: Path, tmp_path: P
     with pytest.raises(InputError, match="is empty"):
         train(tiny_config(conv_base, tmp_path / "imgs"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+PROMPTS = ("a V* dog", "a V* dog on the beach")
+EVERY_OTHER_STEP = ["step-000002", "step-000004", "step-000006"]
+
+
+def loss_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "logs" / "loss.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def observed_config(base: Path, photos: Path) -> TrainConfig:
+    """6 steps, checkpoints at 3 and 6, validation images every 2 steps."""
+    return tiny_config(base, photos, checkpoint_every=3, validation_prompts=PROMPTS, validation_every=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(conv_base: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("observed") / "run"
+    train(observed_config(conv_base, photos), out, progress=False)
+    return out
+
+
+def kill_after(config: TrainConfig, out: Path, step: int) -> None:
+    """Train in another process and SIGKILL it after ``step``: no finally, no flush on exit."""
+    script = (
+        "import json, os, signal, sys\n"
+        "from persres.config import TrainConfig\n"
+        "from persres.train import train\n"
+        "def kill(step, loss):\n"
+        f"    if step == {step}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train(TrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False, callback=kill)\n"
+    )
+    argv = [sys.executable, "-c", script, config.to_json(), str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -9, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kill", "after"), [("raise", 3), ("sigkill", 5)])
+def test_killed_and_resumed_run_logs_every_step_once(
+    conv_base: Path, photos: Path, tmp_path: Path, uninterrupted: Path, kill: str, after: int
+) -> None:
+    config, out = observed_config(conv_base, photos), tmp_path / "run"
+    if kill == "raise":
+
+        def stop(step: int, loss: float) -> None:
+            if step == after:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train(config, out, progress=False, callback=stop)
+    else:
+        kill_after(config, out, after)
+    assert [int(r["step"]) for r in loss_rows(out)] == list(range(1, after + 1))  # on disk despite the kill
+    stale = out / "validation" / "step-000004"  # the killed run's images after its checkpoint at step 3
+    if after > 4:
+        (stale / "marker").write_text("from the killed run")
+    train(config, out, resume=True, progress=False)
+    rows, whole = loss_rows(out), loss_rows(uninterrupted)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    for key in ("loss", "smoothed_loss", "lr"):
+        assert [float(r[key]) for r in rows] == pytest.approx([float(r[key]) for r in whole], abs=1e-6)
+    elapsed = [float(r["elapsed_seconds"]) for r in rows]
+    assert elapsed == sorted(elapsed)  # cumulative over the two runs
+    assert (out / "logs" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "validation").iterdir()) == EVERY_OTHER_STEP
+    assert (stale / "grid.png").is_file() and not (stale / "marker").exists()  # redone
+
+
+@pytest.mark.slow
+def test_validation_every_writes_a_folder_per_step(uninterrupted: Path) -> None:
+    root = uninterrupted / "validation"
+    assert sorted(p.name for p in root.iterdir()) == EVERY_OTHER_STEP
+    for folder in root.iterdir():
+        images = sorted(folder.glob("0*.png"))
+        assert [p.name for p in images] == ["0000-a-v-dog-normal.png", "0001-a-v-dog-on-the-beach-normal.png"]
+        sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in images]
+        assert [s["prompt"] for s in sidecars] == list(PROMPTS)
+        assert {s["train_step"] for s in sidecars} == {int(folder.name.removeprefix("step-"))}
+        with Image.open(folder / "grid.png") as grid:
+            assert grid.size == (2 * 16 + 2, 16)  # the two prompts side by side
+    assert len(loss_rows(uninterrupted)) == 6 and (uninterrupted / "logs" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_final_validation_images_are_the_last_steps_folder_and_change_nothing(
+    conv_base: Path, photos: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    config = tiny_config(conv_base, photos, checkpoint_every=3, validation_prompts=PROMPTS[:1])
+    result = train(config, tmp_path / "run", progress=False)
+    final = tmp_path / "run" / "validation"
+    assert [p.name for p in final.iterdir()] == ["step-000006"]
+    assert sorted(p.name for p in (final / "step-000006").iterdir()) == [
+        "0000-a-v-dog-normal.json",
+        "0000-a-v-dog-normal.png",
+        "grid.png",
+    ]
+    observed = factors(uninterrupted / "residuals.safetensors")
+    for key, value in factors(result.residuals).items():  # sampling during training leaves it alone
+        assert torch.equal(observed[key], value), key
+
+
+@pytest.mark.slow
+def test_resume_with_another_lr_trains_with_it(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(conv_base, photos, steps=2), out, progress=False)
+    result = train(tiny_config(conv_base, photos, steps=4, lr=2e-3), out, resume=True, progress=False)
+    assert [float(r["lr"]) for r in loss_rows(out)] == [1e-2, 1e-2, 2e-3, 2e-3]
+    assert json.loads(read_residual_file(result.residuals).metadata["train_config"])["lr"] == 2e-3
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_run(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    argv += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "persres"]
+    argv += ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), "--class-word"]
+    argv += ["dog", "--steps", "2", "--batch-size", "1", "--resolution", "16", "--checkpoint-every", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*argv, "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.rglob("*.safetensors") if "checkpoints" not in p.parts) == [
+        "residuals.safetensors"
+    ]
+    checkpoint = out / "checkpoints" / "step-000002"
+    rng = [checkpoint / f"rng-{i}.safetensors" for i in (0, 1)]
+    assert all(p.is_file() for p in rng) and rng[0].read_bytes() != rng[1].read_bytes()  # one per process
+    assert [r["step"] for r in loss_rows(out)] == ["1", "2"]  # written once, by the main process
+
+
+def test_tensorboard_gets_the_loss(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    train(tiny_config(conv_base, photos, steps=2, report_to="tensorboard"), tmp_path / "run", progress=False)
+    assert list((tmp_path / "run" / "logs" / "persres").glob("events.out.tfevents.*"))
 
 
 class FixedLatentVae:

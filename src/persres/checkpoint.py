@@ -3,8 +3,12 @@
 A checkpoint folder ``checkpoints/step-000050/`` holds ``residuals.safetensors``,
 ``optimizer.safetensors`` (AdamW moments keyed by factor name), ``rng-{process}.safetensors`` (the
 data/noise generator of each process) and ``state.json`` (step, config). It is written under a
-temporary name and renamed when complete, so a run killed while saving leaves the previous one.
+temporary name and renamed when complete, so a run killed while saving leaves the previous one;
+old checkpoints are renamed away before they are deleted, so no half-deleted one is left either.
 Restoring all three makes a resumed run continue exactly where the interrupted one stood.
+
+Every file is read back strictly: a damaged or hand-edited one is an ``InputError`` that names it
+and says what to do (delete that checkpoint to resume from the one before, or ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from persres.config import TrainConfig
-from persres.errors import ConfigError, InputError
+from persres.errors import ConfigError, InputError, PersresError
 from persres.files import write_json
 from persres.io import load_residuals, save_residuals
 
@@ -30,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 KEEP_LAST = 2
+STATE_FILE = "state.json"
+RESIDUALS = "residuals.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -38,20 +47,59 @@ class Checkpoint:
     step: int
 
 
+@dataclass(frozen=True)
+class Processes:
+    """Who this process is in a run: alone by default, or one of ``accelerate launch``'s processes."""
+
+    index: int = 0
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+    mean: Callable[[torch.Tensor], torch.Tensor] = lambda value: value  # over the processes
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What a checkpoint saves and restores: the residual factors (inside ``unet``), AdamW's moments
+    and this process's data/noise generator. ``names`` keys each factor by its module path."""
+
+    unet: nn.Module
+    optimizer: torch.optim.Optimizer
+    names: dict[nn.Parameter, str]
+    generator: torch.Generator
+    config: TrainConfig
+    processes: Processes = field(default_factory=Processes)
+
+
 def checkpoint_folder(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}"
 
 
 def list_checkpoints(out: Path) -> list[Checkpoint]:
-    """Complete checkpoints (with state.json) of a run, oldest first."""
+    """The checkpoints of a run, oldest first; a ``step-*`` folder that is not one is an error."""
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for folder in root.iterdir():
-        if folder.name.startswith("step-") and (folder / "state.json").is_file():
-            found.append(Checkpoint(folder, int(folder.name.split("-")[1])))
+        if not folder.name.startswith("step-"):
+            continue  # staging (.step-*.tmp) and anything the user keeps there
+        number = folder.name.removeprefix("step-")
+        if not (number.isdecimal() and number.isascii()) or not folder.is_dir():
+            raise InputError(
+                f"{folder} is not a checkpoint (persres names them step-NNNNNN); move it out of {root}, "
+                "or start again with --overwrite"
+            )
+        if not (folder / STATE_FILE).is_file():
+            raise damaged(folder / STATE_FILE, "missing")
+        found.append(Checkpoint(folder, int(number)))
     return sorted(found, key=lambda c: c.step)
+
+
+def damaged(file: Path, what: str) -> InputError:
+    return InputError(
+        f"checkpoint file {file} is damaged or was edited ({what}); delete {file.parent} to resume from "
+        "the checkpoint before it (from step 0 if there is none), or start again with --overwrite"
+    )
 
 
 def optimizer_tensors(
@@ -67,81 +115,133 @@ def optimizer_tensors(
 
 
 def restore_optimizer(
-    optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str], tensors: dict[str, torch.Tensor]
-) -> None:
-    for param, name in names.items():
-        keys = [k for k in tensors if k.rsplit(".", 1)[0] == name]
-        if not keys:
-            continue
-        optimizer.state[param] = {k.rsplit(".", 1)[1]: tensors[k].to(param.device) for k in keys}
-        step = optimizer.state[param].get("step")
-        if step is not None:
-            optimizer.state[param]["step"] = step.to("cpu", torch.float32)
-
-
-def save_checkpoint(
-    out: Path,
-    step: int,
-    unet: nn.Module,
     optimizer: torch.optim.Optimizer,
     names: dict[nn.Parameter, str],
-    generator: torch.Generator,
-    config: TrainConfig,
-    process_index: int = 0,
-    is_main: bool = True,
-    barrier: Callable[[], None] | None = None,
-    metadata: dict[str, str] | None = None,
-) -> Path:
+    tensors: dict[str, torch.Tensor],
+    file: Path,
+) -> None:
+    """Strictly: every factor has its moments, shaped like the factor, and nothing else is there."""
+    by_name = {name: param for param, name in names.items()}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, moment = key.rpartition(".")
+        if name not in by_name:
+            raise damaged(file, f"tensor {key!r} belongs to no residual factor of this model")
+        states.setdefault(name, {})[moment] = value
+    missing = sorted(set(by_name) - set(states))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise damaged(file, f"no AdamW state for {missing[0]}{more}")
+    moments = {"step", "exp_avg", "exp_avg_sq"} | (
+        {"max_exp_avg_sq"} if optimizer.defaults.get("amsgrad") else set()
+    )
+    for name, state in states.items():
+        param = by_name[name]
+        if set(state) != moments:
+            raise damaged(file, f"{name} has AdamW state {sorted(state)}, expected {sorted(moments)}")
+        for moment, value in state.items():
+            expected = () if moment == "step" else tuple(param.shape)
+            if tuple(value.shape) != expected or not value.is_floating_point():
+                raise damaged(
+                    file, f"{name}.{moment} is {value.dtype} {tuple(value.shape)}, expected float {expected}"
+                )
+    for name, state in states.items():
+        param = by_name[name]
+        restored = {k: v.to(param.device) for k, v in state.items()}
+        if "step" in restored:
+            restored["step"] = restored["step"].to("cpu", torch.float32)
+        optimizer.state[param] = restored
+
+
+def save_checkpoint(out: Path, step: int, state: TrainState, metadata: dict[str, str] | None = None) -> Path:
     """Write a complete checkpoint folder for ``step``; keeps the newest KEEP_LAST."""
-    wait = barrier or (lambda: None)
+    processes = state.processes
     final = checkpoint_folder(out, step)
     staging = final.with_name(f".{final.name}.tmp")
-    if is_main:
+    if processes.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    wait()
-    save_file({"state": generator.get_state()}, str(staging / f"rng-{process_index}.safetensors"))
-    if is_main:
+    processes.barrier()
+    save_file({"state": state.generator.get_state()}, str(staging / f"rng-{processes.index}.safetensors"))
+    if processes.is_main:
         tags: dict[str, str] = {**(metadata or {}), "step": str(step)}
-        save_residuals(unet, staging / "residuals.safetensors", overwrite=False, **tags)
-        save_file(optimizer_tensors(optimizer, names), str(staging / "optimizer.safetensors"))
-        write_json(staging / "state.json", {"step": step, "config": config.to_dict()})
-    wait()
-    if is_main:
+        save_residuals(state.unet, staging / RESIDUALS, overwrite=False, **tags)
+        save_file(optimizer_tensors(state.optimizer, state.names), str(staging / OPTIMIZER))
+        write_json(staging / STATE_FILE, {"step": step, "config": state.config.to_dict()})
+    processes.barrier()
+    if processes.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_checkpoints(out)[:-KEEP_LAST]:
-            shutil.rmtree(old.folder, ignore_errors=True)
+            remove_folder(old.folder)
         log.info("checkpoint saved: %s", final)
-    wait()
+    processes.barrier()
     return final
 
 
-def load_checkpoint(
-    checkpoint: Checkpoint,
-    unet: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    names: dict[nn.Parameter, str],
-    generator: torch.Generator,
-    config: TrainConfig,
-    process_index: int = 0,
-) -> int:
+def remove_folder(folder: Path) -> None:
+    """Rename first: a kill while deleting leaves a hidden leftover, never a half checkpoint."""
+    doomed = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
     """Restore residuals, optimizer and generator; returns the step the checkpoint was made at."""
-    state = json.loads((checkpoint.folder / "state.json").read_text(encoding="utf-8"))
-    saved = TrainConfig.from_dict(state["config"])
-    changed = config.resumable_with(saved)
+    folder = checkpoint.folder
+    saved = read_state(folder / STATE_FILE, checkpoint.step)
+    changed = state.config.resumable_with(saved)
     if changed:
         raise ConfigError(
-            f"cannot resume from {checkpoint.folder}: settings differ from the interrupted run: {changed}; "
+            f"cannot resume from {folder}: settings differ from the interrupted run: {changed}; "
             "resume with the same settings, or start a new run with --overwrite"
         )
-    rng_file = checkpoint.folder / f"rng-{process_index}.safetensors"
+    rng_file = folder / f"rng-{state.processes.index}.safetensors"
     if not rng_file.is_file():
         raise InputError(
-            f"{checkpoint.folder} has no random state for process {process_index}; resume with the same "
+            f"{folder} has no random state for process {state.processes.index}; resume with the same "
             "number of processes as the interrupted run"
         )
-    load_residuals(unet, checkpoint.folder / "residuals.safetensors")
-    restore_optimizer(optimizer, names, load_file(str(checkpoint.folder / "optimizer.safetensors")))
-    generator.set_state(load_file(str(rng_file))["state"])
-    return int(state["step"])
+    try:
+        load_residuals(state.unet, folder / RESIDUALS)
+    except PersresError as exc:
+        raise damaged(folder / RESIDUALS, str(exc)) from None
+    restore_optimizer(state.optimizer, state.names, read_tensors(folder / OPTIMIZER), folder / OPTIMIZER)
+    restore_generator(state.generator, read_tensors(rng_file), rng_file)
+    return checkpoint.step
+
+
+def read_state(file: Path, step: int) -> TrainConfig:
+    """``state.json``: the step (that of the folder's name) and the config the run was made with."""
+    try:
+        data: Any = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise damaged(file, f"not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise damaged(file, 'expected an object with "step" and "config"')
+    if type(data.get("step")) is not int or data["step"] != step:
+        raise damaged(file, f"its step {data.get('step')!r} is not the folder's step {step}")
+    try:
+        return TrainConfig.from_dict(data["config"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise damaged(file, f"its config is not valid: {exc}") from None
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise damaged(file, "missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise damaged(file, f"not a safetensors file: {exc}") from None
+
+
+def restore_generator(generator: torch.Generator, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    state = tensors.get("state")
+    if state is None or set(tensors) != {"state"} or state.dtype != torch.uint8:
+        raise damaged(file, "expected one uint8 tensor 'state'")
+    try:
+        generator.set_state(state)
+    except RuntimeError as exc:
+        raise damaged(file, f"not a generator state: {exc}") from None

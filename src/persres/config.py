@@ -16,6 +16,8 @@ from persres.errors import ConfigError, quote
 
 InitMode = Literal["zero", "random"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
+REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_TOKEN = "sks"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CustomConcept101's CLIP ViT-B/32
 DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO ViT-S/16
@@ -94,6 +96,8 @@ class TrainConfig:
     min_crop: float = 0.85  # mild crop: a random square covering at least this share of the side
     adam_weight_decay: float = 1e-2
     validation_prompts: tuple[str, ...] = ()
+    validation_every: int | None = None  # also sample the validation prompts every N steps
+    report_to: ReportTo = "none"  # an accelerate tracker for the loss, besides OUT/logs/loss.csv
     class_reason: str = ""  # how the class word was chosen, e.g. by --class-word auto
 
     def __post_init__(self) -> None:
@@ -114,6 +118,18 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must not be empty")
         if any(ch.isspace() for ch in self.token):
             raise ConfigError(f"token {quote(self.token)} must be a single word without spaces")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(
+                f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
+            )
+        if self.validation_every is not None:
+            if self.validation_every < 1:
+                raise ConfigError(f"validation-every must be >= 1, got {self.validation_every}")
+            if not self.validation_prompts:
+                raise ConfigError(
+                    "--validation-every needs at least one --validation-prompt to sample; add one, "
+                    "or drop --validation-every"
+                )
 
     @property
     def prompt(self) -> str:
@@ -141,9 +157,18 @@ class TrainConfig:
 
     def resumable_with(self, other: TrainConfig) -> list[str]:
         """Settings that differ from ``other`` and would change the result of a resumed run.
-        ``steps`` and ``checkpoint_every`` may change (a run can be extended), and ``lr`` (a diverged run
-        can continue more gently from its last good checkpoint)."""
-        free = {"steps", "checkpoint_every", "validation_prompts", "class_reason", "lr"}
+        ``steps`` and ``checkpoint_every`` may change (a run can be extended), ``lr`` (a diverged run
+        can continue more gently from its last good checkpoint), and what is only observed: validation
+        prompts and their frequency, and the tracker."""
+        free = {
+            "steps",
+            "checkpoint_every",
+            "validation_prompts",
+            "validation_every",
+            "report_to",
+            "class_reason",
+            "lr",
+        }
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])
 

@@ -4,7 +4,8 @@ Paper recipe: frozen base, residuals on every ``proj_out``, plain denoising MSE 
 V* {class}", no regularisation images, 150 steps, batch 4, lr 1e-3. Runs through ``accelerate``
 (mixed precision, several GPUs with ``accelerate launch``). All randomness (batches, crops, noise,
 timesteps) comes from one CPU generator per process whose state is checkpointed, so an interrupted
-and resumed run ends where an uninterrupted one does.
+and resumed run ends where an uninterrupted one does. Each step's loss goes to ``OUT/logs/loss.csv``
+(``trainlog.py``); validation images to ``OUT/validation/step-NNNNNN/`` (``validation.py``).
 """
 
 from __future__ import annotations
@@ -20,29 +21,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres import __version__
-from persres.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, plan_prompts
 from persres.config import TrainConfig
 from persres.data import ConceptImages
-from persres.errors import ConfigError, TrainingDivergedError
+from persres.errors import TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.io import save_residuals
 from persres.macro import real_words
-from persres.outputs import write_samples
-from persres.pipeline import DTYPES, load_pipeline, resolve_device
-from persres.residuals import add_residuals, count_parameters, residual_parameters
+from persres.pipeline import DTYPES, load_pipeline
+from persres.residuals import add_residuals, count_parameters
 from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RunFolder
-from persres.sampling import SampleSettings, sample
 from persres.tokens import check_identifier
+from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
+from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
+from persres.validation import drop_later, validation_due, write_final, write_validation
 
 log = logging.getLogger(__name__)
 
-VALIDATION_STEPS = 25
+PROJECT = "persres"  # the trackers' run name (tensorboard: OUT/logs/persres/)
 
 StepCallback = Callable[[int, float], None]
 
@@ -54,6 +55,23 @@ class TrainResult:
     steps: int
     final_loss: float | None
     parameters: int
+
+
+@dataclass(frozen=True)
+class Loop:
+    """What the step loop works with, built once by ``prepare_loop``."""
+
+    config: TrainConfig
+    out: Path
+    pipe: StableDiffusionPipeline
+    unet: torch.nn.Module  # the forward pass's model: accelerate's wrapper of pipe.unet when distributed
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper of state.optimizer
+    state: TrainState
+    images: ConceptImages
+    text: torch.Tensor  # (1, T, D) the training prompt's embedding
+    noise_scheduler: DDPMScheduler
+    accelerator: Accelerator
+    log: LossLog | None  # the main process's
 
 
 def train(
@@ -92,12 +110,13 @@ def train_in(
 ) -> TrainResult:
     """``train`` in a checked ``--out``, which the main process claims once the settings are checked."""
     out, resume = folder.path, folder.resume
+    check_tracker(config.report_to)
     plan_prompts(
         list(config.validation_prompts), [Concept(config.token, config.class_word)], allow_empty=True
     )
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
-    accelerator = make_accelerator(config, device)
-    processes = Processes.of(accelerator) if distributed else Processes()
+    accelerator = make_accelerator(config, device, out)
+    processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
     check_identifier(pipe.tokenizer, config.token, real_words())
     residuals = add_residuals(  # checks the ranks against the model before anything is written
@@ -106,103 +125,127 @@ def train_in(
     processes.barrier()  # every process has checked --out before the main one changes it
     if processes.is_main:
         folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    named = residual_parameters(pipe.unet)
-    names = {param: name for name, param in named.items()}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.adam_weight_decay)
-    generator = torch.Generator().manual_seed(config.seed + processes.index)
-    start = restore_or_start(out, config, resume, pipe, optimizer, names, generator, processes.index)
-    if processes.is_main:
+    state = make_state(config, pipe, processes)
+    start = restore_or_start(out, resume, state)
+    loop = prepare_loop(out, pipe, state, images, accelerator, start, distributed)
+    try:
+        loss = run_steps(loop, start, callback, progress)
+        path = finish(loop)
+    finally:
+        close(loop)
+    return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+
+
+def prepare_loop(
+    out: Path,
+    pipe: StableDiffusionPipeline,
+    state: TrainState,
+    images: ConceptImages,
+    accelerator: Accelerator,
+    start: int,
+    distributed: bool,
+) -> Loop:
+    """Open the loss log (a damaged one fails here, before anything is written), write config.json,
+    start the tracker and hand the model to accelerate."""
+    config, loss_log = state.config, None
+    if state.processes.is_main:
+        loss_log = LossLog.open(out, start)
+        drop_later(out, start)
         write_json(out / CONFIG_FILE, {"persres_version": __version__, **config.to_dict()})
+    if config.report_to != "none":
+        kwargs = {"wandb": {"dir": str(out / LOGS)}}
+        accelerator.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=kwargs)
     unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
-    optimizer = accelerator.prepare(optimizer)
+    optimizer = accelerator.prepare(state.optimizer)
     text = pipe.encode_prompt(config.prompt, accelerator.device, 1, False)[0]  # (1, T, D)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    loss = None
+    return Loop(
+        config, out, pipe, unet, optimizer, state, images, text, noise_scheduler, accelerator, loss_log
+    )
+
+
+def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: bool) -> float | None:
+    """Steps ``start + 1 .. config.steps``: train, log, validate, checkpoint; the last step's loss."""
+    config, loss = loop.config, None
     bar = tqdm(
         range(start, config.steps),
         initial=start,
         total=config.steps,
         desc="training",
-        disable=not (progress and processes.is_main),
+        disable=not (progress and loop.state.processes.is_main),
     )
     for step in bar:
-        pixels = images.batch(config.batch_size, generator, config.min_crop, config.flip)
-        with accelerator.autocast():
-            loss_tensor = denoising_loss(unet, pipe, noise_scheduler, text, pixels, generator)
-        loss = loss_tensor.item()
-        if not math.isfinite(loss):
-            raise diverged(out, step + 1, loss)
-        accelerator.backward(loss_tensor)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.stack([torch.isfinite(p).all() for p in named.values()]).all():  # one device sync
-            raise diverged(out, step + 1, loss, what="the residual factors")
-        bar.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
+        loss_tensor = train_step(loop, done)
+        loss = loss_tensor.item()
+        smoothed = record(loop, done, loss_tensor)
+        if smoothed is not None:
+            bar.set_postfix(smoothed_loss=f"{smoothed:.4f}")
+        if validation_due(config, done) and loop.state.processes.is_main:
+            write_validation(loop.pipe, config, loop.out, done)
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(
-                out,
-                done,
-                pipe.unet,
-                optimizer,
-                names,
-                generator,
-                config,
-                processes.index,
-                processes.is_main,
-                processes.barrier,
-                run_metadata(config, done),
-            )
+            checkpoint(loop, done)
         if callback is not None:
             callback(done, loss)
-    path = out / RESIDUALS_FILE
-    if processes.is_main:
-        save_residuals(pipe.unet, path, overwrite=True, **run_metadata(config))
+    return loss
+
+
+def train_step(loop: Loop, done: int) -> torch.Tensor:
+    """One optimizer step; the loss, detached. Stops the run when the loss or the factors diverge."""
+    config, state = loop.config, loop.state
+    pixels = loop.images.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+    with loop.accelerator.autocast():
+        loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, loop.text, pixels, state.generator)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise diverged(loop.out, done, value)
+    loop.accelerator.backward(loss)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    if not torch.stack([torch.isfinite(p).all() for p in state.names]).all():  # one device sync
+        raise diverged(loop.out, done, value, what="the residual factors")
+    return loss.detach()
+
+
+def record(loop: Loop, done: int, loss: torch.Tensor) -> float | None:
+    """The step's row in loss.csv and the tracker; the smoothed loss (on the main process)."""
+    mean = loop.state.processes.mean(loss).item()  # every process takes part
+    lr = float(loop.state.optimizer.param_groups[0]["lr"])
+    if loop.log is None:
+        return None
+    row = loop.log.append(done, mean, lr)
+    loop.accelerator.log({"loss": mean, "smoothed_loss": row.smoothed_loss, "lr": lr}, step=done)
+    return row.smoothed_loss
+
+
+def checkpoint(loop: Loop, done: int) -> None:
+    if loop.log is not None:
+        loop.log.sync()  # the rows up to this checkpoint are on disk before it
+    save_checkpoint(loop.out, done, loop.state, run_metadata(loop.config, done))
+    if loop.log is not None:
+        loop.log.plot()
+
+
+def finish(loop: Loop) -> Path:
+    """The final residual file, validation images and loss plot."""
+    path = loop.out / RESIDUALS_FILE
+    if loop.state.processes.is_main:
+        save_residuals(loop.pipe.unet, path, overwrite=True, **run_metadata(loop.config))
         log.info("residuals written to %s", path)
-        write_validation_images(pipe, config, out / "validation", progress)
-    processes.barrier()
-    return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+        write_final(loop.pipe, loop.config, loop.out)
+        if loop.log is not None:
+            loop.log.plot()
+    loop.state.processes.barrier()
+    return path
 
 
-@dataclass(frozen=True)
-class Processes:
-    """Who this process is in a run: alone by default, or one of ``accelerate launch``'s processes."""
-
-    index: int = 0
-    is_main: bool = True
-    barrier: Callable[[], None] = lambda: None
-
-    @classmethod
-    def of(cls, accelerator: Accelerator) -> Processes:
-        return cls(accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone)
-
-
-def write_validation_images(
-    pipe: StableDiffusionPipeline, config: TrainConfig, folder: Path, progress: bool
-) -> None:
-    """One image per validation prompt (V* = the identifier), at the training resolution."""
-    if not config.validation_prompts:
-        return
-    settings = SampleSettings(
-        steps=VALIDATION_STEPS, seed=config.seed, height=config.resolution, width=config.resolution
-    )
-    concept = Concept(config.token, config.class_word)
-    samples = sample(pipe, list(config.validation_prompts), [concept], settings, progress=progress)
-    write_samples(folder, samples, settings, {"base": config.base, "token": config.token})
-
-
-def make_accelerator(config: TrainConfig, device: str) -> Accelerator:
-    target = resolve_device(device)
-    # accelerate keeps one process-wide state and refuses a second run with another precision;
-    # forget the per-run part (not the distributed setup) so the library can train twice in a process.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=target.type == "cpu")
-    except ValueError as exc:
-        raise ConfigError(f"--mixed-precision {config.mixed_precision} on {target}: {exc}") from None
+def close(loop: Loop) -> None:
+    if loop.log is not None:
+        loop.log.close()
+    # not accelerator.end_training(): it also destroys the process group, which the benchmark runner
+    # (several runs in one process) and the caller's barriers still need
+    for tracker in loop.accelerator.trackers:
+        tracker.finish()
 
 
 def denoising_loss(
@@ -232,45 +275,6 @@ def denoising_loss(
     condition = text.expand(latents.shape[0], -1, -1)
     prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
     return F.mse_loss(prediction.float(), target.float())
-
-
-def restore_or_start(
-    out: Path,
-    config: TrainConfig,
-    resume: bool,
-    pipe: StableDiffusionPipeline,
-    optimizer: torch.optim.Optimizer,
-    names: dict[torch.nn.Parameter, str],
-    generator: torch.Generator,
-    process_index: int,
-) -> int:
-    """The step to start from: 0, or the latest checkpoint's when resuming (restoring its state)."""
-    checkpoints = list_checkpoints(out) if resume else []
-    if not checkpoints:
-        if resume:
-            check_same_settings(out / CONFIG_FILE, config)
-            log.warning("--resume: no checkpoint in %s, starting from step 0", out)
-        return 0
-    latest = checkpoints[-1]
-    step = load_checkpoint(latest, pipe.unet, optimizer, names, generator, config, process_index)
-    if step > config.steps:
-        raise ConfigError(f"{latest.folder} is at step {step}, past --steps {config.steps}; raise --steps")
-    log.info("resuming from %s (step %d of %d)", latest.folder, step, config.steps)
-    return step
-
-
-def check_same_settings(config_file: Path, config: TrainConfig) -> None:
-    """Resuming a run that left no checkpoint restarts it: only with the settings it was started with."""
-    if not config_file.is_file():
-        return
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
-    saved.pop("persres_version", None)
-    changed = config.resumable_with(TrainConfig.from_dict(saved))
-    if changed:
-        raise ConfigError(
-            f"--resume: {config_file.parent} has no checkpoint and was started with other settings "
-            f"{changed}; resume with the same settings, or start again with --overwrite"
-        )
 
 
 def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:

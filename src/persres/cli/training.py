@@ -57,6 +57,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=[],
         help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
     )
+    p.add_argument(
+        "--validation-every", type=POSITIVE, help="also sample the validation prompts every N steps"
+    )
+    p.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb"],
+        default=DEFAULTS["report_to"],
+        help="also log the loss to this tracker, in OUT/logs (default none; OUT/logs/loss.csv always)",
+    )
     add_device(p)
     p.set_defaults(handler=run)
 
@@ -114,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt),
+        validation_every=args.validation_every,
+        report_to=args.report_to,
     )
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     loss = "none" if result.final_loss is None else f"{result.final_loss:.5f}"

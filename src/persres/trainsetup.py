@@ -1,0 +1,103 @@
+"""Setting up a training run: the accelerator, the training state (optimizer, generator), and the
+step it starts from: 0, or the latest checkpoint's when resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration
+from diffusers import StableDiffusionPipeline
+
+from persres.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
+from persres.config import TrainConfig
+from persres.errors import ConfigError, InputError
+from persres.pipeline import resolve_device
+from persres.residuals import residual_parameters
+from persres.runfolder import CONFIG_FILE
+from persres.trainlog import LOGS
+
+log = logging.getLogger(__name__)
+
+
+
+def make_accelerator(config: TrainConfig, device: str, out: Path) -> Accelerator:
+    target = resolve_device(device)
+    # accelerate keeps one process-wide state and refuses a second run with another precision;
+    # forget the per-run part (not the distributed setup) so the library can train twice in a process.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    tracking: dict[str, Any] = {}
+    if config.report_to != "none":
+        project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / LOGS))
+        tracking = {"log_with": config.report_to, "project_config": project}
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=target.type == "cpu", **tracking)
+    except ValueError as exc:
+        raise ConfigError(f"--mixed-precision {config.mixed_precision} on {target}: {exc}") from None
+
+
+def processes_of(accelerator: Accelerator) -> Processes:
+    def mean(value: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(value, reduction="mean")
+
+    return Processes(
+        accelerator.process_index, accelerator.is_main_process, accelerator.wait_for_everyone, mean
+    )
+
+
+def make_state(config: TrainConfig, pipe: StableDiffusionPipeline, processes: Processes) -> TrainState:
+    """AdamW over the residual factors and this process's generator, before any restore."""
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    named = residual_parameters(pipe.unet)
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.adam_weight_decay)
+    names = {param: name for name, param in named.items()}
+    generator = torch.Generator().manual_seed(config.seed + processes.index)
+    return TrainState(pipe.unet, optimizer, names, generator, config, processes)
+
+
+def restore_or_start(out: Path, resume: bool, state: TrainState) -> int:
+    """The step to start from: 0, or the latest checkpoint's when resuming (restoring its state)."""
+    config = state.config
+    checkpoints = list_checkpoints(out) if resume else []
+    if not checkpoints:
+        if resume:
+            check_same_settings(out / CONFIG_FILE, config)
+            log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+        return 0
+    latest = checkpoints[-1]
+    step = load_checkpoint(latest, state)
+    if step > config.steps:
+        raise ConfigError(f"{latest.folder} is at step {step}, past --steps {config.steps}; raise --steps")
+    log.info("resuming from %s (step %d of %d)", latest.folder, step, config.steps)
+    return step
+
+
+def check_same_settings(config_file: Path, config: TrainConfig) -> None:
+    """Resuming a run that left no checkpoint restarts it: only with the settings it was started with."""
+    if not config_file.is_file():
+        return
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        saved.pop("persres_version", None)
+        previous = TrainConfig.from_dict(saved)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
+        raise InputError(
+            f"{config_file} is damaged ({exc}); it records the settings of a run that left no checkpoint: "
+            "delete it to start that run afresh, or pass --overwrite"
+        ) from None
+    changed = config.resumable_with(previous)
+    if changed:
+        raise ConfigError(
+            f"--resume: {config_file.parent} has no checkpoint and was started with other settings "
+            f"{changed}; resume with the same settings, or start again with --overwrite"
+        )

@@ -1,0 +1,73 @@
+"""Validation images of a training run: ``OUT/validation/step-NNNNNN/``.
+
+Every ``--validation-every`` steps, and once at the end, each ``--validation-prompt`` is sampled from the
+same seed (the run's), so the folders show the same images as training goes on. A folder holds one PNG
+(+ JSON sidecar) per prompt and ``grid.png``, the prompts side by side. The last step's folder
+(``step-{--steps}``) holds the final images. Each folder is written under a temporary name and renamed
+when complete; on resume from step k the folders after k (the interrupted run's, redone) are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from persres.concepts import Concept
+from persres.config import TrainConfig
+from persres.files import atomic_dir
+from persres.outputs import save_png, side_by_side, write_samples
+from persres.sampling import SampleSettings, sample
+
+log = logging.getLogger(__name__)
+
+VALIDATION = "validation"
+VALIDATION_STEPS = 25  # DDIM steps: enough to see the concept, cheap enough to repeat during training
+GRID = "grid.png"
+
+
+def validation_folder(out: Path, step: int) -> Path:
+    return out / VALIDATION / f"step-{step:06d}"
+
+
+def validation_due(config: TrainConfig, step: int) -> bool:
+    """Periodic validation (``--validation-every``); the final images are written by ``write_final``."""
+    every = config.validation_every
+    return bool(config.validation_prompts) and every is not None and step % every == 0
+
+
+def write_validation(pipe: StableDiffusionPipeline, config: TrainConfig, out: Path, step: int) -> Path:
+    """One image per validation prompt (V* = the identifier), at the training resolution, plus a grid."""
+    settings = SampleSettings(
+        steps=VALIDATION_STEPS, seed=config.seed, height=config.resolution, width=config.resolution
+    )
+    concept = Concept(config.token, config.class_word)
+    samples = sample(pipe, list(config.validation_prompts), [concept], settings, progress=False)
+    target = validation_folder(out, step)
+    extra = {"base": config.base, "token": config.token, "train_step": step}
+    with atomic_dir(target) as tmp:
+        write_samples(tmp, samples, settings, extra)
+        save_png(side_by_side([item.image for item in samples]), tmp / GRID)
+    log.info("validation images written to %s", target)
+    return target
+
+
+def write_final(pipe: StableDiffusionPipeline, config: TrainConfig, out: Path) -> Path | None:
+    """The final images, unless ``--validation-every`` already wrote them at the last step."""
+    if not config.validation_prompts:
+        return None
+    target = validation_folder(out, config.steps)
+    return target if target.is_dir() else write_validation(pipe, config, out, config.steps)
+
+
+def drop_later(out: Path, step: int) -> None:
+    """On resume from ``step``: remove the folders the interrupted run wrote after it."""
+    root = out / VALIDATION
+    if not root.is_dir():
+        return
+    for folder in root.glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdecimal() and int(number) > step and folder.is_dir():
+            shutil.rmtree(folder)
