@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from persres.benchmark import BenchmarkConfig, Variant, run_benchmark, variant_train_config
+from persres.benchmark import (
+    BenchmarkConfig,
+    Variant,
+    check_same_settings,
+    run_benchmark,
+    variant_train_config,
+)
 from persres.categories import auto_sampler, prompt_category
 from persres.cc101 import load_dataset
 from persres.cli import main
 from persres.config import ResidualConfig, TrainConfig
-from persres.errors import InputError
+from persres.errors import ConfigError, InputError
 from persres.files import write_json
 from persres.report import write_report
 from persres.results import merge_results
@@ -471,3 +477,14 @@ def test_a_variant_keeps_the_train_template_settings(dataset: Path, tmp_path: Pa
         "nearest",
     )
     assert (made.steps, made.lr, made.residual) == (7, 5e-4, ResidualConfig(rank=0.25, init="random"))
+
+
+def test_benchmark_settings_are_fixed_per_output_folder(tmp_path: Path) -> None:
+    config = BenchmarkConfig(dataset="d", base="b", out=str(tmp_path), samplers=("lag", "lag", "normal"))
+    assert config.samplers == ("lag", "normal")  # a repeated flag counts once
+    check_same_settings(tmp_path, config)
+    check_same_settings(tmp_path, config)  # the same settings resume
+    with pytest.raises(ConfigError, match="other settings \\(images_per_prompt\\)"):
+        check_same_settings(tmp_path, replace(config, images_per_prompt=2))
+    with pytest.raises(ConfigError, match="--max-prompts must be >= 1"):
+        BenchmarkConfig(dataset="d", base="b", out="o", max_prompts=0)

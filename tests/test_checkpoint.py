@@ -17,6 +17,8 @@ from persres.config import TrainConfig
 from persres.errors import InputError
 from persres.train import train
 
+TRAIN = ["--class-word", "dog", "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu"]
+
 STEP2 = Path("checkpoints") / "step-000002"
 
 
@@ -159,3 +161,48 @@ def test_the_cli_prints_one_line_and_exits_2(
     assert main([*argv, "--device", "cpu", "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rng-0.safetensors is damaged" in err
+
+
+def test_checkpoints_are_usable_residual_files(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(conv_base),
+                "--images",
+                str(photos),
+                "--out",
+                str(run),
+                *TRAIN,
+                "--checkpoint-every",
+                "1",
+            ]
+        )
+        == 0
+    )
+    checkpoint = run / "checkpoints" / "step-000001"
+    argv = [
+        "sample",
+        "--base",
+        str(conv_base),
+        "--residuals",
+        str(checkpoint / "residuals.safetensors"),
+        "--out",
+        str(tmp_path / "img"),
+        "--prompt",
+        "a V* dog",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    sidecar = json.loads(next((tmp_path / "img").glob("*.json")).read_text())
+    assert sidecar["expanded_prompt"] == "a sks dog"  # the checkpoint knows its identifier
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0  # a run folder stands for its residuals.safetensors
+    assert json.loads(capsys.readouterr().out)["steps"] == 2

@@ -13,13 +13,14 @@ from PIL import Image
 from transformers import CLIPModel, ViTModel
 
 from persres.cli import main
-from persres.errors import ConfigError
+from persres.errors import ConfigError, InputError, ModelError
 from persres.evaluate import (
     CLIP_MEAN,
     CLIP_STD,
     Scorers,
     evaluate_folder,
     preprocess,
+    prompts_for,
     strip_identifier,
 )
 from persres.tiny import save_tiny_clip, save_tiny_dino
@@ -239,3 +240,30 @@ def test_a_clip_tokenizer_without_model_max_length(
     printed = json.loads(capsys.readouterr().out)
     expected = evaluate_folder(generated, references, scorers=scorers)
     assert printed["clip_t"] == expected["clip_t"] and printed["num_images"] == 3
+
+
+def test_preprocessing_sizes_follow_torchvision() -> None:
+    # torchvision: Resize(256) on 683x512 gives 341x256 (truncated); CenterCrop(224) starts at 58
+    array = np.zeros((512, 683, 3), np.uint8)
+    array[:, :300] = 255
+    pixels = preprocess([Image.fromarray(array)], 256, 224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    column = pixels[0, 0, 100].numpy()  # one row of the crop
+    edge = int(np.argmax(column < 0.5))  # first dark column of the crop
+    assert abs(edge - (int(300 * 341 / 683) - 58)) <= 1
+
+
+def test_scoring_models_of_another_architecture_are_refused(tmp_path: Path) -> None:
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    with pytest.raises(ModelError, match="--dino .* is not a ViTModel checkpoint"):
+        Scorers.load(str(clip), str(clip), "cpu")
+    with pytest.raises(ModelError, match="--clip .* is not a CLIPTextModel checkpoint"):
+        Scorers.load(str(dino), None, "cpu")
+
+
+def test_broken_sidecars_are_named(tmp_path: Path) -> None:
+    image = tmp_path / "0000-x-normal.png"
+    Image.new("RGB", (4, 4)).save(image)
+    for content in ("{not json", "[1, 2]", '{"prompt": null}', '{"prompt": "a", "concepts": "sks"}'):
+        image.with_suffix(".json").write_text(content)
+        with pytest.raises(InputError, match="sidecar .*0000-x-normal.json"):
+            prompts_for([image], None, None)

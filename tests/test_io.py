@@ -297,3 +297,14 @@ def test_a_non_finite_file_stops_merge_before_anything_is_written(
     assert main(["merge", "--base", str(conv_base), "--residuals", str(path), "--out", str(out)]) == 2
     assert f"{LAYER} has NaN or infinite values in factor A" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sd1_residuals_are_refused_by_an_sd2_layout(
+    conv_base: Path, linear_base: Path, tmp_path: Path
+) -> None:
+    conv = StableDiffusionPipeline.from_pretrained(conv_base, use_safetensors=True).unet
+    add_residuals(conv, ResidualConfig(rank=2))
+    path = save_residuals(conv, tmp_path / "r.safetensors")
+    linear = StableDiffusionPipeline.from_pretrained(linear_base, use_safetensors=True).unet
+    with pytest.raises(ResidualFileError, match="another architecture.*conv.*linear"):
+        load_residuals(linear, path)

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 from helpers import drop_model_max_length
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from persres import read_residual_file
 from persres.cli import main
+from persres.errors import ConfigError
 from persres.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
 from persres.macro import Suggestion, choose, load_nouns, noun_embeddings, real_words, suggest_classes
-from persres.tiny import save_tiny_clip, word_tokenizer
-from persres.tokens import check_identifier, suggest_tokens
+from persres.tiny import save_tiny_clip
 
 NOUNS = ["dog", "cat", "cup", "car", "chair", "beach", "snow", "forest", "city", "ball", "studio", "grass"]
 
@@ -56,7 +57,6 @@ def test_ranking_equals_brute_force(clip: Path, photos: Path, noun_file: Path) -
     scorers = Scorers.load(str(clip), None, "cpu")
     found = suggest_classes(scorers, photos, top=5, nouns=load_nouns(noun_file), progress=False)
     model = CLIPModel.from_pretrained(clip).eval()
-    from PIL import Image
 
     images = [Image.open(p).convert("RGB") for p in sorted(photos.iterdir())]
     with torch.no_grad():
@@ -149,16 +149,6 @@ def test_class_word_auto_end_to_end(
     assert json.loads((run / "config.json").read_text())["class_word"] == metadata["class_word"]
 
 
-def test_suggested_tokens_are_rare_single_tokens_and_not_words(caplog: pytest.LogCaptureFixture) -> None:
-    tokenizer = word_tokenizer("a photo of the with and sks zwx dog beach".split())
-    found = suggest_tokens(tokenizer, real_words(), count=5)
-    assert found and set(found) <= {"sks", "zwx"}
-    assert all(tokenizer.tokenize(word) == [f"{word}</w>"] for word in found)
-    with caplog.at_level(logging.WARNING):
-        check_identifier(tokenizer, "dog", real_words())
-        check_identifier(tokenizer, "qqq", real_words())
-    assert "'dog' is a common English word" in caplog.text
-    assert "'qqq' is 3 tokens" in caplog.text
 
 
 def test_decompression_bomb_is_refused_by_suggest_class(
@@ -168,7 +158,6 @@ def test_decompression_bomb_is_refused_by_suggest_class(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from PIL import Image
 
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "photos" / "bomb.png")
@@ -295,3 +284,22 @@ def test_suggest_class_with_a_clip_tokenizer_without_model_max_length(
     monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "other-cache"))  # embed the nouns again
     assert main([*argv, "--clip", str(clip)]) == 0
     assert found == json.loads(capsys.readouterr().out)
+
+
+def test_noun_cache_is_per_model_and_survives_damage(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "nouns.txt").write_text("dog\ncat\ncup\n")
+    nouns = load_nouns(tmp_path / "nouns.txt")
+    first = Scorers.load(str(save_tiny_clip(tmp_path / "a", seed=0)), None, "cpu")
+    second = Scorers.load(str(save_tiny_clip(tmp_path / "b", seed=1)), None, "cpu")
+    a = suggest_classes(first, photos, 3, nouns=nouns, progress=False)
+    suggest_classes(second, photos, 3, nouns=nouns, progress=False)
+    cached = sorted((tmp_path / "cache" / "nouns").glob("*.safetensors"))
+    assert len(cached) == 2  # another model, another cache entry
+    for path in cached:
+        path.write_bytes(b"damaged")
+    assert suggest_classes(first, photos, 3, nouns=nouns, progress=False) == a  # recomputed, same ranking
+    with pytest.raises(ConfigError, match="--margin"):
+        suggest_classes(first, photos, 3, "balanced", margin=-1, nouns=nouns, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 import persres.outputs as outputs
 from persres.errors import OutputExistsError
-from persres.outputs import write_samples
+from persres.outputs import block_shape, strip, write_samples
 from persres.sampling import Sample, SampleSettings
 
 
@@ -47,3 +48,18 @@ def test_a_taken_name_refuses_before_anything_is_written(
         write_samples(tmp_path, samples(), SampleSettings(), {})
     assert [p.name for p in tmp_path.iterdir()] == [taken]
     assert (tmp_path / taken).read_bytes() == b"earlier"
+
+
+@pytest.mark.parametrize("size", [(72, 128), (64, 64), (136, 96), (1024, 576)])
+def test_mask_strips_for_any_image_size(size: tuple[int, int]) -> None:
+    latent = (size[0] // 8, size[1] // 8)
+    shapes = [latent]
+    for _ in range(3):
+        shapes.append((math.ceil(shapes[-1][0] / 2), math.ceil(shapes[-1][1] / 2)))
+    assert [block_shape(h * w, latent) for h, w in shapes] == shapes
+    records = {
+        step: {f"b{k}": torch.ones(1, 1, h * w) for k, (h, w) in enumerate(shapes)} for step in range(2)
+    }
+    image = strip(records, 0, latent)
+    assert image.height == 2 + 4 * (48 + 2)
+    assert min(image.getdata()) in (96, 255)  # separators grey, masks white

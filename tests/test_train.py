@@ -29,6 +29,8 @@ from persres.pipeline import load_pipeline
 from persres.residuals import residual_parameters
 from persres.train import denoising_loss, train
 
+TRAIN = ["--class-word", "dog", "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu"]
+
 
 def tiny_config(base: Path, photos: Path, **changes: object) -> TrainConfig:
     config = TrainConfig(
@@ -494,3 +496,44 @@ def test_processes_of_one_accelerate_run_share_its_lock(
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "residuals.safetensors").is_file() and (out / "persres-run.json").is_file()
     assert not (out / ".persres.lock").exists()
+
+
+def test_a_bad_rank_with_overwrite_keeps_the_earlier_run(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    assert main(argv) == 0
+    before = sorted(p.name for p in run.iterdir())
+    residuals = (run / "residuals.safetensors").read_bytes()
+    assert main(argv + ["--overwrite", "--rank", "100000"]) == 2
+    assert "above the width" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (run / "residuals.safetensors").read_bytes() == residuals
+    assert main(argv[:6] + [str(tmp_path / "fresh"), *TRAIN, "--rank", "100000"]) == 2
+    assert not (tmp_path / "fresh").exists()  # no empty folder left behind
+
+
+def test_bad_validation_prompts_fail_before_training(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(tmp_path / "o"), *TRAIN]
+    assert main(argv + ["--validation-prompt", "a V2* dog"]) == 2
+    assert "V2*" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_without_checkpoint_refuses_other_settings(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    assert main(argv) == 0
+    for folder in (run / "checkpoints").iterdir():
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    before = (run / "residuals.safetensors").read_bytes()
+    assert main([*argv, "--resume", "--batch-size", "2"]) == 2
+    assert "no checkpoint and was started with other settings" in capsys.readouterr().err
+    assert (run / "residuals.safetensors").read_bytes() == before
