@@ -277,7 +277,7 @@ def test_validation_every_needs_a_prompt_and_a_positive_count(
     argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
     message = error_of(capsys, [*argv, "--validation-every", "2"])
     assert "--validation-every" in message and "--validation-prompt" in message
-    assert "validation-every must be >= 1" in error_of(
+    assert "argument --validation-every: must be an integer >= 1" in error_of(
         capsys, [*argv, "--validation-every", "0", "--validation-prompt", "a V* dog"]
     )
     assert not out.exists()
