@@ -130,6 +130,7 @@ def test_prompt_categories() -> None:
     assert auto_sampler("V* dog on the beach") == "lag" and auto_sampler("a red V* car") == "normal"
 
 
+@pytest.mark.slow
 def test_benchmark_resume_and_report(
     dataset: Path,
     conv_base: Path,
@@ -202,6 +203,7 @@ def test_benchmark_resume_and_report(
         write_report(out)
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_concepts(
     dataset: Path, conv_base: Path, tmp_path: Path, scorer_models: tuple[str, str]
 ) -> None:
@@ -259,6 +261,7 @@ def test_two_processes_split_the_concepts(
     assert processes == {0, 1}
 
 
+@pytest.mark.slow
 def test_class_sources_are_compared_on_the_same_texts(
     dataset: Path, conv_base: Path, tmp_path: Path, scorer_models: tuple[str, str]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -50,6 +51,7 @@ def test_shipped_vae_posterior_is_deterministic() -> None:
     assert posterior.std.max() < 1e-4 * posterior.mean.abs().mean()
 
 
+@pytest.mark.slow
 def test_short_personalization_raises_identity_over_the_base(tmp_path: Path) -> None:
     instance = HELD_OUT[0]
     settings = ToySettings(steps=50, lr=1e-2, images_per_prompt=8, sample_steps=10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ def _unet(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_resumed_base_training_equals_uninterrupted(tmp_path: Path) -> None:
     vae = train_vae(TINY, tmp_path / "a")
     train_unet(TINY, tmp_path / "a", vae, tmp_path / "a-out")

@@ -86,6 +86,7 @@ def test_run_writes_residuals_config_and_checkpoints(conv_base: Path, photos: Pa
     assert any(a.abs().sum() > 0 for k, a in saved.tensors.items() if k.endswith(".A"))
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(conv_base: Path, photos: Path, tmp_path: Path) -> None:
     config = tiny_config(conv_base, photos)
     whole = train(config, tmp_path / "whole", progress=False)
@@ -537,3 +538,13 @@ def test_resume_without_checkpoint_refuses_other_settings(
     assert main([*argv, "--resume", "--batch-size", "2"]) == 2
     assert "no checkpoint and was started with other settings" in capsys.readouterr().err
     assert (run / "residuals.safetensors").read_bytes() == before
+
+
+def test_a_validation_prompt_cut_off_at_its_identifier_fails_before_training(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    assert main([*argv, "--validation-prompt", "a " * 80 + "V* dog"]) == 2
+    assert "falls past the text encoder's limit of 77 tokens" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists() and not (run / "residuals.safetensors").exists()

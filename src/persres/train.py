@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from persres import __version__
 from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
-from persres.concepts import Concept, plan_prompts
+from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import TrainingDivergedError
@@ -36,7 +36,7 @@ from persres.macro import real_words
 from persres.pipeline import DTYPES, load_pipeline
 from persres.residuals import add_residuals, count_parameters
 from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RunFolder
-from persres.tokens import check_identifier
+from persres.tokens import check_identifier, text_length
 from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, write_final, write_validation
@@ -111,14 +111,17 @@ def train_in(
     """``train`` in a checked ``--out``, which the main process claims once the settings are checked."""
     out, resume = folder.path, folder.resume
     check_tracker(config.report_to)
-    plan_prompts(
-        list(config.validation_prompts), [Concept(config.token, config.class_word)], allow_empty=True
-    )
+    concept = [Concept(config.token, config.class_word)]
+    validation = plan_prompts(list(config.validation_prompts), concept, allow_empty=True)
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
     check_identifier(pipe.tokenizer, config.token, real_words())
+    for plan in validation:  # refused now, not after training when they are sampled
+        check_prompt_length(
+            pipe.tokenizer, plan, concept, text_length(pipe.tokenizer, pipe.text_encoder.config)
+        )
     residuals = add_residuals(  # checks the ranks against the model before anything is written
         pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
     )
