@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from persres.config import TrainConfig
 from persres.residuals import find_residuals
 
 
@@ -43,3 +45,24 @@ def drop_model_max_length(tokenizer_folder: Path) -> Path:
     assert config.pop("model_max_length") is not None
     path.write_text(json.dumps(config))
     return tokenizer_folder
+
+
+def tiny_config(base: Path, photos: Path, **changes: object) -> TrainConfig:
+    """A training run on a tiny model that takes about a second."""
+    config = TrainConfig(
+        base=str(base),
+        images=str(photos),
+        class_word="dog",
+        steps=6,
+        batch_size=2,
+        resolution=16,
+        checkpoint_every=2,
+        lr=1e-2,
+    )
+    return replace(config, **changes)
+
+
+def train_argv(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:
+    """``persres train`` on a tiny model, 2 steps; later flags override earlier ones."""
+    return ["train", "--base", str(base), "--images", str(photos), "--out", str(out), "--class-word", "dog",
+            "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu", *flags]  # fmt: skip

@@ -10,35 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config, train_argv
 from safetensors.torch import load_file, save_file
 
 from persres.cli import main
-from persres.config import TrainConfig
 from persres.errors import InputError
 from persres.train import train
 
-TRAIN = ["--class-word", "dog", "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu"]
-
 STEP2 = Path("checkpoints") / "step-000002"
-
-
-def config_for(base: Path, photos: Path) -> TrainConfig:
-    return TrainConfig(
-        base=str(base),
-        images=str(photos),
-        class_word="dog",
-        steps=2,
-        batch_size=1,
-        resolution=16,
-        checkpoint_every=1,
-    )
 
 
 @pytest.fixture(scope="module")
 def finished(conv_base: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run with checkpoints at steps 1 and 2."""
     out = tmp_path_factory.mktemp("checkpoint") / "run"
-    train(config_for(conv_base, photos), out, progress=False, device="cpu")
+    train(
+        tiny_config(conv_base, photos, steps=2, batch_size=1, checkpoint_every=1, lr=1e-3),
+        out,
+        progress=False,
+        device="cpu",
+    )
     return out
 
 
@@ -63,7 +54,15 @@ def edit_state(file: Path, change: Callable[[dict], None]) -> None:
 
 def resume_error(run: Path, conv_base: Path, photos: Path) -> str:
     with pytest.raises(InputError) as caught:
-        train(replace(config_for(conv_base, photos), steps=3), run, resume=True, progress=False, device="cpu")
+        train(
+            replace(
+                tiny_config(conv_base, photos, steps=2, batch_size=1, checkpoint_every=1, lr=1e-3), steps=3
+            ),
+            run,
+            resume=True,
+            progress=False,
+            device="cpu",
+        )
     return str(caught.value)
 
 
@@ -132,7 +131,7 @@ def test_deleting_the_damaged_checkpoint_resumes_from_the_one_before(
     shutil.rmtree(run / STEP2)
     steps: list[int] = []
     train(
-        replace(config_for(conv_base, photos), steps=3),
+        replace(tiny_config(conv_base, photos, steps=2, batch_size=1, checkpoint_every=1, lr=1e-3), steps=3),
         run,
         resume=True,
         progress=False,
@@ -146,19 +145,8 @@ def test_the_cli_prints_one_line_and_exits_2(
     run: Path, conv_base: Path, photos: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (run / STEP2 / "rng-0.safetensors").write_bytes(b"garbage")
-    argv = [
-        "train",
-        "--base",
-        str(conv_base),
-        "--images",
-        str(photos),
-        "--out",
-        str(run),
-        "--class-word",
-        "dog",
-    ]
-    argv += ["--steps", "3", "--batch-size", "1", "--resolution", "16", "--checkpoint-every", "1"]
-    assert main([*argv, "--device", "cpu", "--resume"]) == 2
+    argv = train_argv(conv_base, photos, run, "--steps", "3", "--checkpoint-every", "1", "--resume")
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rng-0.safetensors is damaged" in err
 
@@ -167,23 +155,7 @@ def test_checkpoints_are_usable_residual_files(
     conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--base",
-                str(conv_base),
-                "--images",
-                str(photos),
-                "--out",
-                str(run),
-                *TRAIN,
-                "--checkpoint-every",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(conv_base, photos, run, "--checkpoint-every", "1")) == 0
     checkpoint = run / "checkpoints" / "step-000001"
     argv = [
         "sample",

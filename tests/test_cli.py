@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import run_unet, unet_inputs
+from helpers import run_unet, train_argv, unet_inputs
 from PIL import Image
 
 from persres import __version__, load_residuals
@@ -239,18 +239,7 @@ def test_lag_prompt_errors(
 
 def test_no_flip_reaches_the_training_config(conv_base: Path, photos: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    argv = [
-        "train",
-        "--base",
-        str(conv_base),
-        "--images",
-        str(photos),
-        "--out",
-        str(run),
-        *TRAIN,
-        "--no-flip",
-    ]
-    assert main(argv) == 0
+    assert main(train_argv(conv_base, photos, run, "--no-flip")) == 0
     assert json.loads((run / "config.json").read_text())["flip"] is False
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import randomize_residuals
+from helpers import randomize_residuals, tiny_config
 
 import persres
 from persres import ResidualConfig, add_residuals, read_residual_file, save_residuals
@@ -64,15 +64,7 @@ def test_describe_equals_the_torch_computation(train_like_file: Path) -> None:
 
 @pytest.mark.slow
 def test_describe_a_trained_run_as_before(conv_base: Path, photos: Path, tmp_path: Path) -> None:
-    config = TrainConfig(
-        base=str(conv_base),
-        images=str(photos),
-        class_word="dog",
-        steps=2,
-        batch_size=1,
-        resolution=16,
-        checkpoint_every=1,
-    )
+    config = tiny_config(conv_base, photos, steps=2, batch_size=1, checkpoint_every=1, lr=1e-3)
     run = train(config, tmp_path / "run", progress=False)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000001" / "residuals.safetensors"
     for path in (run.residuals, checkpoint):

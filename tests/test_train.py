@@ -11,13 +11,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from helpers import tiny_config, train_argv
 from PIL import Image
 
 from persres import ResidualConfig, add_residuals, read_residual_file
@@ -28,22 +28,6 @@ from persres.errors import ConfigError, InputError, OutputExistsError, TrainingD
 from persres.pipeline import load_pipeline
 from persres.residuals import residual_parameters
 from persres.train import denoising_loss, train
-
-TRAIN = ["--class-word", "dog", "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu"]
-
-
-def tiny_config(base: Path, photos: Path, **changes: object) -> TrainConfig:
-    config = TrainConfig(
-        base=str(base),
-        images=str(photos),
-        class_word="dog",
-        steps=6,
-        batch_size=2,
-        resolution=16,
-        checkpoint_every=2,
-        lr=1e-2,
-    )
-    return replace(config, **changes)
 
 
 def factors(path: Path) -> dict[str, torch.Tensor]:
@@ -358,11 +342,6 @@ def test_the_training_target_follows_the_prediction_type(prediction_type: str) -
     assert not torch.isclose(loss.double(), (prediction - other).square().mean(), rtol=1e-3)
 
 
-def cli_train(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:
-    return ["train", "--base", str(base), "--images", str(photos), "--out", str(out), "--class-word", "dog",
-            "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu", *flags]  # fmt: skip
-
-
 def write_lock(out: Path, pid: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lock = {"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
@@ -417,7 +396,7 @@ def test_a_live_lock_refuses_a_second_train(
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(out, other.pid)
-        assert main(cli_train(conv_base, photos, out)) == 2
+        assert main(train_argv(conv_base, photos, out)) == 2
         error = capsys.readouterr().err
         assert f"in use by another persres train: pid {other.pid} on host {socket.gethostname()}" in error
         assert "since 2026-01-01" in error
@@ -472,12 +451,14 @@ def test_a_run_without_marker_is_recognised_by_its_content(
     train(tiny_config(conv_base, photos, steps=2), out, progress=False)
     (out / "notes.txt").write_text("mine")
     (out / "persres-run.json").unlink()
+    shutil.rmtree(out / "logs")  # 0.1.0 wrote no loss log
     with pytest.raises(OutputExistsError, match=r"already holds a training run \(residuals.safetensors"):
         train(tiny_config(conv_base, photos, steps=2), out, progress=False)
     longer = train(tiny_config(conv_base, photos, steps=3), out, resume=True, progress=False)
     assert read_residual_file(longer.residuals).metadata["step"] == "3"
     assert (out / "persres-run.json").is_file()  # adopted: marked from now on
     (out / "persres-run.json").unlink()
+    shutil.rmtree(out / "logs")
     (out / "residuals.safetensors").unlink()  # as if 0.1.0 was killed: its checkpoints prove the run
     train(tiny_config(conv_base, photos, steps=2), out, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
@@ -491,7 +472,7 @@ def test_processes_of_one_accelerate_run_share_its_lock(
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "persres", *cli_train(conv_base, photos, out)]  # fmt: skip
+            "-m", "persres", *train_argv(conv_base, photos, out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -503,7 +484,7 @@ def test_a_bad_rank_with_overwrite_keeps_the_earlier_run(
     conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    argv = train_argv(conv_base, photos, run)
     assert main(argv) == 0
     before = sorted(p.name for p in run.iterdir())
     residuals = (run / "residuals.safetensors").read_bytes()
@@ -511,14 +492,14 @@ def test_a_bad_rank_with_overwrite_keeps_the_earlier_run(
     assert "above the width" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
     assert (run / "residuals.safetensors").read_bytes() == residuals
-    assert main(argv[:6] + [str(tmp_path / "fresh"), *TRAIN, "--rank", "100000"]) == 2
+    assert main(train_argv(conv_base, photos, tmp_path / "fresh", "--rank", "100000")) == 2
     assert not (tmp_path / "fresh").exists()  # no empty folder left behind
 
 
 def test_bad_validation_prompts_fail_before_training(
     conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(tmp_path / "o"), *TRAIN]
+    argv = train_argv(conv_base, photos, tmp_path / "o")
     assert main(argv + ["--validation-prompt", "a V2* dog"]) == 2
     assert "V2*" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -528,7 +509,7 @@ def test_resume_without_checkpoint_refuses_other_settings(
     conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    argv = train_argv(conv_base, photos, run)
     assert main(argv) == 0
     for folder in (run / "checkpoints").iterdir():
         for file in folder.iterdir():
@@ -544,7 +525,7 @@ def test_a_validation_prompt_cut_off_at_its_identifier_fails_before_training(
     conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(run), *TRAIN]
+    argv = train_argv(conv_base, photos, run)
     assert main([*argv, "--validation-prompt", "a " * 80 + "V* dog"]) == 2
     assert "falls past the text encoder's limit of 77 tokens" in capsys.readouterr().err
     assert not (run / "checkpoints").exists() and not (run / "residuals.safetensors").exists()
