@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from persres.cli import quiet_third_party
 from persres.evaluate import Scorers
 from persres.files import write_json
 from persres.pipeline import load_pipeline
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.out.exists():
             parser.error(f"--out {args.out} already exists; remove it or choose another folder")
+        quiet_third_party()  # as the persres commands: no loading progress bars of the libraries
         print(f"report: {report(args)}")
 
 
