@@ -99,6 +99,10 @@ class TrainConfig:
     validation_every: int | None = None  # also sample the validation prompts every N steps
     report_to: ReportTo = "none"  # an accelerate tracker for the loss, besides OUT/logs/loss.csv
     class_reason: str = ""  # how the class word was chosen, e.g. by --class-word auto
+    method: str = "residuals"  # persres.methods: residuals, lora, dreambooth, custom-diffusion, ...
+    lora_rank: int = 4  # --method lora: rank of each adapter (diffusers' DreamBooth-LoRA default)
+    prior_images: int = 0  # methods with prior preservation: class images drawn by the base model
+    prior_weight: float = 1.0  # weight of the prior-preservation loss (DreamBooth: 1)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -122,6 +126,12 @@ class TrainConfig:
             raise ConfigError(
                 f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
             )
+        if self.lora_rank < 1 or self.prior_images < 0:
+            raise ConfigError(
+                f"lora rank must be >= 1 and prior images >= 0, got {self.lora_rank}, {self.prior_images}"
+            )
+        if not 0 <= self.prior_weight <= 100:
+            raise ConfigError(f"prior weight must be a finite number in [0, 100], got {self.prior_weight}")
         if self.validation_every is not None:
             if self.validation_every < 1:
                 raise ConfigError(f"validation-every must be >= 1, got {self.validation_every}")

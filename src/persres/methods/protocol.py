@@ -1,0 +1,95 @@
+"""What a personalization method is, for the one training loop, sampler and benchmark of persres.
+
+Following PEFT's tuners and k-diffusion's samplers: each method is one small module that says what it
+trains, its authors' default recipe (with the source of each number), how it saves (in the format the
+field's own tools load) and how it loads for sampling. The loop, data, checkpoints, the loss log,
+sampling and scoring exist once (``persres.train``, ``persres.sampling``, ``persres.benchmark``).
+
+A method's life in a run:
+1. ``prepare(pipe, config, generator)``: freeze the base, add what it trains (adapters, a token), and
+   return a ``Trainable``: the parameters the optimizer updates, keyed by stable names (checkpoints
+   store them under these names), and whether the text encoder's output depends on them.
+2. every step: the loop computes the denoising loss on ``training_prompt(config)`` (re-encoded with
+   gradients when ``Trainable.text_trainable``), plus, when the recipe asks for prior preservation,
+   ``prior_weight`` times the loss on the class images; after the optimizer step, ``after_step``.
+3. ``save_state`` / ``load_state``: the trainable tensors in a checkpoint (safetensors, strict).
+4. ``save(pipe, trainable, out, metadata)``: the run's result in ``out`` (the residual file for
+   residuals; diffusers' own formats for the peers), loadable without persres where the format allows.
+5. ``load(pipe, path)`` into a fresh base pipeline for sampling; returns the concept it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's default training recipe for Stable Diffusion, as its authors give it.
+
+    ``source`` cites where each number comes from (paper, section, or script and its defaults).
+    ``prior_images`` > 0 turns on prior preservation: that many images of "a photo of a {class}" drawn
+    by the base model (cached, reused across runs), weighted by ``prior_weight`` in the loss."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    source: str
+    prior_images: int = 0
+    prior_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What the optimizer updates. ``params`` are keyed by stable names (module paths, or the token's
+    name), the keys of every checkpoint. ``text_trainable``: the prompt's embedding depends on the
+    parameters (a learned token), so the loop re-encodes it every step with gradients."""
+
+    params: dict[str, nn.Parameter]
+    text_trainable: bool = False
+
+    def count(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+class Method(Protocol):
+    name: str  # as typed after --method
+    recipe: Recipe
+    options: frozenset[str]  # method-specific CLI options that apply (e.g. {"rank", "init"}); others refused
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        """The caption of every training image, e.g. "a photo of a sks dog"."""
+        ...
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable: ...
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        """After each optimizer step (e.g. keep every embedding row but the new token's fixed)."""
+        ...
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None: ...
+
+    def load_state(self, trainable: Trainable, path: Path) -> None: ...
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        """Write the run's result into the run folder ``out``; returns the file or folder to load."""
+        ...
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        """Load a result written by ``save`` into a fresh base pipeline; the concept it holds."""
+        ...
