@@ -20,6 +20,7 @@ from PIL import Image
 
 from persres import __version__, load_residuals
 from persres.cli import build_parser, main
+from persres.config import ResidualConfig
 from persres.tiny import save_tiny_pipeline
 
 TRAIN = ["--class-word", "dog", "--steps", "3", "--batch-size", "2", "--resolution", "16", "--device", "cpu"]
@@ -506,3 +507,34 @@ def test_commands_print_no_third_party_noise(
     demo = [sys.executable, "-m", "persres.toyworld.demo", "--help"]  # the demo steps outside the CLI
     done = subprocess.run(demo, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
+
+
+def test_options_of_another_method_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    base = ["train", "--base", "b", "--images", "i", "--class-word", "dog", "--out", str(out)]
+    err = error_of(capsys, [*base, "--method", "dreambooth", "--rank", "4"])
+    assert (
+        "--rank does not apply to --method dreambooth (its own options: --prior-images, --prior-weight)"
+        in err
+    )
+    err = error_of(capsys, [*base, "--prior-images", "10", "--init", "random"])  # residuals by default
+    assert "--init" not in err.split("does not apply")[0] and "--prior-images does not apply" in err
+    assert "argument --method: invalid choice: 'perfusionx'" in error_of(
+        capsys, [*base, "--method", "perfusionx"]
+    )
+    assert not out.exists()
+
+
+def test_the_recipe_is_the_methods_unless_given() -> None:
+    from persres.cli.training import method_settings
+
+    def settings(*flags: str) -> dict[str, object]:
+        argv = ["train", "--base", "b", "--images", "i", "--class-word", "dog", "--out", "o", *flags]
+        return method_settings(build_parser().parse_args(argv))
+
+    paper = settings()
+    assert (paper["steps"], paper["batch_size"], paper["lr"]) == (150, 4, 1e-3)  # Ham et al., section 4
+    assert paper["residual"] == ResidualConfig(rank=0.05, init="zero")
+    mine = settings("--steps", "7", "--lr", "0.01", "--rank", "16", "--init", "random")
+    assert (mine["steps"], mine["batch_size"], mine["lr"]) == (7, 4, 0.01)
+    assert mine["residual"] == ResidualConfig(rank=16, init="random")

@@ -1,6 +1,8 @@
-"""Training checkpoints: residuals, AdamW moments and random-generator state, all in safetensors.
+"""Training checkpoints: the method's trainable tensors, AdamW moments and random-generator state, all
+in safetensors.
 
-A checkpoint folder ``checkpoints/step-000050/`` holds ``residuals.safetensors``,
+A checkpoint folder ``checkpoints/step-000050/`` holds ``residuals.safetensors`` (other methods:
+``{method}.safetensors``),
 ``optimizer.safetensors`` (AdamW moments keyed by factor name), ``rng-{process}.safetensors`` (the
 data/noise generator of each process) and ``state.json`` (step, config). It is written under a
 temporary name and renamed when complete, so a run killed while saving leaves the previous one;
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -30,14 +33,13 @@ from torch import nn
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, PersresError
 from persres.files import write_json
-from persres.io import load_residuals, save_residuals
+from persres.methods.protocol import Method, Trainable
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 KEEP_LAST = 2
 STATE_FILE = "state.json"
-RESIDUALS = "residuals.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 
 
@@ -59,15 +61,27 @@ class Processes:
 
 @dataclass(frozen=True)
 class TrainState:
-    """What a checkpoint saves and restores: the residual factors (inside ``unet``), AdamW's moments
-    and this process's data/noise generator. ``names`` keys each factor by its module path."""
+    """What a checkpoint saves and restores: the method's trainable tensors (inside ``pipe``), AdamW's
+    moments and this process's data/noise generator. ``names`` keys each parameter as the method does
+    (residuals: by module path)."""
 
-    unet: nn.Module
+    pipe: StableDiffusionPipeline
+    method: Method
+    trainable: Trainable
     optimizer: torch.optim.Optimizer
-    names: dict[nn.Parameter, str]
     generator: torch.Generator
     config: TrainConfig
     processes: Processes = field(default_factory=Processes)
+
+    @property
+    def names(self) -> dict[nn.Parameter, str]:
+        return {param: name for name, param in self.trainable.params.items()}
+
+    @property
+    def tensors_file(self) -> str:
+        """The trainable tensors' file in a checkpoint: ``residuals.safetensors`` for residuals (a
+        residual file, usable as one), ``{method}.safetensors`` for the others."""
+        return f"{self.method.name}.safetensors"
 
 
 def checkpoint_folder(out: Path, step: int) -> Path:
@@ -126,7 +140,7 @@ def restore_optimizer(
     for key, value in tensors.items():
         name, _, moment = key.rpartition(".")
         if name not in by_name:
-            raise damaged(file, f"tensor {key!r} belongs to no residual factor of this model")
+            raise damaged(file, f"tensor {key!r} belongs to no trained parameter of this model")
         states.setdefault(name, {})[moment] = value
     missing = sorted(set(by_name) - set(states))
     if missing:
@@ -165,7 +179,7 @@ def save_checkpoint(out: Path, step: int, state: TrainState, metadata: dict[str,
     save_file({"state": state.generator.get_state()}, str(staging / f"rng-{processes.index}.safetensors"))
     if processes.is_main:
         tags: dict[str, str] = {**(metadata or {}), "step": str(step)}
-        save_residuals(state.unet, staging / RESIDUALS, overwrite=False, **tags)
+        state.method.save_state(state.pipe, state.trainable, staging / state.tensors_file, tags)
         save_file(optimizer_tensors(state.optimizer, state.names), str(staging / OPTIMIZER))
         write_json(staging / STATE_FILE, {"step": step, "config": state.config.to_dict()})
     processes.barrier()
@@ -188,7 +202,7 @@ def remove_folder(folder: Path) -> None:
 
 
 def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
-    """Restore residuals, optimizer and generator; returns the step the checkpoint was made at."""
+    """Restore the trainable tensors, optimizer and generator; returns the step the checkpoint was made at."""
     folder = checkpoint.folder
     saved = read_state(folder / STATE_FILE, checkpoint.step)
     changed = state.config.resumable_with(saved)
@@ -204,9 +218,9 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
             "number of processes as the interrupted run"
         )
     try:
-        load_residuals(state.unet, folder / RESIDUALS)
+        state.method.load_state(state.pipe, state.trainable, folder / state.tensors_file)
     except PersresError as exc:
-        raise damaged(folder / RESIDUALS, str(exc)) from None
+        raise damaged(folder / state.tensors_file, str(exc)) from None
     restore_optimizer(state.optimizer, state.names, read_tensors(folder / OPTIMIZER), folder / OPTIMIZER)
     restore_generator(state.generator, read_tensors(rng_file), rng_file)
     return checkpoint.step

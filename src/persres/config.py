@@ -19,6 +19,15 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_TOKEN = "sks"
+# The personalization methods (persres.methods) and the method-specific settings each one takes; the
+# CLI refuses a setting the chosen method does not take. Kept here, without torch, for instant parsing.
+METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    "residuals": frozenset({"rank", "init"}),
+    "lora": frozenset({"rank"}),
+    "dreambooth": frozenset({"prior_images", "prior_weight"}),
+    "custom-diffusion": frozenset({"prior_images", "prior_weight"}),
+    "textual-inversion": frozenset(),
+}
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CustomConcept101's CLIP ViT-B/32
 DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO ViT-S/16
 
@@ -126,6 +135,8 @@ class TrainConfig:
             raise ConfigError(
                 f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
             )
+        if self.method not in METHOD_OPTIONS:
+            raise ConfigError(f"method {quote(self.method)} is not one of {', '.join(METHOD_OPTIONS)}")
         if self.lora_rank < 1 or self.prior_images < 0:
             raise ConfigError(
                 f"lora rank must be >= 1 and prior images >= 0, got {self.lora_rank}, {self.prior_images}"

@@ -31,11 +31,10 @@ from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import TrainingDivergedError
 from persres.files import check_writable, write_json
-from persres.io import save_residuals
 from persres.macro import real_words
+from persres.methods import get_method
 from persres.pipeline import DTYPES, load_pipeline
-from persres.residuals import add_residuals, count_parameters
-from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RunFolder
+from persres.runfolder import CONFIG_FILE, RunFolder
 from persres.tokens import check_identifier, text_length
 from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
@@ -68,7 +67,8 @@ class Loop:
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of state.optimizer
     state: TrainState
     images: ConceptImages
-    text: torch.Tensor  # (1, T, D) the training prompt's embedding
+    prompt: str  # the method's training prompt
+    text: torch.Tensor  # (1, T, D) its embedding, encoded once unless the method trains the text side
     noise_scheduler: DDPMScheduler
     accelerator: Accelerator
     log: LossLog | None  # the main process's
@@ -111,24 +111,25 @@ def train_in(
     """``train`` in a checked ``--out``, which the main process claims once the settings are checked."""
     out, resume = folder.path, folder.resume
     check_tracker(config.report_to)
-    concept = [Concept(config.token, config.class_word)]
+    method = get_method(config.method)
+    concept = [Concept(method.identifier(config), config.class_word)]
     validation = plan_prompts(list(config.validation_prompts), concept, allow_empty=True)
     images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
-    check_identifier(pipe.tokenizer, config.token, real_words())
+    if concept[0].token == config.token:  # an existing token (a learned one is added by prepare)
+        check_identifier(pipe.tokenizer, config.token, real_words())
+    # adds what the method trains and checks its settings against the model before anything is written
+    trainable = method.prepare(pipe, config, torch.Generator().manual_seed(config.seed))
     for plan in validation:  # refused now, not after training when they are sampled
         check_prompt_length(
             pipe.tokenizer, plan, concept, text_length(pipe.tokenizer, pipe.text_encoder.config)
         )
-    residuals = add_residuals(  # checks the ranks against the model before anything is written
-        pipe.unet, config.residual, generator=torch.Generator().manual_seed(config.seed)
-    )
     processes.barrier()  # every process has checked --out before the main one changes it
     if processes.is_main:
         folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
-    state = make_state(config, pipe, processes)
+    state = make_state(config, pipe, method, trainable, processes)
     start = restore_or_start(out, resume, state)
     loop = prepare_loop(out, pipe, state, images, accelerator, start, distributed)
     try:
@@ -136,7 +137,7 @@ def train_in(
         path = finish(loop)
     finally:
         close(loop)
-    return TrainResult(out, path, config.steps, loss, count_parameters(residuals))
+    return TrainResult(out, path, config.steps, loss, trainable.count())
 
 
 def prepare_loop(
@@ -160,10 +161,22 @@ def prepare_loop(
         accelerator.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=kwargs)
     unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
     optimizer = accelerator.prepare(state.optimizer)
-    text = pipe.encode_prompt(config.prompt, accelerator.device, 1, False)[0]  # (1, T, D)
+    prompt = state.method.training_prompt(config)
+    text = pipe.encode_prompt(prompt, accelerator.device, 1, False)[0].detach()  # (1, T, D)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Loop(
-        config, out, pipe, unet, optimizer, state, images, text, noise_scheduler, accelerator, loss_log
+        config,
+        out,
+        pipe,
+        unet,
+        optimizer,
+        state,
+        images,
+        prompt,
+        text,
+        noise_scheduler,
+        accelerator,
+        loss_log,
     )
 
 
@@ -198,15 +211,19 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     config, state = loop.config, loop.state
     pixels = loop.images.batch(config.batch_size, state.generator, config.min_crop, config.flip)
     with loop.accelerator.autocast():
-        loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, loop.text, pixels, state.generator)
+        text = loop.text
+        if state.trainable.text_trainable:  # a learned token: the embedding changes every step
+            text = loop.pipe.encode_prompt(loop.prompt, loop.accelerator.device, 1, False)[0]
+        loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator)
     value = loss.item()
     if not math.isfinite(value):
         raise diverged(loop.out, done, value)
     loop.accelerator.backward(loss)
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    if not torch.stack([torch.isfinite(p).all() for p in state.names]).all():  # one device sync
-        raise diverged(loop.out, done, value, what="the residual factors")
+    state.method.after_step(loop.pipe, state.trainable)
+    if not torch.stack([torch.isfinite(p).all() for p in state.trainable.params.values()]).all():  # one sync
+        raise diverged(loop.out, done, value, what=f"the {state.method.name} parameters")
     return loss.detach()
 
 
@@ -231,10 +248,10 @@ def checkpoint(loop: Loop, done: int) -> None:
 
 def finish(loop: Loop) -> Path:
     """The final residual file, validation images and loss plot."""
-    path = loop.out / RESIDUALS_FILE
+    path = loop.out  # what the other processes of a run report; the main one, the method's result
     if loop.state.processes.is_main:
-        save_residuals(loop.pipe.unet, path, overwrite=True, **run_metadata(loop.config))
-        log.info("residuals written to %s", path)
+        path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, run_metadata(loop.config))
+        log.info("%s written to %s", loop.state.method.name, path)
         write_final(loop.pipe, loop.config, loop.out)
         if loop.log is not None:
             loop.log.plot()
@@ -300,6 +317,7 @@ def run_metadata(config: TrainConfig, step: int | None = None) -> dict[str, str]
         "token": config.token,
         "class_word": config.class_word,
         "class_word_reason": config.class_reason or "given by the user",
+        "method": config.method,
         "rank_config": json.dumps(dataclasses.asdict(config.residual)),
         "train_config": config.to_json(),
         "step": str(config.steps if step is None else step),

@@ -18,13 +18,12 @@ from diffusers import StableDiffusionPipeline
 from persres.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError
+from persres.methods.protocol import Method, Trainable
 from persres.pipeline import resolve_device
-from persres.residuals import residual_parameters
 from persres.runfolder import CONFIG_FILE
 from persres.trainlog import LOGS
 
 log = logging.getLogger(__name__)
-
 
 
 def make_accelerator(config: TrainConfig, device: str, out: Path) -> Accelerator:
@@ -52,15 +51,20 @@ def processes_of(accelerator: Accelerator) -> Processes:
     )
 
 
-def make_state(config: TrainConfig, pipe: StableDiffusionPipeline, processes: Processes) -> TrainState:
-    """AdamW over the residual factors and this process's generator, before any restore."""
+def make_state(
+    config: TrainConfig,
+    pipe: StableDiffusionPipeline,
+    method: Method,
+    trainable: Trainable,
+    processes: Processes,
+) -> TrainState:
+    """AdamW over the method's trainable parameters and this process's generator, before any restore."""
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    named = residual_parameters(pipe.unet)
-    optimizer = torch.optim.AdamW(list(named.values()), lr=config.lr, weight_decay=config.adam_weight_decay)
-    names = {param: name for name, param in named.items()}
+    params = list(trainable.params.values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.adam_weight_decay)
     generator = torch.Generator().manual_seed(config.seed + processes.index)
-    return TrainState(pipe.unet, optimizer, names, generator, config, processes)
+    return TrainState(pipe, method, trainable, optimizer, generator, config, processes)
 
 
 def restore_or_start(out: Path, resume: bool, state: TrainState) -> int:

@@ -59,6 +59,8 @@ def shorten(text: str, limit: int = 40) -> str:
 SEED = integer(0, MAX_SEED)
 STEPS = integer(1, 1000)  # DDIM cannot take more steps than the 1000 training timesteps
 POSITIVE = integer(1)
+NONNEGATIVE = integer(0)
+PRIOR_WEIGHT = number(0.0, 100.0)
 PIXELS = integer(8, MAX_PIXELS, multiple_of=8)
 GUIDANCE = number(0.0, 100.0)
 LEARNING_RATE = number(0.0, 1.0, low_open=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import Any
 
-from persres.cli.options import LEARNING_RATE, PIXELS, POSITIVE, SEED, add_device
-from persres.config import DEFAULT_CLIP, ResidualConfig, TrainConfig
+from persres.cli.options import LEARNING_RATE, NONNEGATIVE, PIXELS, POSITIVE, PRIOR_WEIGHT, SEED, add_device
+from persres.config import DEFAULT_CLIP, METHOD_OPTIONS, ResidualConfig, TrainConfig
+from persres.errors import ConfigError
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -39,9 +41,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--token", default=DEFAULTS["token"], help="identifier V*, a rare single token (default %(default)s)"
     )
-    add_recipe(p)
-    p.add_argument("--rank", default="0.05", help="fraction of each layer's width (0.05) or fixed rank (16)")
-    p.add_argument("--init", choices=["zero", "random"], default="zero", help="factor init (default zero)")
+    p.add_argument(
+        "--method",
+        choices=list(METHOD_OPTIONS),
+        default=DEFAULTS["method"],
+        help="what to train (default %(default)s); the others are the peers, each as its authors define it",
+    )
+    add_recipe(p, by_method=True)
+    p.add_argument(
+        "--rank",
+        help="residuals: fraction of each layer's width (default 0.05) or fixed rank (16); "
+        f"lora: the adapters' rank (default {DEFAULTS['lora_rank']})",
+    )
+    p.add_argument("--init", choices=["zero", "random"], help="residuals: factor init (default zero)")
+    p.add_argument("--prior-images", type=NONNEGATIVE, help="dreambooth, custom-diffusion: class images")
+    p.add_argument(
+        "--prior-weight", type=PRIOR_WEIGHT, help="dreambooth, custom-diffusion: prior loss weight"
+    )
     p.add_argument(
         "--checkpoint-every",
         type=POSITIVE,
@@ -70,20 +86,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def add_recipe(p: argparse.ArgumentParser) -> None:
-    """The training recipe's options, shared with ``persres benchmark``."""
-    p.add_argument(
-        "--steps", type=POSITIVE, default=DEFAULTS["steps"], help="optimizer steps (default %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=POSITIVE,
-        default=DEFAULTS["batch_size"],
-        help="images per step (default %(default)s)",
-    )
-    p.add_argument(
-        "--lr", type=LEARNING_RATE, default=DEFAULTS["lr"], help="AdamW learning rate (default %(default)s)"
-    )
+def add_recipe(p: argparse.ArgumentParser, by_method: bool = False) -> None:
+    """The training recipe's options, shared with ``persres benchmark``. ``by_method``: steps, batch
+    size and learning rate default to the chosen method's recipe (its authors' numbers)."""
+
+    def default(name: str) -> dict[str, object]:
+        if by_method:
+            return {"default": None, "help_default": f"the method's recipe; residuals: {DEFAULTS[name]}"}
+        return {"default": DEFAULTS[name], "help_default": str(DEFAULTS[name])}
+
+    for flag, kind, what in (
+        ("--steps", POSITIVE, "optimizer steps"),
+        ("--batch-size", POSITIVE, "images per step"),
+        ("--lr", LEARNING_RATE, "AdamW learning rate"),
+    ):
+        chosen = default(flag[2:].replace("-", "_"))
+        p.add_argument(
+            flag, type=kind, default=chosen["default"], help=f"{what} (default: {chosen['help_default']})"
+        )
     p.add_argument(
         "--resolution",
         type=PIXELS,
@@ -107,15 +127,12 @@ def run(args: argparse.Namespace) -> int:
         class_word, reason = auto_class_word(args)
         print(f"class word: {class_word} ({reason})")
     config = TrainConfig(
+        **method_settings(args),
         base=args.base,
         images=args.images,
         class_word=class_word,
         class_reason=reason,
         token=args.token,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        residual=ResidualConfig(rank=ResidualConfig.parse_rank(args.rank), init=args.init),
         resolution=args.resolution,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
@@ -128,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
     )
     result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     loss = "none" if result.final_loss is None else f"{result.final_loss:.5f}"
-    print(f"trained {result.parameters:,} residual parameters for {result.steps} steps (final loss {loss})")
-    print(f"residuals: {result.residuals}")
+    print(
+        f"trained {result.parameters:,} {args.method} parameters for {result.steps} steps (final loss {loss})"
+    )
+    print(f"{'residuals' if args.method == 'residuals' else 'result'}: {result.residuals}")
     return 0
 
 
@@ -148,3 +167,44 @@ def auto_class_word(args: argparse.Namespace) -> tuple[str, str]:
         f"{suggestions[0].score:.3f}; next: {runners_up}"
     )
     return suggestions[0].noun, reason
+
+
+METHOD_FLAGS = {
+    "rank": "--rank",
+    "init": "--init",
+    "prior_images": "--prior-images",
+    "prior_weight": "--prior-weight",
+}
+
+
+def method_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The method, its recipe (steps, batch size, lr, prior images) unless given, and the settings only
+    it takes; a method-specific option given for a method that does not take it is refused."""
+    from persres.methods import get_method
+
+    given = {name for name in METHOD_FLAGS if getattr(args, name) is not None}
+    wrong = sorted(given - METHOD_OPTIONS[args.method])
+    if wrong:
+        takes = ", ".join(METHOD_FLAGS[n] for n in sorted(METHOD_OPTIONS[args.method])) or "none of them"
+        raise ConfigError(
+            f"{', '.join(METHOD_FLAGS[n] for n in wrong)} does not apply to --method {args.method} "
+            f"(its own options: {takes}); drop it or choose another --method"
+        )
+    recipe = get_method(args.method).recipe
+    settings: dict[str, Any] = {
+        "method": args.method,
+        "steps": recipe.steps if args.steps is None else args.steps,
+        "batch_size": recipe.batch_size if args.batch_size is None else args.batch_size,
+        "lr": recipe.lr if args.lr is None else args.lr,
+        "prior_images": recipe.prior_images if args.prior_images is None else args.prior_images,
+        "prior_weight": recipe.prior_weight if args.prior_weight is None else args.prior_weight,
+    }
+    if args.method == "residuals":
+        rank = ResidualConfig.parse_rank(args.rank) if args.rank is not None else ResidualConfig().rank
+        settings["residual"] = ResidualConfig(rank=rank, init=args.init or "zero")
+    elif args.method == "lora" and args.rank is not None:
+        rank = ResidualConfig.parse_rank(args.rank)
+        if not isinstance(rank, int):
+            raise ConfigError(f"--rank {args.rank} for --method lora must be a whole number, e.g. 4")
+        settings["lora_rank"] = rank
+    return settings

@@ -13,6 +13,7 @@ A method's life in a run:
    gradients when ``Trainable.text_trainable``), plus, when the recipe asks for prior preservation,
    ``prior_weight`` times the loss on the class images; after the optimizer step, ``after_step``.
 3. ``save_state`` / ``load_state``: the trainable tensors in a checkpoint (safetensors, strict).
+   ``identifier(config)``: the concept's token in prompts (validation images, sampling).
 4. ``save(pipe, trainable, out, metadata)``: the run's result in ``out`` (the residual file for
    residuals; diffusers' own formats for the peers), loadable without persres where the format allows.
 5. ``load(pipe, path)`` into a fresh base pipeline for sampling; returns the concept it holds.
@@ -72,6 +73,10 @@ class Method(Protocol):
         """The caption of every training image, e.g. "a photo of a sks dog"."""
         ...
 
+    def identifier(self, config: TrainConfig) -> str:
+        """The concept's token as prompts contain it ("V*" is replaced by it), e.g. "sks" or "<new1>"."""
+        ...
+
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable: ...
@@ -80,9 +85,15 @@ class Method(Protocol):
         """After each optimizer step (e.g. keep every embedding row but the new token's fixed)."""
         ...
 
-    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None: ...
+    def save_state(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path, metadata: dict[str, str]
+    ) -> None:
+        """The trainable tensors for a checkpoint (safetensors)."""
+        ...
 
-    def load_state(self, trainable: Trainable, path: Path) -> None: ...
+    def load_state(self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path) -> None:
+        """Restore what ``save_state`` wrote, strictly (a missing, extra or mis-shaped tensor is named)."""
+        ...
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
