@@ -438,7 +438,7 @@ def test_the_lock_is_held_for_the_run_and_released_when_it_raises(
     assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
     assert not (out / ".persres.lock").exists()
     assert json.loads((out / "persres-run.json").read_text())["files"] == [
-        "residuals.safetensors", "config.json", "checkpoints", "validation", "logs"
+        "residuals.safetensors", "result", "config.json", "checkpoints", "validation", "logs"
     ]  # fmt: skip
 
 

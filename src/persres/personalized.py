@@ -15,8 +15,10 @@ from diffusers import StableDiffusionPipeline
 from persres.concepts import Concept, ResidualSource, concept_of, load_concepts, plan_prompts, read_files
 from persres.errors import ConfigError
 from persres.files import check_writable
+from persres.methods import get_method
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, resolve_device
+from persres.runs import Run, peer_runs
 from persres.sampling import Sampler, SampleSettings, sample
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,9 +58,13 @@ def sample_to_folder(
     check_writable(out, "--out")
     if save_masks and sampler == "normal":
         raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
-    files = read_files(residuals)
-    plan_prompts(prompts, [concept_of(f) for f in files])  # placeholder errors before the model is loaded
-    pipe, concepts = load_personalized(base, files, device, precision)
+    peers = peer_runs(list(residuals))
+    if peers:
+        pipe, concepts = load_peer(base, peers, list(residuals), sampler, device, precision)
+    else:
+        files = read_files(residuals)
+        plan_prompts(prompts, [concept_of(f) for f in files])  # placeholder errors before loading the model
+        pipe, concepts = load_personalized(base, files, device, precision)
     samples = sample(pipe, prompts, concepts, settings, sampler, save_masks)
     extra = {
         "base": base,
@@ -68,6 +74,27 @@ def sample_to_folder(
         "scheduler": "DDIM",
     }
     return write_samples(out, samples, settings, extra)
+
+
+def load_peer(
+    base: str, peers: list[Run], sources: list[ResidualSource], sampler: str, device: str, precision: str
+) -> tuple[StableDiffusionPipeline, list[Concept]]:
+    """The base pipeline with a peer method's result loaded (normal sampling, one concept: LAG and
+    several concepts per image are what personalized residuals bring)."""
+    run = peers[0]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"{run.folder} is a {run.method} run: several concepts in one image need residuals runs; "
+            "pass it alone"
+        )
+    if sampler != "normal":
+        raise ConfigError(
+            f"--sampler {sampler} applies to residuals only; {run.folder} is a {run.method} run, which "
+            "samples with --sampler normal"
+        )
+    target = resolve_device(device)
+    pipe = load_pipeline(base, sampling_dtype(precision, target), target)
+    return pipe, [get_method(run.method).load(pipe, run.result)]
 
 
 def placeholder(index: int, count: int) -> str:

@@ -39,9 +39,10 @@ MARKER = "persres-run.json"
 LOCK = ".persres.lock"
 RESIDUALS_FILE = "residuals.safetensors"
 CONFIG_FILE = "config.json"
+RESULT = "result"  # the peer methods' results (a LoRA file, a pipeline, ...); residuals: RESIDUALS_FILE
 VALIDATION = "validation"
 LOGS = "logs"
-RUN_NAMES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)
+RUN_NAMES = (RESIDUALS_FILE, RESULT, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)
 EARLIER_NAMES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, VALIDATION)  # what persres 0.1.0 wrote
 UNREADABLE_LOCK_STALE_S = 60  # a lock left empty by a process killed between create and write
 

@@ -196,9 +196,10 @@ def method_settings(args: argparse.Namespace) -> dict[str, Any]:
         "steps": recipe.steps if args.steps is None else args.steps,
         "batch_size": recipe.batch_size if args.batch_size is None else args.batch_size,
         "lr": recipe.lr if args.lr is None else args.lr,
-        "prior_images": recipe.prior_images if args.prior_images is None else args.prior_images,
-        "prior_weight": recipe.prior_weight if args.prior_weight is None else args.prior_weight,
     }
+    if "prior_images" in METHOD_OPTIONS[args.method]:  # the others keep TrainConfig's (unused) defaults
+        settings["prior_images"] = recipe.prior_images if args.prior_images is None else args.prior_images
+        settings["prior_weight"] = recipe.prior_weight if args.prior_weight is None else args.prior_weight
     if args.method == "residuals":
         rank = ResidualConfig.parse_rank(args.rank) if args.rank is not None else ResidualConfig().rank
         settings["residual"] = ResidualConfig(rank=rank, init=args.init or "zero")

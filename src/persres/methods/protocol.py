@@ -14,8 +14,9 @@ A method's life in a run:
    ``prior_weight`` times the loss on the class images; after the optimizer step, ``after_step``.
 3. ``save_state`` / ``load_state``: the trainable tensors in a checkpoint (safetensors, strict).
    ``identifier(config)``: the concept's token in prompts (validation images, sampling).
-4. ``save(pipe, trainable, out, metadata)``: the run's result in ``out`` (the residual file for
-   residuals; diffusers' own formats for the peers), loadable without persres where the format allows.
+4. ``save(pipe, trainable, out, metadata)``: the run's result (``out/residuals.safetensors`` for
+   residuals; for the peers, diffusers' own formats in the folder ``out/result/``), loadable without
+   persres where the format allows; persres' own metadata (token, class word, base, method) with it.
 5. ``load(pipe, path)`` into a fresh base pipeline for sampling; returns the concept it holds.
 """
 

@@ -1,0 +1,57 @@
+"""A training run folder, whatever its method: the settings it was trained with (``config.json``) and
+where its result is (``residuals.safetensors`` for residuals, ``result/`` for the peer methods)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from persres.config import TrainConfig
+from persres.errors import InputError
+from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    config: TrainConfig
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def result(self) -> Path:
+        return self.folder / (RESIDUALS_FILE if self.method == "residuals" else RESULT)
+
+
+def read_run(path: str | os.PathLike[str]) -> Run | None:
+    """The run in folder ``path``; None when ``path`` is not a run folder (a residual file, say)."""
+    folder = Path(path)
+    config_file = folder / CONFIG_FILE
+    if not (folder.is_dir() and config_file.is_file()):
+        return None
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        saved.pop("persres_version", None)
+        config = TrainConfig.from_dict(saved)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
+        raise InputError(f"{config_file} is damaged ({exc}); it records how the run was trained") from None
+    run = Run(folder, config)
+    if not run.result.exists():
+        raise InputError(
+            f"{folder} is a {run.method} run without its result {run.result.name}; finish it with --resume"
+        )
+    return run
+
+
+def peer_runs(sources: Sequence[object]) -> list[Run]:
+    """The run folders among ``sources`` (paths, or residual files already read) made by another method
+    than residuals."""
+    runs = [read_run(s) for s in sources if isinstance(s, (str, os.PathLike))]
+    return [run for run in runs if run is not None and run.method != "residuals"]
