@@ -1,0 +1,84 @@
+"""Personalized residuals (Ham et al., CVPR 2024), the method of this project, behind the protocol.
+
+Everything is delegated: ``persres.residuals`` adds and finds the residuals, ``persres.io`` writes and
+reads the residual file (its format unchanged: checkpoints and results alike), ``persres.concepts``
+loads a result for sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from persres.concepts import load_concepts
+from persres.errors import ConfigError
+from persres.io import load_residuals, save_residuals
+from persres.methods.protocol import Recipe, Trainable
+from persres.residuals import add_residuals, residual_parameters
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+RESULT = "residuals.safetensors"  # persres.runfolder.RESIDUALS_FILE (not imported: it imports the loop)
+
+RECIPE = Recipe(
+    steps=150,
+    lr=1e-3,
+    batch_size=4,
+    source="Ham et al., CVPR 2024, sec. 4: 150 iterations, batch 4, learning rate 1e-3",
+)
+
+
+@dataclass(frozen=True)
+class ResidualTrainable(Trainable):
+    """The residual factors, and the U-Net they live in (the residual file records its architecture)."""
+
+    unet: nn.Module | None = field(default=None, compare=False, repr=False)
+
+
+class Residuals:
+    name = "residuals"
+    recipe = RECIPE
+    options = frozenset({"rank", "init"})
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        return config.prompt
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable:
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the U-Net
+        return ResidualTrainable(residual_parameters(pipe.unet), unet=pipe.unet)
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        pass
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        save_residuals(unet_of(trainable), path, overwrite=True, **metadata)
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        load_residuals(unet_of(trainable), path)
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        return save_residuals(pipe.unet, out / RESULT, overwrite=True, **metadata)
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        (concept,) = load_concepts(pipe.unet, [path])
+        return concept
+
+
+def unet_of(trainable: Trainable) -> nn.Module:
+    if not isinstance(trainable, ResidualTrainable) or trainable.unet is None:
+        raise ConfigError("the residuals method needs the Trainable its prepare() returned")
+    return trainable.unet
