@@ -179,7 +179,7 @@ def save_checkpoint(out: Path, step: int, state: TrainState, metadata: dict[str,
     save_file({"state": state.generator.get_state()}, str(staging / f"rng-{processes.index}.safetensors"))
     if processes.is_main:
         tags: dict[str, str] = {**(metadata or {}), "step": str(step)}
-        state.method.save_state(state.pipe, state.trainable, staging / state.tensors_file, tags)
+        state.method.save_state(state.trainable, staging / state.tensors_file, tags)
         save_file(optimizer_tensors(state.optimizer, state.names), str(staging / OPTIMIZER))
         write_json(staging / STATE_FILE, {"step": step, "config": state.config.to_dict()})
     processes.barrier()
@@ -218,7 +218,7 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
             "number of processes as the interrupted run"
         )
     try:
-        state.method.load_state(state.pipe, state.trainable, folder / state.tensors_file)
+        state.method.load_state(state.trainable, folder / state.tensors_file)
     except PersresError as exc:
         raise damaged(folder / state.tensors_file, str(exc)) from None
     restore_optimizer(state.optimizer, state.names, read_tensors(folder / OPTIMIZER), folder / OPTIMIZER)

@@ -32,6 +32,7 @@ from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, OutputExistsError, RunLockedError
 from persres.files import write_json
 from persres.io import FORMAT_NAME
+from persres.methods.protocol import RESULT  # the peer methods' results; residuals: RESIDUALS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ MARKER = "persres-run.json"
 LOCK = ".persres.lock"
 RESIDUALS_FILE = "residuals.safetensors"
 CONFIG_FILE = "config.json"
-RESULT = "result"  # the peer methods' results (a LoRA file, a pipeline, ...); residuals: RESIDUALS_FILE
 VALIDATION = "validation"
 LOGS = "logs"
 RUN_NAMES = (RESIDUALS_FILE, RESULT, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)

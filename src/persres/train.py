@@ -292,7 +292,7 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, steps)
     else:
         target = noise
-    condition = text.expand(latents.shape[0], -1, -1)
+    condition = text.expand(latents.shape[0], -1, -1).to(latents.dtype)  # a trained text side may be fp32
     prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
     return F.mse_loss(prediction.float(), target.float())
 

@@ -1,6 +1,7 @@
-"""The personalization methods behind one protocol (``persres.methods.protocol``).
+"""The personalization methods one training loop, sampler and benchmark serve, by ``--method`` name.
 
-``get_method(name)`` imports a method's module on first use, so naming the methods (the CLI's
+Each is one module implementing ``persres.methods.protocol.Method``; ``MODULES`` is the only place
+that lists them. A method's module is imported on first use, so naming the methods (the CLI's
 ``--method`` choices, ``persres.config.METHOD_OPTIONS``) never imports torch.
 """
 
@@ -12,16 +13,26 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, quote
 from persres.methods.protocol import Method
 
-MODULES = {  # method name -> "module:attribute" of its Method instance
-    "residuals": "persres.methods.residuals:RESIDUALS",
+MODULES = {  # --method name -> "module:class" implementing the protocol
+    "residuals": "persres.methods.residuals:Residuals",
+    "lora": "persres.methods.lora:LoRA",
+    "textual-inversion": "persres.methods.textual_inversion:TextualInversion",
 }
+_LOADED: dict[str, Method] = {}
 
 
 def get_method(name: str) -> Method:
-    if name not in METHOD_OPTIONS:
-        raise ConfigError(f"--method {quote(name)} is not one of {', '.join(METHOD_OPTIONS)}")
+    """The method registered as ``name``; an unknown name is refused with the choices."""
     if name not in MODULES:
-        raise ConfigError(f"--method {name} is not available in this version of persres yet")
-    module, _, attribute = MODULES[name].partition(":")
-    method: Method = getattr(importlib.import_module(module), attribute)
-    return method
+        missing = " (not in this version of persres yet)" if name in METHOD_OPTIONS else ""
+        raise ConfigError(
+            f"unknown method {quote(name)}{missing}; choose one of {', '.join(sorted(MODULES))}"
+        )
+    if name not in _LOADED:
+        module, _, cls = MODULES[name].partition(":")
+        _LOADED[name] = getattr(importlib.import_module(module), cls)()
+    return _LOADED[name]
+
+
+def all_methods() -> dict[str, Method]:
+    return {name: get_method(name) for name in MODULES}

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 
+RESULT = "result"  # the folder of a run in which a peer method saves its result
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A method's default training recipe for Stable Diffusion, as its authors give it.
@@ -86,13 +89,12 @@ class Method(Protocol):
         """After each optimizer step (e.g. keep every embedding row but the new token's fixed)."""
         ...
 
-    def save_state(
-        self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path, metadata: dict[str, str]
-    ) -> None:
-        """The trainable tensors for a checkpoint (safetensors)."""
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        """The trainable tensors for a checkpoint (safetensors). ``trainable`` is the very object
+        ``prepare`` returned (a method may keep there what it needs, e.g. the U-Net)."""
         ...
 
-    def load_state(self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path) -> None:
+    def load_state(self, trainable: Trainable, path: Path) -> None:
         """Restore what ``save_state`` wrote, strictly (a missing, extra or mis-shaped tensor is named)."""
         ...
 

@@ -1,34 +1,56 @@
-"""Personalized residuals (Ham et al., CVPR 2024) through the method protocol: a low-rank residual on
-every transformer block's ``proj_out``; the residual file format of ``persres.io``, unchanged."""
+"""Personalized residuals (Ham et al., CVPR 2024), the method of this project, behind the protocol.
+
+Everything is delegated: ``persres.residuals`` adds and finds the residuals, ``persres.io`` writes and
+reads the residual file (its format unchanged: checkpoints and results alike), ``persres.concepts``
+loads a result for sampling.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionPipeline
+from torch import nn
 
-from persres.concepts import Concept, load_concepts
-from persres.config import METHOD_OPTIONS, TrainConfig
+from persres.concepts import load_concepts
+from persres.config import METHOD_OPTIONS
+from persres.errors import ConfigError
 from persres.io import load_residuals, save_residuals
 from persres.methods.protocol import Recipe, Trainable
 from persres.residuals import add_residuals, residual_parameters
 
-RESIDUALS_FILE = "residuals.safetensors"
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+RESULT = "residuals.safetensors"  # persres.runfolder.RESIDUALS_FILE (not imported: it imports the loop)
+
+RECIPE = Recipe(
+    steps=150,
+    lr=1e-3,
+    batch_size=4,
+    source="Ham et al., CVPR 2024, sec. 4: 150 iterations, batch 4, learning rate 1e-3",
+)
+
+
+@dataclass(frozen=True)
+class ResidualTrainable(Trainable):
+    """The residual factors, and the U-Net they live in (the residual file records its architecture)."""
+
+    unet: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 class Residuals:
     name = "residuals"
-    recipe = Recipe(
-        steps=150,
-        lr=1e-3,
-        batch_size=4,
-        source="Ham et al., CVPR 2024, section 4: 150 iterations, batch 4, lr 1e-3",
-    )
+    recipe = RECIPE
     options = METHOD_OPTIONS["residuals"]
 
     def training_prompt(self, config: TrainConfig) -> str:
-        return f"a photo of a {config.token} {config.class_word}"  # paper, section 3
+        return config.prompt  # "a photo of a V* {class}", paper section 3
 
     def identifier(self, config: TrainConfig) -> str:
         return config.token
@@ -36,27 +58,31 @@ class Residuals:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the rest
-        return Trainable(dict(residual_parameters(pipe.unet)))
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the U-Net
+        return ResidualTrainable(residual_parameters(pipe.unet), unet=pipe.unet)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
-        return None
+        pass
 
-    def save_state(
-        self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path, metadata: dict[str, str]
-    ) -> None:
-        save_residuals(pipe.unet, path, overwrite=False, **metadata)  # a checkpoint is a residual file too
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        save_residuals(unet_of(trainable), path, overwrite=True, **metadata)
 
-    def load_state(self, pipe: StableDiffusionPipeline, trainable: Trainable, path: Path) -> None:
-        load_residuals(pipe.unet, path)
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        load_residuals(unet_of(trainable), path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
     ) -> Path:
-        return save_residuals(pipe.unet, out / RESIDUALS_FILE, overwrite=True, **metadata)
+        return save_residuals(pipe.unet, out / RESULT, overwrite=True, **metadata)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
-        return load_concepts(pipe.unet, [path])[0]
+        (concept,) = load_concepts(pipe.unet, [path])
+        return concept
 
 
-RESIDUALS = Residuals()
+def unet_of(trainable: Trainable) -> nn.Module:
+    if not isinstance(trainable, ResidualTrainable) or trainable.unet is None:
+        raise ConfigError("the residuals method needs the Trainable its prepare() returned")
+    return trainable.unet

@@ -1,0 +1,135 @@
+"""LoRA (Hu et al. 2021) as diffusers' DreamBooth-LoRA trains Stable Diffusion 1.x.
+
+peft adapters on ``to_q, to_k, to_v, to_out.0`` of every attention layer of the U-Net (self- and
+cross-attention), added through diffusers' own integration (``unet.add_adapter(LoraConfig(...))``),
+exactly as ``examples/dreambooth/train_dreambooth_lora.py`` does: rank r, ``lora_alpha = r`` (scale
+1), ``init_lora_weights="gaussian"`` (down factor N(0, 1/r^2), up factor zero, so training starts at
+the base model). The script also targets ``add_k_proj``/``add_v_proj``, which SD 1.x/2.x U-Nets lack.
+
+The result is diffusers' LoRA file, ``pytorch_lora_weights.safetensors`` written by
+``StableDiffusionPipeline.save_lora_weights``, which ``pipe.load_lora_weights`` loads without persres;
+persres' metadata (token, class word, base, method, step) rides in the safetensors header, which
+diffusers' loader ignores beside its own ``format`` and ``lora_adapter_metadata`` keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from persres.config import METHOD_OPTIONS
+from persres.errors import ConfigError, ModelError
+from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
+
+if TYPE_CHECKING:
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "default"  # the name unet.add_adapter gives its adapter
+WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+
+RECIPE = Recipe(
+    steps=500,
+    lr=1e-4,
+    batch_size=1,
+    source=(
+        "diffusers examples/dreambooth/README.md, 'Training with Low-Rank Adaptation of Large Language "
+        "Models (LoRA)' on Stable Diffusion 1.5: --max_train_steps=500 --learning_rate=1e-4 "
+        "--train_batch_size=1 --gradient_accumulation_steps=1 --lr_scheduler=constant "
+        "--lr_warmup_steps=0, no prior preservation; train_dreambooth_lora.py (diffusers main, "
+        "2026-08): --rank 4, lora_alpha=rank, init_lora_weights='gaussian', AdamW weight decay 1e-2"
+    ),
+)
+
+
+class LoRA:
+    name = "lora"
+    recipe = RECIPE
+    options = METHOD_OPTIONS["lora"]
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        return config.prompt
+
+    def identifier(self, config: TrainConfig) -> str:
+        return config.token
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable:
+        unet = pipe.unet
+        if getattr(unet, "peft_config", None):
+            raise ConfigError("this U-Net already has LoRA adapters; load a fresh base pipeline to train")
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.requires_grad_(False)
+        rank = config.lora_rank
+        lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS))
+        try:
+            unet.add_adapter(lora)
+        except ValueError as exc:
+            raise ModelError(f"cannot add LoRA adapters to {type(unet).__name__}: {exc}") from None
+        params = lora_parameters(unet)
+        with torch.no_grad():
+            for name, param in params.items():
+                if ".lora_A." in name:  # peft's gaussian init, drawn from the run's generator
+                    draw = torch.randn(param.shape, generator=generator, device=generator.device)
+                    param.copy_(draw / rank)
+                # trainable weights in fp32 whatever the base dtype, as the script's cast_training_params
+                param.data = param.data.float()
+        return Trainable(params)
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        pass
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        write_tensors({name: p.float() for name, p in trainable.params.items()}, path, metadata)
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        expected = {name: p.shape for name, p in trainable.params.items()}
+        tensors = read_tensors(path, expected)
+        with torch.no_grad():
+            for name, param in trainable.params.items():
+                param.copy_(tensors[name])
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        header = {**metadata, "method": self.name, "format": "pt"}  # "format": as diffusers writes it
+
+        def write(weights: dict[str, torch.Tensor], filename: str) -> None:
+            write_tensors({k: v.float() for k, v in weights.items()}, Path(filename), header)
+
+        folder = out / RESULT
+        folder.mkdir(parents=True, exist_ok=True)
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet), save_function=write
+        )
+        return folder / WEIGHTS
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        file = path / WEIGHTS if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
+        concept = concept_in(file, read_metadata(file))
+        try:
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"{file} does not fit this base model's U-Net: {exc}") from None
+        return concept
+
+
+def lora_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' factors keyed as in diffusers' LoRA file without its ``unet.`` prefix, e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``."""
+    return {
+        name.replace(f".{ADAPTER}.", "."): param
+        for name, param in unet.named_parameters()
+        if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+    }

@@ -1,0 +1,157 @@
+"""Textual Inversion (Gal et al., ICLR 2023): one new token embedding, everything else frozen.
+
+As diffusers' ``examples/textual_inversion/textual_inversion.py`` does it: a placeholder token is
+added to the tokenizer, the text encoder's input embeddings are resized, the new row starts as a copy
+of the initializer word's row (the paper's "coarse descriptor"; here the concept's class word), the
+optimizer updates the whole input embedding matrix, and after every step every other row is put back
+to its original value (the script's ``orig_embeds_params`` and ``index_no_updates``).
+
+The placeholder is ``<{token}>`` (``<sks>`` by default; a ``--token`` already written ``<...>`` is
+kept): the script's own convention (``<cat-toy>``), a string that is no word of CLIP's vocabulary.
+It is the concept's token, so persres prompts say ``a photo of a V* dog`` and V* becomes ``<sks>``.
+A class word of several sub-tokens starts from their mean (the script refuses such initializers).
+
+The result is diffusers' ``learned_embeds.safetensors``, ``{token: (1, width)}``, which
+``pipe.load_textual_inversion`` loads without persres; persres' metadata rides in its header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from persres.config import METHOD_OPTIONS
+from persres.errors import ConfigError, quote
+from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+WEIGHTS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+
+RECIPE = Recipe(
+    steps=3000,
+    lr=2e-3,
+    batch_size=4,
+    source=(
+        "diffusers examples/textual_inversion/README.md (Stable Diffusion 1.5, 'cat toy'): "
+        "--train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=3000 "
+        "--learning_rate=5.0e-04 --scale_lr --lr_scheduler=constant --lr_warmup_steps=0; persres takes "
+        "the effective batch 1 x 4 = 4 in one step and the learning rate --scale_lr makes of it, "
+        "5e-4 x 4 (accumulation) x 1 (batch) x 1 (process) = 2e-3; AdamW weight decay 1e-2 as the script"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class TokenTrainable(Trainable):
+    """The input embedding matrix, keyed by the new token; ``row`` is the token's id and ``original``
+    the matrix as ``prepare`` left it, to which every other row is restored after each step."""
+
+    row: int = -1
+    original: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def count(self) -> int:
+        """The values that train: one row of the embedding matrix (the whole matrix is the parameter)."""
+        return int(next(iter(self.params.values())).shape[1])
+
+
+class TextualInversion:
+    name = "textual-inversion"
+    recipe = RECIPE
+    options = METHOD_OPTIONS["textual-inversion"]
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        return f"a photo of a {placeholder(config.token)} {config.class_word}"
+
+    def identifier(self, config: TrainConfig) -> str:
+        return placeholder(config.token)
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable:
+        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+        token = placeholder(config.token)
+        start = initial_row(pipe, config.class_word)
+        if tokenizer.add_tokens([token]) != 1:
+            raise ConfigError(f"the tokenizer already has the token {quote(token)}; choose another --token")
+        row = tokenizer.convert_tokens_to_ids(token)
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        if row >= rows:  # never shrink: an encoder may have more rows than its tokenizer has tokens
+            encoder.resize_token_embeddings(row + 1, mean_resizing=False)
+        for model in (pipe.unet, pipe.vae, encoder):
+            model.requires_grad_(False)
+        encoder.to(torch.float32)  # the script trains the text encoder in fp32 whatever the U-Net's dtype
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[row] = start.to(weight)
+        weight.requires_grad_(True)
+        return TokenTrainable({token: weight}, text_trainable=True, row=row, original=weight.detach().clone())
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        """Every row but the new token's back to its original value (AdamW's weight decay and any
+        gradient elsewhere would move them)."""
+        token, weight, state = the_token(trainable)
+        assert state.original is not None
+        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        keep[state.row] = False
+        with torch.no_grad():
+            weight[keep] = state.original[keep]
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        token, weight, state = the_token(trainable)
+        write_tensors({token: weight[state.row : state.row + 1].float()}, path, metadata)
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        token, weight, state = the_token(trainable)
+        tensors = read_tensors(path, {token: torch.Size((1, weight.shape[1]))})
+        with torch.no_grad():
+            weight[state.row] = tensors[token][0].to(weight)
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        token, weight, state = the_token(trainable)
+        header = {**metadata, "token": token, "method": self.name, "format": "pt"}
+        folder = out / RESULT
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_tensors({token: weight[state.row : state.row + 1].float()}, folder / WEIGHTS, header)
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        file = path / WEIGHTS if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"embedding file {file} not found; pass the {WEIGHTS} of a training run")
+        concept = concept_in(file, read_metadata(file))
+        try:
+            pipe.load_textual_inversion(str(file), token=concept.token)
+        except ValueError as exc:  # e.g. the token is already in this tokenizer
+            raise ConfigError(f"cannot load {file}: {exc}") from None
+        return concept
+
+
+def placeholder(token: str) -> str:
+    """``sks`` -> ``<sks>``; ``<sks>`` stays."""
+    return token if token.startswith("<") and token.endswith(">") else f"<{token}>"
+
+
+def initial_row(pipe: StableDiffusionPipeline, class_word: str) -> torch.Tensor:
+    """The class word's input embedding (the mean of its sub-tokens' rows when it has several)."""
+    ids = pipe.tokenizer(class_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ConfigError(f"class word {quote(class_word)} has no tokens to start the new embedding from")
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach()
+    return weight[ids[0]].clone() if len(ids) == 1 else weight[ids].mean(dim=0)
+
+
+def the_token(trainable: Trainable) -> tuple[str, torch.nn.Parameter, TokenTrainable]:
+    if not isinstance(trainable, TokenTrainable) or len(trainable.params) != 1:
+        raise ConfigError("textual inversion needs the Trainable its prepare() returned")
+    ((token, weight),) = trainable.params.items()
+    return token, weight, trainable
