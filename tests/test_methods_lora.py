@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from persres.errors import InputError
 from persres.methods.lora import TARGETS, WEIGHTS, LoRA
-from persres.methods.protocol import Trainable
+from persres.methods.protocol import RESULT, Trainable
 from persres.pipeline import load_pipeline
 
 METHOD = LoRA()
@@ -90,10 +90,10 @@ def test_diffusers_loads_the_saved_lora_to_the_same_outputs(base: Path, tmp_path
     perturb(trainable)
     metadata = {"token": "sks", "class_word": "dog", "base_model": str(base), "step": "7"}
     written = METHOD.save(pipe, trainable, tmp_path, metadata)  # type: ignore[arg-type]
-    assert written == tmp_path / WEIGHTS and written.is_file()
+    assert written == tmp_path / RESULT / WEIGHTS and written.is_file()
 
     fresh = load_pipeline(str(base))
-    fresh.load_lora_weights(str(tmp_path))  # diffusers alone, no persres code
+    fresh.load_lora_weights(str(tmp_path / RESULT))  # diffusers alone, no persres code
     trained_out = run_unet(pipe.unet, inputs)
     assert not torch.equal(trained_out, base_out)
     assert (run_unet(fresh.unet, inputs) - trained_out).abs().max() <= 1e-5
@@ -106,7 +106,7 @@ def test_load_returns_the_concept_and_the_same_unet(conv_base: Path, tmp_path: P
     perturb(trainable)
     file = METHOD.save(pipe, trainable, tmp_path, {"token": "sks", "class_word": "dog", "step": "3"})
     fresh = load_pipeline(str(conv_base))
-    concept = METHOD.load(fresh, tmp_path)
+    concept = METHOD.load(fresh, tmp_path / RESULT)
     assert (concept.token, concept.class_word, concept.source) == ("sks", "dog", str(file))
     inputs = unet_inputs(pipe.unet)
     assert (run_unet(fresh.unet, inputs) - run_unet(pipe.unet, inputs)).abs().max() <= 1e-5

@@ -12,7 +12,7 @@ from helpers import tiny_config
 from safetensors.torch import save_file
 
 from persres.errors import ConfigError, InputError
-from persres.methods.protocol import Trainable
+from persres.methods.protocol import RESULT, Trainable
 from persres.methods.textual_inversion import WEIGHTS, TextualInversion, placeholder
 from persres.pipeline import load_pipeline
 
@@ -91,7 +91,7 @@ def test_diffusers_loads_the_saved_embedding_to_the_same_outputs(base: Path, tmp
     perturb(pipe, trainable)
     metadata = {"token": "sks", "class_word": "dog", "base_model": str(base), "step": "7"}
     written = METHOD.save(pipe, trainable, tmp_path, metadata)  # type: ignore[arg-type]
-    assert written == tmp_path / WEIGHTS
+    assert written == tmp_path / RESULT / WEIGHTS
 
     fresh = load_pipeline(str(base))
     fresh.load_textual_inversion(str(written))  # diffusers alone: the token is the file's one key
@@ -110,7 +110,7 @@ def test_load_returns_the_concept_with_the_new_token(conv_base: Path, tmp_path: 
     perturb(pipe, trainable)
     file = METHOD.save(pipe, trainable, tmp_path, {"token": "sks", "class_word": "dog"})  # type: ignore[arg-type]
     fresh = load_pipeline(str(conv_base))
-    concept = METHOD.load(fresh, tmp_path)  # type: ignore[arg-type]
+    concept = METHOD.load(fresh, tmp_path / RESULT)  # type: ignore[arg-type]
     assert (concept.token, concept.class_word, concept.source) == (TOKEN, "dog", str(file))
     assert torch.equal(encode(fresh), encode(pipe))
 
