@@ -25,8 +25,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 50
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """The image files of ``folder``, sorted; hidden files and sub-folders are skipped."""
+def list_images(folder: str | os.PathLike[str], limit: int | None = MAX_IMAGES) -> list[Path]:
+    """The image files of ``folder``, sorted; hidden files and sub-folders are skipped.
+
+    ``limit``: the most a folder may hold; None for persres' own folders of class images for prior
+    preservation (``persres.prior``, 100-200 of them), never for the concept's photos."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(
@@ -41,7 +44,7 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
         )
     if not files:
         raise InputError(f"image folder {folder} is empty; put 1-{MAX_IMAGES} photos of the concept in it")
-    if len(files) > MAX_IMAGES:
+    if limit is not None and len(files) > limit:
         raise InputError(
             f"{folder} holds {len(files)} images; personalization takes 1-{MAX_IMAGES}, pick the best"
         )
@@ -70,8 +73,13 @@ class ConceptImages:
     resolution: int
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike[str], resolution: int) -> ConceptImages:
-        paths = list_images(folder)
+    def from_folder(
+        cls, folder: str | os.PathLike[str], resolution: int, limit: int | None = MAX_IMAGES
+    ) -> ConceptImages:
+        return cls.from_paths(list_images(folder, limit), resolution)
+
+    @classmethod
+    def from_paths(cls, paths: list[Path], resolution: int) -> ConceptImages:
         tensors = [to_tensor(resize_shorter_side(load_rgb(p), resolution)) for p in paths]
         return cls(paths, tensors, resolution)
 

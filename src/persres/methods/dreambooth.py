@@ -1,0 +1,126 @@
+"""DreamBooth (Ruiz et al., CVPR 2023): the whole U-Net fine-tuned on "a photo of a sks dog", with a
+prior-preservation loss (weight 1) on images the base model draws for "a photo of a dog".
+
+As diffusers' ``examples/dreambooth/train_dreambooth.py`` by default, the text encoder stays frozen
+(``--train_text_encoder`` is off). The result is a complete diffusers pipeline folder (safetensors):
+the trained U-Net with the base's other components, scheduler and safety checker as the base ships
+them, so plain ``StableDiffusionPipeline.from_pretrained(folder)`` samples it; ``persres_concept.json``
+beside them names the token and class word.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from persres.concepts import Concept
+from persres.errors import InputError, ModelError
+from persres.files import atomic_dir
+from persres.methods.concept_json import read_concept, write_concept
+from persres.methods.named_tensors import load_named, save_named
+from persres.methods.protocol import Recipe, Trainable
+
+if TYPE_CHECKING:
+    from persres.config import TrainConfig
+
+RESULT = "dreambooth"  # the pipeline folder inside the run folder
+
+RECIPE = Recipe(
+    steps=800,
+    lr=5e-6,
+    batch_size=1,
+    prior_images=200,
+    prior_weight=1.0,
+    source=(
+        "diffusers examples/dreambooth/README.md, 'Training with prior-preservation loss' (Stable "
+        "Diffusion v1-4): --learning_rate=5e-6 --train_batch_size=1 --max_train_steps=800 "
+        "--num_class_images=200 --with_prior_preservation --prior_loss_weight=1.0, constant lr, no warm-up; "
+        "text encoder frozen (train_dreambooth.py without --train_text_encoder); AdamW betas (0.9, 0.999), "
+        "weight decay 1e-2 (train_dreambooth.py defaults). Class images: the base model's DDIM samples of "
+        "'a photo of a {class}' (the script samples with the pipeline's own scheduler)"
+    ),
+)
+
+
+class DreamBooth:
+    name = "dreambooth"
+    recipe = RECIPE
+    options = frozenset({"prior_images", "prior_weight"})
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        return f"a photo of a {config.token} {config.class_word}"
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable:
+        for model in (pipe.vae, pipe.text_encoder):
+            model.requires_grad_(False)
+        pipe.unet.requires_grad_(True)
+        return Trainable(dict(pipe.unet.named_parameters()))
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        return None
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        save_named(trainable.params, path, {**metadata, "method": self.name})
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        load_named(trainable.params, path)
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        target = Path(out) / RESULT
+        shipped = as_shipped(pipe)
+        with atomic_dir(target) as tmp:
+            shipped.save_pretrained(tmp, safe_serialization=True)
+            write_concept(tmp, self.name, metadata.get("token", ""), metadata)
+        return target
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        """Copy the U-Net of a saved pipeline folder into ``pipe`` (its base), strictly."""
+        concept = read_concept(Path(path), self.name)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(Path(path), subfolder="unet", use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{path}/unet is missing or damaged ({exc}); pass the folder train wrote"
+            ) from None
+        try:
+            result = pipe.unet.load_state_dict(unet.state_dict(), strict=False)
+        except RuntimeError as exc:  # torch: a shape that differs
+            raise InputError(f"{path}/unet does not fit this base model's U-Net ({exc})") from None
+        if result.missing_keys or result.unexpected_keys:
+            raise InputError(
+                f"{path}/unet does not fit this base model's U-Net: missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}; use the base it was trained on"
+            )
+        return concept
+
+
+def as_shipped(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The trained components with the base's own scheduler, safety checker and feature extractor, as
+    train_dreambooth.py saves (``DiffusionPipeline.from_pretrained(base, unet=...)``): persres loads
+    the base with DDIM and without the safety checker, which a shared pipeline should not lose."""
+    base = pipe.name_or_path
+    if not base:
+        return pipe
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            base,
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot read the base model {base} to save the DreamBooth pipeline: {exc}"
+        ) from None
+
+
+DREAMBOOTH = DreamBooth()
