@@ -17,6 +17,8 @@ MODULES = {  # --method name -> "module:class" implementing the protocol
     "residuals": "persres.methods.residuals:Residuals",
     "lora": "persres.methods.lora:LoRA",
     "textual-inversion": "persres.methods.textual_inversion:TextualInversion",
+    "dreambooth": "persres.methods.dreambooth:DreamBooth",
+    "custom-diffusion": "persres.methods.custom_diffusion:CustomDiffusion",
 }
 _LOADED: dict[str, Method] = {}
 

@@ -37,18 +37,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from persres.concepts import Concept
+from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import load_named, save_named
-from persres.methods.protocol import Recipe, Trainable
+from persres.methods.protocol import RESULT, Recipe, Trainable
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-RESULT = "custom-diffusion"  # the result folder inside the run folder
 MODIFIER = "<new1>"
 INITIALIZER = "ktn"
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
@@ -77,10 +77,13 @@ RECIPE = Recipe(
 class CustomDiffusion:
     name = "custom-diffusion"
     recipe = RECIPE
-    options = frozenset({"prior_images", "prior_weight"})
+    options = METHOD_OPTIONS["custom-diffusion"]
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"photo of a {MODIFIER} {config.class_word}"  # the README's --instance_prompt
+
+    def identifier(self, config: TrainConfig) -> str:
+        return MODIFIER
 
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator

@@ -17,16 +17,16 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from persres.concepts import Concept
+from persres.config import METHOD_OPTIONS
 from persres.errors import InputError, ModelError
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import load_named, save_named
-from persres.methods.protocol import Recipe, Trainable
+from persres.methods.protocol import RESULT, Recipe, Trainable
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig
 
-RESULT = "dreambooth"  # the pipeline folder inside the run folder
 
 RECIPE = Recipe(
     steps=800,
@@ -48,10 +48,13 @@ RECIPE = Recipe(
 class DreamBooth:
     name = "dreambooth"
     recipe = RECIPE
-    options = frozenset({"prior_images", "prior_weight"})
+    options = METHOD_OPTIONS["dreambooth"]
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {config.token} {config.class_word}"
+
+    def identifier(self, config: TrainConfig) -> str:
+        return config.token
 
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
