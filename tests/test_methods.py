@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from helpers import train_argv
+from PIL import Image
+
+from persres.cli import main
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
 from persres.methods import all_methods, get_method
-from persres.methods.protocol import Recipe
+from persres.methods.protocol import RESULT, Recipe
 
 
 def test_registry_names_match_the_methods() -> None:
@@ -23,3 +32,67 @@ def test_registry_names_match_the_methods() -> None:
 def test_unknown_method_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"unknown method 'lorra'; choose one of .*lora.*residuals"):
         get_method("lorra")
+
+
+def diffusers_image(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
+    """What a user of plain diffusers gets: persres' sampler settings (DDIM without clipping, 2 steps,
+    guidance 7.5), seed 0 drawn on the CPU."""
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, generator=generator).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def load_with_diffusers(method: str, base: Path, result: Path) -> StableDiffusionPipeline:
+    """The diffusers call each method's format is made for, into a fresh pipeline; no persres code."""
+    if method == "dreambooth":
+        return StableDiffusionPipeline.from_pretrained(result, use_safetensors=True, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True, safety_checker=None)
+    if method == "lora":
+        pipe.load_lora_weights(str(result))
+    else:  # textual-inversion
+        pipe.load_textual_inversion(str(result / "learned_embeds.safetensors"))
+    return pipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "token"), [("lora", "sks"), ("textual-inversion", "<sks>"), ("dreambooth", "sks")]
+)
+def test_a_trained_run_samples_as_plain_diffusers_loads_it(
+    method: str, token: str, conv_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))  # dreambooth's class images
+    run = tmp_path / "run"
+    extra = ["--prior-images", "2"] if method == "dreambooth" else []
+    argv = train_argv(conv_base, photos, run, "--method", method, "--lr", "0.01", *extra)
+    assert main(argv) == 0
+    images = tmp_path / "images"
+    sample = ["sample", "--base", str(conv_base), "--residuals", str(run), "--out", str(images)]
+    assert main([*sample, "--prompt", "a photo of a V* dog", "--steps", "2", "--device", "cpu"]) == 0
+    [png] = images.glob("*.png")
+    assert json.loads(png.with_suffix(".json").read_text())["expanded_prompt"] == f"a photo of a {token} dog"
+    ours = np.asarray(Image.open(png), dtype=np.int16)
+    theirs = diffusers_image(
+        load_with_diffusers(method, conv_base, run / RESULT), f"a photo of a {token} dog"
+    )
+    assert np.abs(ours - theirs).max() <= 1  # 1/255 per pixel
+    base_image = diffusers_image(
+        StableDiffusionPipeline.from_pretrained(conv_base, safety_checker=None), f"a photo of a {token} dog"
+    )
+    assert np.abs(ours - base_image).max() > 1  # training changed something
+
+
+def test_lag_and_several_concepts_are_for_residuals_runs(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run, "--method", "lora", "--steps", "1")) == 0
+    capsys.readouterr()
+    sample = ["sample", "--base", str(conv_base), "--residuals", str(run), "--out", str(tmp_path / "o")]
+    assert main([*sample, "--prompt", "a V* dog", "--sampler", "lag"]) == 2
+    assert "--sampler lag applies to residuals only" in capsys.readouterr().err
+    assert main([*sample, "--residuals", str(run), "--prompt", "a V1* dog"]) == 2
+    assert "several concepts in one image need residuals runs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from persres import __version__
 from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
-from persres.config import TrainConfig
+from persres.config import METHOD_OPTIONS, TrainConfig
 from persres.data import ConceptImages
 from persres.errors import TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.macro import real_words
 from persres.methods import get_method
 from persres.pipeline import DTYPES, load_pipeline
+from persres.prior import class_images, class_prompt, read_class_images
 from persres.runfolder import CONFIG_FILE, RunFolder
 from persres.tokens import check_identifier, text_length
 from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
@@ -67,6 +68,8 @@ class Loop:
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of state.optimizer
     state: TrainState
     images: ConceptImages
+    prior: ConceptImages | None  # class images, for the methods with prior preservation
+    prior_text: torch.Tensor | None  # (1, T, D) "a photo of a {class}"
     prompt: str  # the method's training prompt
     text: torch.Tensor  # (1, T, D) its embedding, encoded once unless the method trains the text side
     noise_scheduler: DDPMScheduler
@@ -126,12 +129,13 @@ def train_in(
         check_prompt_length(
             pipe.tokenizer, plan, concept, text_length(pipe.tokenizer, pipe.text_encoder.config)
         )
+    prior = prior_images(config, processes, accelerator.device, progress)
     processes.barrier()  # every process has checked --out before the main one changes it
     if processes.is_main:
         folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
     state = make_state(config, pipe, method, trainable, processes)
     start = restore_or_start(out, resume, state)
-    loop = prepare_loop(out, pipe, state, images, accelerator, start, distributed)
+    loop = prepare_loop(out, pipe, state, images, prior, accelerator, start, distributed)
     try:
         loss = run_steps(loop, start, callback, progress)
         path = finish(loop)
@@ -140,11 +144,28 @@ def train_in(
     return TrainResult(out, path, config.steps, loss, trainable.count())
 
 
+def prior_images(
+    config: TrainConfig, processes: Processes, device: torch.device, progress: bool
+) -> ConceptImages | None:
+    """The class images of prior preservation (``config.prior_images`` of them, drawn by the base model
+    once and cached across runs; the main process draws, the others read), or None."""
+    if config.prior_images == 0 or "prior_images" not in METHOD_OPTIONS[config.method]:
+        return None
+    if processes.is_main:
+        class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
+                     device=device, progress=progress)  # fmt: skip
+    processes.barrier()
+    folder = class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
+                          device=device, progress=False)  # fmt: skip
+    return read_class_images(folder, config.prior_images, config.resolution)
+
+
 def prepare_loop(
     out: Path,
     pipe: StableDiffusionPipeline,
     state: TrainState,
     images: ConceptImages,
+    prior: ConceptImages | None,
     accelerator: Accelerator,
     start: int,
     distributed: bool,
@@ -163,21 +184,15 @@ def prepare_loop(
     optimizer = accelerator.prepare(state.optimizer)
     prompt = state.method.training_prompt(config)
     text = pipe.encode_prompt(prompt, accelerator.device, 1, False)[0].detach()  # (1, T, D)
+    prior_text = None
+    if prior is not None:
+        prior_text = pipe.encode_prompt(class_prompt(config.class_word), accelerator.device, 1, False)[0]
+        prior_text = prior_text.detach()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Loop(
-        config,
-        out,
-        pipe,
-        unet,
-        optimizer,
-        state,
-        images,
-        prompt,
-        text,
-        noise_scheduler,
-        accelerator,
-        loss_log,
-    )
+        config, out, pipe, unet, optimizer, state, images, prior, prior_text, prompt, text, noise_scheduler,
+        accelerator, loss_log,
+    )  # fmt: skip
 
 
 def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: bool) -> float | None:
@@ -215,6 +230,12 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
         if state.trainable.text_trainable:  # a learned token: the embedding changes every step
             text = loop.pipe.encode_prompt(loop.prompt, loop.accelerator.device, 1, False)[0]
         loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator)
+        if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
+            classes = loop.prior.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+            prior = denoising_loss(
+                loop.unet, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator
+            )
+            loss = loss + config.prior_weight * prior
     value = loss.item()
     if not math.isfinite(value):
         raise diverged(loop.out, done, value)
