@@ -25,8 +25,8 @@ from torch import nn
 
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, ModelError
+from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
 from persres.methods.protocol import RESULT, Recipe, Trainable
-from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
 
 if TYPE_CHECKING:
     from persres.concepts import Concept
@@ -89,14 +89,10 @@ class LoRA:
         pass
 
     def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
-        write_tensors({name: p.float() for name, p in trainable.params.items()}, path, metadata)
+        save_named({name: p.float() for name, p in trainable.params.items()}, path, metadata)
 
     def load_state(self, trainable: Trainable, path: Path) -> None:
-        expected = {name: p.shape for name, p in trainable.params.items()}
-        tensors = read_tensors(path, expected)
-        with torch.no_grad():
-            for name, param in trainable.params.items():
-                param.copy_(tensors[name])
+        load_named(trainable.params, path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
@@ -104,7 +100,7 @@ class LoRA:
         header = {**metadata, "method": self.name, "format": "pt"}  # "format": as diffusers writes it
 
         def write(weights: dict[str, torch.Tensor], filename: str) -> None:
-            write_tensors({k: v.float() for k, v in weights.items()}, Path(filename), header)
+            save_named({k: v.float() for k, v in weights.items()}, Path(filename), header)
 
         folder = out / RESULT
         folder.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ import torch
 
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, quote
+from persres.methods.named_tensors import concept_in, read_metadata, read_named, save_named
 from persres.methods.protocol import RESULT, Recipe, Trainable
-from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -107,11 +107,11 @@ class TextualInversion:
 
     def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
         token, weight, state = the_token(trainable)
-        write_tensors({token: weight[state.row : state.row + 1].float()}, path, metadata)
+        save_named({token: weight[state.row : state.row + 1].float()}, path, metadata)
 
     def load_state(self, trainable: Trainable, path: Path) -> None:
         token, weight, state = the_token(trainable)
-        tensors = read_tensors(path, {token: torch.Size((1, weight.shape[1]))})
+        tensors = read_named(path, {token: torch.Size((1, weight.shape[1]))})
         with torch.no_grad():
             weight[state.row] = tensors[token][0].to(weight)
 
@@ -122,7 +122,7 @@ class TextualInversion:
         header = {**metadata, "token": token, "method": self.name, "format": "pt"}
         folder = out / RESULT
         folder.mkdir(parents=True, exist_ok=True)
-        return write_tensors({token: weight[state.row : state.row + 1].float()}, folder / WEIGHTS, header)
+        return save_named({token: weight[state.row : state.row + 1].float()}, folder / WEIGHTS, header)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         file = path / WEIGHTS if path.is_dir() else path
