@@ -529,3 +529,15 @@ def test_a_validation_prompt_cut_off_at_its_identifier_fails_before_training(
     assert main([*argv, "--validation-prompt", "a " * 80 + "V* dog"]) == 2
     assert "falls past the text encoder's limit of 77 tokens" in capsys.readouterr().err
     assert not (run / "checkpoints").exists() and not (run / "residuals.safetensors").exists()
+
+
+def test_a_damaged_config_of_a_run_without_checkpoint_is_named(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run)) == 0
+    shutil.rmtree(run / "checkpoints")
+    (run / "config.json").write_text('{"steps": "many"')  # cut short by hand
+    assert main(train_argv(conv_base, photos, run, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'} is damaged" in err and "--overwrite" in err

@@ -34,15 +34,7 @@ def read_run(path: str | os.PathLike[str]) -> Run | None:
     config_file = folder / CONFIG_FILE
     if not (folder.is_dir() and config_file.is_file()):
         return None
-    try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-        saved.pop("persres_version", None)
-        config = TrainConfig.from_dict(saved)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
-        raise InputError(f"{config_file} is damaged ({exc}); it records how the run was trained") from None
-    run = Run(folder, config)
+    run = Run(folder, read_config(config_file, "it records how the run was trained"))
     if not run.result.exists():
         raise InputError(
             f"{folder} is a {run.method} run without its result {run.result.name}; finish it with --resume"
@@ -55,3 +47,15 @@ def peer_runs(sources: Sequence[object]) -> list[Run]:
     than residuals."""
     runs = [read_run(s) for s in sources if isinstance(s, (str, os.PathLike))]
     return [run for run in runs if run is not None and run.method != "residuals"]
+
+
+def read_config(config_file: Path, why: str) -> TrainConfig:
+    """A run's ``config.json``, strictly: a damaged or hand-edited one is named, with ``why`` it matters."""
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        saved.pop("persres_version", None)
+        return TrainConfig.from_dict(saved)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
+        raise InputError(f"{config_file} is damaged ({exc}); {why}") from None

@@ -4,7 +4,6 @@ step it starts from: 0, or the latest checkpoint's when resuming.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from diffusers import StableDiffusionPipeline
 
 from persres.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
 from persres.config import TrainConfig
-from persres.errors import ConfigError, InputError
+from persres.errors import ConfigError
 from persres.methods.protocol import Method, Trainable
 from persres.pipeline import resolve_device
 from persres.runfolder import CONFIG_FILE
+from persres.runs import read_config
 from persres.trainlog import LOGS
 
 log = logging.getLogger(__name__)
@@ -88,17 +88,10 @@ def check_same_settings(config_file: Path, config: TrainConfig) -> None:
     """Resuming a run that left no checkpoint restarts it: only with the settings it was started with."""
     if not config_file.is_file():
         return
-    try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-        saved.pop("persres_version", None)
-        previous = TrainConfig.from_dict(saved)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
-        raise InputError(
-            f"{config_file} is damaged ({exc}); it records the settings of a run that left no checkpoint: "
-            "delete it to start that run afresh, or pass --overwrite"
-        ) from None
+    why = (
+        "it records the settings of a run that left no checkpoint: delete it to start afresh, or --overwrite"
+    )
+    previous = read_config(config_file, why)
     changed = config.resumable_with(previous)
     if changed:
         raise ConfigError(
