@@ -31,7 +31,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from persres.config import SampleSettings
+from persres.checkpoint import Processes
+from persres.config import METHOD_OPTIONS, SampleSettings, TrainConfig
 from persres.data import ConceptImages, list_images
 from persres.errors import ConfigError, ModelError
 from persres.files import atomic_path, write_json
@@ -153,3 +154,19 @@ def resolve_folder(base: str) -> Path:
             f"cannot find base model {base!r} ({type(exc).__name__}): download it once with network, "
             "or pass a local diffusers folder"
         ) from None
+
+
+def prior_images(
+    config: TrainConfig, processes: Processes, device: torch.device, progress: bool
+) -> ConceptImages | None:
+    """The class images of prior preservation (``config.prior_images`` of them, drawn by the base model
+    once and cached across runs; the main process draws, the others read), or None."""
+    if config.prior_images == 0 or "prior_images" not in METHOD_OPTIONS[config.method]:
+        return None
+    if processes.is_main:
+        class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
+                     device=device, progress=progress)  # fmt: skip
+    processes.barrier()
+    folder = class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
+                          device=device, progress=False)  # fmt: skip
+    return read_class_images(folder, config.prior_images, config.resolution)

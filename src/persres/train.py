@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from persres import __version__
 from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
-from persres.config import METHOD_OPTIONS, TrainConfig
+from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.macro import real_words
 from persres.methods import get_method
 from persres.pipeline import DTYPES, load_pipeline
-from persres.prior import class_images, class_prompt, read_class_images
+from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, RunFolder
 from persres.tokens import check_identifier, text_length
 from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
@@ -142,22 +142,6 @@ def train_in(
     finally:
         close(loop)
     return TrainResult(out, path, config.steps, loss, trainable.count())
-
-
-def prior_images(
-    config: TrainConfig, processes: Processes, device: torch.device, progress: bool
-) -> ConceptImages | None:
-    """The class images of prior preservation (``config.prior_images`` of them, drawn by the base model
-    once and cached across runs; the main process draws, the others read), or None."""
-    if config.prior_images == 0 or "prior_images" not in METHOD_OPTIONS[config.method]:
-        return None
-    if processes.is_main:
-        class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
-                     device=device, progress=progress)  # fmt: skip
-    processes.barrier()
-    folder = class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,
-                          device=device, progress=False)  # fmt: skip
-    return read_class_images(folder, config.prior_images, config.resolution)
 
 
 def prepare_loop(
