@@ -27,6 +27,7 @@ METHOD_OPTIONS: dict[str, frozenset[str]] = {
     "dreambooth": frozenset({"prior_images", "prior_weight"}),
     "custom-diffusion": frozenset({"prior_images", "prior_weight"}),
     "textual-inversion": frozenset(),
+    "perfusion": frozenset(),
 }
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CustomConcept101's CLIP ViT-B/32
 DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO ViT-S/16

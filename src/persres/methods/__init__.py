@@ -19,6 +19,7 @@ MODULES = {  # --method name -> "module:class" implementing the protocol
     "textual-inversion": "persres.methods.textual_inversion:TextualInversion",
     "dreambooth": "persres.methods.dreambooth:DreamBooth",
     "custom-diffusion": "persres.methods.custom_diffusion:CustomDiffusion",
+    "perfusion": "persres.methods.perfusion:Perfusion",
 }
 _LOADED: dict[str, Method] = {}
 

@@ -1,0 +1,287 @@
+"""Perfusion (Tewel, Gal, Chechik, Atzmon, "Key-Locked Rank One Editing for Text-to-Image
+Personalization", SIGGRAPH 2023): a new token, and a gated rank-one edit of every cross-attention's
+key and value projections whose key is locked to the class word's (``persres.methods.rank_one``).
+
+What trains (sec. 3): the new token's embedding (the concept input ``i*`` is the text encoder's
+output at that token, so it moves as the embedding trains) and one value target ``o*_v`` per
+cross-attention layer (started at ``W_v i_super``). The keys are locked: ``o*_k = W_k i_super``.
+
+Choices where the paper is silent, stated:
+- ``i*`` during training is the encoder's output at the token in the training prompt, read each
+  time the loop encodes that prompt (a forward hook on the text encoder), so gradients reach the
+  embedding through the prompt and through the edit; ``i_super`` is the output at the same position
+  in the prompt with the class word in the token's place. ``save`` re-encodes with the final embedding.
+- ``C``: the uncentered covariance of the encoder's outputs (every real token, BOS and EOS included)
+  over ``len(TEMPLATES) x (len(NOUNS) + 1)`` captions (templates x common nouns and the class word),
+  computed at ``prepare`` (a few seconds for SD's encoder on a GPU; not cached), ridged (rank_one.RIDGE).
+  The paper estimates it on a large caption set (LAION); only C^-1 i* is saved.
+- The embedding's smaller learning rate (sec. 5: a fifth of the rest) is a reparametrisation,
+  row = start + EMBED_SCALE * delta: Adam moves ``delta`` by about lr per step, the row by a fifth.
+- The gate: beta, tau below. The row of the embedding matrix is written after each step; every
+  other row is never in the optimizer, so it stays exactly as the base has it.
+
+The result is ``result/perfusion.safetensors``: the token's row, i*, C^-1 i*, i_super, every layer's
+o*_v, with persres' metadata (token, class word, base, method, step, beta, tau) in its header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from persres.config import METHOD_OPTIONS
+from persres.errors import ConfigError, InputError, quote
+from persres.methods.named_tensors import load_named, save_named
+from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.rank_one import (
+    ConceptInput,
+    RankOneEdit,
+    cross_attentions,
+    install_edits,
+    inverse_covariance,
+)
+from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
+from persres.methods.textual_inversion import initial_row, placeholder
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from persres.concepts import Concept
+    from persres.config import TrainConfig
+
+WEIGHTS = "perfusion.safetensors"
+TOKEN_PARAM = "text_encoder.token_embedding.delta"
+EMBED_SCALE = 0.2  # embedding lr / K-V lr (sec. 5, as lucidrains/perfusion-pytorch reads it: 0.006 vs 0.03)
+TRAIN_GATE = (0.75, 0.1)  # (beta, tau) while training; lucidrains/perfusion-pytorch's train_beta/temperature
+SAMPLE_GATE = (0.7, 0.15)  # at inference; beta within the paper's 0.6-0.75 for local key locking (sec. 5)
+
+RECIPE = Recipe(
+    steps=400,
+    lr=3e-2,
+    batch_size=16,
+    source=(
+        "Tewel et al. 2023, implementation details (SD v1.5): 400 steps, batch 16, lr 0.03 for the K/V "
+        "targets and 0.006 for the token embedding (here lr x EMBED_SCALE 0.2), about 4 minutes on one "
+        "A100. These numbers were read through lucidrains/perfusion-pytorch and secondary summaries; "
+        "the paper's own table was not available offline to check them. Gate: train beta 0.75 tau 0.1, "
+        "inference beta 0.7 tau 0.15 (lucidrains' defaults, reviewed by the first author per its README)"
+    ),
+)
+
+TEMPLATES = (
+    "a photo of a {}", "a close-up photo of a {}", "a painting of a {}", "a {} in the garden",
+    "a {} on the beach", "a {} next to a tree", "a rendering of a {}", "a {} in the snow",
+    "a black and white photo of a {}", "a {} on a wooden table",
+)  # fmt: skip
+NOUNS = (
+    "dog", "cat", "car", "house", "tree", "person", "woman", "man", "child", "bird", "flower", "chair",
+    "table", "cup", "book", "bicycle", "horse", "boat", "city", "mountain", "river", "street", "shoe",
+    "bag", "bottle", "clock", "lamp", "guitar", "teapot", "toy", "robot", "bear", "sculpture", "vase",
+    "backpack", "hat", "glasses", "cake", "pizza", "building",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PerfusionTrainable(Trainable):
+    """The token's ``delta`` and every layer's o*_v; ``concept`` is what the edits read by reference."""
+
+    concept: ConceptInput | None = field(default=None, compare=False, repr=False)
+    row: int = -1
+    start: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    prompt: str = ""
+
+
+class Perfusion:
+    name = "perfusion"
+    recipe = RECIPE
+    options = METHOD_OPTIONS["perfusion"]
+
+    def training_prompt(self, config: TrainConfig) -> str:
+        return f"a photo of a {placeholder(config.token)} {config.class_word}"
+
+    def identifier(self, config: TrainConfig) -> str:
+        return placeholder(config.token)
+
+    def prepare(
+        self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
+    ) -> Trainable:
+        token, prompt = placeholder(config.token), self.training_prompt(config)
+        start = initial_row(pipe, config.class_word)
+        row = add_token(pipe, token)
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.requires_grad_(False)
+        pipe.text_encoder.to(torch.float32)  # the embedding trains in fp32, as Textual Inversion's
+        delta = nn.Parameter(torch.zeros_like(start, dtype=torch.float32, device=pipe.text_encoder.device))
+        start = start.to(delta)
+        put_row(pipe, row, start, delta)
+        position = token_position(pipe, prompt, row)
+        i_super = encode(pipe, prompt.replace(token, config.class_word, 1))[0, position]
+        c_inv = inverse_covariance(corpus_encodings(pipe, config.class_word))
+        concept = ConceptInput(encode(pipe, prompt)[0, position], i_super, c_inv=c_inv, gate=TRAIN_GATE)
+        edits = install_edits(pipe.unet, concept)
+        record_concept_input(pipe, prompt, concept, position)
+        params = {TOKEN_PARAM: delta}
+        params.update({f"{name}.target": e.target for name, e in edits.items() if e.target is not None})
+        return PerfusionTrainable(
+            params, text_trainable=True, concept=concept, row=row, start=start, prompt=prompt
+        )
+
+    def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
+        """Write the token's row into the (frozen) embedding matrix; no other row is ever touched."""
+        state = the_state(trainable)
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[state.row] = token_row(state).to(weight.dtype)
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        save_named(trainable.params, path, {**metadata, "method": self.name})
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        load_named(trainable.params, path)
+
+    def save(
+        self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
+    ) -> Path:
+        state = the_state(trainable)
+        self.after_step(pipe, trainable)
+        concept = state.concept
+        assert concept is not None
+        position = token_position(pipe, state.prompt, state.row)
+        concept.i_star = encode(pipe, state.prompt)[0, position]  # i* of the final embedding
+        tensors = {
+            "token_embedding": token_row(state),
+            "i_star": concept.i_star,
+            "direction": concept.u(),
+            "i_super": concept.i_super,
+            **{name: p for name, p in trainable.params.items() if name != TOKEN_PARAM},
+        }
+        token = pipe.tokenizer.convert_ids_to_tokens(state.row)
+        beta, tau = SAMPLE_GATE
+        header = {**metadata, "token": token, "method": self.name, "beta": str(beta), "tau": str(tau)}
+        folder = Path(out) / RESULT
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_tensors({k: v.detach().float() for k, v in tensors.items()}, folder / WEIGHTS, header)
+
+    def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        """Into a fresh base: the token's row, and the edits with the file's i*, C^-1 i* and o*_v."""
+        file = Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
+        metadata = read_metadata(file)
+        if metadata.get("method") != self.name:
+            raise InputError(f"{file} is not a Perfusion result (method {metadata.get('method')!r})")
+        concept = concept_in(file, metadata)
+        gate = read_gate(file, metadata)
+        tensors = read_tensors(file, expected_shapes(pipe))
+        device = pipe.unet.device
+        vec = {k: v.to(device, torch.float32) for k, v in tensors.items()}
+        row = add_token(pipe, concept.token)
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[row] = vec["token_embedding"].to(weight)
+        inputs = ConceptInput(vec["i_star"], vec["i_super"], direction=vec["direction"], gate=gate)
+        for name, edit in install_edits(pipe.unet, inputs).items():
+            if edit.target is not None:
+                with torch.no_grad():
+                    edit.target.copy_(vec[f"{name}.target"])
+                edit.target.requires_grad_(False)
+        return concept
+
+
+def add_token(pipe: StableDiffusionPipeline, token: str) -> int:
+    """Add ``token`` to the tokenizer and a row for it to the encoder; its id."""
+    if pipe.tokenizer.add_tokens([token]) != 1:
+        raise ConfigError(
+            f"the tokenizer already has the token {quote(token)}; use a fresh base or another --token"
+        )
+    row = int(pipe.tokenizer.convert_tokens_to_ids(token))
+    if row >= pipe.text_encoder.get_input_embeddings().weight.shape[0]:
+        pipe.text_encoder.resize_token_embeddings(row + 1, mean_resizing=False)
+    pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+    return row
+
+
+def put_row(pipe: StableDiffusionPipeline, row: int, start: torch.Tensor, delta: nn.Parameter) -> None:
+    """A hook puts ``start + EMBED_SCALE * delta`` at the token (with gradients to ``delta``)."""
+    embedding = pipe.text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        embedding.weight[row] = start.to(embedding.weight)
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        where = (args[0] == row).unsqueeze(-1)
+        return torch.where(where, (start + EMBED_SCALE * delta).to(output.dtype), output)
+
+    embedding.register_forward_hook(hook)
+
+
+def record_concept_input(
+    pipe: StableDiffusionPipeline, prompt: str, concept: ConceptInput, position: int
+) -> None:
+    """Whenever the training prompt is encoded, its output at the token becomes i* (with gradients)."""
+    ids = torch.tensor(pipe.tokenizer(prompt).input_ids)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        given = args[0] if args else kwargs.get("input_ids")
+        if given is None or given.shape[1] < len(ids):
+            return
+        match = (given[:, : len(ids)].cpu() == ids).all(dim=1).nonzero()
+        if len(match):
+            concept.i_star = output[0][int(match[0, 0]), position].float()
+
+    pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+
+
+def token_position(pipe: StableDiffusionPipeline, prompt: str, row: int) -> int:
+    ids = pipe.tokenizer(prompt).input_ids
+    if row not in ids:
+        raise ConfigError(f"the training prompt {quote(prompt)} does not contain its token")
+    return int(ids.index(row))
+
+
+def encode(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
+    """(1, T, d) text encodings, as the U-Net sees them, without gradients."""
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)[0].float()
+
+
+def corpus_encodings(pipe: StableDiffusionPipeline, class_word: str) -> torch.Tensor:
+    """(N, d): the encoder's output at every real token of TEMPLATES x (NOUNS + class word)."""
+    prompts = [t.format(noun) for t in TEMPLATES for noun in (*NOUNS, class_word)]
+    batch = pipe.tokenizer(prompts, padding="longest", return_tensors="pt").to(pipe.text_encoder.device)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]  # (P, T, d)
+    return hidden[batch.attention_mask.bool()].float()
+
+
+def token_row(state: PerfusionTrainable) -> torch.Tensor:
+    assert state.start is not None
+    return (state.start + EMBED_SCALE * state.params[TOKEN_PARAM]).detach()
+
+
+def expected_shapes(pipe: StableDiffusionPipeline) -> dict[str, torch.Size]:
+    width = torch.Size((pipe.text_encoder.config.hidden_size,))
+    shapes = {k: width for k in ("token_embedding", "i_star", "direction", "i_super")}
+    for name, attn in cross_attentions(pipe.unet).items():
+        shapes[f"{name}.to_v.target"] = torch.Size((attn.to_v.out_features,))
+    return shapes
+
+
+def read_gate(file: Path, metadata: dict[str, str]) -> tuple[float, float]:
+    try:
+        beta, tau = float(metadata["beta"]), float(metadata["tau"])
+    except (KeyError, ValueError):
+        raise InputError(f"{file} records no valid gate (beta, tau) in its metadata; retrain it") from None
+    if not tau > 0:
+        raise InputError(f"{file}: gate temperature tau must be > 0, got {tau}")
+    return beta, tau
+
+
+def the_state(trainable: Trainable) -> PerfusionTrainable:
+    if not isinstance(trainable, PerfusionTrainable) or trainable.concept is None:
+        raise ConfigError("Perfusion needs the Trainable its prepare() returned")
+    return trainable
+
+
+__all__ = ["Perfusion", "RankOneEdit"]
