@@ -193,10 +193,10 @@ def test_damaged_state_is_refused_naming_file_and_tensor(conv_base: Path, tmp_pa
     file = tmp_path / "state.safetensors"
     tensors = {k: v.detach().clone() for k, v in trainable.params.items()}
     save_file({**tensors, TOKEN_PARAM: torch.zeros(7)}, str(file))
-    with pytest.raises(InputError, match=rf"{file} .*tensor {TOKEN_PARAM} is torch.float32 \(7,\)"):
+    with pytest.raises(InputError, match=rf"{file}: tensor {TOKEN_PARAM} is torch.float32 of shape \(7,\)"):
         METHOD.load_state(trainable, file)
     save_file({k: v for k, v in tensors.items() if k != TOKEN_PARAM}, str(file))
-    with pytest.raises(InputError, match=rf"{file} .*tensors missing: \['{TOKEN_PARAM}'\]"):
+    with pytest.raises(InputError, match=rf"{file} .*missing tensors \['{TOKEN_PARAM}'\]"):
         METHOD.load_state(trainable, file)
 
 
@@ -208,7 +208,7 @@ def test_a_damaged_result_is_refused_naming_the_tensor(conv_base: Path, tmp_path
     with safe_open(str(written), framework="pt") as handle:
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     save_file({**tensors, "i_star": torch.zeros(3)}, str(written), metadata=meta)
-    with pytest.raises(InputError, match=r"tensor 'i_star' has shape \(3,\)"):
+    with pytest.raises(InputError, match=r"tensor i_star is .* of shape \(3,\)"):
         METHOD.load(load_pipeline(str(conv_base)), tmp_path / RESULT)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError, quote
-from persres.methods.named_tensors import load_named, save_named
+from persres.methods.named_tensors import concept_in, load_named, read_metadata, read_named, save_named
 from persres.methods.protocol import RESULT, Recipe, Trainable
 from persres.methods.rank_one import (
     ConceptInput,
@@ -44,7 +44,6 @@ from persres.methods.rank_one import (
     install_edits,
     inverse_covariance,
 )
-from persres.methods.state import concept_in, read_metadata, read_tensors, write_tensors
 from persres.methods.textual_inversion import initial_row, placeholder
 
 if TYPE_CHECKING:
@@ -164,7 +163,7 @@ class Perfusion:
         header = {**metadata, "token": token, "method": self.name, "beta": str(beta), "tau": str(tau)}
         folder = Path(out) / RESULT
         folder.mkdir(parents=True, exist_ok=True)
-        return write_tensors({k: v.detach().float() for k, v in tensors.items()}, folder / WEIGHTS, header)
+        return save_named({k: v.detach().float() for k, v in tensors.items()}, folder / WEIGHTS, header)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         """Into a fresh base: the token's row, and the edits with the file's i*, C^-1 i* and o*_v."""
@@ -174,7 +173,7 @@ class Perfusion:
             raise InputError(f"{file} is not a Perfusion result (method {metadata.get('method')!r})")
         concept = concept_in(file, metadata)
         gate = read_gate(file, metadata)
-        tensors = read_tensors(file, expected_shapes(pipe))
+        tensors = read_named(file, expected_shapes(pipe))
         device = pipe.unet.device
         vec = {k: v.to(device, torch.float32) for k, v in tensors.items()}
         row = add_token(pipe, concept.token)
