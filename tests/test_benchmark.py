@@ -19,7 +19,9 @@ from persres.benchmark import (
     BenchmarkConfig,
     Variant,
     check_same_settings,
+    plan_variants,
     run_benchmark,
+    settings_of,
     variant_train_config,
 )
 from persres.categories import auto_sampler, prompt_category
@@ -28,6 +30,7 @@ from persres.cli import main
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.files import write_json
+from persres.methods import get_method
 from persres.report import write_report
 from persres.results import merge_results
 from persres.sampling import SampleSettings
@@ -491,3 +494,146 @@ def test_benchmark_settings_are_fixed_per_output_folder(tmp_path: Path) -> None:
         check_same_settings(tmp_path, replace(config, images_per_prompt=2))
     with pytest.raises(ConfigError, match="--max-prompts must be >= 1"):
         BenchmarkConfig(dataset="d", base="b", out="o", max_prompts=0)
+
+
+COST_COLUMNS = ("trainable_parameters", "file_size_bytes", "train_seconds", "peak_memory_bytes")
+
+
+@pytest.mark.slow
+def test_methods_are_compared_on_the_same_prompts_and_seeds(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "bench"
+    methods = ("residuals", "lora", "textual-inversion")
+    argv = [*bench_argv(dataset, conv_base, out, scorer_models), "--max-prompts", "1"]
+    argv += [flag for m in methods for flag in ("--method", m)]
+    assert main(argv) == 0
+    rows = read_rows(out)
+    expected = {(c, "personalized-residuals", s) for c in CONCEPTS for s in ("normal", "lag", "auto")}
+    expected |= {(c, m, "normal") for c in CONCEPTS for m in methods[1:]}
+    assert {(r["concept"], r["method"], r["sampler"]) for r in rows} == expected and len(rows) == 10
+    for row in rows:
+        assert all(int(float(row[k])) > 0 for k in COST_COLUMNS if k != "train_seconds"), row
+        assert float(row["train_seconds"]) > 0 and row["peak_memory_source"] == "process-peak-rss"
+        assert row["rank"] == ("0.05" if row["method"] == "personalized-residuals" else "")
+    parameters = {r["method"]: int(r["trainable_parameters"]) for r in rows if r["concept"] == "pet_dog"}
+    assert len(set(parameters.values())) == 3  # each method trains its own parameters
+    for concept in CONCEPTS:  # the same prompt and seeds for every method
+        seeds = {
+            f: normal_seeds(out / "runs" / concept / f) for f in ("rank-0.05", "lora", "textual-inversion")
+        }
+        assert seeds["rank-0.05"] == seeds["lora"] and len(seeds["lora"]) == 1
+        assert [s for _, s in seeds["textual-inversion"]] == [s for _, s in seeds["lora"]]
+    result = json.loads((out / "runs" / "pet_dog" / "lora" / "result.json").read_text())
+    recipe = {
+        "method": "lora",
+        "steps": 2,
+        "batch_size": 1,
+        "lr": 1e-4,
+        "prior_images": 0,
+        "prior_weight": 0.0,
+    }
+    assert result["recipe"] == recipe  # --steps and --batch-size given apply to every method; lr is LoRA's
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"rank=0.05 sampler=lag", "method=lora sampler=normal"} <= set(summary["overall"])
+    assert summary["costs"]["method=lora"]["trainable_parameters"] == parameters["lora"]
+    page = write_report(out).read_text()
+    assert "textual-inversion: normal sampling only" in page and "peak resident set size" in page
+
+    import persres.benchmark as bench
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("a finished variant was trained again"))
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")} == mtimes
+    assert read_rows(out) == rows
+
+
+def normal_seeds(folder: Path) -> list[tuple[str, int]]:
+    images = json.loads((folder / "result.json").read_text())["images"]
+    return sorted((i["prompt"], i["seed"]) for i in images if i["sampler"] == "normal")
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--method", "lora", "--sampler", "lag"], "--sampler lag applies to residuals only"),
+        (["--method", "lora", "--sampler", "normal", "--sampler", "auto"], "--sampler auto applies to"),
+        (["--method", "residuals", "--method", "lora", "--sampler", "lag"], "add --sampler normal"),
+        (["--method", "textual-inversion", "--rank", "4"], "--rank applies to --method residuals only"),
+        (["--method", "unknown"], "argument --method: invalid choice: 'unknown'"),
+    ],
+)
+def test_options_other_methods_cannot_take_are_refused(
+    dataset: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    scorer_models: tuple[str, str],
+    extra: list[str],
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "bench"
+    assert main([*bench_argv(dataset, conv_base, out, scorer_models), *extra]) == 2
+    assert problem in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_each_method_trains_with_its_own_recipe_unless_given(dataset: Path, tmp_path: Path) -> None:
+    entry = load_dataset(dataset)[0]
+    template = TrainConfig(base="b", images="-", class_word="-", steps=7, batch_size=2)
+    methods = ("residuals", "lora", "dreambooth")
+    config = BenchmarkConfig(
+        dataset=str(dataset), base="b", out=str(tmp_path), train=template, methods=methods
+    )
+    variants = plan_variants(tmp_path, config, [entry])
+    assert [(v.method, v.rank, v.folder.relative_to(tmp_path).as_posix()) for v in variants] == [
+        ("residuals", 0.05, "runs/pet_dog/rank-0.05"),
+        ("lora", None, "runs/pet_dog/lora"),
+        ("dreambooth", None, "runs/pet_dog/dreambooth"),
+    ]
+    made = {v.method: variant_train_config(config, v, "dog", "r") for v in variants}
+    recipe = {m: (c.method, c.steps, c.batch_size, c.lr) for m, c in made.items()}
+    assert recipe["residuals"] == ("residuals", 7, 2, 1e-3)  # the template is residuals' recipe
+    assert recipe["lora"] == ("lora", 500, 1, 1e-4)
+    assert made["dreambooth"].prior_images == get_method("dreambooth").recipe.prior_images > 0
+    shared = replace(config, shared_recipe=("steps",))
+    lora = variant_train_config(shared, variants[1], "dog", "r")
+    assert (lora.steps, lora.batch_size) == (7, 1)  # the given steps; LoRA's own batch size
+
+
+def test_settings_written_before_methods_still_resume(tmp_path: Path) -> None:
+    config = BenchmarkConfig(dataset="d", base="b", out=str(tmp_path))
+    saved = settings_of(config)
+    assert "methods" not in saved  # a residuals-only benchmark.json is as it was before methods came
+    write_json(tmp_path / "benchmark.json", saved)
+    check_same_settings(tmp_path, config)
+    with pytest.raises(ConfigError, match="other settings \\(methods, shared_recipe\\)"):
+        check_same_settings(tmp_path, replace(config, methods=("residuals", "lora")))
+
+
+def test_results_without_cost_columns_and_peer_rows_without_rank_are_read(tmp_path: Path) -> None:
+    out = finished(tmp_path)  # rows written before the cost columns came
+    folder = out / "runs" / "pet_dog" / "lora"
+    folder.mkdir()
+    result = json.loads((out / "runs" / "pet_dog" / "rank-0.05" / "result.json").read_text())
+    images = [dict(i, sampler="normal") for i in result["images"][:1]]
+    row = {**result["rows"][0], "method": "lora", "trainable_parameters": 10, "file_size_bytes": 99}
+    del row["rank"]
+    write_json(folder / "result.json", dict(result, rows=[row], images=images))
+    merge_results(out)
+    rows = read_rows(out)
+    assert [(r["method"], r["rank"], r["trainable_parameters"]) for r in rows] == [
+        ("lora", "", "10"),
+        ("", "0.05", ""),
+        ("", "0.05", ""),
+    ]
+    assert json.loads((out / "summary.json").read_text())["costs"] == {}  # no train_seconds: not a cost row
+    del result["rows"][0]["rank"]  # a residuals row still needs its rank
+    write_json(folder / "result.json", result, overwrite=True)
+    with pytest.raises(InputError, match="row 0 lacks the number 'rank'"):
+        merge_results(out)

@@ -1,14 +1,16 @@
-"""The benchmark runner: for every concept of a CustomConcept101-format dataset and every rank,
-train, sample every prompt with normal and LAG sampling from the same noise, and score the images.
+"""The benchmark runner: for every concept of a CustomConcept101-format dataset and every method (and
+rank, for residuals), train, sample every prompt from the same seeds (residuals: normal and LAG
+sampling from the same noise; the other methods: normal sampling only), and score the images.
 
-Layout of ``out``: ``runs/{concept}/rank-{r}/`` holds the training run, the samples and
+Layout of ``out``: ``runs/{concept}/rank-{r}/`` (residuals) or ``runs/{concept}/{method}/`` (the
+other methods; see ``persres.benchmark_plan``) holds the training run, the samples and
 ``result.json``, which is written last and atomically: a variant with a ``result.json`` is done and
 is skipped by a rerun, one without is redone (training resumes from its checkpoint). A damaged
 ``result.json`` (not JSON, or lacking a field) of a variant the rerun covers is logged and the variant
 redone; one of a variant it does not cover is refused, naming it, before anything is trained.
-``results.csv`` (one row per concept x method x sampler) and ``summary.json`` are rebuilt from all
-``result.json`` files, so rows are never duplicated or lost. Every prompt is checked against the base
-model's tokenizer (identifier, class word, length) before the first concept is trained.
+``results.csv`` (one row per variant x sampler, with what training cost) and ``summary.json`` are
+rebuilt from all ``result.json`` files, so rows are never duplicated or lost. Every prompt is checked
+against the base model's tokenizer (identifier, class word, length) before the first concept is trained.
 
 Under ``accelerate launch -m persres benchmark ...`` the concepts are split round-robin across the
 processes (one per GPU, or across nodes); each trains alone on its device; the main process merges.
@@ -17,74 +19,47 @@ processes (one per GPU, or across nodes); each trains alone on its device; the m
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 
+from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
+    CLASS_SOURCES,
+    RESIDUALS,
+    SAMPLER_CHOICES,
+    BenchmarkConfig,
+    Variant,
+    plan_variants,
+    recipe_of,
+    settings_of,
+    variant_folder,
+    variant_train_config,
+)
 from persres.categories import prompt_category
 from persres.cc101 import ConceptEntry, check_prompts, load_dataset
-from persres.concepts import load_concepts
-from persres.config import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_TOKEN, ResidualConfig, TrainConfig
+from persres.concepts import Concept, load_concepts
+from persres.config import DEFAULT_TOKEN, TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import write_json
 from persres.macro import load_nouns, suggest_classes
+from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
-from persres.results import means, merge_results, pick, read_result, read_settings
+from persres.results import RESIDUALS_ROW, means, merge_results, pick, read_result, read_settings
 from persres.runfolder import find_run
-from persres.sampling import SampleSettings, sample
+from persres.sampling import sample
 from persres.tokens import text_length
-from persres.train import train
+from persres.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
-SAMPLER_CHOICES = ("normal", "lag", "auto")
 SETTINGS_FILE = "benchmark.json"
-CLASS_SOURCES = ("dataset", "nearest", "balanced")
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    dataset: str
-    base: str
-    out: str
-    ranks: tuple[float | int, ...] = (0.05,)
-    samplers: tuple[str, ...] = ("normal", "lag")
-    images_per_prompt: int = 5
-    max_prompts: int | None = None
-    concepts: tuple[str, ...] = ()  # only these image-folder names; all when empty
-    train: TrainConfig | None = None  # template: steps, batch, lr, resolution, seed, ...
-    sample: SampleSettings = SampleSettings()
-    clip: str = DEFAULT_CLIP
-    dino: str = DEFAULT_DINO
-    class_sources: tuple[str, ...] = ("dataset",)  # dataset, nearest, balanced: supplement Table 4
-    nouns: str | None = None  # noun list for nearest/balanced; WordNet when None
-
-    def __post_init__(self) -> None:
-        for name in ("ranks", "samplers", "class_sources", "concepts"):  # a repeated flag counts once
-            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
-        unknown = sorted(set(self.samplers) - set(SAMPLER_CHOICES))
-        if unknown or not self.samplers:
-            raise ConfigError(f"--sampler {unknown or 'none'}: choose from {', '.join(SAMPLER_CHOICES)}")
-        if not self.ranks:
-            raise ConfigError("give at least one --rank")
-        for rank in self.ranks:
-            ResidualConfig(rank=rank)
-        unknown = sorted(set(self.class_sources) - set(CLASS_SOURCES))
-        if unknown or not self.class_sources:
-            raise ConfigError(f"--class-source {unknown or 'none'}: choose from {', '.join(CLASS_SOURCES)}")
-        if self.images_per_prompt < 1:
-            raise ConfigError("--images-per-prompt must be >= 1")
 
 
 def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
@@ -98,24 +73,18 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
     state.wait_for_everyone()
     mine = entries[state.process_index :: state.num_processes]
     scorers: Scorers | None = None
-    for entry, rank, source in itertools.product(mine, config.ranks, config.class_sources):
-        folder = variant_folder(out, entry, rank, source)
-        if is_done(folder):
-            log.info("skipping %s: already done", folder)
+    for variant in plan_variants(out, config, mine):
+        if is_done(variant.folder):
+            log.info("skipping %s: already done", variant.folder)
             continue
         scorers = scorers or Scorers.load(config.clip, config.dino, str(state.device))
-        variant = Variant(entry, rank, source, folder)
         run_variant(config, variant, scorers, str(state.device), progress, state.process_index)
-        log.info("%s done by process %d", folder, state.process_index)
+        log.info("%s done by process %d", variant.folder, state.process_index)
     state.wait_for_everyone()
     if state.is_main_process:
         merge_results(out)
     state.wait_for_everyone()
     return out
-
-
-def variant_folder(out: Path, entry: ConceptEntry, rank: float | int, source: str) -> Path:
-    return out / "runs" / entry.name / (f"rank-{rank}" + ("" if source == "dataset" else f"-class-{source}"))
 
 
 def is_done(folder: Path) -> bool:
@@ -132,11 +101,9 @@ def is_done(folder: Path) -> bool:
 
 def check_other_results(out: Path, config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
     """The merge reads every ``result.json`` under ``out``: a damaged one of a variant this run does not
-    redo (another --concept, --rank or --class-source) is refused now, before hours of training."""
-    ours = {
-        variant_folder(out, e, r, s)
-        for e, r, s in itertools.product(entries, config.ranks, config.class_sources)
-    }
+    redo (another --concept, --method, --rank or --class-source) is refused now, before hours of
+    training."""
+    ours = {variant.folder for variant in plan_variants(out, config, entries)}
     for path in sorted(out.glob("runs/*/*/result.json")):
         if path.parent not in ours:
             read_result(path)
@@ -162,24 +129,9 @@ def check_entry_prompts(config: BenchmarkConfig, cases: list[tuple[ConceptEntry,
         check_prompts(entry, class_word, token, tokenizer, limit, count)
 
 
-def settings_of(config: BenchmarkConfig) -> dict[str, Any]:
-    """What every variant's result depends on besides its concept, rank and class source."""
-    keep = (
-        "base",
-        "samplers",
-        "images_per_prompt",
-        "max_prompts",
-        "train",
-        "sample",
-        "clip",
-        "dino",
-        "nouns",
-    )
-    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k in keep}, default=str))
-
-
 def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True) -> None:
-    """A rerun into an existing --out resumes it, so it must ask for the same benchmark."""
+    """A rerun into an existing --out resumes it, so it must ask for the same benchmark (the same
+    methods too: add methods in another --out)."""
     path = out / SETTINGS_FILE
     wanted = settings_of(config)
     if path.is_file():
@@ -203,16 +155,6 @@ def select(entries: list[ConceptEntry], names: tuple[str, ...]) -> list[ConceptE
     return [e for e in entries if e.name in names]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One concept at one rank with one source of its class word."""
-
-    entry: ConceptEntry
-    rank: float | int
-    class_source: str
-    folder: Path
-
-
 def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progress: bool) -> tuple[str, str]:
     """The class word to train and sample with, and why."""
     if variant.class_source == "dataset":
@@ -229,23 +171,6 @@ def class_word_for(variant: Variant, scorers: Scorers, nouns: str | None, progre
     return found[0].noun, f"{variant.class_source} {listed}, cosine {found[0].score:.4f}"
 
 
-def variant_train_config(
-    config: BenchmarkConfig, variant: Variant, class_word: str, reason: str
-) -> TrainConfig:
-    """The training run of one variant: the template's settings (``TrainConfig``'s defaults without
-    one) with the variant's images, class word and rank."""
-    images = str(variant.entry.images)
-    template = config.train or TrainConfig(base=config.base, images=images, class_word=class_word)
-    return replace(
-        template,
-        base=config.base,
-        images=images,
-        class_word=class_word,
-        class_reason=reason,
-        residual=ResidualConfig(rank=variant.rank, init=template.residual.init),
-    )
-
-
 def run_variant(
     config: BenchmarkConfig,
     variant: Variant,
@@ -258,51 +183,35 @@ def run_variant(
 
     Text alignment is always scored against the dataset's prompt (its own class word), so class
     sources are compared on the same texts, as in the supplement's Table 4."""
-    entry, rank, folder = variant.entry, variant.rank, variant.folder
+    entry, folder = variant.entry, variant.folder
     class_word, reason = class_word_for(variant, scorers, config.nouns, progress)
     if variant.class_source != "dataset":  # the dataset's class word was checked before any training
         check_entry_prompts(config, [(entry, class_word)])
     train_config = variant_train_config(config, variant, class_word, reason)
-    started = time.perf_counter()
-    result = train(
-        train_config,
-        folder / "train",
-        resume=find_run(folder / "train") is not None,  # a run killed before its marker restarts
-        device=device,
-        progress=progress,
-        distributed=False,
-    )
-    train_seconds = time.perf_counter() - started
+    result, costs = train_variant(train_config, folder / "train", device, progress)
     count = config.max_prompts or len(entry.templates)
     prompts = list(entry.prompts_with(class_word)[:count])
     canonical = dict(zip(prompts, entry.prompts[:count], strict=True))
-    samples_dir = folder / "samples"
-    shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
+    samplers = config.samplers if variant.method == RESIDUALS else ("normal",)  # LAG: residuals only
     started = time.perf_counter()
-    pipe = load_pipeline(config.base, device=device)
-    concepts = load_concepts(pipe.unet, [result.residuals])
-    settings = replace(config.sample, num_images=config.images_per_prompt)
-    needs_both = set(config.samplers) != {"normal"} and set(config.samplers) != {"lag"}
-    kind = "both" if needs_both else config.samplers[0]
-    images = sample(pipe, prompts, concepts, settings, kind, progress=progress)  # type: ignore[arg-type]
-    write_samples(samples_dir, images, settings, {"base": config.base, "token": concepts[0].token})
+    sample_variant(config, variant, result.residuals, prompts, samplers, device, progress)
     sample_seconds = time.perf_counter() - started
-    scores = score_samples(samples_dir, entry, scorers, canonical)
+    scores = score_samples(folder / "samples", entry, scorers, canonical)
     rows = [
         {
             "concept": entry.name,
             "category": entry.category,
             "class_word": class_word,
             "class_source": variant.class_source,
-            "method": "personalized-residuals",
-            "rank": rank,
+            "method": RESIDUALS_ROW if variant.method == RESIDUALS else variant.method,
+            **({} if variant.rank is None else {"rank": variant.rank}),
             "sampler": sampler,
             **means(pick(scores, sampler)),
-            "train_seconds": round(train_seconds, 2),
+            **costs,
             "sample_seconds": round(sample_seconds, 2),
             "num_images": len(pick(scores, sampler)),
         }
-        for sampler in config.samplers
+        for sampler in samplers
     ]
     write_json(
         folder / "result.json",
@@ -310,9 +219,65 @@ def run_variant(
             "rows": rows,
             "images": scores,
             "train_config": train_config.to_dict(),
+            "recipe": recipe_of(train_config),
             "process_index": process_index,
         },
     )
+
+
+def train_variant(
+    train_config: TrainConfig, out: Path, device: str, progress: bool
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train (or resume) one variant's run; what it cost: trainable parameters, the result's bytes on
+    disk, seconds and peak memory (see ``persres.measure`` for what the peak covers)."""
+    target = resolve_device(device)
+    reset_peak_memory(target)
+    started = time.perf_counter()
+    result = train(
+        train_config,
+        out,
+        resume=find_run(out) is not None,  # a run killed before its marker restarts
+        device=device,
+        progress=progress,
+        distributed=False,
+    )
+    seconds = time.perf_counter() - started
+    peak, source = peak_memory(target)
+    return result, {
+        "trainable_parameters": result.parameters,
+        "file_size_bytes": size_on_disk(result.residuals),
+        "train_seconds": round(seconds, 2),
+        "peak_memory_bytes": peak,
+        "peak_memory_source": source,
+    }
+
+
+def sample_variant(
+    config: BenchmarkConfig,
+    variant: Variant,
+    trained: Path,
+    prompts: list[str],
+    samplers: tuple[str, ...],
+    device: str,
+    progress: bool,
+) -> None:
+    """Sample every prompt into ``samples/`` from a fresh base with the variant's result loaded, from
+    the same seeds for every method (normal and LAG images of one seed share their noise)."""
+    samples_dir = variant.folder / "samples"
+    shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
+    pipe = load_pipeline(config.base, device=device)
+    concepts: list[Concept]
+    if variant.method == RESIDUALS:
+        concepts = load_concepts(pipe.unet, [trained])
+    else:
+        from persres.methods import get_method
+
+        concepts = [get_method(variant.method).load(pipe, trained)]
+    settings = replace(config.sample, num_images=config.images_per_prompt)
+    needs_both = set(samplers) != {"normal"} and set(samplers) != {"lag"}
+    kind = "both" if needs_both else samplers[0]
+    images = sample(pipe, prompts, concepts, settings, kind, progress=progress)  # type: ignore[arg-type]
+    write_samples(samples_dir, images, settings, {"base": config.base, "token": concepts[0].token})
 
 
 def score_samples(

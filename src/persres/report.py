@@ -22,7 +22,7 @@ from persres.categories import CATEGORIES  # noqa: E402
 from persres.errors import InputError, OutputExistsError  # noqa: E402
 from persres.files import check_writable, write_text  # noqa: E402
 from persres.images import load_rgb  # noqa: E402
-from persres.results import read_result, read_results_csv  # noqa: E402
+from persres.results import RESIDUALS_ROW, read_result, read_results_csv  # noqa: E402
 
 THUMB = 96
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}
@@ -44,6 +44,7 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
         f"<h1>persres benchmark: {html.escape(str(root))}</h1>",
         "<h2>Results (means per concept)</h2>",
         table(rows),
+        peers_note(rows),
         *(section for name, images in by_variant(results).items() for section in figures(name, images)),
         "<h2>Images per concept: references | normal | LAG</h2>",
         *(grid(folder, result) for folder, result in results.items()),
@@ -55,11 +56,33 @@ def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     return write_text(target, page, overwrite=False)
 
 
+def peers_note(rows: list[dict[str, str]]) -> str:
+    """Why the other methods have normal rows only, and what the cost columns mean."""
+    peers = sorted({r.get("method", "") for r in rows} - {RESIDUALS_ROW, ""})
+    lines = []
+    if peers:
+        lines.append(
+            f"{', '.join(peers)}: normal sampling only. LAG (localized attention-guided sampling) applies "
+            "personalized residuals inside the concept's cross-attention mask; the other methods change "
+            "the whole model or the text side and have no per-layer residual to gate, so they have no "
+            "lag or auto rows. Every method samples the same prompts from the same seeds."
+        )
+    if any(r.get("peak_memory_source") == "process-peak-rss" for r in rows):
+        lines.append(
+            "peak_memory_bytes on the CPU is the process's peak resident set size: the kernel keeps one "
+            "per process, so it also covers what the process did before that variant."
+        )
+    return "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+
+
 def by_variant(results: dict[Path, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per-image scores grouped by rank and class source, so figures never pool variants."""
+    """Per-image scores of residuals grouped by rank and class source, so figures never pool variants
+    (the figures compare normal with LAG sampling, which only residuals have)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for result in results.values():
         row = result["rows"][0]
+        if row.get("method", RESIDUALS_ROW) != RESIDUALS_ROW:
+            continue
         name = f"rank {row['rank']}, class word from {row.get('class_source', 'dataset')}"
         groups.setdefault(name, []).extend(result["images"])
     return dict(sorted(groups.items()))
@@ -164,7 +187,7 @@ def grid(folder: Path, result: dict[str, Any], per_row: int = 8) -> str:
     for sampler in ("normal", "lag"):
         files = [folder / "samples" / i["image"] for i in result["images"] if i["sampler"] == sampler]
         rows.append((sampler, files[:per_row]))
-    title = f"{folder.parent.name} ({folder.name}, class '{config['class_word']}')"
+    title = f"{folder.parent.name} ({folder.name}, class '{config['class_word']}')"  # folder: method, rank
     lines = "".join(
         f"<div class='row'><span>{name}</span>{''.join(thumbnail(p) for p in files)}</div>"
         for name, files in rows

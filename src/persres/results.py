@@ -34,7 +34,13 @@ CSV_FIELDS = (
     "train_seconds",
     "sample_seconds",
     "num_images",
+    "trainable_parameters",  # the columns from here on are missing in rows written before them
+    "file_size_bytes",
+    "peak_memory_bytes",
+    "peak_memory_source",  # cuda-max-allocated, or process-peak-rss on the CPU (persres.measure)
 )
+COSTS = ("trainable_parameters", "file_size_bytes", "peak_memory_bytes")
+RESIDUALS_ROW = "personalized-residuals"  # residuals' rows' method; the others' rows name the method
 REDO = "delete it and rerun persres benchmark with the same --out and settings to redo that variant"
 
 
@@ -88,9 +94,13 @@ def result_problem(result: Any) -> str | None:
         unknown = sorted(set(row) - set(CSV_FIELDS))
         if unknown:
             return f"row {number} has unknown fields {quote(', '.join(map(str, unknown)))}"
-        problem = fields_problem(row, ("concept", "category", "sampler"), ("rank", *METRICS))
-        if not problem and not isinstance(row.get("class_source", ""), str):
-            problem = "has a 'class_source' that is not text"
+        residuals = row.get("method", RESIDUALS_ROW) == RESIDUALS_ROW  # the other methods have no rank
+        numbers = ("rank", *METRICS) if residuals else METRICS
+        problem = fields_problem(row, ("concept", "category", "sampler"), numbers)
+        present = tuple(k for k in (*COSTS, "train_seconds") if k in row)
+        problem = problem or fields_problem(row, (), present)
+        if not problem and not all(isinstance(row.get(k, ""), str) for k in ("class_source", "method")):
+            problem = "has a 'class_source' or 'method' that is not text"
         if problem:
             return f"row {number} {problem}"
     if not isinstance(images, list) or not all(isinstance(image, dict) for image in images):
@@ -164,7 +174,7 @@ def merge_results(out: Path) -> tuple[Path, Path]:
     results = [read_result(p) for p in sorted(out.glob("runs/*/*/result.json"))]
     rows = sorted(
         (row for r in results for row in r["rows"]),
-        key=lambda r: (r["concept"], str(r["rank"]), r.get("class_source", "dataset"), r["sampler"]),
+        key=lambda r: (r["concept"], variant_label(r), r["sampler"]),
     )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -175,23 +185,30 @@ def merge_results(out: Path) -> tuple[Path, Path]:
     return csv_path, summary_path
 
 
+def variant_label(row: dict[str, Any]) -> str:
+    """A row's variant but its concept: "rank=0.05" for residuals (as before the other methods came),
+    "method=lora" for the others; " class=nearest" added for a class source other than the dataset."""
+    method = row.get("method", RESIDUALS_ROW)
+    label = f"rank={row['rank']}" if method == RESIDUALS_ROW else f"method={method}"
+    source = row.get("class_source", "dataset")
+    return label + ("" if source == "dataset" else f" class={source}")
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means overall, per concept category and per prompt category, for each rank x sampler."""
-    rows = [
-        dict(row, rank=str(row["rank"]), class_source=row.get("class_source", "dataset"))
-        for r in results
-        for row in r["rows"]
-    ]
-    variants = sorted({(r["rank"], r["class_source"], r["sampler"]) for r in rows})
+    """Means overall, per concept category and per prompt category, for each variant x sampler, and
+    per variant what training cost (means over concepts; the largest peak memory)."""
+    rows = [dict(row, label=variant_label(row)) for r in results for row in r["rows"]]
+    variants = sorted({(r["label"], r["sampler"]) for r in rows})
     summary: dict[str, Any] = {
         "concepts": sorted({r["concept"] for r in rows}),
         "overall": {},
         "per_category": {},
         "per_prompt_category": {},
+        "costs": costs(rows),
     }
-    for rank, source, sampler in variants:
-        key = f"rank={rank}" + ("" if source == "dataset" else f" class={source}") + f" sampler={sampler}"
-        mine = [r for r in rows if (r["rank"], r["class_source"], r["sampler"]) == (rank, source, sampler)]
+    for label, sampler in variants:
+        key = f"{label} sampler={sampler}"
+        mine = [r for r in rows if (r["label"], r["sampler"]) == (label, sampler)]
         summary["overall"][key] = means(mine)
         for category in sorted({r["category"] for r in mine}):
             summary["per_category"].setdefault(category, {})[key] = means(
@@ -200,7 +217,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = [
             image
             for r in results
-            if (str(r["rows"][0]["rank"]), r["rows"][0].get("class_source", "dataset")) == (rank, source)
+            if variant_label(r["rows"][0]) == label
             for image in pick(r["images"], sampler)
         ]
         for category in CATEGORIES:
@@ -208,3 +225,24 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             if subset:
                 summary["per_prompt_category"].setdefault(category, {})[key] = means(subset)
     return summary
+
+
+def costs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: mean trainable parameters, result bytes and training seconds over its concepts,
+    and the largest peak memory, from the rows that record them all (rows before them lack the columns)."""
+    found: dict[str, dict[str, Any]] = {}
+    for label in sorted({r["label"] for r in rows}):
+        mine = {
+            r["concept"]: r
+            for r in rows
+            if r["label"] == label and all(k in r for k in (*COSTS, "train_seconds"))
+        }
+        if not mine:
+            continue
+        found[label] = {
+            **{k: round(statistics.fmean(r[k] for r in mine.values()), 2) for k in COSTS[:2]},
+            "train_seconds": round(statistics.fmean(r["train_seconds"] for r in mine.values()), 2),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in mine.values()),
+            "peak_memory_source": sorted({r.get("peak_memory_source", "") for r in mine.values()}),
+        }
+    return found

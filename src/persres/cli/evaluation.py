@@ -8,8 +8,9 @@ import os
 
 from persres.cli.generation import add_sampling, settings_of
 from persres.cli.options import POSITIVE, add_device, add_scorers
-from persres.cli.training import add_recipe
-from persres.errors import OutputExistsError
+from persres.cli.training import DEFAULTS, add_recipe
+from persres.config import METHOD_OPTIONS
+from persres.errors import ConfigError, OutputExistsError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -48,19 +49,29 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder or hub id")
     p.add_argument("--out", required=True, help="output folder (rerun with the same --out to resume)")
-    p.add_argument("--rank", action="append", help="rank variant(s): 0.05 (default), 16, ...; repeatable")
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=list(METHOD_OPTIONS),
+        help="method(s) to compare on the same prompts and seeds; repeatable (default residuals). Each "
+        "trains with its authors' recipe unless --steps, --batch-size or --lr is given",
+    )
+    p.add_argument(
+        "--rank", action="append", help="residuals' rank variant(s): 0.05 (default), 16, ...; repeatable"
+    )
     p.add_argument(
         "--sampler",
         action="append",
         choices=["normal", "lag", "auto"],
-        help="sampler rows; repeatable (default: normal, lag and auto)",
+        help="residuals' sampler rows; repeatable (default: normal, lag and auto; the other methods: "
+        "normal only)",
     )
     p.add_argument("--images-per-prompt", type=POSITIVE, default=5, help="images per prompt (default 5)")
     p.add_argument(
         "--max-prompts", type=POSITIVE, default=None, help="use only the first N prompts of each concept"
     )
     p.add_argument("--concept", action="append", default=[], help="only this image folder name; repeatable")
-    add_recipe(p)
+    add_recipe(p, by_method=True, every_method=True)
     add_sampling(p, steps_flag="--sample-steps")
     add_scorers(p)
     p.add_argument(
@@ -95,14 +106,23 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from persres.config import ResidualConfig, TrainConfig
     from persres.files import check_writable
 
+    methods = tuple(args.method or ["residuals"])
+    if args.rank is not None and "residuals" not in methods:
+        raise ConfigError(
+            f"--rank applies to --method residuals only (given: {', '.join(methods)}); drop --rank or add "
+            "--method residuals"
+        )
     check_writable(args.out, "--out")
+    given = {
+        name: getattr(args, name) for name in ("steps", "batch_size", "lr") if getattr(args, name) is not None
+    }
     template = TrainConfig(
         base=args.base,
         images="-",
         class_word="-",
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        steps=given.get("steps", DEFAULTS["steps"]),  # residuals' recipe unless given
+        batch_size=given.get("batch_size", DEFAULTS["batch_size"]),
+        lr=given.get("lr", DEFAULTS["lr"]),
         resolution=args.resolution,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
@@ -113,7 +133,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         base=args.base,
         out=args.out,
         ranks=tuple(ResidualConfig.parse_rank(r) for r in (args.rank or ["0.05"])),
-        samplers=tuple(args.sampler or ["normal", "lag", "auto"]),
+        samplers=tuple(args.sampler or (["normal", "lag", "auto"] if "residuals" in methods else ["normal"])),
         images_per_prompt=args.images_per_prompt,
         max_prompts=args.max_prompts,
         concepts=tuple(args.concept),
@@ -123,6 +143,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         dino=args.dino,
         class_sources=tuple(args.class_source or ["dataset"]),
         nouns=args.nouns,
+        methods=methods,
+        shared_recipe=tuple(given),
     )
     out = run_benchmark(config, args.device)
     print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")

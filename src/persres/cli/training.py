@@ -86,13 +86,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def add_recipe(p: argparse.ArgumentParser, by_method: bool = False) -> None:
+def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method: bool = False) -> None:
     """The training recipe's options, shared with ``persres benchmark``. ``by_method``: steps, batch
-    size and learning rate default to the chosen method's recipe (its authors' numbers)."""
+    size and learning rate default to the chosen method's recipe (its authors' numbers);
+    ``every_method``: given, they apply to every --method (the benchmark)."""
 
     def default(name: str) -> dict[str, object]:
         if by_method:
-            return {"default": None, "help_default": f"the method's recipe; residuals: {DEFAULTS[name]}"}
+            every = "; given, it applies to every --method" if every_method else ""
+            return {
+                "default": None,
+                "help_default": f"each method's recipe; residuals: {DEFAULTS[name]}{every}",
+            }
         return {"default": DEFAULTS[name], "help_default": str(DEFAULTS[name])}
 
     for flag, kind, what in (
