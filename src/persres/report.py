@@ -25,7 +25,8 @@ from persres.images import load_rgb  # noqa: E402
 from persres.results import RESIDUALS_ROW, read_result, read_results_csv  # noqa: E402
 
 THUMB = 96
-STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%}
+table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td.l{text-align:left}
 .row{display:flex;gap:4px;align-items:center;margin:2px 0}.row span{width:90px;font-size:12px}"""
 
