@@ -42,6 +42,7 @@ from persres.errors import ConfigError, InputError
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import load_named, save_named
+from persres.methods.new_token import add_token, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class CustomDiffusion:
         for name, processor in add_processors(pipe.unet).items():
             for key, param in processor.named_parameters():
                 params[f"{name}.{key}"] = param  # the keys of save_attn_procs' file
-        params[TOKEN_PARAM] = add_token(pipe)
+        params[TOKEN_PARAM] = add_modifier(pipe)
         return Trainable(params, text_trainable=True)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
@@ -214,23 +215,19 @@ def add_processors(unet: nn.Module) -> dict[str, CustomDiffusionAttnProcessor2_0
     return trained
 
 
-def add_token(pipe: StableDiffusionPipeline) -> nn.Parameter:
+def add_modifier(pipe: StableDiffusionPipeline) -> nn.Parameter:
     """Add ``<new1>`` to the tokenizer, grow the embedding matrix by its row and return that row as a
     parameter, started from the initializer token's embedding; a hook puts it in the prompt."""
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    if tokenizer.add_tokens(MODIFIER) == 0:
-        raise ConfigError(f"the tokenizer already has {MODIFIER}; Custom Diffusion trains from a fresh base")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set below
-    embedding = text_encoder.get_input_embeddings()
-    embedding.weight.requires_grad_(False)
-    ids = tokenizer(INITIALIZER, add_special_tokens=False).input_ids
+    ids = pipe.tokenizer(INITIALIZER, add_special_tokens=False).input_ids
     if len(ids) != 1:  # the script refuses; a toy vocabulary has no "ktn": start from its pieces' mean
         log.warning(
             "initializer %r is %d tokens in this tokenizer; starting from their mean", INITIALIZER, len(ids)
         )
-    new_id = tokenizer.convert_tokens_to_ids(MODIFIER)
+    start = word_embedding(pipe, INITIALIZER)
+    new_id = add_token(pipe, MODIFIER)
+    embedding = pipe.text_encoder.get_input_embeddings()
     with torch.no_grad():
-        embedding.weight[new_id] = embedding.weight[ids].mean(0)
+        embedding.weight[new_id] = start
     row = nn.Parameter(embedding.weight[new_id].detach().clone())
 
     def put_row(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

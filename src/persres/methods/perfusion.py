@@ -36,6 +36,7 @@ from torch import nn
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError, quote
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, read_named, save_named
+from persres.methods.new_token import add_token, placeholder, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 from persres.methods.rank_one import (
     ConceptInput,
@@ -44,7 +45,6 @@ from persres.methods.rank_one import (
     install_edits,
     inverse_covariance,
 )
-from persres.methods.textual_inversion import initial_row, placeholder
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -109,7 +109,7 @@ class Perfusion:
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
         token, prompt = placeholder(config.token), self.training_prompt(config)
-        start = initial_row(pipe, config.class_word)
+        start = word_embedding(pipe, config.class_word)
         row = add_token(pipe, token)
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             model.requires_grad_(False)
@@ -187,19 +187,6 @@ class Perfusion:
                     edit.target.copy_(vec[f"{name}.target"])
                 edit.target.requires_grad_(False)
         return concept
-
-
-def add_token(pipe: StableDiffusionPipeline, token: str) -> int:
-    """Add ``token`` to the tokenizer and a row for it to the encoder; its id."""
-    if pipe.tokenizer.add_tokens([token]) != 1:
-        raise ConfigError(
-            f"the tokenizer already has the token {quote(token)}; use a fresh base or another --token"
-        )
-    row = int(pipe.tokenizer.convert_tokens_to_ids(token))
-    if row >= pipe.text_encoder.get_input_embeddings().weight.shape[0]:
-        pipe.text_encoder.resize_token_embeddings(row + 1, mean_resizing=False)
-    pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
-    return row
 
 
 def put_row(pipe: StableDiffusionPipeline, row: int, start: torch.Tensor, delta: nn.Parameter) -> None:

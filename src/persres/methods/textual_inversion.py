@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from persres.config import METHOD_OPTIONS
-from persres.errors import ConfigError, quote
+from persres.errors import ConfigError
 from persres.methods.named_tensors import concept_in, read_metadata, read_named, save_named
+from persres.methods.new_token import add_token, placeholder, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
 if TYPE_CHECKING:
@@ -77,15 +78,10 @@ class TextualInversion:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+        encoder = pipe.text_encoder
         token = placeholder(config.token)
-        start = initial_row(pipe, config.class_word)
-        if tokenizer.add_tokens([token]) != 1:
-            raise ConfigError(f"the tokenizer already has the token {quote(token)}; choose another --token")
-        row = tokenizer.convert_tokens_to_ids(token)
-        rows = encoder.get_input_embeddings().weight.shape[0]
-        if row >= rows:  # never shrink: an encoder may have more rows than its tokenizer has tokens
-            encoder.resize_token_embeddings(row + 1, mean_resizing=False)
+        start = word_embedding(pipe, config.class_word)
+        row = add_token(pipe, token)
         for model in (pipe.unet, pipe.vae, encoder):
             model.requires_grad_(False)
         encoder.to(torch.float32)  # the script trains the text encoder in fp32 whatever the U-Net's dtype
@@ -134,20 +130,6 @@ class TextualInversion:
         except ValueError as exc:  # e.g. the token is already in this tokenizer
             raise ConfigError(f"cannot load {file}: {exc}") from None
         return concept
-
-
-def placeholder(token: str) -> str:
-    """``sks`` -> ``<sks>``; ``<sks>`` stays."""
-    return token if token.startswith("<") and token.endswith(">") else f"<{token}>"
-
-
-def initial_row(pipe: StableDiffusionPipeline, class_word: str) -> torch.Tensor:
-    """The class word's input embedding (the mean of its sub-tokens' rows when it has several)."""
-    ids = pipe.tokenizer(class_word, add_special_tokens=False).input_ids
-    if not ids:
-        raise ConfigError(f"class word {quote(class_word)} has no tokens to start the new embedding from")
-    weight = pipe.text_encoder.get_input_embeddings().weight.detach()
-    return weight[ids[0]].clone() if len(ids) == 1 else weight[ids].mean(dim=0)
 
 
 def the_token(trainable: Trainable) -> tuple[str, torch.nn.Parameter, TokenTrainable]:

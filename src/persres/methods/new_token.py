@@ -1,0 +1,38 @@
+"""A learned token for the methods that train one (Textual Inversion, Custom Diffusion, Perfusion): add
+it to the tokenizer, give it a row of the text encoder's input embeddings, and start that row from a
+word's embedding. One place, so the three cannot drift apart."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from persres.errors import ConfigError, quote
+
+
+def placeholder(token: str) -> str:
+    """The learned token as prompts write it: ``sks`` -> ``<sks>``; ``<sks>`` stays."""
+    return token if token.startswith("<") and token.endswith(">") else f"<{token}>"
+
+
+def add_token(pipe: StableDiffusionPipeline, token: str) -> int:
+    """Add ``token`` to the tokenizer and a row for it to the text encoder (never shrinking an encoder
+    that has more rows than its tokenizer has tokens); the row's id. The matrix stays frozen."""
+    if pipe.tokenizer.add_tokens([token]) != 1:
+        raise ConfigError(
+            f"the tokenizer already has the token {quote(token)}; load a fresh base or choose another --token"
+        )
+    row = int(pipe.tokenizer.convert_tokens_to_ids(token))
+    if row >= pipe.text_encoder.get_input_embeddings().weight.shape[0]:
+        pipe.text_encoder.resize_token_embeddings(row + 1, mean_resizing=False)
+    pipe.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+    return row
+
+
+def word_embedding(pipe: StableDiffusionPipeline, word: str) -> torch.Tensor:
+    """A word's input embedding, detached: its row, or the mean of its sub-tokens' rows."""
+    ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ConfigError(f"{quote(word)} has no tokens to start the new embedding from")
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach()
+    return weight[ids[0]].clone() if len(ids) == 1 else weight[ids].mean(dim=0)
