@@ -16,12 +16,9 @@ PIL's bicubic filter, which torchvision also uses for PIL inputs: the reference 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from persres.config import DEFAULT_CLIP, DEFAULT_DINO
 from persres.errors import ConfigError, InputError, ModelError
 from persres.images import load_rgb
 from persres.pipeline import resolve_device
+from persres.quiet import warnings_hidden
 from persres.results import METRICS
 from persres.tokens import text_length
 
@@ -76,7 +74,9 @@ def preprocess(images: list[Image.Image], resize: int, crop: int, mean: tuple, s
 def complete(cls: Any, name: str, flag: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` that refuses a checkpoint of another architecture (transformers would
     fill the missing weights at random and only log a warning)."""
-    with library_warnings_hidden("transformers"):  # its load report lists the other tower's weights
+    # transformers' load report lists every weight of the other CLIP tower as unexpected, which is how
+    # such a checkpoint is meant to be read; weights that are *missing* are checked just below
+    with warnings_hidden("transformers"):
         model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise ModelError(
@@ -84,20 +84,6 @@ def complete(cls: Any, name: str, flag: str, **kwargs: Any) -> Any:
             f"{len(info['missing_keys'])} weights missing (e.g. {sorted(info['missing_keys'])[0]})"
         )
     return model
-
-
-@contextlib.contextmanager
-def library_warnings_hidden(library: str) -> Iterator[None]:
-    """Hide a library's warnings for the duration. Loading one tower of a CLIP checkpoint makes
-    transformers log a "LOAD REPORT" listing every weight of the other tower as unexpected, which is
-    how such a checkpoint is meant to be read; weights that are *missing* are checked by ``complete``."""
-    logger = logging.getLogger(library)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 @dataclass

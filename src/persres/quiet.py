@@ -9,7 +9,9 @@ Standard library only: installing the filter must not import transformers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
 EMITTER = "transformers.utils.import_utils"  # the logger that emits it (transformers 5.x)
@@ -25,3 +27,16 @@ def install() -> None:
     emitter = logging.getLogger(EMITTER)
     if not any(isinstance(f, DropTorchvisionFallback) for f in emitter.filters):
         emitter.addFilter(DropTorchvisionFallback())
+
+
+@contextlib.contextmanager
+def warnings_hidden(logger: str) -> Iterator[None]:
+    """Hide a third-party logger's warnings for the duration, where persres has checked what they say
+    (e.g. transformers' "LOAD REPORT" of a CLIP checkpoint's other tower) or they are known noise."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)

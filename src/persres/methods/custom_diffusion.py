@@ -23,9 +23,7 @@ The result folder holds ``pytorch_custom_diffusion_weights.safetensors`` (``unet
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +42,7 @@ from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import load_named, save_named
 from persres.methods.new_token import add_token, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.quiet import warnings_hidden
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig
@@ -117,7 +116,8 @@ class CustomDiffusion:
         target = Path(out) / RESULT
         row = trainable.params[TOKEN_PARAM].detach().to("cpu", torch.float32).contiguous()
         with atomic_dir(target) as tmp:
-            with quiet("diffusers.loaders.unet"):  # it warns that attn1's entries, empty, are left out
+            # diffusers warns that attn1's entries, empty, are left out
+            with warnings_hidden("diffusers.loaders.unet"):
                 pipe.unet.save_attn_procs(tmp, weight_name=WEIGHTS, safe_serialization=True)
             save_file({MODIFIER: row}, str(tmp / EMBEDDING), metadata={"format": "pt"})
             write_concept(tmp, self.name, MODIFIER, metadata)
@@ -146,7 +146,7 @@ class CustomDiffusion:
                 f"this pipeline already has the token {MODIFIER}; load {folder} into a fresh base"
             )
         try:
-            with quiet(
+            with warnings_hidden(
                 "diffusers.models.modeling_utils"
             ):  # a false alarm about fp32 modules (there are none)
                 pipe.unet.load_attn_procs(state, _pipeline=pipe)
@@ -174,18 +174,6 @@ def check_fits(unet: nn.Module, weights: dict[str, torch.Tensor], expected: set[
                 f"{file}: tensor {key} is {value.dtype} {tuple(value.shape)}, the model's layer is "
                 f"{tuple(own.shape)}; use the base it was trained on"
             )
-
-
-@contextlib.contextmanager
-def quiet(logger: str) -> Iterator[None]:
-    """Hide a third-party logger's warnings for a moment (persres commands print no library noise)."""
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
 
 
 def add_processors(unet: nn.Module) -> dict[str, CustomDiffusionAttnProcessor2_0]:
