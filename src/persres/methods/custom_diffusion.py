@@ -39,7 +39,7 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
-from persres.methods.named_tensors import load_named, save_named
+from persres.methods.named_tensors import NamedTensorState
 from persres.methods.new_token import add_token, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 from persres.quiet import warnings_hidden
@@ -74,7 +74,7 @@ RECIPE = Recipe(
 )
 
 
-class CustomDiffusion:
+class CustomDiffusion(NamedTensorState):
     name = "custom-diffusion"
     recipe = RECIPE
     options = METHOD_OPTIONS["custom-diffusion"]
@@ -102,12 +102,6 @@ class CustomDiffusion:
         weight = pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[token_id(pipe)] = trainable.params[TOKEN_PARAM].to(weight.dtype)
-
-    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
-        save_named(trainable.params, path, {**metadata, "method": self.name})
-
-    def load_state(self, trainable: Trainable, path: Path) -> None:
-        load_named(trainable.params, path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]

@@ -21,7 +21,7 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import InputError, ModelError
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
-from persres.methods.named_tensors import load_named, save_named
+from persres.methods.named_tensors import NamedTensorState
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ RECIPE = Recipe(
 )
 
 
-class DreamBooth:
+class DreamBooth(NamedTensorState):
     name = "dreambooth"
     recipe = RECIPE
     options = METHOD_OPTIONS["dreambooth"]
@@ -66,12 +66,6 @@ class DreamBooth:
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         return None
-
-    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
-        save_named(trainable.params, path, {**metadata, "method": self.name})
-
-    def load_state(self, trainable: Trainable, path: Path) -> None:
-        load_named(trainable.params, path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]

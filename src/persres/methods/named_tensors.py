@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from persres.concepts import Concept
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_path
+from persres.methods.protocol import Trainable
 
 
 def save_named(
@@ -64,6 +65,19 @@ def load_named(params: Mapping[str, torch.Tensor], path: str | os.PathLike[str])
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
+
+
+class NamedTensorState:
+    """``save_state`` / ``load_state`` for the methods whose checkpoint is just their trainable tensors by
+    name (DreamBooth, Custom Diffusion, Perfusion): one strict file, tagged with the method's name."""
+
+    name: str
+
+    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
+        save_named(trainable.params, path, {**metadata, "method": self.name})
+
+    def load_state(self, trainable: Trainable, path: Path) -> None:
+        load_named(trainable.params, path)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -35,7 +35,13 @@ from torch import nn
 
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError, quote
-from persres.methods.named_tensors import concept_in, load_named, read_metadata, read_named, save_named
+from persres.methods.named_tensors import (
+    NamedTensorState,
+    concept_in,
+    read_metadata,
+    read_named,
+    save_named,
+)
 from persres.methods.new_token import add_token, placeholder, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 from persres.methods.rank_one import (
@@ -94,7 +100,7 @@ class PerfusionTrainable(Trainable):
     prompt: str = ""
 
 
-class Perfusion:
+class Perfusion(NamedTensorState):
     name = "perfusion"
     recipe = RECIPE
     options = METHOD_OPTIONS["perfusion"]
@@ -135,12 +141,6 @@ class Perfusion:
         weight = pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[state.row] = token_row(state).to(weight.dtype)
-
-    def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
-        save_named(trainable.params, path, {**metadata, "method": self.name})
-
-    def load_state(self, trainable: Trainable, path: Path) -> None:
-        load_named(trainable.params, path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
