@@ -80,7 +80,7 @@ def concept_rows(
     settings = ToySettings(rank=rank, images_per_prompt=images)
     photos = reference_photos(instance, out / "photos" / "-".join(instance), settings.photos)
     started = time.monotonic()
-    residuals = personalize(base, instance, photos, out / "runs" / name, settings)
+    residuals = personalize(base, instance, photos, out / "runs" / name, settings).residuals
     trained = time.monotonic() - started
     prompts = concept_prompts(instance, per_kind=2, offset=index)
     sampling = settings.sampling()

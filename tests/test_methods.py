@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from helpers import train_argv
 from PIL import Image
+from safetensors.torch import load_file
 
 from persres.cli import main
 from persres.config import METHOD_OPTIONS
@@ -82,6 +83,36 @@ def test_a_trained_run_samples_as_plain_diffusers_loads_it(
         StableDiffusionPipeline.from_pretrained(conv_base, safety_checker=None), f"a photo of a {token} dog"
     )
     assert np.abs(ours - base_image).max() > 1  # training changed something
+
+
+def result_tensors(result: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a run's result holds (a file, or every safetensors file in its folder)."""
+    files = sorted(result.rglob("*.safetensors")) if result.is_dir() else [result]
+    return {f"{f.relative_to(result) if result.is_dir() else f.name}:{k}": v
+            for f in files for k, v in load_file(f).items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_an_extended_run_rewrites_its_result_as_one_trained_that_long(
+    method: str, conv_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --resume with more steps continues a finished run; folder results (DreamBooth's pipeline, Custom
+    # Diffusion's processors) were once refused as "already exists" at the end of the extension
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))
+    prior = ["--prior-images", "1"] if "prior_images" in METHOD_OPTIONS[method] else []
+    flags = ["--method", method, "--checkpoint-every", "1", *prior]
+    extended, direct = tmp_path / "extended", tmp_path / "direct"
+    assert main(train_argv(conv_base, photos, extended, *flags, "--steps", "1")) == 0
+    first = result_tensors(next((extended).glob("*.safetensors"), extended / RESULT))
+    assert main(train_argv(conv_base, photos, extended, *flags, "--steps", "2", "--resume")) == 0
+    assert main(train_argv(conv_base, photos, direct, *flags, "--steps", "2")) == 0
+    for run in (extended, direct):
+        assert not [p.name for p in run.iterdir() if p.name.endswith((".old", ".tmp"))]
+    result = next(extended.glob("*.safetensors"), extended / RESULT)
+    ours, theirs = result_tensors(result), result_tensors(next(direct.glob("*.safetensors"), direct / RESULT))
+    assert ours.keys() == theirs.keys() == first.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(not torch.equal(ours[k], first[k]) for k in ours)  # the second step is in it
 
 
 def test_lag_and_several_concepts_are_for_residuals_runs(

@@ -223,3 +223,14 @@ def test_train_then_sample_through_the_cli(conv_base: Path, photos: Path, tmp_pa
     assert main(argv) == 0
     [png] = out.glob("*.png")
     assert json.loads(png.with_suffix(".json").read_text())["expanded_prompt"] == f"a photo of a {TOKEN} dog"
+
+
+def test_a_text_encoder_with_few_positions_prepares(tmp_path: Path) -> None:
+    # the toy world's text encoder holds 24 positions: the corpus prompts of the key's covariance once
+    # overflowed it (26 tokens) and crashed before the first step
+    toy = Path(__file__).resolve().parents[1] / "models" / "toyworld-base"
+    pipe = load_pipeline(str(toy))
+    assert pipe.text_encoder.config.max_position_embeddings < 30
+    config = tiny_config(toy, Path("unused"), resolution=32)
+    trainable = METHOD.prepare(pipe, config, torch.Generator().manual_seed(0))
+    assert trainable.count() > 0 and len(edits(pipe)) > 0

@@ -56,7 +56,7 @@ def test_short_personalization_raises_identity_over_the_base(tmp_path: Path) -> 
     instance = HELD_OUT[0]
     settings = ToySettings(steps=50, lr=1e-2, images_per_prompt=8, sample_steps=10)
     photos = reference_photos(instance, tmp_path / "photos", seed=0)
-    residuals = personalize(str(BASE), instance, photos, tmp_path / "run", settings)
+    residuals = personalize(str(BASE), instance, photos, tmp_path / "run", settings).residuals
     prompt = concept_prompts(instance, per_kind=1)[0]  # "a photo of a V* dog"
     pipe = load_pipeline(str(BASE), torch.float32, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)

@@ -19,12 +19,12 @@ from typing import Any
 from persres.cc101 import ConceptEntry
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO, METHOD_OPTIONS, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
+from persres.methods import RESIDUALS
 from persres.sampling import SampleSettings
 
 SAMPLER_CHOICES = ("normal", "lag", "auto")
 CLASS_SOURCES = ("dataset", "nearest", "balanced")
 RECIPE_FIELDS = ("steps", "batch_size", "lr")
-RESIDUALS = "residuals"
 
 
 @dataclass(frozen=True)

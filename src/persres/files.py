@@ -36,13 +36,14 @@ def atomic_path(target: str | os.PathLike[str], overwrite: bool = True) -> Itera
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target``.
 
-    ``target`` must not exist: folders are never replaced wholesale.
+    ``target`` must not exist unless ``replace`` (a training run's own result, rewritten when the run is
+    extended): the old folder is then moved aside and deleted only after the new one is in place.
     """
     target = Path(target)
-    if target.exists():
+    if target.exists() and not replace:
         raise OutputExistsError(f"{target} already exists; remove it or choose another output folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -50,7 +51,14 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         for inner in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700, and some writers 0600 files
             os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~current_umask())
-        os.replace(tmp, target)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

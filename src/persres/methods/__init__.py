@@ -13,8 +13,9 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, quote
 from persres.methods.protocol import Method
 
+RESIDUALS = "residuals"  # the method persres is about; LAG and several concepts per image are its own
 MODULES = {  # --method name -> "module:class" implementing the protocol
-    "residuals": "persres.methods.residuals:Residuals",
+    RESIDUALS: "persres.methods.residuals:Residuals",
     "lora": "persres.methods.lora:LoRA",
     "textual-inversion": "persres.methods.textual_inversion:TextualInversion",
     "dreambooth": "persres.methods.dreambooth:DreamBooth",

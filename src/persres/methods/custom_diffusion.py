@@ -109,7 +109,7 @@ class CustomDiffusion(NamedTensorState):
         self.after_step(pipe, trainable)
         target = Path(out) / RESULT
         row = trainable.params[TOKEN_PARAM].detach().to("cpu", torch.float32).contiguous()
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, replace=True) as tmp:  # an extended run rewrites its result
             # diffusers warns that attn1's entries, empty, are left out
             with warnings_hidden("diffusers.loaders.unet"):
                 pipe.unet.save_attn_procs(tmp, weight_name=WEIGHTS, safe_serialization=True)

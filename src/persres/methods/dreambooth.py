@@ -72,7 +72,7 @@ class DreamBooth(NamedTensorState):
     ) -> Path:
         target = Path(out) / RESULT
         shipped = as_shipped(pipe)
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, replace=True) as tmp:  # an extended run rewrites its result
             shipped.save_pretrained(tmp, safe_serialization=True)
             write_concept(tmp, self.name, metadata.get("token", ""), metadata)
         return target

@@ -51,6 +51,7 @@ from persres.methods.rank_one import (
     install_edits,
     inverse_covariance,
 )
+from persres.tokens import text_length
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -235,7 +236,9 @@ def encode(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
 def corpus_encodings(pipe: StableDiffusionPipeline, class_word: str) -> torch.Tensor:
     """(N, d): the encoder's output at every real token of TEMPLATES x (NOUNS + class word)."""
     prompts = [t.format(noun) for t in TEMPLATES for noun in (*NOUNS, class_word)]
-    batch = pipe.tokenizer(prompts, padding="longest", return_tensors="pt").to(pipe.text_encoder.device)
+    limit = text_length(pipe.tokenizer, pipe.text_encoder.config)  # a small model's encoder may hold fewer
+    batch = pipe.tokenizer(prompts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+    batch = batch.to(pipe.text_encoder.device)
     with torch.no_grad():
         hidden = pipe.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]  # (P, T, d)
     return hidden[batch.attention_mask.bool()].float()

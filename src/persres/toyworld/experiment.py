@@ -1,10 +1,12 @@
 """Personalize toy concepts and score base / normal / LAG images from the same noise.
 
 One function per step: ``reference_photos`` draws a held-out instance's photos, ``personalize``
-trains residuals on them with ``persres.train``, ``sample_variants`` draws every prompt with the
-base model (class word only), then with the residuals (normal and LAG, ``persres.sample``), and
-``score_concept`` reads every image with the judge and the oracle CLIP/DINO scorers (through
-``persres.evaluate``). The demo and ``bench/toyworld_quality.py`` are both made of these.
+trains a method (residuals by default) on them with ``persres.train``, ``sample_variants`` draws
+every prompt with the base model (class word only), then with the residuals (normal and LAG,
+``persres.sample``); ``method_samples`` does the same for any method's result and ``words_samples``
+gives the base model the concept in words. ``score_concept`` reads every image with the judge and
+the oracle CLIP/DINO scorers (through ``persres.evaluate``). The demo, ``bench/toyworld_quality.py``
+and ``bench/toyworld_methods.py`` are made of these.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from persres.concepts import PromptPlan, load_concepts
 from persres.config import ResidualConfig, TrainConfig
 from persres.evaluate import Scorers, evaluate_folder
+from persres.methods import RESIDUALS, get_method
 from persres.outputs import write_samples
+from persres.pipeline import load_pipeline
 from persres.residuals import remove_residuals
-from persres.sampling import Sample, SampleSettings, generate, sample
+from persres.sampling import Sample, Sampler, SampleSettings, generate, sample
 from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt
 from persres.toyworld.quality import border_change, check
 from persres.toyworld.scenes import random_scene, render
-from persres.train import train
+from persres.train import TrainResult, train
 
 VARIANTS = ("base", "normal", "lag")
 
@@ -45,6 +50,8 @@ class ToySettings:
     sample_steps: int = 25
     guidance: float = 7.5
     seed: int = 0
+    method: str = RESIDUALS
+    prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
 
     def sampling(self) -> SampleSettings:
         return SampleSettings(self.sample_steps, self.guidance, self.images_per_prompt, self.seed)
@@ -60,8 +67,12 @@ def reference_photos(instance: Instance, folder: Path, count: int = 5, seed: int
     return folder
 
 
-def personalize(base: str, instance: Instance, photos: Path, out: Path, settings: ToySettings) -> Path:
-    """Train residuals for the instance (class word = its class) and return the residual file."""
+def personalize(
+    base: str, instance: Instance, photos: Path, out: Path, settings: ToySettings, resume: bool = False
+) -> TrainResult:
+    """Train ``settings.method`` on the instance (class word = its class); ``resume`` continues or
+    extends (more steps) the run in ``out``. The result's path is ``.residuals``."""
+    recipe = get_method(settings.method).recipe
     config = TrainConfig(
         base=base,
         images=str(photos),
@@ -74,8 +85,11 @@ def personalize(base: str, instance: Instance, photos: Path, out: Path, settings
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
+        method=settings.method,
+        prior_images=settings.prior_images if recipe.prior_images else 0,
+        prior_weight=recipe.prior_weight if recipe.prior_images else 1.0,
     )
-    return train(config, out, device="cpu", progress=False, distributed=False).residuals
+    return train(config, out, resume=resume, device="cpu", progress=False, distributed=False)
 
 
 def base_samples(
@@ -90,6 +104,34 @@ def base_samples(
             item.sampler = "base"
             out.append(item)
     return out
+
+
+def words_samples(
+    pipe: StableDiffusionPipeline, prompts: list[ToyPrompt], instance: Instance, settings: SampleSettings
+) -> list[Sample]:
+    """The base model given the concept in words ("a red striped dog on the beach"), same noise."""
+    out = []
+    for prompt in prompts:
+        text = prompt.in_words(instance)
+        for j in range(settings.num_images):
+            item = generate(pipe, PromptPlan(text, text, ()), settings.seed + j, settings, None)
+            item.sampler = "in words"
+            out.append(item)
+    return out
+
+
+def method_samples(
+    base: str, method: str, result: Path, prompts: list[ToyPrompt], settings: SampleSettings
+) -> dict[str, list[Sample]]:
+    """A fresh base pipeline with ``result`` loaded: {"normal": ...} (and "lag" for residuals), each
+    in prompt order then seed order, from the same noise as ``base_samples``."""
+    pipe = load_pipeline(base, torch.float32, torch.device("cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    concepts = [get_method(method).load(pipe, result)]
+    samplers = ("normal", "lag") if method == RESIDUALS else ("normal",)  # LAG: residuals only
+    kind: Sampler = "both" if len(samplers) == 2 else "normal"
+    samples = sample(pipe, [p.text for p in prompts], concepts, settings, kind, progress=False)
+    return {sampler: [s for s in samples if s.sampler == sampler] for sampler in samplers}
 
 
 def sample_variants(
@@ -116,12 +158,12 @@ def score_concept(
     folder: Path,
     photos: Path,
 ) -> list[dict[str, Any]]:
-    """One row per image: judge checks, border change against the base image, oracle CLIP/DINO scores."""
+    """One row per image of every variant: judge checks, border change against the base image from
+    the same noise (when ``variants`` has "base"), oracle CLIP/DINO scores (when ``scorers``)."""
     expects = [p for p in prompts for _ in range(settings.num_images)]
-    base_pixels = [np.asarray(s.image) for s in variants["base"]]
+    base_pixels = [np.asarray(s.image) for s in variants["base"]] if "base" in variants else None
     rows = []
-    for variant in VARIANTS:
-        items = variants[variant]
+    for variant, items in variants.items():
         files = write_samples(folder / variant, items, settings, {"variant": variant})
         oracle = evaluate_folder(folder / variant, photos, scorers=scorers)["images"] if scorers else None
         reads = read_images(judge, [np.asarray(s.image) for s in items])
@@ -133,8 +175,9 @@ def score_concept(
                 "seed": item.seed,
                 "image": str(files[k].relative_to(folder)),
                 **check(read, prompt.expect),
-                "border_change": border_change(np.asarray(item.image), base_pixels[k]),
             }
+            if base_pixels is not None:
+                row["border_change"] = border_change(np.asarray(item.image), base_pixels[k])
             if oracle is not None:
                 row.update({m: oracle[k][m] for m in ("clip_t", "clip_i", "dino_i")})
             rows.append(row)

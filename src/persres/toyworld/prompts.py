@@ -53,6 +53,18 @@ class ToyPrompt:
         """The base model's prompt: the class word only ("a V* dog" -> "a dog")."""
         return " ".join(w for w in self.text.split() if w != "V*")
 
+    def in_words(self, instance: Instance) -> str:
+        """The prompt with the concept described in words, the text-only ceiling: "a V* dog on the
+        beach" -> "a red striped dog on the beach"; an asked colour replaces the concept's ("a blue V*
+        dog" -> "a blue striped dog"); "a cat in the style of V* dog" -> "a red striped cat"."""
+        cls, colour, pattern = instance
+        words = [w for w in (colour, pattern) if w != "solid"]
+        if self.expect.cls != cls:
+            return " ".join(["a", *words, self.expect.cls])
+        if self.expect.asked_colour is not None:
+            words = [w for w in words if w != colour]
+        return self.text.replace("V*", " ".join(words)).replace("  ", " ")
+
 
 def _others(options: tuple[str, ...] | list[str], exclude: str, offset: int, count: int) -> list[str]:
     rest = [o for o in options if o != exclude]
