@@ -26,11 +26,13 @@ echo "== sample: normal and LAG from the same noise, with LAG's masks =="
     --prompt "a V* dog on the beach" --prompt "a painting of a V* dog" \
     --num-images 2 --steps 25 --device cpu --sampler both --save-masks
 
-echo "== info, evaluate (oracle CLIP/DINO), merge =="
+echo "== info, evaluate (oracle CLIP/DINO), merge, export as LoRA files =="
 "$PERSRES" info "$RUN"
 "$PERSRES" evaluate --images "$OUT/samples" --references "$OUT/photos" \
     --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
 "$PERSRES" merge --base "$BASE" --residuals "$RUN" --out "$OUT/merged"
+"$PERSRES" export "$OUT/run" --format kohya --out "$OUT/lora/red-striped-dog-kohya.safetensors"
+"$PERSRES" export "$OUT/run" --format diffusers --out "$OUT/lora/red-striped-dog-diffusers.safetensors"
 
 echo "== six prompt kinds: base (class word only) | normal | LAG, scored by the oracle =="
 "$PY" -m persres.toyworld.demo report --base "$BASE" --oracle "$ORACLE" --residuals "$RUN" \
@@ -44,4 +46,5 @@ echo "== benchmark runner on a CustomConcept101-format dataset, and its report =
 
 echo "Done. Open $OUT/toyworld/report.html (base | normal | LAG for six prompt kinds, oracle metrics)."
 echo "Also in $OUT/: run/ (residuals, checkpoints), samples/ (PNGs, JSON sidecars, normal|LAG grids, mask"
-echo "strips), merged/ (a plain diffusers pipeline), benchmark/ (results.csv, summary.json, report.html)."
+echo "strips), merged/ (a plain diffusers pipeline), lora/ (the concept as LoRA files for AUTOMATIC1111,"
+echo "ComfyUI and diffusers), benchmark/ (results.csv, summary.json, report.html)."

@@ -6,7 +6,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from persres.config import TrainConfig
 from persres.residuals import find_residuals
@@ -66,3 +68,13 @@ def train_argv(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:
     """``persres train`` on a tiny model, 2 steps; later flags override earlier ones."""
     return ["train", "--base", str(base), "--images", str(photos), "--out", str(out), "--class-word", "dog",
             "--steps", "2", "--batch-size", "1", "--resolution", "16", "--device", "cpu", *flags]  # fmt: skip
+
+
+def diffusers_image(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
+    """What a user of plain diffusers gets: persres' sampler settings (DDIM without clipping, 2 steps,
+    guidance 7.5), seed 0 drawn on the CPU."""
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, generator=generator).images[0]
+    return np.asarray(image, dtype=np.int16)

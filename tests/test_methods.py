@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from helpers import train_argv
+from diffusers import StableDiffusionPipeline
+from helpers import diffusers_image, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,16 +33,6 @@ def test_registry_names_match_the_methods() -> None:
 def test_unknown_method_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"unknown method 'lorra'; choose one of .*lora.*residuals"):
         get_method("lorra")
-
-
-def diffusers_image(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
-    """What a user of plain diffusers gets: persres' sampler settings (DDIM without clipping, 2 steps,
-    guidance 7.5), seed 0 drawn on the CPU."""
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, generator=generator).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 def load_with_diffusers(method: str, base: Path, result: Path) -> StableDiffusionPipeline:

@@ -58,16 +58,27 @@ def save_residuals(
     params = residual_parameters(unet)
     if not params:
         raise ConfigError("this U-Net has no residuals to save; call add_residuals(unet) first")
-    tensors = {
-        key: p.detach().to(device="cpu", dtype=torch.float32).contiguous() for key, p in params.items()
-    }
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "architecture": architecture(unet),
-    }
+    layers = {key.rpartition(".")[0] for key in params}
+    factors = {layer: (params[f"{layer}.A"], params[f"{layer}.B"]) for layer in sorted(layers)}
+    header = {"architecture": architecture(unet)}
     for key, value in metadata.items():
         header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return write_residual_file(factors, path, header, overwrite=overwrite)
+
+
+def write_residual_file(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write (A, B) per module path as a residual file, atomically, with ``metadata`` (strings) and the
+    format's name and version."""
+    tensors = {}
+    for layer, (a, b) in factors.items():
+        tensors[f"{layer}.A"] = a.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        tensors[f"{layer}.B"] = b.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), **metadata}
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=header)

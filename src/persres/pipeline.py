@@ -75,6 +75,21 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def load_unet_skeleton(base: str) -> torch.nn.Module:
+    """The base model's U-Net built from its config on the meta device: its layers' names, kinds and
+    shapes, without reading or allocating a weight."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    _check_local_folder(base)
+    try:
+        config = UNet2DConditionModel.load_config(os.path.expanduser(base), subfolder="unet")
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(config)
+
+
 def load_tokenizer(base: str) -> CLIPTokenizer:
     """The base model's tokenizer alone, without any weights: for checks that run before a model is
     loaded (a benchmark's prompts, suggest-token). Refuses a folder or hub id that holds no tokenizer

@@ -1,0 +1,344 @@
+"""A residual as a LoRA file, and back: ``persres export`` and ``persres import``.
+
+A residual W' = W + A B on ``proj_out`` is a LoRA on that layer with down = B (r x m), up = A (m x r)
+and alpha = r, so that the LoRA scale alpha / r is exactly 1 whatever the rank (a file may hold several
+ranks). Two formats:
+
+- **kohya** (AUTOMATIC1111, Forge, ComfyUI, SD.Next, InvokeAI, kohya's scripts, and diffusers):
+  ``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+  (0-dim), with kohya's ``ss_*`` metadata. For SD 1.x/2.x kohya names modules as diffusers does.
+- **diffusers** (``pipe.load_lora_weights``): ``unet.<module path>.lora_A.weight`` (down) /
+  ``.lora_B.weight`` (up), with ``lora_adapter_metadata``: one flat JSON object whose keys carry the
+  component prefix (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``,
+  ``unet.target_modules``), so that every layer loads at scale 1 in diffusers (measured: 0.42.1; nested
+  under "unet" the object reads as empty).
+
+A 1x1 ``Conv2d`` ``proj_out`` (SD 1.x) takes 4-D factors ``[r, m, 1, 1]`` / ``[m, r, 1, 1]``, a
+``Linear`` (SD 2.x) 2-D ones. Both files carry persres' own metadata: the token, the class word, the
+trigger phrase, and the residual file's whole metadata (``persres_metadata``), so that import gives the
+residual file back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from persres.errors import ConfigError, InputError, ResidualFileError
+from persres.files import atomic_path, check_writable
+from persres.io import ResidualFile, read_residual_file, write_residual_file
+
+FORMATS = ("kohya", "diffusers")
+KOHYA_PREFIX = "lora_unet_"
+DIFFUSERS_PREFIX = "unet."
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PERSRES_METADATA = "persres_metadata"
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A up (m, r), B down (r, m))
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA read back as residual factors (alpha / rank folded into A)."""
+
+    path: Path
+    format: str
+    factors: Factors
+    metadata: dict[str, str]  # the file's own header
+
+    def residual_metadata(self) -> dict[str, str] | None:
+        """The residual file's metadata, when persres exported this file."""
+        raw = self.metadata.get(PERSRES_METADATA)
+        return dict(json.loads(raw)) if raw else None
+
+
+# export ---------------------------------------------------------------------------------------------
+
+
+def export_lora(
+    source: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str], scale: float = 1.0,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write the residuals of a run or residual file as a LoRA file in ``fmt`` (kohya or diffusers);
+    ``scale`` is folded into the up factors."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    target = check_lora_out(out, overwrite)
+    loaded = read_exportable(source)
+    conv = is_conv(loaded)
+    if fmt == "kohya":
+        tensors, header = kohya_tensors(loaded.layers(), conv, scale), kohya_metadata(loaded)
+    else:
+        tensors, header = diffusers_tensors(loaded.layers(), conv, scale), diffusers_metadata(loaded)
+    header.update(persres_header(loaded))
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return target
+
+
+def check_lora_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    target = Path(out)
+    if target.suffix != ".safetensors":
+        raise ConfigError(f"--out {target}: a LoRA file is written as .safetensors; end the name with it")
+    check_writable(target, "--out", folder=False)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"--out {target} already exists; pass --overwrite to replace it, or choose another")
+    return target
+
+
+def read_exportable(source: str | os.PathLike[str]) -> ResidualFile:
+    """A residual file, or a residuals run's; another method's run is named with where its result is."""
+    from persres.runs import read_run
+
+    run = read_run(source)
+    if run is not None and run.method != "residuals":
+        raise ConfigError(
+            f"{source} is a {run.method} run: export converts personalized residuals; its result "
+            f"{run.result} is already in its own format"
+        )
+    return read_residual_file(source)
+
+
+def is_conv(loaded: ResidualFile) -> bool:
+    """1x1 Conv2d proj_out (SD 1.x) or Linear (SD 2.x), from the architecture train recorded."""
+    architecture = loaded.json_field("architecture")
+    kind = architecture.get("proj_out") if isinstance(architecture, dict) else None
+    if kind not in ("conv", "linear"):
+        raise ResidualFileError(
+            f"{loaded.path} does not record whether its proj_out layers are Conv2d or Linear (metadata "
+            "'architecture'); export the file train wrote"
+        )
+    return bool(kind == "conv")
+
+
+def kohya_name(layer: str) -> str:
+    return KOHYA_PREFIX + layer.replace(".", "_")
+
+
+def shaped(factor: torch.Tensor, conv: bool) -> torch.Tensor:
+    factor = factor.to(torch.float32).contiguous()
+    return factor[:, :, None, None].contiguous() if conv else factor
+
+
+def kohya_tensors(layers: Factors, conv: bool, scale: float) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer, (up, down) in layers.items():
+        name = kohya_name(layer)
+        tensors[f"{name}.lora_down.weight"] = shaped(down, conv)
+        tensors[f"{name}.lora_up.weight"] = shaped(up * scale, conv)
+        tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
+    return tensors
+
+
+def diffusers_tensors(layers: Factors, conv: bool, scale: float) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer, (up, down) in layers.items():
+        tensors[f"{DIFFUSERS_PREFIX}{layer}.lora_A.weight"] = shaped(down, conv)
+        tensors[f"{DIFFUSERS_PREFIX}{layer}.lora_B.weight"] = shaped(up * scale, conv)
+    return tensors
+
+
+def ranks_of(loaded: ResidualFile) -> dict[str, int]:
+    return {layer: int(b.shape[0]) for layer, (_, b) in loaded.layers().items()}
+
+
+def base_model_version(loaded: ResidualFile) -> str:
+    """kohya's ``ss_base_model_version``: sd_v1 (Conv2d proj_out), sd_v2 (Linear proj_out, the
+    ``use_linear_projection`` of SD 2.x) or sd_v2_v (SD 2.x with v-prediction, e.g. the 768 px model)."""
+    if is_conv(loaded):
+        return "sd_v1"
+    base = loaded.metadata.get("base_model", "")
+    return "sd_v2_v" if base and prediction_type(base) == "v_prediction" else "sd_v2"
+
+
+def prediction_type(base: str) -> str | None:
+    """The base's scheduler prediction type, from a local folder or the hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(base).expanduser() / "scheduler" / "scheduler_config.json"
+    if local.is_file():
+        file: object = local
+    else:
+        try:
+            file = try_to_load_from_cache(base, "scheduler/scheduler_config.json")
+        except ValueError:  # not a hub id
+            return None
+    if not isinstance(file, (str, Path)):
+        return None
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8")).get("prediction_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def kohya_metadata(loaded: ResidualFile) -> dict[str, str]:
+    top = max(ranks_of(loaded).values())
+    version = base_model_version(loaded)
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(version != "sd_v1"),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(top),  # the largest rank; every layer's alpha equals its own rank
+        "ss_network_alpha": str(top),
+        "ss_output_name": loaded.metadata.get("token", "persres"),
+    }
+
+
+def diffusers_metadata(loaded: ResidualFile) -> dict[str, str]:
+    ranks = ranks_of(loaded)
+    top = max(ranks.values())
+    config = {
+        "unet.r": top,
+        "unet.lora_alpha": top,
+        "unet.rank_pattern": ranks,
+        "unet.alpha_pattern": ranks,  # alpha = rank per layer: every layer at scale 1
+        "unet.target_modules": sorted(ranks),
+    }
+    return {"format": "pt", ADAPTER_METADATA: json.dumps(config, indent=2, sort_keys=True)}
+
+
+def persres_header(loaded: ResidualFile) -> dict[str, str]:
+    token, class_word = loaded.metadata.get("token", ""), loaded.metadata.get("class_word", "")
+    return {
+        "persres_token": token,
+        "persres_class_word": class_word,
+        "persres_trigger": f"{token} {class_word}".strip(),  # write it in the prompt: "a photo of a sks dog"
+        PERSRES_METADATA: json.dumps(loaded.metadata, sort_keys=True),
+    }
+
+
+# import ---------------------------------------------------------------------------------------------
+
+
+def read_lora(path: str | os.PathLike[str], layers: dict[str, bool]) -> LoraFile:
+    """A kohya or diffusers LoRA file as residual factors for the ``proj_out`` ``layers`` of a base
+    (module path -> is a Conv2d); a tensor of any other layer is refused by name."""
+    file = Path(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise InputError(f"{file} is not a .safetensors file; persres reads LoRA files only as safetensors")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a readable safetensors file ({exc})") from None
+    if tensors and all(key.startswith(KOHYA_PREFIX) for key in tensors):
+        return LoraFile(file, "kohya", kohya_factors(file, tensors, layers), metadata)
+    if tensors and all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
+        return LoraFile(file, "diffusers", diffusers_factors(file, tensors, metadata, layers), metadata)
+    other = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, DIFFUSERS_PREFIX)))[:3]
+    raise InputError(
+        f"{file} is not a U-Net LoRA in kohya (lora_unet_...) or diffusers (unet....) format"
+        + (f": e.g. {', '.join(other)}" if other else ": it holds no tensors")
+    )
+
+
+def kohya_factors(file: Path, tensors: dict[str, torch.Tensor], layers: dict[str, bool]) -> Factors:
+    by_name = {kohya_name(layer): layer for layer in layers}
+    names = sorted({key.split(".", 1)[0] for key in tensors})
+    refuse_other_layers(file, [n for n in names if n not in by_name])
+    factors = {}
+    for name in names:
+        down, up = (
+            need(file, tensors, f"{name}.lora_down.weight"),
+            need(file, tensors, f"{name}.lora_up.weight"),
+        )
+        rank = down.shape[0]
+        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(rank)
+        factors[by_name[name]] = as_factors(file, by_name[name], up * (alpha / rank), down, layers)
+    return factors
+
+
+def diffusers_factors(
+    file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], layers: dict[str, bool]
+) -> Factors:
+    names = sorted({key[len(DIFFUSERS_PREFIX) :].rsplit(".", 2)[0] for key in tensors})
+    refuse_other_layers(file, [f"{DIFFUSERS_PREFIX}{n}" for n in names if n not in layers])
+    config = json.loads(metadata.get(ADAPTER_METADATA) or "{}")
+    factors = {}
+    for layer in names:
+        down = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_A.weight")
+        up = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_B.weight")
+        rank = config.get("unet.rank_pattern", {}).get(layer, config.get("unet.r", down.shape[0]))
+        alpha = config.get("unet.alpha_pattern", {}).get(layer, config.get("unet.lora_alpha", rank))
+        factors[layer] = as_factors(file, layer, up * (float(alpha) / float(rank)), down, layers)
+    return factors
+
+
+def refuse_other_layers(file: Path, others: list[str]) -> None:
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise InputError(
+            f"{file} adapts layers that are not proj_out layers of this base: {shown}; persres imports "
+            "only LoRAs on the transformer blocks' proj_out (what a residual is)"
+        )
+
+
+def need(file: Path, tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise InputError(f"{file} lacks tensor {key}: a LoRA layer needs both its down and up factors")
+    return tensors[key].to(torch.float32)
+
+
+def as_factors(
+    file: Path, layer: str, up: torch.Tensor, down: torch.Tensor, layers: dict[str, bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as 2-D matrices; a 4-D factor must be 1x1 and belong to a Conv2d layer."""
+    if up.dim() == 4 and up.shape[2:] == down.shape[2:] == (1, 1):
+        up, down = up[:, :, 0, 0], down[:, :, 0, 0]
+    if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+        raise InputError(
+            f"{file}: layer {layer} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}, not a "
+            "low-rank pair (m, r) x (r, m)"
+        )
+    return up.contiguous(), down.contiguous()
+
+
+def import_lora(
+    path: str | os.PathLike[str], base: str, out: str | os.PathLike[str], token: str | None = None,
+    class_word: str | None = None, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write the LoRA in ``path`` as ``out/residuals.safetensors`` for ``base``. A file persres exported
+    gives its residual file back exactly; another needs ``token`` and ``class_word``. proj_out layers the
+    LoRA leaves out get zero residuals of rank 1 (no change)."""
+    from persres.io import architecture
+    from persres.pipeline import load_unet_skeleton
+    from persres.residuals import find_proj_outs
+
+    target = Path(out) / "residuals.safetensors"
+    check_writable(out, "--out")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"--out {out} already holds {target.name}; pass --overwrite to replace it")
+    unet = load_unet_skeleton(base)
+    proj_outs = find_proj_outs(unet)
+    lora = read_lora(path, {name: isinstance(m, torch.nn.Conv2d) for name, m in proj_outs.items()})
+    metadata = lora.residual_metadata() or new_metadata(lora, base, token, class_word, architecture(unet))
+    if token or class_word:
+        metadata.update({k: v for k, v in (("token", token), ("class_word", class_word)) if v})
+    factors = dict(lora.factors)
+    for name, module in proj_outs.items():
+        m = module.weight.shape[0]
+        if name not in factors:
+            factors[name] = (torch.zeros(m, 1), torch.zeros(1, module.weight.shape[1]))
+        elif factors[name][0].shape[0] != m:
+            raise InputError(
+                f"{path}: layer {name} is {factors[name][0].shape[0]} wide in the LoRA, {m} in {base}"
+            )
+    return write_residual_file(factors, target, metadata, overwrite=overwrite)
+
+
+def new_metadata(
+    lora: LoraFile, base: str, token: str | None, class_word: str | None, arch: str
+) -> dict[str, str]:
+    if not token or not class_word:
+        raise ConfigError(
+            f"{lora.path} was not exported by persres: pass --token (the trigger word it was trained with) "
+            "and --class-word (e.g. dog)"
+        )
+    return {"base_model": base, "architecture": arch, "imported_from": lora.path.name}
