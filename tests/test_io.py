@@ -306,5 +306,6 @@ def test_sd1_residuals_are_refused_by_an_sd2_layout(
     add_residuals(conv, ResidualConfig(rank=2))
     path = save_residuals(conv, tmp_path / "r.safetensors")
     linear = StableDiffusionPipeline.from_pretrained(linear_base, use_safetensors=True).unet
-    with pytest.raises(ResidualFileError, match="another architecture.*conv.*linear"):
+    names = r"made for SD 1.x \(proj_out conv.*this base model is SD 2.x \(proj_out linear"
+    with pytest.raises(ResidualFileError, match=names):
         load_residuals(linear, path)

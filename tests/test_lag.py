@@ -18,7 +18,7 @@ from persres import add_residuals, remove_residuals, residuals_disabled, save_re
 from persres.attention import CaptureCrossAttnProcessor, cross_attentions, swapped_processors
 from persres.concepts import Concept, load_concepts, plan_prompts, word_spans
 from persres.errors import ConfigError
-from persres.lag import LagState, block_mask, localized
+from persres.lag import LagState, binarize, block_mask, localized
 from persres.pipeline import load_pipeline
 from persres.residuals import ResidualConfig, ResidualProjOut, find_residuals
 from persres.sampling import SampleSettings, sample
@@ -106,11 +106,11 @@ def test_empty_mask_gives_the_base_model_and_full_mask_gives_normal_sampling(
         base = pixels(sample(pipe, prompts, concepts, SETTINGS, "normal", progress=False))
     assert np.abs(normal[0] - base[0]).max() > 0  # the residuals change the image
 
-    def zeros(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(probs.shape[0], columns.shape[1], probs.shape[2])
+    def zeros(score: torch.Tensor, batch: int) -> torch.Tensor:  # score: (N, groups, HW)
+        return torch.zeros(batch, score.shape[1], score.shape[2])
 
-    def ones(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return zeros(probs, columns) + 1
+    def ones(score: torch.Tensor, batch: int) -> torch.Tensor:
+        return zeros(score, batch) + 1
 
     # one U-Net pass, in floats: M = 0 is the base model, M = 1 the personalized one
     inputs = unet_inputs(pipe.unet)
@@ -118,7 +118,7 @@ def test_empty_mask_gives_the_base_model_and_full_mask_gives_normal_sampling(
         base_out = run_unet(pipe.unet, inputs)
     full_out = run_unet(pipe.unet, inputs)
     for mask, expected in ((zeros, base_out), (ones, full_out)):
-        monkeypatch.setattr("persres.lag.block_mask", mask)
+        monkeypatch.setattr("persres.lag.binarize", mask)
         with localized(pipe.unet, LagState(torch.ones(1, 1, 7))):
             torch.testing.assert_close(run_unet(pipe.unet, inputs), expected, atol=1e-5, rtol=1e-5)
         # whole images: equal up to the 8-bit rounding of attention computed without SDPA
@@ -302,11 +302,11 @@ def test_lag_without_classifier_free_guidance(
     prompts = ["a photo of a V* dog on the beach"]
     batches: list[int] = []
 
-    def spy(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        batches.append(probs.shape[0])
-        return block_mask(probs, columns)
+    def spy(score: torch.Tensor, batch: int) -> torch.Tensor:
+        batches.append(batch)
+        return binarize(score, batch)
 
-    monkeypatch.setattr("persres.lag.block_mask", spy)
+    monkeypatch.setattr("persres.lag.binarize", spy)
     [normal, lag] = sample(pipe, prompts, concepts, settings, "both", save_masks=True, progress=False)
     assert batches and set(batches) == {1}  # no unconditional half
     for blocks in lag.masks.values():
@@ -316,15 +316,15 @@ def test_lag_without_classifier_free_guidance(
         base = pixels(sample(pipe, prompts, concepts, settings, "normal", progress=False))[0]
     assert np.abs(pixels([normal])[0] - base).max() > 0  # the residuals change the image
 
-    def filled(value: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return lambda probs, columns: torch.full((probs.shape[0], columns.shape[1], probs.shape[2]), value)
+    def filled(value: float) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        return lambda score, batch: torch.full((batch, score.shape[1], score.shape[2]), value)
 
     inputs = unet_inputs(pipe.unet, batch=1)
     with residuals_disabled(pipe.unet):
         base_out = run_unet(pipe.unet, inputs)
     full_out = run_unet(pipe.unet, inputs)
     for value, expected_out, expected in ((0.0, base_out, base), (1.0, full_out, pixels([normal])[0])):
-        monkeypatch.setattr("persres.lag.block_mask", filled(value))
+        monkeypatch.setattr("persres.lag.binarize", filled(value))
         with localized(pipe.unet, LagState(torch.ones(1, 1, 7))):  # one U-Net pass, batch 1
             torch.testing.assert_close(run_unet(pipe.unet, inputs), expected_out, atol=1e-5, rtol=1e-5)
         image = pixels(sample(pipe, prompts, concepts, settings, "lag", progress=False))[0]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from persres import ResidualConfig, add_residuals, read_residual_file
 from persres.cli import main
+from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, InputError, OutputExistsError, TrainingDivergedError
@@ -39,7 +40,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch(base: Path, photos: Path) -> None
     add_residuals(pipe.unet, ResidualConfig(rank=0.25))
     images = ConceptImages.from_folder(photos, 16)
     pixels = images.batch(4, torch.Generator().manual_seed(0), 0.85, True)
-    text = pipe.encode_prompt("a photo of a sks dog", "cpu", 1, False)[0]
+    text = encode(pipe, "a photo of a sks dog", torch.device("cpu"), 16)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer = torch.optim.AdamW(residual_parameters(pipe.unet).values(), lr=1e-2)
 
@@ -329,7 +330,7 @@ def test_the_training_target_follows_the_prediction_type(prediction_type: str) -
         return SimpleNamespace(sample=seen["prediction"])
 
     scheduler = DDPMScheduler(prediction_type=prediction_type)
-    text, pixels = torch.zeros(1, 7, 32), torch.zeros(3, 3, 8, 8)
+    text, pixels = Conditioning(torch.zeros(1, 7, 32)), torch.zeros(3, 3, 8, 8)
     loss = denoising_loss(unet, SimpleNamespace(vae=vae), scheduler, text, pixels, torch.Generator())
     # the noise that was drawn, recovered from x_t = sqrt(abar) x_0 + sqrt(1 - abar) noise
     abar = scheduler.alphas_cumprod.double()[seen["steps"]].view(-1, 1, 1, 1)

@@ -84,8 +84,8 @@ def load_concepts(unet: nn.Module, sources: Sequence[ResidualSource]) -> list[Co
     files = read_files(sources)
     proj_outs = find_proj_outs(unet)
     for loaded in files:
+        check_architecture(loaded, unet)  # first: it names both models, the layer check follows
         check_fits(loaded, proj_outs)
-        check_architecture(loaded, unet)
     concepts = [concept_of(loaded) for loaded in files]
     layers = [loaded.layers() for loaded in files]
     ranks = {layer: sum(f[layer][0].shape[1] for f in layers) for layer in proj_outs}

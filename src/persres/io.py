@@ -86,14 +86,36 @@ def write_residual_file(
 
 
 def architecture(unet: nn.Module) -> str:
-    """What a residual file needs of its base beyond layer shapes: proj_out kind and text width.
+    """What a residual file needs of its base beyond layer shapes: proj_out kind and text width, and
+    SDXL's added conditioning (``addition_embed_type`` "text_time"; absent for SD 1.x/2.x).
 
     SD 1.x and SD 2.x U-Nets have the same proj_out paths and widths; this tells them apart.
     """
     kinds = {"linear" if isinstance(p, nn.Linear) else "conv" for p in find_proj_outs(unet).values()}
     config = getattr(unet, "config", None)
     cross = getattr(config, "cross_attention_dim", None) if config is not None else None
-    return json.dumps({"proj_out": "/".join(sorted(kinds)), "cross_attention_dim": cross}, sort_keys=True)
+    recorded: dict[str, Any] = {"proj_out": "/".join(sorted(kinds)), "cross_attention_dim": cross}
+    added = getattr(config, "addition_embed_type", None) if config is not None else None
+    if added is not None:
+        recorded["addition_embed_type"] = added
+    return json.dumps(recorded, sort_keys=True)
+
+
+def family(recorded: str | None) -> str:
+    """A recorded architecture by name: SDXL, SD 2.x (Linear proj_out) or SD 1.x (Conv2d proj_out)."""
+    try:
+        fields = json.loads(recorded) if recorded else {}
+    except ValueError:
+        fields = {}
+    if fields.get("addition_embed_type") == "text_time":
+        name = "SDXL"
+    elif fields.get("proj_out") == "linear":
+        name = "SD 2.x"
+    elif fields.get("proj_out") == "conv":
+        name = "SD 1.x"
+    else:
+        return "an unknown architecture"
+    return f"{name} (proj_out {fields['proj_out']}, text width {fields.get('cross_attention_dim')})"
 
 
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
@@ -128,8 +150,8 @@ def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, s
     """
     loaded = read_residual_file(path)
     layers = loaded.layers()
+    check_architecture(loaded, unet)  # first: it names both models (SD 1.x vs SDXL), the layers follow
     check_fits(loaded, find_proj_outs(unet))
-    check_architecture(loaded, unet)
     wrappers = find_residuals(unet)
     if not wrappers:
         ranks = {layer: a.shape[1] for layer, (a, _) in layers.items()}
@@ -154,9 +176,9 @@ def check_architecture(loaded: ResidualFile, unet: nn.Module) -> None:
     recorded = loaded.metadata.get("architecture")
     if recorded is not None and json.loads(recorded) != json.loads(architecture(unet)):
         raise ResidualFileError(
-            f"{loaded.path} was made for another architecture: the file's base had {recorded}, this "
-            f"model has {architecture(unet)} (e.g. SD 1.x vs SD 2.x). Use the base model the file was "
-            f"trained on ({loaded.metadata.get('base_model', 'unknown')})"
+            f"{loaded.path} was made for {family(recorded)}, but this base model is "
+            f"{family(architecture(unet))}. Use the base model the file was trained on "
+            f"({loaded.metadata.get('base_model', 'unknown')})"
         )
 
 

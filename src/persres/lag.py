@@ -6,12 +6,16 @@ apply the residual only there: f = W x + b + M_i * (A B x). ``attn2`` runs befor
 the same block, so this step's mask is ready when ``proj_out`` needs it: one U-Net pass per step.
 Choices: maps are averaged over heads; under classifier-free guidance the unconditional half (which
 has no V*) reuses the conditional half's mask. With several concepts each gets its own mask from its
-own token and class word; a concept the prompt does not mention gets an empty mask.
+own token and class word; a concept the prompt does not mention gets an empty mask. A block with
+several transformer layers (SDXL: up to 10 before one ``proj_out``) sums the scores of all its
+cross-attention layers before the median, as the paper sums over tokens: every layer's view of where
+the concept is counts, none decides alone (a single layer equals the paper's SD 1.x case exactly).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,14 +33,23 @@ def block_mask(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     ``columns`` (N, groups, T) marks each concept's token columns for the N conditional prompts; a
     batch of 2N is [unconditional; conditional] (classifier-free guidance) and reuses the mask.
     """
+    return binarize(block_score(probs, columns), probs.shape[0])
+
+
+def block_score(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Each concept's summed attention per position (N, groups, HW), conditional half only."""
     batch, count = probs.shape[0], columns.shape[0]
     if batch not in (count, 2 * count):
         raise ValueError(f"attention batch {batch} does not match {count} prompt(s)")
     maps = probs.float().mean(dim=1)[batch - count :]  # (N, HW, T), conditional half
-    score = torch.einsum("nlt,ngt->ngl", maps, columns.to(maps.device))  # (N, groups, HW)
+    return torch.einsum("nlt,ngt->ngl", maps, columns.to(maps.device))
+
+
+def binarize(score: torch.Tensor, batch: int) -> torch.Tensor:
+    """1 above the median position, per prompt and concept; repeated for a guided batch of 2N."""
     median = score.median(dim=-1, keepdim=True).values
     mask = (score > median).float()
-    return torch.cat([mask, mask]) if batch == 2 * count else mask
+    return torch.cat([mask, mask]) if batch == 2 * score.shape[0] else mask
 
 
 @dataclass
@@ -56,23 +69,31 @@ class LagState:
         return kwargs
 
 
-def mask_setter(state: LagState, block: str, wrapper: ResidualProjOut) -> CaptureCrossAttnProcessor:
-    """A processor whose attention maps become ``wrapper``'s mask for this step."""
+def mask_setters(
+    state: LagState, block: str, wrapper: ResidualProjOut, layers: int
+) -> list[CaptureCrossAttnProcessor]:
+    """Processors for the ``layers`` cross-attentions of one block, in the order they run: their
+    scores add up, and the last one's sum becomes ``wrapper``'s mask for this step."""
+    total: list[torch.Tensor] = []
 
-    def hook(probs: torch.Tensor) -> None:
-        mask = block_mask(probs, state.columns)
+    def hook(index: int, probs: torch.Tensor) -> None:
+        score = block_score(probs, state.columns)
+        total[:] = [score] if index == 0 else [total[0] + score]
+        if index < layers - 1:
+            return
+        mask = binarize(total[0], probs.shape[0])
         wrapper.mask = mask
         if state.record:
             count = state.columns.shape[0]
             state.records.setdefault(state.step, {})[block] = mask[-count:].cpu()
 
-    return CaptureCrossAttnProcessor(hook)
+    return [CaptureCrossAttnProcessor(functools.partial(hook, i)) for i in range(layers)]
 
 
 @contextlib.contextmanager
 def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
     """Sample with LAG inside this block: capture processors on every ``attn2`` feed the masks of
-    their block's ``proj_out`` (in a block with several, the last one before ``proj_out`` decides).
+    their block's ``proj_out`` (summed over a block's several layers, see the module's notes).
     Processors and masks are restored on exit, also on error."""
     wrappers = find_residuals(unet)
     if not wrappers:
@@ -84,11 +105,11 @@ def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
     groups = {len(w.groups) for w in wrappers.values()}
     if groups != {state.columns.shape[1]}:
         raise ConfigError(f"{state.columns.shape[1]} concept(s) in the prompt plan but {groups} in the U-Net")
-    processors = {}
+    processors: dict[str, CaptureCrossAttnProcessor] = {}
     for path, wrapper in wrappers.items():
         block = path.removesuffix(".proj_out")
-        for attn_path in cross_attentions(unet.get_submodule(block), block):
-            processors[attn_path] = mask_setter(state, block, wrapper)
+        layers = cross_attentions(unet.get_submodule(block), block)  # in the order they run
+        processors.update(zip(layers, mask_setters(state, block, wrapper, len(layers)), strict=True))
     try:
         with swapped_processors(unet, processors):
             yield

@@ -6,7 +6,9 @@ ranks). Two formats:
 
 - **kohya** (AUTOMATIC1111, Forge, ComfyUI, SD.Next, InvokeAI, kohya's scripts, and diffusers):
   ``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
-  (0-dim), with kohya's ``ss_*`` metadata. For SD 1.x/2.x kohya names modules as diffusers does.
+  (0-dim), with kohya's ``ss_*`` metadata. For SD 1.x/2.x kohya names modules as diffusers does; for
+  SDXL it uses the original (sgm) U-Net's names, e.g. ``lora_unet_input_blocks_4_1_proj_out`` for
+  diffusers' ``down_blocks.1.attentions.0.proj_out`` (``kohya_names``).
 - **diffusers** (``pipe.load_lora_weights``): ``unet.<module path>.lora_A.weight`` (down) /
   ``.lora_B.weight`` (up), with ``lora_adapter_metadata``: one flat JSON object whose keys carry the
   component prefix (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``,
@@ -72,7 +74,8 @@ def export_lora(
     loaded = read_exportable(source)
     conv = is_conv(loaded)
     if fmt == "kohya":
-        tensors, header = kohya_tensors(loaded.layers(), conv, scale), kohya_metadata(loaded)
+        names = kohya_names(list(loaded.layers()), is_xl_file(loaded))
+        tensors, header = kohya_tensors(loaded.layers(), names, conv, scale), kohya_metadata(loaded)
     else:
         tensors, header = diffusers_tensors(loaded.layers(), conv, scale), diffusers_metadata(loaded)
     header.update(persres_header(loaded))
@@ -116,8 +119,31 @@ def is_conv(loaded: ResidualFile) -> bool:
     return bool(kind == "conv")
 
 
-def kohya_name(layer: str) -> str:
-    return KOHYA_PREFIX + layer.replace(".", "_")
+def is_xl_file(loaded: ResidualFile) -> bool:
+    architecture = loaded.json_field("architecture")
+    return isinstance(architecture, dict) and architecture.get("addition_embed_type") == "text_time"
+
+
+def kohya_names(layers: list[str], xl: bool) -> dict[str, str]:
+    """Module path -> kohya's name. SD 1.x/2.x: the diffusers path with underscores. SDXL: the sgm
+    U-Net's block numbering, with L layers per block (SDXL: 2): down_blocks.i.attentions.j ->
+    input_blocks.(1 + i (L + 1) + j).1, mid_block.attentions.0 -> middle_block.1, up_blocks.i.attentions.j
+    -> output_blocks.(i (L + 1) + j).1."""
+    if not xl:
+        return {layer: KOHYA_PREFIX + layer.replace(".", "_") for layer in layers}
+    down = [layer.split(".") for layer in layers if layer.startswith("down_blocks.")]
+    per_block = 1 + max((int(parts[3]) for parts in down), default=1)
+    names = {}
+    for layer in layers:
+        parts = layer.split(".")
+        if layer.startswith("down_blocks."):
+            sgm = f"input_blocks.{1 + int(parts[1]) * (per_block + 1) + int(parts[3])}.1"
+        elif layer.startswith("up_blocks."):
+            sgm = f"output_blocks.{int(parts[1]) * (per_block + 1) + int(parts[3])}.1"
+        else:
+            sgm = "middle_block.1"
+        names[layer] = KOHYA_PREFIX + f"{sgm}.{parts[-1]}".replace(".", "_")
+    return names
 
 
 def shaped(factor: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -125,10 +151,12 @@ def shaped(factor: torch.Tensor, conv: bool) -> torch.Tensor:
     return factor[:, :, None, None].contiguous() if conv else factor
 
 
-def kohya_tensors(layers: Factors, conv: bool, scale: float) -> dict[str, torch.Tensor]:
+def kohya_tensors(
+    layers: Factors, names: dict[str, str], conv: bool, scale: float
+) -> dict[str, torch.Tensor]:
     tensors = {}
     for layer, (up, down) in layers.items():
-        name = kohya_name(layer)
+        name = names[layer]
         tensors[f"{name}.lora_down.weight"] = shaped(down, conv)
         tensors[f"{name}.lora_up.weight"] = shaped(up * scale, conv)
         tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
@@ -149,7 +177,10 @@ def ranks_of(loaded: ResidualFile) -> dict[str, int]:
 
 def base_model_version(loaded: ResidualFile) -> str:
     """kohya's ``ss_base_model_version``: sd_v1 (Conv2d proj_out), sd_v2 (Linear proj_out, the
-    ``use_linear_projection`` of SD 2.x) or sd_v2_v (SD 2.x with v-prediction, e.g. the 768 px model)."""
+    ``use_linear_projection`` of SD 2.x), sd_v2_v (SD 2.x with v-prediction, e.g. the 768 px model) or
+    sdxl_base_v1-0."""
+    if is_xl_file(loaded):
+        return "sdxl_base_v1-0"
     if is_conv(loaded):
         return "sd_v1"
     base = loaded.metadata.get("base_model", "")
@@ -182,7 +213,7 @@ def kohya_metadata(loaded: ResidualFile) -> dict[str, str]:
     version = base_model_version(loaded)
     return {
         "ss_base_model_version": version,
-        "ss_v2": str(version != "sd_v1"),
+        "ss_v2": str(version.startswith("sd_v2")),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top),  # the largest rank; every layer's alpha equals its own rank
         "ss_network_alpha": str(top),
@@ -216,9 +247,9 @@ def persres_header(loaded: ResidualFile) -> dict[str, str]:
 # import ---------------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | os.PathLike[str], layers: dict[str, bool]) -> LoraFile:
+def read_lora(path: str | os.PathLike[str], layers: dict[str, bool], xl: bool = False) -> LoraFile:
     """A kohya or diffusers LoRA file as residual factors for the ``proj_out`` ``layers`` of a base
-    (module path -> is a Conv2d); a tensor of any other layer is refused by name."""
+    (module path -> is a Conv2d; ``xl``: an SDXL base); a tensor of any other layer is refused by name."""
     file = Path(path)
     if file.suffix != ".safetensors" or not file.is_file():
         raise InputError(f"{file} is not a .safetensors file; persres reads LoRA files only as safetensors")
@@ -229,7 +260,7 @@ def read_lora(path: str | os.PathLike[str], layers: dict[str, bool]) -> LoraFile
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{file} is not a readable safetensors file ({exc})") from None
     if tensors and all(key.startswith(KOHYA_PREFIX) for key in tensors):
-        return LoraFile(file, "kohya", kohya_factors(file, tensors, layers), metadata)
+        return LoraFile(file, "kohya", kohya_factors(file, tensors, layers, xl), metadata)
     if tensors and all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
         return LoraFile(file, "diffusers", diffusers_factors(file, tensors, metadata, layers), metadata)
     other = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, DIFFUSERS_PREFIX)))[:3]
@@ -239,8 +270,8 @@ def read_lora(path: str | os.PathLike[str], layers: dict[str, bool]) -> LoraFile
     )
 
 
-def kohya_factors(file: Path, tensors: dict[str, torch.Tensor], layers: dict[str, bool]) -> Factors:
-    by_name = {kohya_name(layer): layer for layer in layers}
+def kohya_factors(file: Path, tensors: dict[str, torch.Tensor], layers: dict[str, bool], xl: bool) -> Factors:
+    by_name = {name: layer for layer, name in kohya_names(list(layers), xl).items()}
     names = sorted({key.split(".", 1)[0] for key in tensors})
     refuse_other_layers(file, [n for n in names if n not in by_name])
     factors = {}
@@ -317,7 +348,8 @@ def import_lora(
         raise ConfigError(f"--out {out} already holds {target.name}; pass --overwrite to replace it")
     unet = load_unet_skeleton(base)
     proj_outs = find_proj_outs(unet)
-    lora = read_lora(path, {name: isinstance(m, torch.nn.Conv2d) for name, m in proj_outs.items()})
+    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    lora = read_lora(path, {name: isinstance(m, torch.nn.Conv2d) for name, m in proj_outs.items()}, xl)
     metadata = lora.residual_metadata() or new_metadata(lora, base, token, class_word, architecture(unet))
     if token or class_word:
         metadata.update({k: v for k, v in (("token", token), ("class_word", class_word)) if v})

@@ -1,4 +1,7 @@
-"""Load a Stable Diffusion 1.x/2.x base model from a local diffusers folder or a hub id, frozen.
+"""Load a Stable Diffusion 1.x/2.x or XL base model from a local diffusers folder or a hub id, frozen.
+
+The pipeline class comes from the model's ``model_index.json``: ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline``; anything else is refused.
 
 Weights are read only from safetensors (``use_safetensors=True``): no pickle is ever loaded.
 Without network, set ``HF_HUB_OFFLINE=1`` so a model that is not cached fails at once instead of
@@ -10,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
 from persres.errors import ConfigError, ModelError, quote
@@ -21,6 +25,12 @@ from persres.tokens import text_length
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+AnyPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+
+
+def is_xl(pipe: object) -> bool:
+    return isinstance(pipe, StableDiffusionXLPipeline)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -49,30 +59,62 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     as_shipped: bool = False,
 ) -> StableDiffusionPipeline:
-    """The base pipeline with every pretrained weight frozen, DDIM as its scheduler and without the
-    safety checker (not needed to train or sample here). ``as_shipped`` keeps the pipeline's own
-    scheduler and safety checker, for writing a merged pipeline that behaves like the base."""
-    _check_local_folder(base)
-    extra = {} if as_shipped else {"safety_checker": None, "requires_safety_checker": False}
+    """The base pipeline (SD 1.x/2.x or XL, from its model_index.json) with every pretrained weight
+    frozen, DDIM as its scheduler and without the safety checker (not needed to train or sample here).
+    ``as_shipped`` keeps the pipeline's own scheduler and safety checker, for writing a merged pipeline
+    that behaves like the base. SDXL's VAE stays in fp32 under fp16: the stock one overflows in half
+    precision (diffusers marks it ``force_upcast``)."""
+    cls = pipeline_class(base)
+    extra = {} if as_shipped or cls is StableDiffusionXLPipeline else {
+        "safety_checker": None, "requires_safety_checker": False,
+    }  # fmt: skip
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            os.path.expanduser(base), dtype=dtype, use_safetensors=True, **extra
-        )
+        pipe = cls.from_pretrained(os.path.expanduser(base), dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(_not_available_message(base, exc)) from None
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise ModelError(f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x pipeline")
+    if type(pipe) not in PIPELINES.values():
+        raise ModelError(
+            f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL pipeline"
+        )
     # diffusers' encode_prompt pads every prompt to the tokenizer's model_max_length: bound it by the
     # text encoder (a tokenizer config without it reads as 1e30 in transformers 5)
-    pipe.tokenizer.model_max_length = text_length(pipe.tokenizer, pipe.text_encoder.config)
+    for tokenizer, encoder in text_towers(pipe):
+        tokenizer.model_max_length = text_length(tokenizer, encoder.config)
     if not as_shipped:
         # latents are not in [-1, 1]: a config without clip_sample would wash DDIM's images out
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+    if is_xl(pipe) and dtype == torch.float16:
+        pipe.vae.to(torch.float32)
+        log.info("SDXL: the VAE stays in fp32 (the stock SDXL VAE overflows in fp16)")
+    for model in (pipe.unet, pipe.vae, *(encoder for _, encoder in text_towers(pipe))):
         model.requires_grad_(False)
         model.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def text_towers(pipe: object) -> list[tuple[Any, Any]]:
+    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]  # type: ignore[attr-defined]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))  # type: ignore[attr-defined]
+    return pairs
+
+
+def pipeline_class(base: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """The pipeline class ``model_index.json`` names (a local folder, or the hub cache)."""
+    _check_local_folder(base)
+    try:
+        index = StableDiffusionPipeline.load_config(os.path.expanduser(base))
+    except (OSError, ValueError) as exc:
+        raise ModelError(_not_available_message(base, exc)) from None
+    name = index.get("_class_name", "")
+    if name not in PIPELINES:
+        raise ModelError(
+            f"--base {base} is a {name or 'pipeline without a class name'}; persres supports "
+            f"{', '.join(PIPELINES)} (Stable Diffusion 1.x/2.x and XL)"
+        )
+    return PIPELINES[name]
 
 
 def load_unet_skeleton(base: str) -> torch.nn.Module:
@@ -132,10 +174,11 @@ def _check_local_folder(base: str) -> None:
             f"--base {base} is not a diffusers pipeline folder (no model_index.json); single-file "
             "checkpoints (.ckpt/.safetensors) must first be converted to the diffusers layout"
         )
-    if '"StableDiffusionPipeline"' not in index.read_text(encoding="utf-8", errors="replace"):
+    text = index.read_text(encoding="utf-8", errors="replace")
+    if not any(f'"{name}"' in text for name in PIPELINES):
         raise ModelError(
-            f"--base {base}: {index} does not describe a StableDiffusionPipeline; persres supports "
-            "Stable Diffusion 1.x/2.x"
+            f"--base {base}: {index} does not describe a {' or '.join(PIPELINES)}; persres supports "
+            "Stable Diffusion 1.x/2.x and XL"
         )
 
 

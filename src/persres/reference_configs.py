@@ -1,4 +1,4 @@
-"""Published U-Net configs of Stable Diffusion 1.5 and 2.1 (diffusers ``unet/config.json``).
+"""Published U-Net configs of Stable Diffusion 1.5, 2.1 and XL base 1.0 (diffusers ``unet/config.json``).
 
 Building a U-Net from these gives the real architecture with random weights: nothing is
 downloaded. Used by the benchmarks and by tests that count parameters on the meta device.
@@ -40,4 +40,31 @@ SD21_UNET: dict[str, Any] = {
     "sample_size": 96,
     "use_linear_projection": True,
     "upcast_attention": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the fields that shape the model)
+SDXL_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
 }

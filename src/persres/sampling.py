@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -28,6 +28,7 @@ from persres.concepts import (
 from persres.config import SampleSettings
 from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
+from persres.pipeline import text_towers
 from persres.tokens import text_length
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,12 @@ def sample(
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
-    limit = text_length(pipe.tokenizer, pipe.text_encoder.config)
+    towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in text_towers(pipe)]
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
-        check_prompt_length(pipe.tokenizer, plan, concepts, limit)
+        for tokenizer, limit in towers:
+            check_prompt_length(tokenizer, plan, concepts, limit)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
-    columns = {
-        plan.prompt: concept_columns(pipe.tokenizer, plan, concepts, "lag" in kinds, limit) for plan in plans
-    }
+    columns = {plan.prompt: prompt_columns(towers, plan, concepts, "lag" in kinds) for plan in plans}
     samples = []
     with tqdm(
         total=len(plans) * settings.num_images * len(kinds), desc="sampling", disable=not progress
@@ -82,6 +82,17 @@ def sample(
                     samples.append(generate(pipe, plan, settings.seed + j, settings, state))
                     bar.update()
     return samples
+
+
+def prompt_columns(
+    towers: list[tuple[Any, int]], plan: PromptPlan, concepts: list[Concept], require: bool
+) -> torch.Tensor:
+    """Each concept's token columns, located in the ids of every tokenizer (SDXL has two, whose
+    hidden states sit side by side per position): a column of either counts."""
+    found = [concept_columns(tokenizer, plan, concepts, require, limit) for tokenizer, limit in towers]
+    width = max(c.shape[1] for c in found)
+    padded = [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in found]
+    return torch.stack(padded).amax(dim=0)
 
 
 @torch.no_grad()

@@ -13,12 +13,20 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     ViTConfig,
     ViTModel,
@@ -84,6 +92,91 @@ def tiny_unet(
         norm_num_groups=8,
         use_linear_projection=linear_projection,
     )
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **changes: object) -> CLIPTextConfig:
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"))
+    }
+    settings: dict[str, object] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "pad_token_id": ids["eos_token_id"],
+        **ids,
+        **changes,
+    }
+    return CLIPTextConfig(**settings)
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+
+
+def tiny_sdxl_unet(sample_size: int = 8) -> UNet2DConditionModel:
+    """SDXL's layout at toy size: a plain block at the top resolution, then a cross-attention block of 2
+    transformer layers (down 2 blocks, mid 1, up 3: six proj_out, the down ones after 2 layers each),
+    Linear proj_out, text_time conditioning on the pooled text embedding and the six size/crop ids."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + text_encoder_2's projection
+        cross_attention_dim=64,  # both encoders' hidden states side by side: 32 + 32
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: Iterable[str] = BASIC_WORDS) -> StableDiffusionXLPipeline:
+    """A complete, random Stable Diffusion XL pipeline: two CLIP text encoders (the second with a
+    projection, for the pooled embedding), their tokenizers, VAE, U-Net, SDXL's Euler scheduler."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    tokenizer_2 = word_tokenizer(words)
+    tokenizer_2.pad_token = "!" if "!" in tokenizer_2.get_vocab() else tokenizer_2.pad_token
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        unet=tiny_sdxl_unet(),
+        vae=tiny_vae(),
+        text_encoder=CLIPTextModel(tiny_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def tiny_pipeline(

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from persres import __version__
 from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
+from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
 from persres.data import ConceptImages
-from persres.errors import TrainingDivergedError
+from persres.errors import ConfigError, TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.macro import real_words
 from persres.methods import get_method
-from persres.pipeline import DTYPES, load_pipeline
+from persres.pipeline import DTYPES, is_xl, load_pipeline
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, RunFolder
 from persres.tokens import check_identifier, text_length
@@ -69,9 +70,9 @@ class Loop:
     state: TrainState
     images: ConceptImages
     prior: ConceptImages | None  # class images, for the methods with prior preservation
-    prior_text: torch.Tensor | None  # (1, T, D) "a photo of a {class}"
+    prior_text: Conditioning | None  # "a photo of a {class}"
     prompt: str  # the method's training prompt
-    text: torch.Tensor  # (1, T, D) its embedding, encoded once unless the method trains the text side
+    text: Conditioning  # its encoding, once unless the method trains the text side
     noise_scheduler: DDPMScheduler
     accelerator: Accelerator
     log: LossLog | None  # the main process's
@@ -121,6 +122,11 @@ def train_in(
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
+    if is_xl(pipe) and config.method != "residuals":
+        raise ConfigError(
+            f"--method {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
+            "persres trains personalized residuals (--method residuals)"
+        )
     if concept[0].token == config.token:  # an existing token (a learned one is added by prepare)
         check_identifier(pipe.tokenizer, config.token, real_words())
     # adds what the method trains and checks its settings against the model before anything is written
@@ -167,11 +173,12 @@ def prepare_loop(
     unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
     optimizer = accelerator.prepare(state.optimizer)
     prompt = state.method.training_prompt(config)
-    text = pipe.encode_prompt(prompt, accelerator.device, 1, False)[0].detach()  # (1, T, D)
+    text = encode(pipe, prompt, accelerator.device, config.resolution).detach()
     prior_text = None
     if prior is not None:
-        prior_text = pipe.encode_prompt(class_prompt(config.class_word), accelerator.device, 1, False)[0]
-        prior_text = prior_text.detach()
+        prior_text = encode(
+            pipe, class_prompt(config.class_word), accelerator.device, config.resolution
+        ).detach()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Loop(
         config, out, pipe, unet, optimizer, state, images, prior, prior_text, prompt, text, noise_scheduler,
@@ -212,7 +219,7 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     with loop.accelerator.autocast():
         text = loop.text
         if state.trainable.text_trainable:  # a learned token: the embedding changes every step
-            text = loop.pipe.encode_prompt(loop.prompt, loop.accelerator.device, 1, False)[0]
+            text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator)
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
             classes = loop.prior.batch(config.batch_size, state.generator, config.min_crop, config.flip)
@@ -277,12 +284,12 @@ def denoising_loss(
     unet: torch.nn.Module,
     pipe: StableDiffusionPipeline,
     noise_scheduler: DDPMScheduler,
-    text: torch.Tensor,
+    text: Conditioning,
     pixels: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Latent diffusion's MSE between the U-Net's prediction and its target (epsilon or v)."""
-    vae, device = pipe.vae, text.device
+    vae, device = pipe.vae, text.hidden.device
     with torch.no_grad():
         posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
@@ -297,8 +304,10 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, steps)
     else:
         target = noise
-    condition = text.expand(latents.shape[0], -1, -1).to(latents.dtype)  # a trained text side may be fp32
-    prediction = unet(noisy, steps, encoder_hidden_states=condition).sample
+    # a trained text side may be fp32; SDXL's VAE may be fp32 under an fp16 U-Net
+    noisy = noisy.to(getattr(getattr(pipe, "unet", None), "dtype", noisy.dtype))
+    condition = text.unet_kwargs(latents.shape[0], noisy.dtype)
+    prediction = unet(noisy, steps, **condition).sample
     return F.mse_loss(prediction.float(), target.float())
 
 

@@ -8,7 +8,7 @@ import os
 
 from persres.cli.generation import add_sampling, settings_of
 from persres.cli.options import POSITIVE, add_device, add_scorers
-from persres.cli.training import DEFAULTS, add_recipe
+from persres.cli.training import DEFAULTS, add_recipe, native_resolution
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, OutputExistsError
 
@@ -123,7 +123,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         steps=given.get("steps", DEFAULTS["steps"]),  # residuals' recipe unless given
         batch_size=given.get("batch_size", DEFAULTS["batch_size"]),
         lr=given.get("lr", DEFAULTS["lr"]),
-        resolution=args.resolution,
+        resolution=args.resolution or native_resolution(args.base),
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         flip=not args.no_flip,

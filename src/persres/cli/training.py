@@ -112,8 +112,8 @@ def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method
     p.add_argument(
         "--resolution",
         type=PIXELS,
-        default=DEFAULTS["resolution"],
-        help="training size in px (default %(default)s)",
+        default=None,
+        help=f"training size in px (default {DEFAULTS['resolution']}; 1024 for an SDXL base)",
     )
     p.add_argument(
         "--no-flip", action="store_true", help="no random horizontal flips (for asymmetric concepts)"
@@ -122,6 +122,13 @@ def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method
     p.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="base model precision"
     )
+
+
+def native_resolution(base: str) -> int:
+    """--resolution's default: 1024 for an SDXL base, 512 for SD 1.x/2.x."""
+    from persres.pipeline import pipeline_class
+
+    return 1024 if pipeline_class(base).__name__ == "StableDiffusionXLPipeline" else TrainConfig.resolution
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         class_word=class_word,
         class_reason=reason,
         token=args.token,
-        resolution=args.resolution,
+        resolution=args.resolution or native_resolution(args.base),
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         flip=not args.no_flip,
