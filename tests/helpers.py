@@ -78,3 +78,21 @@ def diffusers_image(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
     generator = torch.Generator().manual_seed(0)
     image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, generator=generator).images[0]
     return np.asarray(image, dtype=np.int16)
+
+
+CONCEPTS = {"pet_dog": "dog", "toy_cup": "cup"}  # the benchmark tests' dataset: folder -> class word
+
+
+def bench_argv(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> list[str]:
+    return [
+        "benchmark",
+        "--dataset",
+        str(dataset),
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        *("--steps", "2", "--batch-size", "1", "--resolution", "16", "--images-per-prompt", "1"),
+        *("--sample-steps", "2", "--height", "16", "--width", "16", "--device", "cpu"),
+        *("--clip", scorers[0], "--dino", scorers[1]),
+    ]

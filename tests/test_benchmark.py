@@ -11,8 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import CONCEPTS, bench_argv
 from PIL import Image
 
 from persres.benchmark import (
@@ -34,40 +34,6 @@ from persres.methods import get_method
 from persres.report import write_report
 from persres.results import merge_results
 from persres.sampling import SampleSettings
-from persres.tiny import save_tiny_clip, save_tiny_dino
-
-CONCEPTS = {"pet_dog": "dog", "toy_cup": "cup"}
-
-
-@pytest.fixture(scope="module")
-def scorer_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("scorers")
-    return str(save_tiny_clip(root / "clip")), str(save_tiny_dino(root / "dino"))
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    root = tmp_path / "cc101"
-    entries = []
-    rng = np.random.default_rng(0)
-    for name, class_word in CONCEPTS.items():
-        folder = root / "benchmark_dataset" / name
-        folder.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (root / "prompts").mkdir(exist_ok=True)
-        (root / "prompts" / f"{class_word}.txt").write_text("a photo of {}\n{} on the beach\n")
-        entries.append(
-            {
-                "instance_prompt": f"photo of a <new1> {class_word}",
-                "class_prompt": class_word,
-                "instance_data_dir": f"./benchmark_dataset/{name}",
-                "class_data_dir": "./unused",
-                "prompt_filename": f"prompts/{class_word}.txt",
-            }
-        )
-    (root / "dataset.json").write_text(json.dumps(entries))
-    return root
 
 
 def mini_config(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> BenchmarkConfig:
@@ -293,21 +259,6 @@ def test_class_sources_are_compared_on_the_same_texts(
     assert result["train_config"]["class_word"] in chosen
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert "rank=0.05 class=nearest sampler=lag" in summary["overall"]
-
-
-def bench_argv(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> list[str]:
-    return [
-        "benchmark",
-        "--dataset",
-        str(dataset),
-        "--base",
-        str(base),
-        "--out",
-        str(out),
-        *("--steps", "2", "--batch-size", "1", "--resolution", "16", "--images-per-prompt", "1"),
-        *("--sample-steps", "2", "--height", "16", "--width", "16", "--device", "cpu"),
-        *("--clip", scorers[0], "--dino", scorers[1]),
-    ]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ refusals."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from helpers import tiny_config, train_argv
+from helpers import bench_argv, tiny_config, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -261,3 +262,24 @@ def test_sd1_and_sdxl_files_are_refused_by_each_other_naming_both(
 def test_the_peer_methods_are_refused_on_sdxl(xl_base: Path, photos: Path, tmp_path: Path, capsys) -> None:
     assert main(train_argv(xl_base, photos, tmp_path / "run", "--method", "lora", "--steps", "1")) == 2
     assert "--method lora supports Stable Diffusion 1.x/2.x" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_report_and_suggest_token_on_sdxl(
+    xl_base: Path,
+    dataset: Path,
+    scorer_models: tuple[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = tmp_path / "bench"
+    assert main(bench_argv(dataset, xl_base, out, scorer_models)) == 0
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["sampler"] for r in rows} == {"normal", "lag", "auto"} and len(
+        {r["concept"] for r in rows}
+    ) == 2
+    assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["suggest-token", "--base", str(xl_base), "--top", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 1
