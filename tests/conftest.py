@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from helpers import CONCEPTS
 from PIL import Image
 
-from persres.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline
+from persres.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline, save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,12 @@ def conv_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def linear_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SD 2.x layout: Linear proj_out."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-linear", linear_projection=True)
+
+
+@pytest.fixture(scope="session")
+def xl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stable Diffusion XL layout: two text encoders, text_time conditioning, 2-layer blocks."""
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("base") / "tiny-sdxl")
 
 
 @pytest.fixture(params=["conv", "linear"])

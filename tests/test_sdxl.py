@@ -1,6 +1,6 @@
 """Stable Diffusion XL: the published U-Net's residual count, and on a tiny SDXL pipeline loaded through
-from_pretrained: train, resume, sample normal and LAG, merge, the kohya export, wrong-architecture
-refusals."""
+from_pretrained (``xl_base`` in conftest): train, sample normal and LAG, merge, the kohya export, the
+benchmark, wrong-architecture refusals. Resuming an SDXL run is checked in test_train.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from helpers import bench_argv, tiny_config, train_argv
+from helpers import bench_argv, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,15 +27,8 @@ from persres.pipeline import load_pipeline
 from persres.reference_configs import SDXL_UNET
 from persres.residuals import add_residuals, count_parameters, residuals_disabled
 from persres.sampling import sample
-from persres.tiny import save_tiny_sdxl_pipeline
-from persres.train import train
 
 SETTINGS = SampleSettings(steps=2, guidance=7.5, num_images=1, seed=0, height=16, width=16)
-
-
-@pytest.fixture(scope="module")
-def xl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("base") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -112,25 +105,6 @@ def test_tiny_sdxl_loads_as_sdxl_with_its_two_text_towers(xl_base: Path) -> None
     assert pipe.unet.config.addition_embed_type == "text_time"
     residuals = add_residuals(pipe.unet)
     assert len(residuals) == 6 and all(isinstance(w.base, torch.nn.Linear) for w in residuals.values())
-
-
-@pytest.mark.slow
-def test_resumed_sdxl_training_equals_uninterrupted(xl_base: Path, photos: Path, tmp_path: Path) -> None:
-    config = tiny_config(xl_base, photos)
-    whole = train(config, tmp_path / "whole", progress=False)
-
-    def crash_after_five(step: int, loss: float) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "split", progress=False, callback=crash_after_five)
-    resumed = train(config, tmp_path / "split", resume=True, progress=False)
-    expected, got = read_residual_file(whole.residuals).tensors, read_residual_file(resumed.residuals).tensors
-    assert expected.keys() == got.keys()
-    assert any(t.abs().sum() > 0 for k, t in got.items() if k.endswith(".A"))  # it trained
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
 
 
 def test_lag_on_sdxl_masks_0_and_1_give_base_and_normal(

@@ -72,8 +72,11 @@ def test_run_writes_residuals_config_and_checkpoints(conv_base: Path, photos: Pa
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_equals_uninterrupted(conv_base: Path, photos: Path, tmp_path: Path) -> None:
-    config = tiny_config(conv_base, photos)
+@pytest.mark.parametrize("model", ["conv_base", "xl_base"])  # SD 1.x, and SDXL's added conditioning
+def test_interrupted_and_resumed_equals_uninterrupted(
+    model: str, photos: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    config = tiny_config(request.getfixturevalue(model), photos)
     whole = train(config, tmp_path / "whole", progress=False)
 
     def crash_after_five(step: int, loss: float) -> None:

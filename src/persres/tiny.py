@@ -188,29 +188,8 @@ def tiny_pipeline(
     """A complete, random Stable Diffusion pipeline: U-Net, VAE (downsamples by 2), CLIP text encoder."""
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(words)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+    vae = tiny_vae()
     scheduler = PNDMScheduler(  # as Stable Diffusion 1.x ships; persres samples with DDIM from its config
         beta_start=0.00085,
         beta_end=0.012,
