@@ -34,6 +34,7 @@ def free_port() -> int:
 @dataclass
 class Served:
     client: object
+    url: str
     runs: Path
     outside: Path  # the folder holding runs/: nothing else may appear in it
 
@@ -51,7 +52,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
     page = ui.launch(ui.AppSettings(str(SHIPPED_BASE), runs, "cpu"), "127.0.0.1", port, None, block=False)
     try:
-        yield Served(Client(f"http://127.0.0.1:{port}/", verbose=False), runs, outside)
+        url = f"http://127.0.0.1:{port}/"
+        yield Served(Client(url, verbose=False), url, runs, outside)
     finally:
         page.close()
 
@@ -154,6 +156,14 @@ def test_hostile_input_is_refused_in_the_page_and_the_server_keeps_serving(
         served, ["missing"], "a photo of a V* dog", "both", 0, 5, api_name="/sample"
     )
     assert "no run '/etc'" in refused(served, "/etc", api_name="/resume")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(os.urandom(21 * 2**20))
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client checks first
+        served.client.predict([handle_file(str(big))], api_name="/preview")  # type: ignore[attr-defined]
+    import httpx
+
+    sent = httpx.post(f"{served.url}gradio_api/upload", files={"files": ("big.jpg", big.read_bytes())})
+    assert sent.status_code == 413  # and the server refuses it too
     assert set(served.runs.rglob("*")) == before  # nothing kept of the refused requests
     assert sorted(p.name for p in served.outside.iterdir()) == ["runs"]
     hint = served.client.predict("a painting of a V* dog", api_name="/hint")  # type: ignore[attr-defined]
