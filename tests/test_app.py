@@ -269,3 +269,27 @@ def test_an_interrupted_run_is_resumed_from_the_runs_page(served: Served, tmp_pa
     assert "step 12/12" in status and "Finished" in status
     assert [step for step, _ in runstore.losses(served.runs / "halted")] == list(range(1, 13))
     assert "is finished" in refused(served, "halted", api_name="/resume")
+
+
+def test_mask_overlays_tint_only_where_lag_applied_the_residuals() -> None:
+    import torch
+
+    from persres.app.masks import overlays
+    from persres.sampling import Sample
+
+    image = Image.new("RGB", (8, 8), (10, 200, 10))
+    half = torch.zeros(1, 1, 16)  # a 4x4 block: the residual applied in the top half only
+    half[0, 0, :8] = 1
+    masks = {
+        0: {"down": torch.zeros(1, 1, 64), "mid": torch.zeros(1, 1, 16)},
+        1: {"down": torch.ones(1, 1, 64), "mid": half},
+    }
+    item = Sample("a V* dog", "a sks dog", 0, "lag", image, masks, latent_size=(8, 8))
+    first, last = overlays(item, 0), overlays(item, 99)  # past the end: the last step
+    assert [c for _, c in last] == ["step 2/2: 8x8 blocks", "step 2/2: 4x4 blocks"]
+    assert np.array_equal(
+        np.asarray(first[0][0]), np.asarray(image.resize((256, 256), Image.Resampling.NEAREST))
+    )
+    fine, coarse = (np.asarray(shown, dtype=int) for shown, _ in last)
+    assert fine.shape == (256, 256, 3) and (fine[..., 0] > 100).all()  # mask 1 everywhere: all tinted red
+    assert (coarse[:128, :, 0] > 100).all() and (coarse[128:] == [10, 200, 10]).all()  # top half only

@@ -61,7 +61,7 @@ def keep_photos(uploads: Sequence[str | os.PathLike[str]], folder: Path) -> list
     if not MIN_PHOTOS <= len(uploads) <= MAX_PHOTOS:
         raise InputError(f"upload {MIN_PHOTOS}-{MAX_PHOTOS} photos of your concept, got {len(uploads)}")
     images = [check_photo(Path(upload)) for upload in uploads]
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=True) as tmp:  # the run folder is new: stale photos are of a removed run
         for i, image in enumerate(images):
             image.save(tmp / f"photo-{i:02d}.png")
     return sorted(folder.glob("photo-*.png"))
