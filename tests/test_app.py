@@ -237,7 +237,7 @@ def test_cli_warns_when_serving_beyond_localhost_without_auth(
     launched: list[tuple[object, ...]] = []
     monkeypatch.setattr(ui, "launch", lambda *args: launched.append(args))
     args = argparse.Namespace(base=None, runs=str(tmp_path / "runs"), host="0.0.0.0", port=7860, auth=None,
-                              clip=None, device="cpu")  # fmt: skip
+                              clip=None, nouns=None, device="cpu")  # fmt: skip
     assert run_app(args) == 0 and "without a login" in caplog.text
     caplog.clear()
     assert run_app(argparse.Namespace(**{**vars(args), "auth": "ann:pw"})) == 0
@@ -293,3 +293,29 @@ def test_mask_overlays_tint_only_where_lag_applied_the_residuals() -> None:
     fine, coarse = (np.asarray(shown, dtype=int) for shown, _ in last)
     assert fine.shape == (256, 256, 3) and (fine[..., 0] > 100).all()  # mask 1 everywhere: all tinted red
     assert (coarse[:128, :, 0] > 100).all() and (coarse[128:] == [10, 200, 10]).all()  # top half only
+
+
+def test_class_word_suggestions_come_from_the_configured_clip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gradio")
+    from persres.app.common import AppSettings
+    from persres.app.train_page import suggest_class
+    from persres.evaluate import Scorers
+    from persres.macro import load_nouns, suggest_classes
+    from persres.tiny import save_tiny_clip
+
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))
+    clip = save_tiny_clip(tmp_path / "clip")
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_text("dog\ncat\ncup\ncar\nchair\nball\n")
+    photos = toy_photos(tmp_path)
+    (tmp_path / "runs").mkdir()
+    update = suggest_class(AppSettings("unused", tmp_path / "runs", "cpu", str(clip), str(nouns)), photos)
+    scorers = Scorers.load(str(clip), None, "cpu")
+    expected = suggest_classes(
+        scorers, Path(photos[0]).parent, top=5, nouns=load_nouns(nouns), progress=False
+    )
+    assert update["value"] == expected[0].noun
+    assert update["info"] == "suggested: " + ", ".join(s.noun for s in expected)
+    assert list((tmp_path / "runs").iterdir()) == []  # the photos were checked in a folder since removed

@@ -28,6 +28,7 @@ class AppSettings:
     runs: Path
     device: str = "auto"
     clip: str | None = None  # a CLIP model for class-word suggestions; none: the button is hidden
+    nouns: str | None = None  # the nouns suggested from (one per line); none: WordNet's, as suggest-class
 
 
 def refused(handler: Callable[..., Any]) -> Callable[..., Any]:

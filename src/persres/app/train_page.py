@@ -103,12 +103,13 @@ def suggest_class(settings: AppSettings, files: list[str] | None) -> Any:
 
     from persres.app.photos import keep_photos
     from persres.evaluate import Scorers
-    from persres.macro import suggest_classes
+    from persres.macro import load_nouns, suggest_classes
 
     with tempfile.TemporaryDirectory(dir=settings.runs) as tmp:
         keep_photos(files or [], Path(tmp) / "photos")
         scorers = Scorers.load(str(settings.clip), None, settings.device)
-        found = suggest_classes(scorers, Path(tmp) / "photos", top=5, progress=False)
+        nouns = load_nouns(settings.nouns) if settings.nouns else None
+        found = suggest_classes(scorers, Path(tmp) / "photos", top=5, nouns=nouns, progress=False)
     return gr.update(value=found[0].noun, info="suggested: " + ", ".join(s.noun for s in found))
 
 

@@ -35,6 +35,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (needed off localhost)"
     )
     p.add_argument("--clip", default=None, help="a CLIP model to suggest class words (default: none)")
+    p.add_argument(
+        "--nouns", default=None, help="with --clip: own noun list (one per line) instead of WordNet"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(handler=run_app)
 
@@ -70,7 +73,9 @@ def run_app(args: argparse.Namespace) -> int:
             f"the shipped toy world is not at {base}; pass --base (a hub id or a diffusers folder)"
         )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    settings = ui.AppSettings(base=base, runs=Path(args.runs).resolve(), device=args.device, clip=args.clip)
+    settings = ui.AppSettings(
+        base=base, runs=Path(args.runs).resolve(), device=args.device, clip=args.clip, nouns=args.nouns
+    )
     print(f"persres app: base {base}, runs in {settings.runs}, http://{args.host}:{args.port}")
     ui.launch(settings, args.host, args.port, auth)
     return 0
