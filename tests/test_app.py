@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,3 +320,45 @@ def test_class_word_suggestions_come_from_the_configured_clip(
     assert update["value"] == expected[0].noun
     assert update["info"] == "suggested: " + ", ".join(s.noun for s in expected)
     assert list((tmp_path / "runs").iterdir()) == []  # the photos were checked in a folder since removed
+
+
+def test_a_resumed_trainings_curve_starts_with_the_steps_before_its_checkpoint(tmp_path: Path) -> None:
+    from persres.app.jobs import TrainingJob
+    from persres.config import TrainConfig
+
+    (tmp_path / "logs").mkdir()
+    rows = "".join(f"{step},{step / 10!r},0.0,0.001,0.0\n" for step in range(1, 10))  # 9 steps, then killed
+    (tmp_path / "logs" / "loss.csv").write_text("step,loss,smoothed_loss,lr,elapsed_seconds\n" + rows)
+    job = TrainingJob(TrainConfig(base="b", images="i", class_word="dog", steps=10), tmp_path, True, "cpu")
+
+    def resumed_from_step_6() -> None:
+        for step in (7, 8, 9, 10):
+            job.events.put((step, 1.0))
+        job.events.put(None)
+
+    job.thread = threading.Thread(target=resumed_from_step_6)
+    *_, last = job.updates(poll_s=0.01)
+    assert last.done and last.error is None
+    assert last.losses == [
+        (1, 0.1),
+        (2, 0.2),
+        (3, 0.3),
+        (4, 0.4),
+        (5, 0.5),
+        (6, 0.6),
+        (7, 1.0),
+        (8, 1.0),
+        (9, 1.0),
+        (10, 1.0),
+    ]
+
+
+def test_emptied_number_fields_are_named() -> None:
+    from persres.app.jobs import TOY_RECIPE, make_config
+
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        make_config("b", Path("p"), "dog", "sks", None, 5e-3, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="lr must be in"):
+        make_config("b", Path("p"), "dog", "sks", 10, None, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="rank 'x'"):
+        make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "x", TOY_RECIPE)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import cast
 
 from persres.app.photos import keep_photos
-from persres.app.runstore import REQUEST, new_run, photo_folder, run_config, run_folder
+from persres.app.runstore import REQUEST, losses, new_run, photo_folder, run_config, run_folder
 from persres.config import ResidualConfig, SampleSettings, TrainConfig
 from persres.errors import ConfigError
 from persres.files import write_json
@@ -81,13 +81,13 @@ def make_config(
         images=str(photos),
         class_word=class_word.strip(),
         token=token.strip() or "sks",
-        steps=int(steps),
+        steps=int(steps or 0),  # an emptied field: TrainConfig names the setting
         batch_size=recipe.batch_size,
-        lr=float(lr),
+        lr=float(lr or 0),
         residual=residual,
         resolution=recipe.resolution,
         flip=recipe.flip,
-        checkpoint_every=max(1, int(steps) // 4),
+        checkpoint_every=max(1, int(steps or 0) // 4),
         validation_prompts=(VALIDATION_PROMPT.format(class_word.strip()),),
     )
 
@@ -144,6 +144,8 @@ class TrainingJob:
                     update.done, update.error = True, event
                     yield update
                     return
+                if self.resume and not update.losses:  # the curve up to the checkpoint resumed from
+                    update.losses = [row for row in losses(self.out) if row[0] < event[0]]
                 update.losses.append(event)
                 try:
                     event = self.events.get_nowait()
