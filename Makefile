@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test test-fast demo lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
+.PHONY: test test-fast demo app lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-app.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the app's stack (gradio), without its pillow<13 cap: see requirements-app.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt -r requirements-app.txt
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,6 +25,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+# The web app on http://127.0.0.1:7860 (the toy world by default; runs in ./app-runs). Ctrl-C stops it.
+app: $(STAMP)
+	$(VENV)/bin/persres app
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from persres import __version__
-from persres.cli import evaluation, generation, sharing, suggestion, training
+from persres.cli import app, evaluation, generation, sharing, suggestion, training
 from persres.errors import PersresError
 
 LIGHT_COMMANDS = {"info", "report"}  # read files only: no torch, diffusers or transformers
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"persres {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (training, generation, sharing, evaluation, suggestion):
+    for module in (training, generation, sharing, evaluation, suggestion, app):
         module.register(commands)
     return parser
 

@@ -1,0 +1,229 @@
+"""Training and sampling for the app: library calls (``train``, ``load_personalized`` + ``sample``,
+``export_lora``), one at a time on the machine.
+
+gradio's queue already runs one job at a time; ``MACHINE`` also covers a training whose page was
+closed: its thread trains on to the end (no job is lost), and the next job waits for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from persres.app.photos import keep_photos
+from persres.app.runstore import REQUEST, losses, new_run, photo_folder, run_config, run_folder
+from persres.config import ResidualConfig, SampleSettings, TrainConfig
+from persres.errors import ConfigError
+from persres.files import write_json
+from persres.outputs import write_samples
+from persres.runfolder import RESIDUALS_FILE
+from persres.sampling import Sample, Sampler
+
+MACHINE = threading.Lock()
+SHIPPED_BASE = Path(__file__).resolve().parents[3] / "models" / "toyworld-base"
+VALIDATION_PROMPT = "a photo of a V* {}"
+SAMPLES = "samples"  # RUN/samples/: what the Sample page drew with the run (PNGs and JSON sidecars)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the Train page's "advanced" fields start at for a base model."""
+
+    steps: int
+    lr: float
+    rank: float
+    batch_size: int
+    resolution: int
+    flip: bool
+
+
+TOY_RECIPE = Recipe(steps=400, lr=5e-3, rank=0.05, batch_size=4, resolution=32, flip=False)  # scripts/demo.sh
+PAPER_RECIPE = Recipe(steps=150, lr=1e-3, rank=0.05, batch_size=4, resolution=512, flip=True)  # the paper
+
+
+def default_base() -> str:
+    """The shipped toy world, so that a first visit trains and samples on a CPU in a minute or two."""
+    return str(SHIPPED_BASE)
+
+
+def recipe_for(base: str) -> Recipe:
+    return TOY_RECIPE if Path(base).resolve() == SHIPPED_BASE else PAPER_RECIPE
+
+
+def parse_rank(text: str | float) -> float | int:
+    """ "0.05" -> a fraction of each layer's width, "16" -> a fixed rank (as ``persres train --rank``)."""
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 and "." not in str(text) else value
+
+
+def make_config(
+    base: str,
+    photos: Path,
+    class_word: str,
+    token: str,
+    steps: int,
+    lr: float,
+    rank: str | float,
+    recipe: Recipe,
+) -> TrainConfig:
+    if not class_word.strip():
+        raise ConfigError("class word is empty: say what the concept is, e.g. dog")
+    try:
+        residual = ResidualConfig(rank=parse_rank(rank))
+    except ValueError:
+        raise ConfigError(f"rank {rank!r} must be a fraction like 0.05 or a whole number like 16") from None
+    return TrainConfig(
+        base=base,
+        images=str(photos),
+        class_word=class_word.strip(),
+        token=token.strip() or "sks",
+        steps=int(steps or 0),  # an emptied field: TrainConfig names the setting
+        batch_size=recipe.batch_size,
+        lr=float(lr or 0),
+        residual=residual,
+        resolution=recipe.resolution,
+        flip=recipe.flip,
+        checkpoint_every=max(1, int(steps or 0) // 4),
+        validation_prompts=(VALIDATION_PROMPT.format(class_word.strip()),),
+    )
+
+
+@dataclass
+class Update:
+    """One report from a training: the losses so far, and at the end the result or the error."""
+
+    run: str
+    steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+
+
+class TrainingJob:
+    """``train`` in a thread of its own, reporting each step's loss through a queue."""
+
+    def __init__(self, config: TrainConfig, out: Path, resume: bool, device: str) -> None:
+        self.config, self.out, self.resume, self.device = config, out, resume, device
+        self.events: queue.Queue[tuple[int, float] | BaseException | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.work, name=f"persres-train-{out.name}", daemon=True)
+
+    def work(self) -> None:
+        from persres.train import train  # torch and diffusers load with the first job, not the page
+
+        with MACHINE:
+            try:
+                train(
+                    self.config,
+                    self.out,
+                    resume=self.resume,
+                    device=self.device,
+                    progress=False,
+                    callback=lambda step, loss: self.events.put((step, loss)),
+                )
+            except BaseException as exc:  # reported to the page, which shows it
+                self.events.put(exc)
+                return
+        self.events.put(None)
+
+    def updates(self, poll_s: float = 0.5) -> Iterator[Update]:
+        """Start the training and report at least every ``poll_s`` seconds until it ends."""
+        self.thread.start()
+        update = Update(self.out.name, self.config.steps)
+        while True:
+            try:
+                event = self.events.get(timeout=poll_s)
+            except queue.Empty:
+                yield update
+                continue
+            while True:  # everything that arrived meanwhile, then one report
+                if event is None or isinstance(event, BaseException):
+                    update.done, update.error = True, event
+                    yield update
+                    return
+                if self.resume and not update.losses:  # the curve up to the checkpoint resumed from
+                    update.losses = [row for row in losses(self.out) if row[0] < event[0]]
+                update.losses.append(event)
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    break
+            yield update
+
+
+def start_training(
+    runs: Path,
+    name: str,
+    uploads: Sequence[str],
+    base: str,
+    class_word: str,
+    token: str,
+    steps: int,
+    lr: float,
+    rank: str | float,
+    device: str = "auto",
+) -> TrainingJob:
+    """Check the settings and photos, make the run's folder and keep its photos; the job to run."""
+    recipe = recipe_for(base)
+    make_config(base, Path("."), class_word, token, steps, lr, rank, recipe)  # bad settings: nothing written
+    out = new_run(runs, name or f"{token.strip() or 'sks'}-{class_word}")
+    try:
+        photos = photo_folder(runs, out)
+        keep_photos(uploads, photos)
+    except BaseException:
+        out.rmdir()
+        raise
+    config = make_config(base, photos, class_word, token, steps, lr, rank, recipe)
+    write_json(out / REQUEST, config.to_dict())
+    return TrainingJob(config, out, resume=False, device=device)
+
+
+def resume_training(runs: Path, name: str, device: str = "auto") -> TrainingJob:
+    """Continue an interrupted run (browser closed, server restarted) from its newest checkpoint."""
+    out = run_folder(runs, name)
+    return TrainingJob(run_config(out), out, resume=True, device=device)
+
+
+def sample_runs(
+    runs: Path,
+    names: Sequence[str],
+    base: str,
+    prompt: str,
+    sampler: str,
+    seed: int,
+    steps: int,
+    device: str = "auto",
+) -> list[Sample]:
+    """Sample ``prompt`` with the runs' concepts (V* or V1*, V2*), the same noise for normal and LAG."""
+    from persres.personalized import load_personalized
+    from persres.sampling import sample
+
+    if not 1 <= len(names) <= 2:
+        raise ConfigError(f"choose one or two runs to sample, got {len(names)}")
+    folders = [run_folder(runs, n) for n in names]
+    settings = SampleSettings(steps=int(steps), seed=int(seed))
+    with MACHINE:
+        pipe, concepts = load_personalized(base, [str(f / RESIDUALS_FILE) for f in folders], device)
+        samples = sample(
+            pipe,
+            [prompt],
+            concepts,
+            settings,
+            cast(Sampler, sampler),  # sample() refuses any other name
+            save_masks=sampler != "normal",
+            progress=False,
+        )
+    write_samples(folders[0] / SAMPLES, samples, settings, {"base": base, "runs": list(names)})
+    return samples
+
+
+def export_run(runs: Path, name: str, fmt: str) -> Path:
+    """The run as a LoRA file in ``RUN/exports/`` (rewritten on each request)."""
+    from persres.lora_files import export_lora
+
+    folder = run_folder(runs, name)
+    (folder / "exports").mkdir(exist_ok=True)
+    return export_lora(folder, fmt, folder / "exports" / f"{folder.name}-{fmt}.safetensors", overwrite=True)

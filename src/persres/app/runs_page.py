@@ -1,0 +1,106 @@
+"""The Runs page: the runs in ``--runs`` with their settings, loss curve and validation grids; resume an
+interrupted one; download the residual file or a LoRA export."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from persres.app import jobs, runstore
+from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
+from persres.errors import PersresError
+from persres.runfolder import RESIDUALS_FILE
+
+
+def runs_tab(settings: AppSettings) -> Any:
+    refresh = gr.Button("refresh")
+    table = gr.Dataframe(runs_table(settings), interactive=False, elem_id="runs-table")
+    chosen = gr.Dropdown(label="run", allow_custom_value=True, elem_id="run")
+    with gr.Row():
+        details = gr.JSON(label="settings")
+        curve = gr.Image(label="loss", type="filepath")
+    grids = gr.Gallery(label="validation images", columns=4, height=200)
+    with gr.Row():
+        again = gr.Button("resume an interrupted run")
+        fmt = gr.Radio(["residuals", "kohya", "diffusers"], value="kohya", label="download as")
+        fetch = gr.Button("download")
+    status = gr.Markdown()
+    resumed = gr.Image(label="loss", type="pil", format="png", height=260)
+    download = gr.File(label="file", elem_id="download")
+    refresh.click(
+        functools.partial(run_lists, settings), None, [gr.State(), chosen, table], **LIGHT, api_name="runs"
+    )
+    chosen.change(
+        refused(functools.partial(show_run, settings)),
+        [chosen],
+        [details, curve, grids],
+        **LIGHT,
+        api_name="show_run",
+    )
+    again.click(
+        refused_stream(functools.partial(resume, settings)),
+        [chosen],
+        [status, resumed],
+        **HEAVY,
+        api_name="resume",
+    )
+    fetch.click(
+        refused(functools.partial(fetch_file, settings)),
+        [chosen, fmt],
+        [download],
+        **LIGHT,
+        api_name="download",
+    )
+    return chosen, table
+
+
+def resume(settings: AppSettings, name: str, progress: gr.Progress = gr.Progress()) -> Iterator[Any]:
+    if name and runstore.status(runstore.run_folder(settings.runs, name)) == "finished":
+        raise gr.Error(f"run {name} is finished; there is nothing to resume", print_exception=False)
+    yield from follow(jobs.resume_training(settings.runs, name, settings.device), progress)
+
+
+def show_run(settings: AppSettings, name: str | None) -> tuple[Any, Any, Any]:
+    if not name:
+        return None, None, []
+    folder = runstore.run_folder(settings.runs, name)
+    info = runstore.run_info(folder)
+    config = runstore.run_config(folder).to_dict()
+    plot = runstore.loss_plot(folder)
+    grids = [(str(path), caption) for path, caption in runstore.validation_grids(folder)]
+    return (
+        {"status": info.status, "steps done": info.steps_done, **config},
+        str(plot) if plot else None,
+        grids,
+    )
+
+
+def fetch_file(settings: AppSettings, name: str | None, fmt: str) -> str:
+    folder = runstore.run_folder(settings.runs, name or "")
+    if fmt == "residuals":
+        path = folder / RESIDUALS_FILE
+        if not path.is_file():
+            raise gr.Error(f"run {name} has no residual file yet: resume it first", print_exception=False)
+        return str(path)
+    return str(jobs.export_run(settings.runs, folder.name, fmt))
+
+
+def run_lists(settings: AppSettings) -> tuple[Any, Any, pd.DataFrame]:
+    """The Sample page's finished runs, the Runs page's runs and its table, as they are now."""
+    names = runstore.run_names(settings.runs)
+    finished = [n for n in names if runstore.status(settings.runs / n) == "finished"]
+    return gr.update(choices=finished), gr.update(choices=names), runs_table(settings)
+
+
+def runs_table(settings: AppSettings) -> pd.DataFrame:
+    rows = []
+    for name in runstore.run_names(settings.runs):
+        try:
+            rows.append(runstore.run_info(settings.runs / name).row())
+        except (PersresError, OSError, ValueError):
+            rows.append([name, "unreadable", "", "", ""])
+    return pd.DataFrame(rows, columns=runstore.ROW_HEADERS)

@@ -1,0 +1,139 @@
+"""The Train page: photos (checked as they are uploaded), class word, identifier, advanced settings;
+the live progress and loss curve."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from persres.app import jobs
+from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
+from persres.app.photos import MAX_PHOTOS, MIN_PHOTOS, check_photo, shown_name
+from persres.errors import PersresError
+
+EXAMPLE = ("dog", "red", "striped")  # a toy-world concept the base model has never seen (scripts/demo.sh)
+
+
+def train_tab(settings: AppSettings) -> None:
+    recipe = jobs.recipe_for(settings.base)
+    with gr.Row():
+        with gr.Column():
+            photos = gr.File(
+                label=f"photos of your concept ({MIN_PHOTOS}-{MAX_PHOTOS})",
+                file_count="multiple",
+                type="filepath",
+                elem_id="photos",
+            )
+            example = gr.Button(
+                "Try an example: 5 photos of a red striped dog (toy world)", elem_id="example"
+            )
+        with gr.Column():
+            thumbs = gr.Gallery(
+                label="photos kept", columns=5, height=220, object_fit="contain", elem_id="thumbs"
+            )
+            checked = gr.Markdown(elem_id="checked")
+    with gr.Row():
+        class_word = gr.Textbox(label="class word (what it is: dog, mug, sofa)", elem_id="class-word")
+        token = gr.Textbox(label="identifier (a rare word; V* in prompts)", value="sks", elem_id="token")
+        name = gr.Textbox(label="run name (optional)", elem_id="run-name")
+    if settings.clip:
+        suggest = gr.Button("suggest a class word (CLIP)")
+        suggest.click(
+            refused(functools.partial(suggest_class, settings)),
+            [photos],
+            [class_word],
+            **HEAVY,
+            api_name="suggest_class",
+        )
+    with gr.Accordion("advanced", open=False):
+        with gr.Row():
+            steps = gr.Number(
+                label="steps", value=recipe.steps, precision=0, minimum=1, maximum=1000, elem_id="steps"
+            )
+            lr = gr.Number(label="learning rate", value=recipe.lr, minimum=0, maximum=1)
+            rank = gr.Textbox(label="rank (0.05 = 5% of each layer; 16 = fixed)", value=str(recipe.rank))
+    start = gr.Button("Train", variant="primary", elem_id="train")
+    state = gr.Markdown(elem_id="train-status")
+    curve = gr.Image(label="loss", type="pil", format="png", height=260, elem_id="loss")
+    photos.change(refused(preview), [photos], [thumbs, checked], **LIGHT, api_name="preview")
+    example.click(
+        refused(functools.partial(example_photos, settings)),
+        None,
+        [photos, class_word, name],
+        **LIGHT,
+        api_name="example",
+    )
+    handler = refused_stream(functools.partial(train, settings))
+    start.click(
+        handler, [photos, class_word, token, name, steps, lr, rank], [state, curve], **HEAVY, api_name="train"
+    )
+
+
+def preview(files: list[str] | None) -> tuple[list[tuple[str, str]], str]:
+    """Thumbnails of the photos that decode, and the refused ones by name."""
+    kept, notes = [], []
+    for path in files or []:
+        try:
+            check_photo(Path(path))
+            kept.append((path, shown_name(path)))
+        except PersresError as exc:
+            notes.append(f"- refused: {exc}")
+    count = f"{len(kept)} photo(s) ready" + (
+        "" if MIN_PHOTOS <= len(kept) <= MAX_PHOTOS else f" (train needs {MIN_PHOTOS}-{MAX_PHOTOS})"
+    )
+    return kept, "\n".join([count, *notes]) if files else ""
+
+
+def example_photos(settings: AppSettings) -> tuple[list[str], str, str]:
+    from persres.toyworld.experiment import reference_photos
+
+    folder = settings.runs / ".examples" / "-".join(EXAMPLE[1:] + EXAMPLE[:1])
+    if not folder.is_dir():
+        reference_photos(EXAMPLE, folder)
+    return [str(p) for p in sorted(folder.glob("*.png"))], EXAMPLE[0], "red-striped-dog"
+
+
+def suggest_class(settings: AppSettings, files: list[str] | None) -> Any:
+    import tempfile
+
+    from persres.app.photos import keep_photos
+    from persres.evaluate import Scorers
+    from persres.macro import load_nouns, suggest_classes
+
+    with tempfile.TemporaryDirectory(dir=settings.runs) as tmp:
+        keep_photos(files or [], Path(tmp) / "photos")
+        scorers = Scorers.load(str(settings.clip), None, settings.device)
+        nouns = load_nouns(settings.nouns) if settings.nouns else None
+        found = suggest_classes(scorers, Path(tmp) / "photos", top=5, nouns=nouns, progress=False)
+    return gr.update(value=found[0].noun, info="suggested: " + ", ".join(s.noun for s in found))
+
+
+def train(
+    settings: AppSettings,
+    files: list[str] | None,
+    class_word: str,
+    token: str,
+    name: str,
+    steps: float,
+    lr: float,
+    rank: str,
+    progress: gr.Progress = gr.Progress(),
+) -> Iterator[tuple[str, Image.Image]]:
+    job = jobs.start_training(
+        settings.runs,
+        name,
+        files or [],
+        settings.base,
+        class_word,
+        token,
+        int(steps),
+        lr,
+        rank,
+        settings.device,
+    )
+    yield from follow(job, progress)

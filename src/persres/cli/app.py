@@ -1,0 +1,81 @@
+"""``persres app``: the browser UI (gradio, the optional extra ``persres[app]``), local by default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from persres.cli.options import integer
+from persres.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "app",
+        help="a web app: train, sample normal and LAG side by side, export (pip install 'persres[app]')",
+        description="Serves a page to personalize a model from photos, sample with and without LAG from the "
+        "same noise, list runs and download them as LoRA files. With no arguments: the shipped toy world "
+        "(trains on a CPU in about a minute), runs in ./app-runs, at http://127.0.0.1:7860.",
+    )
+    p.add_argument(
+        "--base", default=None, help="base model: hub id or folder (default: the shipped toy world)"
+    )
+    p.add_argument("--runs", default="app-runs", help="folder of the app's runs (default ./app-runs)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=integer(1, 65535), default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--auth", default=None, metavar="USER:PASSWORD", help="ask for this login (needed off localhost)"
+    )
+    p.add_argument("--clip", default=None, help="a CLIP model to suggest class words (default: none)")
+    p.add_argument(
+        "--nouns", default=None, help="with --clip: own noun list (one per line) instead of WordNet"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.set_defaults(handler=run_app)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise ConfigError("--auth must be USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def run_app(args: argparse.Namespace) -> int:
+    auth = parse_auth(args.auth)
+    try:
+        from persres.app import ui
+    except ImportError as exc:
+        if exc.name not in ("gradio", "pandas"):
+            raise
+        raise ConfigError("the app needs gradio: pip install 'persres[app]' (or run make app)") from None
+    from persres.app.jobs import default_base
+
+    if args.host not in LOCAL_HOSTS and auth is None:
+        log.warning(
+            "--host %s serves the app beyond this machine without a login: anyone who reaches it can train "
+            "and read your runs; add --auth USER:PASSWORD",
+            args.host,
+        )
+    base = args.base or default_base()
+    if args.base is None and not Path(base).is_dir():
+        raise ConfigError(
+            f"the shipped toy world is not at {base}; pass --base (a hub id or a diffusers folder)"
+        )
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    settings = ui.AppSettings(
+        base=base, runs=Path(args.runs).resolve(), device=args.device, clip=args.clip, nouns=args.nouns
+    )
+    print(f"persres app: base {base}, runs in {settings.runs}, http://{args.host}:{args.port}")
+    ui.launch(settings, args.host, args.port, auth)
+    return 0
