@@ -8,11 +8,10 @@ export PYTHONHASHSEED := 0
 
 .PHONY: test test-fast demo app lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
 
-$(STAMP): pyproject.toml constraints.txt requirements-app.txt
+# dev: the test tools; app: persres app (gradio), which the tests drive too
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# the app's stack (gradio), without its pillow<13 cap: see requirements-app.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt -r requirements-app.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,app]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -42,7 +42,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    pytest.importorskip("gradio", reason="persres app needs gradio: make test installs requirements-app.txt")
+    pytest.importorskip("gradio", reason="persres app needs gradio: make test installs the app extra")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client
 

@@ -37,7 +37,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
     if chromium is None:
         pytest.skip("no Chromium found (looked for /usr/lib/chromium/chromium, chromium, chromium-browser): "
                     "apt-get install chromium (.ci/run does) to run the browser test")  # fmt: skip
-    pytest.importorskip("gradio", reason="persres app needs gradio: make test installs requirements-app.txt")
+    pytest.importorskip("gradio", reason="persres app needs gradio: make test installs the app extra")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from persres.app import ui
