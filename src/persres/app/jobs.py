@@ -56,8 +56,7 @@ def recipe_for(base: str) -> Recipe:
 
 def parse_rank(text: str | float) -> float | int:
     """ "0.05" -> a fraction of each layer's width, "16" -> a fixed rank (as ``persres train --rank``)."""
-    value = float(text)
-    return int(value) if value.is_integer() and value >= 1 and "." not in str(text) else value
+    return ResidualConfig.parse_rank(str(text))
 
 
 def make_config(
