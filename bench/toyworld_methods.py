@@ -82,11 +82,16 @@ def fresh(folder: Path) -> Path:
     return folder
 
 
+TABLES_ONLY: list[bool] = [False]  # --tables-only: unfinished cells count as empty
+
+
 def cached_rows(file: Path, compute: Any) -> list[dict[str, Any]]:
     """The rows in ``file``, or ``compute()``'s, written atomically: a rerun skips finished cells."""
     if file.is_file():
         rows: list[dict[str, Any]] = json.loads(file.read_text())
         return rows
+    if TABLES_ONLY[0]:
+        return []
     rows = compute()
     write_json(file, rows, overwrite=False)
     return rows
@@ -158,7 +163,10 @@ def concept_rows(
     photos = reference_photos(instance, folder / "photos")
     prompts = concept_prompts(instance, per_kind=2, offset=index)
     sampling = ToySettings().sampling()
-    base_images = base_samples(pipe, prompts, sampling)  # the reference of every variant's border change
+    cells = [folder / "rows" / f"{name}.json" for name in ("references", *chosen)]
+    unfinished = not TABLES_ONLY[0] and not all(cell.is_file() for cell in cells)
+    # the reference of every variant's border change, drawn when a cell is still to be computed
+    base_images = base_samples(pipe, prompts, sampling) if unfinished else []
 
     def references() -> list[dict[str, Any]]:
         variants = {"base": base_images, "in words": words_samples(pipe, prompts, instance, sampling)}
@@ -264,9 +272,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(MODULES), default=list(METHOD_ORDER))
     parser.add_argument("--concepts", type=int, default=5)
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="tables from the finished cells only (nothing computed)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-output/toyworld-methods"))
     args = parser.parse_args()
     methods = [m for m in METHOD_ORDER if m in args.methods]
+    TABLES_ONLY[0] = args.tables_only
     torch.manual_seed(0)
     judge = load_judge(args.oracle)
 
@@ -283,7 +295,9 @@ def main() -> None:
     scorers = Scorers.load(str(args.oracle / "clip"), str(args.oracle / "dino"), device="cpu")
     rows = []
     for index in range(args.concepts):
-        rows += concept_rows(index, chosen, args.base, (pipe, judge, scorers), args.out)
+        found = concept_rows(index, chosen, args.base, (pipe, judge, scorers), args.out)
+        if {r["variant"] for r in found} == set(variant_order(methods)):  # --tables-only: finished ones
+            rows += found
     text = tables(sweep, rows, methods)
     (args.out / "tables.md").write_text(text)
     print(text)
