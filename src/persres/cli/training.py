@@ -132,7 +132,10 @@ def native_resolution(base: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from persres.files import check_writable
     from persres.train import train
+
+    check_writable(args.out, "--out")  # before anything reads the base model (e.g. its default resolution)
 
     class_word, reason = args.class_word, ""
     if class_word == "auto":
