@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test test-fast demo app lint typecheck bench bench-toyworld toyworld-base toyworld-oracle clean
+.PHONY: test test-fast demo app lint typecheck bench bench-toyworld bench-methods toyworld-base toyworld-oracle clean
 
 # dev: the test tools; app: persres app (gradio), which the tests drive too
 $(STAMP): pyproject.toml constraints.txt
@@ -41,6 +41,11 @@ bench: $(STAMP)
 bench-toyworld: $(STAMP)
 	$(PY) bench/toyworld_quality.py --ranks 0.05 1 8 32 --sweep-concepts 3 --out bench-output/toyworld
 	$(PY) bench/toyworld_class_source.py --out bench-output/toyworld-class
+
+# Every method in one toy-world harness, as run for bench/RESULTS.md ("The methods side by side"; 2 CPU
+# cores: about 25 minutes of sweep and 10 minutes per held-out concept). A rerun continues where it stopped.
+bench-methods: $(STAMP)
+	$(PY) bench/toyworld_methods.py --out bench-output/toyworld-methods
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
 # Both refuse to overwrite: move the shipped folder away first.
