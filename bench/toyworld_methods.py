@@ -28,6 +28,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,16 @@ def name_of(instance: Instance) -> str:
     return "-".join(instance)
 
 
-def variant_names(method: str) -> dict[str, str]:
+# Point 5 of the comparison: residuals' chosen recipe with one thing changed, on the held-out concepts.
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "residuals, 400 steps": {"steps": 400},  # the sweep's runner-up (same identity, lower text)
+    "residuals, rank 32": {"rank": 32},  # 5-10x the paper's rank 0.05 m_i (3 and 6 here)
+}
+
+
+def variant_names(label: str, method: str) -> dict[str, str]:
     """method_samples' sampler -> the variant's name in the tables."""
-    return {"normal": method, "lag": f"{method} LAG"} if method == RESIDUALS else {"normal": method}
+    return {"normal": label, "lag": f"{label} LAG"} if method == RESIDUALS else {"normal": label}
 
 
 def fresh(folder: Path) -> Path:
@@ -154,8 +162,16 @@ def choose(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # 2. the held-out concepts ---------------------------------------------------------------------------
 
 
+def entries_of(chosen: dict[str, dict[str, Any]], experiments: bool) -> dict[str, ToySettings]:
+    """Label -> settings: every method's chosen recipe, and with ``experiments`` residuals' variants."""
+    entries = {m: toy_settings(m, int(c["steps"]), float(c["lr_factor"]), 4) for m, c in chosen.items()}
+    if experiments and RESIDUALS in entries:
+        entries |= {label: replace(entries[RESIDUALS], **change) for label, change in EXPERIMENTS.items()}
+    return entries
+
+
 def concept_rows(
-    index: int, chosen: dict[str, dict[str, Any]], base: str, tools: tuple[Any, Judge, Scorers], out: Path
+    index: int, entries: dict[str, ToySettings], base: str, tools: tuple[Any, Judge, Scorers], out: Path
 ) -> list[dict[str, Any]]:
     pipe, judge, scorers = tools
     instance = HELD_OUT[index]
@@ -163,7 +179,7 @@ def concept_rows(
     photos = reference_photos(instance, folder / "photos")
     prompts = concept_prompts(instance, per_kind=2, offset=index)
     sampling = ToySettings().sampling()
-    cells = [folder / "rows" / f"{name}.json" for name in ("references", *chosen)]
+    cells = [folder / "rows" / f"{name}.json" for name in ("references", *entries)]
     unfinished = not TABLES_ONLY[0] and not all(cell.is_file() for cell in cells)
     # the reference of every variant's border change, drawn when a cell is still to be computed
     base_images = base_samples(pipe, prompts, sampling) if unfinished else []
@@ -174,12 +190,19 @@ def concept_rows(
         return score_concept(variants, prompts, sampling, judge, scorers, images, photos)
 
     rows = cached_rows(folder / "rows" / "references.json", references)
-    for method, cell in chosen.items():
-        settings = toy_settings(method, int(cell["steps"]), float(cell["lr_factor"]), 4)
+    for label, settings in entries.items():
         compute = functools.partial(
-            method_rows, base, instance, photos, prompts, settings, base_images, (judge, scorers), folder
+            method_rows,
+            base,
+            instance,
+            photos,
+            prompts,
+            (label, settings),
+            base_images,
+            (judge, scorers),
+            folder,
         )
-        rows += cached_rows(folder / "rows" / f"{method}.json", compute)
+        rows += cached_rows(folder / "rows" / f"{label}.json", compute)
     for row in rows:
         row["concept"] = " ".join(instance)
     return rows
@@ -190,24 +213,25 @@ def method_rows(
     instance: Instance,
     photos: Path,
     prompts: list[Any],
-    settings: ToySettings,
+    entry: tuple[str, ToySettings],
     base_images: list[Sample],
     scoring: tuple[Judge, Scorers],
     folder: Path,
 ) -> list[dict[str, Any]]:
-    """One method on one held-out concept: train (timed, a crashed run resumes), sample from the base
-    images' noise, score."""
-    run = folder / "runs" / settings.method
+    """One method (``entry``: its label and settings) on one held-out concept: train (timed, a crashed
+    run resumes), sample from the base images' noise, score."""
+    label, settings = entry
+    run = folder / "runs" / label
     started = time.perf_counter()
     result = personalize(base, instance, photos, run, settings, resume=run.exists())
     seconds = time.perf_counter() - started
     sampling = settings.sampling()
-    names = variant_names(settings.method)
+    names = variant_names(label, settings.method)
     variants = {"base": base_images}
     personalized = method_samples(base, settings.method, result.residuals, prompts, sampling)
     for sampler, samples in personalized.items():
         variants[names[sampler]] = samples
-    images = fresh(folder / "images" / settings.method)
+    images = fresh(folder / "images" / label)
     rows = score_concept(variants, prompts, sampling, *scoring, images, photos)
     rows = [r for r in rows if r["variant"] != "base"]
     costs = {
@@ -217,7 +241,7 @@ def method_rows(
     }
     for row in rows:
         row.update(costs, steps=settings.steps, lr=settings.lr)
-    print(f"  {name_of(instance)} {settings.method}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
+    print(f"  {name_of(instance)} {label}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -225,7 +249,7 @@ def method_rows(
 
 
 def variant_order(methods: list[str]) -> list[str]:
-    return ["base", "in words", *(v for m in methods for v in variant_names(m).values())]
+    return ["base", "in words", *(v for m in methods for v in variant_names(m, m).values())]
 
 
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
@@ -246,6 +270,8 @@ def with_costs(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: list[str]) -> str:
+    tried = [r for r in rows if str(r["variant"]).startswith(f"{RESIDUALS},")]  # point 5's experiments
+    rows = [r for r in rows if r not in tried]
     order = variant_order(methods)
     overall = sorted(means(rows, ("variant",)), key=lambda r: order.index(str(r["variant"])))
     parts = [
@@ -254,6 +280,10 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
         "\n## Held-out concepts: all prompts\n",
         md_table([with_costs(r) for r in overall], OVERALL),
     ]
+    if tried:
+        chosen = [r for r in overall if str(r["variant"]).startswith(RESIDUALS)]
+        changed = sorted(means(tried, ("variant",)), key=lambda r: str(r["variant"]))
+        parts += ["\n## Residuals, one thing changed (point 5)\n", md_table(chosen + changed, OVERALL)]
     kinds = means(rows, ("category", "variant"))
     for metric in ("identity", "text", "border_change"):
         by_kind: dict[str, dict[str, Any]] = {}
@@ -272,6 +302,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(MODULES), default=list(METHOD_ORDER))
     parser.add_argument("--concepts", type=int, default=5)
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    parser.add_argument("--experiments", action="store_true", help="also residuals' EXPERIMENTS (point 5)")
     parser.add_argument(
         "--tables-only", action="store_true", help="tables from the finished cells only (nothing computed)"
     )
@@ -293,10 +324,11 @@ def main() -> None:
     pipe = load_pipeline(args.base, torch.float32, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     scorers = Scorers.load(str(args.oracle / "clip"), str(args.oracle / "dino"), device="cpu")
+    entries = entries_of(chosen, args.experiments)
     rows = []
     for index in range(args.concepts):
-        found = concept_rows(index, chosen, args.base, (pipe, judge, scorers), args.out)
-        if {r["variant"] for r in found} == set(variant_order(methods)):  # --tables-only: finished ones
+        found = concept_rows(index, entries, args.base, (pipe, judge, scorers), args.out)
+        if set(variant_order(methods)) <= {r["variant"] for r in found}:  # --tables-only: finished ones
             rows += found
     text = tables(sweep, rows, methods)
     (args.out / "tables.md").write_text(text)
