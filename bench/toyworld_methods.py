@@ -28,7 +28,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from persres.evaluate import Scorers
 from persres.files import write_json
 from persres.measure import size_on_disk
 from persres.methods import MODULES, RESIDUALS, get_method
+from persres.methods.residuals import RESULT
 from persres.pipeline import load_pipeline
 from persres.sampling import Sample
 from persres.toyworld.experiment import (
@@ -52,7 +53,7 @@ from persres.toyworld.experiment import (
 )
 from persres.toyworld.judge import Judge, load_judge
 from persres.toyworld.prompts import Instance, concept_prompts
-from persres.toyworld.quality import means
+from persres.toyworld.quality import means, paired_differences
 from persres.toyworld.scenes import HELD_OUT
 
 # A training instance the base model saw in its captions; the recipe is chosen on it. (One: a second,
@@ -72,11 +73,20 @@ def name_of(instance: Instance) -> str:
     return "-".join(instance)
 
 
-# Point 5 of the comparison: residuals' chosen recipe with one thing changed, on the held-out concepts.
+# Point 5 of the comparison: residuals' chosen recipe (200 steps at 5e-3, rank 0.05 m_i, zero init) with
+# one thing changed, trained and sampled on the held-out concepts.
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "residuals, 400 steps": {"steps": 400},  # the sweep's runner-up (same identity, lower text)
+    "residuals, lr 2.5e-3": {"lr": 2.5e-3},  # half the chosen learning rate: a smaller update
     "residuals, rank 32": {"rank": 32},  # 5-10x the paper's rank 0.05 m_i (3 and 6 here)
+    "residuals, random init": {"init": "random"},  # both factors drawn, as the paper's review reports
 }
+# ... and which layers: the chosen run sampled with only some blocks' residuals switched on.
+LAYER_ABLATIONS: dict[str, tuple[str, ...]] = {
+    "residuals, down and mid blocks only": ("down_blocks.", "mid_block."),
+    "residuals, up blocks only": ("up_blocks.",),
+}
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def variant_names(label: str, method: str) -> dict[str, str]:
@@ -171,7 +181,12 @@ def entries_of(chosen: dict[str, dict[str, Any]], experiments: bool) -> dict[str
 
 
 def concept_rows(
-    index: int, entries: dict[str, ToySettings], base: str, tools: tuple[Any, Judge, Scorers], out: Path
+    index: int,
+    entries: dict[str, ToySettings],
+    ablations: dict[str, tuple[str, ...]],
+    base: str,
+    tools: tuple[Any, Judge, Scorers],
+    out: Path,
 ) -> list[dict[str, Any]]:
     pipe, judge, scorers = tools
     instance = HELD_OUT[index]
@@ -179,7 +194,7 @@ def concept_rows(
     photos = reference_photos(instance, folder / "photos")
     prompts = concept_prompts(instance, per_kind=2, offset=index)
     sampling = ToySettings().sampling()
-    cells = [folder / "rows" / f"{name}.json" for name in ("references", *entries)]
+    cells = [folder / "rows" / f"{name}.json" for name in ("references", *entries, *ablations)]
     unfinished = not TABLES_ONLY[0] and not all(cell.is_file() for cell in cells)
     # the reference of every variant's border change, drawn when a cell is still to be computed
     base_images = base_samples(pipe, prompts, sampling) if unfinished else []
@@ -203,6 +218,11 @@ def concept_rows(
             folder,
         )
         rows += cached_rows(folder / "rows" / f"{label}.json", compute)
+    chosen = folder / "runs" / RESIDUALS / RESULT
+    for label, layers in ablations.items():
+        drawn = Drawn(label, base, RESIDUALS, chosen, prompts, base_images)
+        compute = functools.partial(ablation_rows, drawn, layers, (judge, scorers), folder, photos)
+        rows += cached_rows(folder / "rows" / f"{label}.json", compute)
     for row in rows:
         row["concept"] = " ".join(instance)
     return rows
@@ -225,15 +245,8 @@ def method_rows(
     started = time.perf_counter()
     result = personalize(base, instance, photos, run, settings, resume=run.exists())
     seconds = time.perf_counter() - started
-    sampling = settings.sampling()
-    names = variant_names(label, settings.method)
-    variants = {"base": base_images}
-    personalized = method_samples(base, settings.method, result.residuals, prompts, sampling)
-    for sampler, samples in personalized.items():
-        variants[names[sampler]] = samples
-    images = fresh(folder / "images" / label)
-    rows = score_concept(variants, prompts, sampling, *scoring, images, photos)
-    rows = [r for r in rows if r["variant"] != "base"]
+    drawn = Drawn(label, base, settings.method, result.residuals, prompts, base_images)
+    rows = sampled_rows(drawn, settings, scoring, folder, photos)
     costs = {
         "trainable_parameters": float(result.parameters),
         "file_size_bytes": float(size_on_disk(result.residuals)),
@@ -243,6 +256,52 @@ def method_rows(
         row.update(costs, steps=settings.steps, lr=settings.lr)
     print(f"  {name_of(instance)} {label}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
     return rows
+
+
+def ablation_rows(
+    drawn: Drawn, layers: tuple[str, ...], scoring: tuple[Judge, Scorers], folder: Path, photos: Path
+) -> list[dict[str, Any]]:
+    """The chosen residuals run sampled with only ``layers``' residuals on (nothing trained)."""
+    if not drawn.result.is_file():
+        raise SystemExit(f"{drawn.result} is missing: the chosen residuals run trains first")
+    rows = sampled_rows(drawn, ToySettings(), scoring, folder, photos, layers)
+    for row in rows:
+        row["layers"] = " ".join(layers)
+    return rows
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What a variant draws: its label, the base model, the method and its result file, the prompts, and
+    the base images from the same noise (the reference of border change)."""
+
+    label: str
+    model: str
+    method: str
+    result: Path
+    prompts: list[Any]
+    base_images: list[Sample]
+
+
+def sampled_rows(
+    drawn: Drawn,
+    settings: ToySettings,
+    scoring: tuple[Judge, Scorers],
+    folder: Path,
+    photos: Path,
+    layers: tuple[str, ...] | None = None,
+) -> list[dict[str, Any]]:
+    """``drawn``'s result sampled (residuals: normal and LAG) from the base images' noise, scored."""
+    sampling = settings.sampling()
+    names = variant_names(drawn.label, drawn.method)
+    variants = {"base": drawn.base_images}
+    for sampler, samples in method_samples(
+        drawn.model, drawn.method, drawn.result, drawn.prompts, sampling, layers
+    ).items():
+        variants[names[sampler]] = samples
+    images = fresh(folder / "images" / drawn.label)
+    rows = score_concept(variants, drawn.prompts, sampling, *scoring, images, photos)
+    return [r for r in rows if r["variant"] != "base"]
 
 
 # 3. tables ------------------------------------------------------------------------------------------
@@ -255,6 +314,11 @@ def variant_order(methods: list[str]) -> list[str]:
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
     shown = [{**c, "lr": f"{c['lr']:g}", "lr_factor": f"{c['lr_factor']:g}"} for c in sweep]
     return md_table(shown, ("method", "steps", "lr_factor", "lr", "identity", "text", "score", "chosen"))
+
+
+def interval(difference: tuple[float, float, float]) -> str:
+    mean, low, high = difference
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def with_costs(summary: dict[str, Any]) -> dict[str, Any]:
@@ -284,6 +348,15 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
         chosen = [r for r in overall if str(r["variant"]).startswith(RESIDUALS)]
         changed = sorted(means(tried, ("variant",)), key=lambda r: str(r["variant"]))
         parts += ["\n## Residuals, one thing changed (point 5)\n", md_table(chosen + changed, OVERALL)]
+    paired = ("identity", "text")
+    differences = [
+        {"variant": d["variant"], "prompts": d["prompts"], **{m: interval(d[m]) for m in paired}}
+        for d in paired_differences(rows + tried, RESIDUALS, paired, BOOTSTRAP_RESAMPLES)
+    ]
+    parts += [
+        "\n## Minus residuals (same concept, prompt and seed; 95% bootstrap interval over prompts)\n",
+        md_table(differences, ("variant", "prompts", "identity", "text")),
+    ]
     kinds = means(rows, ("category", "variant"))
     for metric in ("identity", "text", "border_change"):
         by_kind: dict[str, dict[str, Any]] = {}
@@ -325,9 +398,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     scorers = Scorers.load(str(args.oracle / "clip"), str(args.oracle / "dino"), device="cpu")
     entries = entries_of(chosen, args.experiments)
+    ablations = LAYER_ABLATIONS if args.experiments and RESIDUALS in entries else {}
     rows = []
     for index in range(args.concepts):
-        found = concept_rows(index, entries, args.base, (pipe, judge, scorers), args.out)
+        found = concept_rows(index, entries, ablations, args.base, (pipe, judge, scorers), args.out)
         if set(variant_order(methods)) <= {r["variant"] for r in found}:  # --tables-only: finished ones
             rows += found
     text = tables(sweep, rows, methods)

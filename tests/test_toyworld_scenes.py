@@ -10,7 +10,7 @@ import pytest
 from persres.categories import CATEGORIES
 from persres.toyworld.model import MAX_TOKENS, toy_tokenizer
 from persres.toyworld.prompts import Expectation, concept_prompts
-from persres.toyworld.quality import border_change, check, means
+from persres.toyworld.quality import border_change, check, means, paired_differences
 from persres.toyworld.scenes import (
     CLASSES,
     COLOURS,
@@ -114,6 +114,32 @@ def test_border_change_reads_only_the_frame() -> None:
 def test_means_group_and_count() -> None:
     rows = [{"v": "a", "x": 1.0}, {"v": "a", "x": 0.0}, {"v": "b", "x": 1.0}]
     assert means(rows, ("v",)) == [{"v": "a", "n": 2, "x": 0.5}, {"v": "b", "n": 1, "x": 1.0}]
+
+
+def _row(variant: str, prompt: str, seed: int, identity: float, text: float = 1.0) -> dict[str, object]:
+    return {
+        "variant": variant,
+        "concept": "red dog",
+        "prompt": prompt,
+        "seed": seed,
+        "identity": identity,
+        "text": text,
+    }
+
+
+def test_paired_differences_pair_by_prompt_seed_and_occurrence() -> None:
+    prompts = [f"p{i}" for i in range(10)]
+    rows = [_row("ref", p, s, 0.0) for p in prompts for s in (0, 1)]
+    rows += [_row("up", p, s, 1.0 if i % 2 else 0.0) for i, p in enumerate(prompts) for s in (0, 1)]
+    # one prompt text drawn twice: its rows pair by occurrence (0 - 0 and 1 - 1), not by text alone
+    rows += [_row("ref", "twice", 0, 0.0), _row("ref", "twice", 0, 1.0)]
+    rows += [_row("up", "twice", 0, 1.0), _row("up", "twice", 0, 1.0)]
+    (up,) = paired_differences(rows, "ref", ("identity", "text"), resamples=500)
+    assert up["variant"] == "up" and up["prompts"] == 11
+    mean, low, high = up["identity"]  # type: ignore[misc]
+    assert mean == pytest.approx((5 + 0.5) / 11)  # "twice": (1 - 0 + 1 - 1) / 2
+    assert low < mean < high and 0.0 <= low and high <= 1.0
+    assert up["text"] == (0.0, 0.0, 0.0)
 
 
 def test_toy_report_shows_every_variant_and_kind(tmp_path: Path) -> None:

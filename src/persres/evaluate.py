@@ -254,8 +254,6 @@ def evaluate_images(
     return {**means, **models, "num_images": len(per_image), "num_references": len(refs), "images": per_image}
 
 
-
-
 def evaluate_folder(
     images: str | os.PathLike[str],
     references: str | os.PathLike[str],

@@ -21,12 +21,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from persres.concepts import PromptPlan, load_concepts
-from persres.config import ResidualConfig, TrainConfig
+from persres.config import InitMode, ResidualConfig, TrainConfig
 from persres.evaluate import Scorers, evaluate_folder
 from persres.methods import RESIDUALS, get_method
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline
-from persres.residuals import remove_residuals
+from persres.residuals import find_residuals, remove_residuals
 from persres.sampling import Sample, Sampler, SampleSettings, generate, sample
 from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt
@@ -45,6 +45,7 @@ class ToySettings:
     batch_size: int = 4
     lr: float = 5e-3
     rank: float | int = 0.05
+    init: InitMode = "zero"  # residuals' factor init (ResidualConfig)
     photos: int = 5
     images_per_prompt: int = 4
     sample_steps: int = 25
@@ -80,7 +81,7 @@ def personalize(
         steps=settings.steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
-        residual=ResidualConfig(rank=settings.rank),
+        residual=ResidualConfig(rank=settings.rank, init=settings.init),
         resolution=32,
         seed=settings.seed,
         checkpoint_every=settings.steps,
@@ -121,13 +122,22 @@ def words_samples(
 
 
 def method_samples(
-    base: str, method: str, result: Path, prompts: list[ToyPrompt], settings: SampleSettings
+    base: str,
+    method: str,
+    result: Path,
+    prompts: list[ToyPrompt],
+    settings: SampleSettings,
+    layers: tuple[str, ...] | None = None,
 ) -> dict[str, list[Sample]]:
     """A fresh base pipeline with ``result`` loaded: {"normal": ...} (and "lag" for residuals), each
-    in prompt order then seed order, from the same noise as ``base_samples``."""
+    in prompt order then seed order, from the same noise as ``base_samples``. ``layers`` (residuals
+    only): module path prefixes whose residuals stay on, the others switched off (an ablation)."""
     pipe = load_pipeline(base, torch.float32, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     concepts = [get_method(method).load(pipe, result)]
+    if layers is not None:
+        for path, wrapper in find_residuals(pipe.unet).items():
+            wrapper.enabled = path.startswith(layers)
     samplers = ("normal", "lag") if method == RESIDUALS else ("normal",)  # LAG: residuals only
     kind: Sampler = "both" if len(samplers) == 2 else "normal"
     samples = sample(pipe, [p.text for p in prompts], concepts, settings, kind, progress=False)

@@ -55,3 +55,39 @@ def means(rows: Iterable[dict[str, object]], by: tuple[str, ...]) -> list[dict[s
             summary[column] = float(np.mean(values))
         out.append(summary)
     return out
+
+
+def paired_differences(
+    rows: list[dict[str, object]], reference: str, metrics: tuple[str, ...], resamples: int = 2000
+) -> list[dict[str, object]]:
+    """Every other variant minus ``reference`` on the same concept, prompt and seed: per metric the mean
+    over prompts and a 95% bootstrap interval, resampling (concept, prompt) pairs (the seeds of one
+    prompt are not independent draws). A prompt text drawn twice pairs by occurrence and counts once.
+    Rows need ``variant``, ``concept``, ``prompt``, ``seed`` and the metrics."""
+    keyed: dict[tuple[object, ...], dict[str, object]] = {}
+    for row in rows:
+        key = (row["variant"], row["concept"], row["prompt"], row["seed"])
+        keyed[(*key, sum(k[:4] == key for k in keyed))] = row
+    rng = np.random.default_rng(0)
+    out: list[dict[str, object]] = []
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        clusters: dict[tuple[object, object], list[list[float]]] = defaultdict(list)
+        for (name, concept, prompt, seed, occurrence), row in keyed.items():
+            other = keyed.get((reference, concept, prompt, seed, occurrence))
+            if name == variant != reference and other is not None:
+                clusters[(concept, prompt)].append([_number(row[m]) - _number(other[m]) for m in metrics])
+        if not clusters:
+            continue
+        per_prompt = np.array([np.mean(c, axis=0) for c in clusters.values()])  # (prompts, metrics)
+        draws = rng.integers(0, len(per_prompt), (resamples, len(per_prompt)))
+        boot = per_prompt[draws].mean(axis=1)  # (resamples, metrics)
+        line: dict[str, object] = {"variant": variant, "prompts": len(per_prompt)}
+        for k, metric in enumerate(metrics):
+            low, high = np.percentile(boot[:, k], [2.5, 97.5])
+            line[metric] = (float(per_prompt[:, k].mean()), float(low), float(high))
+        out.append(line)
+    return out
+
+
+def _number(value: object) -> float:
+    return float(value)  # type: ignore[arg-type]
