@@ -83,6 +83,8 @@ def test_prompts_cover_the_six_kinds_with_their_truth() -> None:
     prompts = concept_prompts(("dog", "red", "striped"), per_kind=2)
     assert sorted({p.category for p in prompts}) == sorted(CATEGORIES)
     assert all(sum(p.category == c for p in prompts) == 2 for c in CATEGORIES)
+    for i, instance in enumerate(HELD_OUT):  # twelve different prompts, whatever the offset
+        assert len({p.text for p in concept_prompts(instance, per_kind=2, offset=i)}) == 12
     by_text = {p.text: p for p in prompts}
     recolour = next(p for p in prompts if p.category == "change_attribute")
     assert recolour.expect.asked_colour != "red" and "colour" not in recolour.expect.identity()

@@ -67,8 +67,18 @@ class ToyPrompt:
 
 
 def _others(options: tuple[str, ...] | list[str], exclude: str, offset: int, count: int) -> list[str]:
+    """``count`` different options but ``exclude``, every third from ``offset`` (the next unused one
+    where that comes round again: with three options, every third is the same one)."""
     rest = [o for o in options if o != exclude]
-    return [rest[(offset + i * 3) % len(rest)] for i in range(count)]
+    if count > len(rest):
+        raise ValueError(f"{count} different options asked for, only {len(rest)} there: {rest}")
+    picked: list[str] = []
+    for i in range(count):
+        k = offset + i * 3
+        while rest[k % len(rest)] in picked:
+            k += 1
+        picked.append(rest[k % len(rest)])
+    return picked
 
 
 def concept_prompts(instance: Instance, per_kind: int = 2, offset: int = 0) -> list[ToyPrompt]:
