@@ -14,7 +14,11 @@
    sampling (LAG is what residuals bring). Same noise for every variant of a prompt and seed.
 3. Markdown tables: the sweep, the choice, every variant over all prompts (judge, oracle CLIP/DINO,
    border change against the base image from the same noise, trainable parameters, file size, train
-   seconds) and per prompt kind.
+   seconds), every variant minus residuals on the same concept, prompt and seed with a 95% bootstrap
+   interval over prompts, and per prompt kind.
+4. ``--experiments`` (point 5): residuals' chosen recipe with one thing changed (``EXPERIMENTS``: steps,
+   learning rate, rank, init), and the chosen run sampled with only some blocks' residuals on
+   (``LAYER_ABLATIONS``), on the same held-out concepts; about 6 more minutes per concept.
 
 Every finished cell's rows are a JSON file under ``--out``; a rerun with the same ``--out`` skips them
 (an interrupted run continues). 2-core CPU: about 20 minutes of sweep and 10 minutes per concept.
@@ -347,7 +351,10 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
     if tried:
         chosen = [r for r in overall if str(r["variant"]).startswith(RESIDUALS)]
         changed = sorted(means(tried, ("variant",)), key=lambda r: str(r["variant"]))
-        parts += ["\n## Residuals, one thing changed (point 5)\n", md_table(chosen + changed, OVERALL)]
+        parts += [
+            "\n## Residuals, one thing changed (point 5; layers: switched off at sampling)\n",
+            md_table(chosen + changed, OVERALL),
+        ]
     paired = ("identity", "text")
     differences = [
         {"variant": d["variant"], "prompts": d["prompts"], **{m: interval(d[m]) for m in paired}}
