@@ -353,7 +353,7 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
         changed = sorted(means(tried, ("variant",)), key=lambda r: str(r["variant"]))
         parts += [
             "\n## Residuals, one thing changed (point 5; layers: switched off at sampling)\n",
-            md_table(chosen + changed, OVERALL),
+            md_table([with_costs(r) for r in chosen + changed], OVERALL),
         ]
     paired = ("identity", "text")
     differences = [
