@@ -10,7 +10,7 @@ outside the object.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import numpy as np
@@ -65,20 +65,21 @@ def paired_differences(
     prompt are not independent draws). A prompt text drawn twice pairs by occurrence and counts once.
     Rows need ``variant``, ``concept``, ``prompt``, ``seed`` and the metrics."""
     keyed: dict[tuple[object, ...], dict[str, object]] = {}
+    seen: Counter[tuple[object, ...]] = Counter()
     for row in rows:
         key = (row["variant"], row["concept"], row["prompt"], row["seed"])
-        keyed[(*key, sum(k[:4] == key for k in keyed))] = row
+        keyed[(*key, seen[key])] = row
+        seen[key] += 1
+    clusters: dict[object, dict[tuple[object, object], list[list[float]]]] = {}
+    for (variant, concept, prompt, seed, occurrence), row in keyed.items():
+        other = keyed.get((reference, concept, prompt, seed, occurrence))
+        if variant != reference and other is not None:
+            diffs = [_number(row[m]) - _number(other[m]) for m in metrics]
+            clusters.setdefault(variant, defaultdict(list))[(concept, prompt)].append(diffs)
     rng = np.random.default_rng(0)
     out: list[dict[str, object]] = []
-    for variant in dict.fromkeys(row["variant"] for row in rows):
-        clusters: dict[tuple[object, object], list[list[float]]] = defaultdict(list)
-        for (name, concept, prompt, seed, occurrence), row in keyed.items():
-            other = keyed.get((reference, concept, prompt, seed, occurrence))
-            if name == variant != reference and other is not None:
-                clusters[(concept, prompt)].append([_number(row[m]) - _number(other[m]) for m in metrics])
-        if not clusters:
-            continue
-        per_prompt = np.array([np.mean(c, axis=0) for c in clusters.values()])  # (prompts, metrics)
+    for variant, by_prompt in clusters.items():
+        per_prompt = np.array([np.mean(c, axis=0) for c in by_prompt.values()])  # (prompts, metrics)
         draws = rng.integers(0, len(per_prompt), (resamples, len(per_prompt)))
         boot = per_prompt[draws].mean(axis=1)  # (resamples, metrics)
         line: dict[str, object] = {"variant": variant, "prompts": len(per_prompt)}
