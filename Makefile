@@ -42,10 +42,11 @@ bench-toyworld: $(STAMP)
 	$(PY) bench/toyworld_quality.py --ranks 0.05 1 8 32 --sweep-concepts 3 --out bench-output/toyworld
 	$(PY) bench/toyworld_class_source.py --out bench-output/toyworld-class
 
-# Every method in one toy-world harness, as run for bench/RESULTS.md ("The methods side by side"; 2 CPU
-# cores: about 25 minutes of sweep and 10 minutes per held-out concept). A rerun continues where it stopped.
+# Every method in one toy-world harness, with residuals' experiments, as run for bench/RESULTS.md ("The
+# methods side by side"; 2 CPU cores: about 50 minutes of sweep on two training instances, then 15 minutes
+# per held-out concept). A rerun continues where it stopped.
 bench-methods: $(STAMP)
-	$(PY) bench/toyworld_methods.py --out bench-output/toyworld-methods
+	$(PY) bench/toyworld_methods.py --out bench-output/toyworld-methods --experiments
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
 # Both refuse to overwrite: move the shipped folder away first.
