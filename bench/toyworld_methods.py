@@ -21,7 +21,8 @@
    (``LAYER_ABLATIONS``), on the same held-out concepts; about 6 more minutes per concept.
 
 Every finished cell's rows are a JSON file under ``--out``; a rerun with the same ``--out`` skips them
-(an interrupted run continues). 2-core CPU: about 20 minutes of sweep and 10 minutes per concept.
+(an interrupted run continues). 2-core CPU: about 50 minutes of sweep and 10 minutes per concept (16
+with ``--experiments``).
 """
 
 from __future__ import annotations
