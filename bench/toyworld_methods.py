@@ -338,6 +338,16 @@ def sweep_table(sweep: list[dict[str, Any]]) -> str:
     return md_table(shown, ("method", "steps", "lr_factor", "lr", "identity", "text", "score", "chosen"))
 
 
+def difference_table(rows: list[dict[str, Any]], reference: str) -> str:
+    """Every variant in ``rows`` minus ``reference``: identity and text, each with its 95% interval."""
+    paired = ("identity", "text")
+    differences = [
+        {"variant": d["variant"], "prompts": d["prompts"], **{m: interval(d[m]) for m in paired}}
+        for d in paired_differences(rows, reference, paired, BOOTSTRAP_RESAMPLES)
+    ]
+    return md_table(differences, ("variant", "prompts", *paired))
+
+
 def interval(difference: tuple[float, float, float]) -> str:
     mean, low, high = difference
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -356,8 +366,9 @@ def with_costs(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: list[str]) -> str:
-    tried = [r for r in rows if str(r["variant"]).startswith(f"{RESIDUALS},")]  # point 5's experiments
-    rows = [r for r in rows if r not in tried]
+    is_tried = [str(r["variant"]).startswith(f"{RESIDUALS},") for r in rows]  # point 5's experiments
+    tried = [r for r, t in zip(rows, is_tried, strict=True) if t]
+    rows = [r for r, t in zip(rows, is_tried, strict=True) if not t]
     order = variant_order(methods)
     overall = sorted(means(rows, ("variant",)), key=lambda r: order.index(str(r["variant"])))
     parts = [
@@ -373,15 +384,13 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
             "\n## Residuals, one thing changed (point 5; layers: switched off at sampling)\n",
             md_table([with_costs(r) for r in chosen + changed], OVERALL),
         ]
-    paired = ("identity", "text")
-    differences = [
-        {"variant": d["variant"], "prompts": d["prompts"], **{m: interval(d[m]) for m in paired}}
-        for d in paired_differences(rows + tried, RESIDUALS, paired, BOOTSTRAP_RESAMPLES)
-    ]
-    parts += [
-        "\n## Minus residuals (same concept, prompt and seed; 95% bootstrap interval over prompts)\n",
-        md_table(differences, ("variant", "prompts", "identity", "text")),
-    ]
+    parts += ["\n## Minus residuals (same concept, prompt and seed; 95% bootstrap interval over prompts)\n"]
+    parts += [difference_table(rows, RESIDUALS)]
+    if tried:
+        start = next(iter(EXPERIMENTS))
+        chosen_rows = [r for r in rows if r["variant"] == RESIDUALS]
+        parts += [f"\n## Point 5's variants minus {start!r}, their start\n"]
+        parts += [difference_table(chosen_rows + tried, start)]
     kinds = means(rows, ("category", "variant"))
     for metric in ("identity", "text", "border_change"):
         by_kind: dict[str, dict[str, Any]] = {}
