@@ -32,6 +32,7 @@ def json_damages(good: bytes) -> dict[str, bytes]:
     assert isinstance(data, dict), "json_damages wants a JSON object file"
     damaged = {**text_damages(good), "not json": b"{this is not json", "a list": b"[1, 2, 3]"}
     damaged["a string"] = b'"text"'
+    damaged["nested too deeply"] = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError
     if data:
         first = sorted(data)[0]
         damaged["missing keys"] = dumps({k: v for k, v in data.items() if k != first})

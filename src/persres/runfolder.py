@@ -159,7 +159,7 @@ def read_marker(out: Path) -> dict[str, Any] | None:
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise OutputExistsError(f"{path} is not a persres run marker ({exc}); choose another --out") from None
     files = marker.get("files") if isinstance(marker, dict) else None
     names_ok = isinstance(files, list) and all(isinstance(name, str) for name in files)
@@ -184,7 +184,7 @@ def is_earlier_run(out: Path) -> bool:
         if not (isinstance(saved, dict) and "persres_version" in saved):
             return False
         TrainConfig.from_dict({k: v for k, v in saved.items() if k != "persres_version"})
-    except (OSError, ValueError, TypeError, AttributeError):  # ConfigError is a ValueError
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # ConfigError: a ValueError
         return False
     candidates = [out / RESIDUALS_FILE, *(c.folder / RESIDUALS_FILE for c in list_checkpoints(out))]
     return any(is_residual_file(path) for path in candidates)
