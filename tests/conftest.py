@@ -6,14 +6,13 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail at once, never wait on the network
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import CONCEPTS
+from helpers import make_dataset
 from PIL import Image
 
 from persres.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline, save_tiny_sdxl_pipeline
@@ -69,24 +68,4 @@ def scorer_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     """A CustomConcept101-format dataset of two concepts (random 20 px photos, two prompts each)."""
-    root = tmp_path / "cc101"
-    entries = []
-    rng = np.random.default_rng(0)
-    for name, class_word in CONCEPTS.items():
-        folder = root / "benchmark_dataset" / name
-        folder.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (root / "prompts").mkdir(exist_ok=True)
-        (root / "prompts" / f"{class_word}.txt").write_text("a photo of {}\n{} on the beach\n")
-        entries.append(
-            {
-                "instance_prompt": f"photo of a <new1> {class_word}",
-                "class_prompt": class_word,
-                "instance_data_dir": f"./benchmark_dataset/{name}",
-                "class_data_dir": "./unused",
-                "prompt_filename": f"prompts/{class_word}.txt",
-            }
-        )
-    (root / "dataset.json").write_text(json.dumps(entries))
-    return root
+    return make_dataset(tmp_path / "cc101")

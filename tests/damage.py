@@ -25,19 +25,50 @@ def text_damages(good: bytes) -> dict[str, bytes]:
 
 
 def json_damages(good: bytes) -> dict[str, bytes]:
-    """Damage a JSON object file in every generic way, keeping its keys where the kind needs them."""
+    """Damage a JSON object file in every generic way, keeping its keys where the kind needs them; an
+    object or a list of objects inside is damaged the same ways one level down (``config: wrong types``,
+    ``rows[0]: nan and inf``)."""
     data = json.loads(good)
     assert isinstance(data, dict), "json_damages wants a JSON object file"
     damaged = {**text_damages(good), "not json": b"{this is not json", "a list": b"[1, 2, 3]"}
     damaged["a string"] = b'"text"'
+    damaged["nested too deeply"] = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError
     if data:
         first = sorted(data)[0]
         damaged["missing keys"] = dumps({k: v for k, v in data.items() if k != first})
-        damaged["wrong types"] = dumps({k: wrong_type(v) for k, v in data.items()})
-        damaged["huge integers"] = ("{" + ", ".join(f'"{k}": {HUGE_INT}' for k in data) + "}").encode()
-        damaged["nan and inf"] = ("{" + ", ".join(f'"{k}": NaN' for k in data) + "}").encode()
-        damaged["infinity"] = ("{" + ", ".join(f'"{k}": 1e999' for k in data) + "}").encode()
+        damaged.update(value_damages(data, lambda changed: changed))
+    for key, value in sorted(data.items()):
+        if isinstance(value, dict) and value:
+            damaged.update(value_damages(value, lambda changed, key=key: {**data, key: changed}, f"{key}: "))
+        if isinstance(value, list) and value and isinstance(value[0], dict) and value[0]:
+            inner = value[0]
+            damaged.update(
+                value_damages(
+                    inner,
+                    lambda changed, key=key, value=value: {**data, key: [changed, *value[1:]]},
+                    f"{key}[0]: ",
+                )
+            )
     return damaged
+
+
+PLACEHOLDER = "\u0000persres-damage\u0000"
+
+
+def value_damages(values: dict[str, Any], whole: Any, prefix: str = "") -> dict[str, bytes]:
+    """Every value of ``values`` replaced at once by another type, a huge integer, NaN or 1e999;
+    ``whole(changed)`` puts the changed object back into the file's data."""
+
+    def every(literal: str) -> bytes:
+        text = json.dumps(whole({k: PLACEHOLDER for k in values}))
+        return text.replace(json.dumps(PLACEHOLDER), literal).encode()
+
+    return {
+        f"{prefix}wrong types": dumps(whole({k: wrong_type(v) for k, v in values.items()})),
+        f"{prefix}huge integers": every(HUGE_INT),
+        f"{prefix}nan and inf": every("NaN"),
+        f"{prefix}infinity": every("1e999"),
+    }
 
 
 def wrong_type(value: Any) -> Any:
@@ -67,29 +98,63 @@ def csv_damages(good: bytes) -> dict[str, bytes]:
 
 def safetensors_damages(good: bytes) -> dict[str, bytes]:
     """Damage a safetensors file: cut, garbage, a header length past the end, a header that is not
-    JSON, a header that is a list, and metadata values that are huge integers."""
-    (length,) = struct.unpack("<Q", good[:8])
-    header = json.loads(good[8 : 8 + length])
-    body = good[8 + length :]
-
-    def rebuilt(new_header: Any) -> bytes:
-        raw = json.dumps(new_header).encode()
-        raw += b" " * (-len(raw) % 8)
-        return struct.pack("<Q", len(raw)) + raw + body
-
+    JSON, a header that is a list, and (a file with metadata) metadata values that are huge integers,
+    not JSON or lists, or no metadata at all."""
+    header, body = split_safetensors(good)
     metadata = dict(header.get("__metadata__") or {})
     damaged = {
         "truncated": good[: len(good) // 2],
         "garbage": b"not a safetensors file at all",
         "header length past the end": struct.pack("<Q", len(good) * 4) + good[8:],
         "header not json": struct.pack("<Q", 8) + b"{nojson}" + body,
-        "header a list": rebuilt([1, 2, 3]),
-        "metadata huge integers": rebuilt({**header, "__metadata__": {k: HUGE_INT for k in metadata}}),
-        "metadata not json": rebuilt({**header, "__metadata__": {k: "{not json" for k in metadata}}),
-        "metadata lists": rebuilt({**header, "__metadata__": {k: "[1, 2]" for k in metadata}}),
-        "metadata missing": rebuilt({k: v for k, v in header.items() if k != "__metadata__"}),
+        "header a list": rebuilt([1, 2, 3], body),
     }
+    if metadata:  # without metadata these would leave a sound file
+        for kind, value in (("huge integers", HUGE_INT), ("not json", "{not json"), ("lists", "[1, 2]")):
+            damaged[f"metadata {kind}"] = rebuilt(
+                {**header, "__metadata__": dict.fromkeys(metadata, value)}, body
+            )
+        damaged["metadata missing"] = rebuilt({k: v for k, v in header.items() if k != "__metadata__"}, body)
     return damaged
+
+
+def metadata_damages(good: bytes, integers: tuple[str, ...], objects: tuple[str, ...]) -> dict[str, bytes]:
+    """Damage one metadata field of a safetensors file at a time, the others kept: an integer field
+    huge, NaN, negative or 1e999; a JSON-object field huge, NaN, a list, not JSON, and inside it every
+    value of another type, huge, NaN or 1e999."""
+    header, body = split_safetensors(good)
+    metadata = dict(header["__metadata__"])
+
+    def with_field(key: str, value: str) -> bytes:
+        return rebuilt({**header, "__metadata__": {**metadata, key: value}}, body)
+
+    damaged = {}
+    for key in integers:
+        for kind, value in (("huge", HUGE_INT), ("nan", "NaN"), ("negative", "-1"), ("infinity", "1e999")):
+            damaged[f"{key} {kind}"] = with_field(key, value)
+    for key in objects:
+        for kind, value in (
+            ("huge", HUGE_INT),
+            ("nan", "NaN"),
+            ("a list", "[1, 2]"),
+            ("not json", "{nojson"),
+        ):
+            damaged[f"{key} {kind}"] = with_field(key, value)
+        inner = json.loads(metadata[key])
+        for kind, text in value_damages(inner, lambda changed: changed).items():
+            damaged[f"{key}: {kind}"] = with_field(key, text.decode())
+    return damaged
+
+
+def split_safetensors(good: bytes) -> tuple[dict[str, Any], bytes]:
+    (length,) = struct.unpack("<Q", good[:8])
+    return json.loads(good[8 : 8 + length]), good[8 + length :]
+
+
+def rebuilt(header: Any, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def dumps(data: Any) -> bytes:

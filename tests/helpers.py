@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 
 from persres.config import TrainConfig
+from persres.files import write_json
 from persres.residuals import find_residuals
+from persres.results import merge_results
 
 
 def unet_inputs(
@@ -81,6 +84,53 @@ def diffusers_image(pipe: StableDiffusionPipeline, prompt: str) -> np.ndarray:
 
 
 CONCEPTS = {"pet_dog": "dog", "toy_cup": "cup"}  # the benchmark tests' dataset: folder -> class word
+
+
+def make_dataset(root: Path) -> Path:
+    """A CustomConcept101-format dataset of two concepts (random 20 px photos, two prompts each)."""
+    entries = []
+    rng = np.random.default_rng(0)
+    for name, class_word in CONCEPTS.items():
+        folder = root / "benchmark_dataset" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (root / "prompts").mkdir(exist_ok=True)
+        (root / "prompts" / f"{class_word}.txt").write_text("a photo of {}\n{} on the beach\n")
+        entries.append(
+            {
+                "instance_prompt": f"photo of a <new1> {class_word}",
+                "class_prompt": class_word,
+                "instance_data_dir": f"./benchmark_dataset/{name}",
+                "class_data_dir": "./unused",
+                "prompt_filename": f"prompts/{class_word}.txt",
+            }
+        )
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root
+
+
+def finished_benchmark(root: Path) -> Path:
+    """A benchmark folder as persres writes it, with one finished variant (two sampled images)."""
+    out, references = root / "bench", root / "references"
+    folder = out / "runs" / "pet_dog" / "rank-0.05"
+    (folder / "samples").mkdir(parents=True)
+    references.mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(references / "ref.png")
+    scores = {"clip_t": 0.5, "clip_i": 0.6, "dino_i": 0.7}
+    images = []
+    for sampler in ("normal", "lag"):
+        name = f"0000-a-photo-of-v-dog-{sampler}.png"
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "samples" / name)
+        images.append({"image": name, "sampler": sampler, "prompt_category": "identity", **scores})
+    rows = [
+        {"concept": "pet_dog", "category": "pet", "class_word": "dog", "rank": 0.05, "sampler": s, **scores}
+        for s in ("normal", "lag")
+    ]
+    config = {"images": str(references), "class_word": "dog"}
+    write_json(folder / "result.json", {"rows": rows, "images": images, "train_config": config})
+    merge_results(out)
+    return out
 
 
 def bench_argv(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> list[str]:

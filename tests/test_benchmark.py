@@ -12,8 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import CONCEPTS, bench_argv
-from PIL import Image
+from helpers import CONCEPTS, bench_argv, finished_benchmark
 
 from persres.benchmark import (
     BenchmarkConfig,
@@ -308,29 +307,6 @@ def test_a_damaged_settings_file_is_named(
     assert not (out / "runs").exists()
 
 
-def finished(root: Path) -> Path:
-    """A benchmark folder as persres writes it, with one finished variant (two sampled images)."""
-    out, references = root / "bench", root / "references"
-    folder = out / "runs" / "pet_dog" / "rank-0.05"
-    (folder / "samples").mkdir(parents=True)
-    references.mkdir()
-    Image.new("RGB", (8, 8), (0, 0, 200)).save(references / "ref.png")
-    scores = {"clip_t": 0.5, "clip_i": 0.6, "dino_i": 0.7}
-    images = []
-    for sampler in ("normal", "lag"):
-        name = f"0000-a-photo-of-v-dog-{sampler}.png"
-        Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "samples" / name)
-        images.append({"image": name, "sampler": sampler, "prompt_category": "identity", **scores})
-    rows = [
-        {"concept": "pet_dog", "category": "pet", "class_word": "dog", "rank": 0.05, "sampler": s, **scores}
-        for s in ("normal", "lag")
-    ]
-    config = {"images": str(references), "class_word": "dog"}
-    write_json(folder / "result.json", {"rows": rows, "images": images, "train_config": config})
-    merge_results(out)
-    return out
-
-
 @pytest.mark.parametrize(
     ("name", "content", "problem"),
     [
@@ -350,7 +326,7 @@ def finished(root: Path) -> Path:
 def test_report_refuses_damaged_files_naming_them(
     tmp_path: Path, name: str, content: bytes, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = finished(tmp_path)
+    out = finished_benchmark(tmp_path)
     assert main(["report", str(out), "--out", str(tmp_path / "sound.html")]) == 0
     assert (tmp_path / "sound.html").read_text().count("data:image/png;base64,") >= 2 + 3
     (out / name).write_bytes(content)
@@ -367,7 +343,7 @@ def test_a_damaged_result_outside_the_run_is_refused_before_training(
     scorer_models: tuple[str, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = finished(tmp_path)
+    out = finished_benchmark(tmp_path)
     damaged = out / "runs" / "pet_dog" / "rank-0.05" / "result.json"
     damaged.write_text('{"rows": [{"concept": "pet_dog", "sampler": 3}]}')
     assert main([*bench_argv(dataset, conv_base, out, scorer_models), "--concept", "toy_cup"]) == 2
@@ -568,7 +544,7 @@ def test_settings_written_before_methods_still_resume(tmp_path: Path) -> None:
 
 
 def test_results_without_cost_columns_and_peer_rows_without_rank_are_read(tmp_path: Path) -> None:
-    out = finished(tmp_path)  # rows written before the cost columns came
+    out = finished_benchmark(tmp_path)  # rows written before the cost columns came
     folder = out / "runs" / "pet_dog" / "lora"
     folder.mkdir()
     result = json.loads((out / "runs" / "pet_dog" / "rank-0.05" / "result.json").read_text())

@@ -68,8 +68,8 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
     entries = select(load_dataset(config.dataset), config.concepts)
     check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")
+    check_other_results(out, config, entries)  # before the settings are written: a refusal writes nothing
     check_same_settings(out, config, state.is_main_process)
-    check_other_results(out, config, entries)
     state.wait_for_everyone()
     mine = entries[state.process_index :: state.num_processes]
     scorers: Scorers | None = None
@@ -138,9 +138,11 @@ def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True
         saved = read_settings(path)
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if changed:
+            listed = ", ".join(changed)  # cut: a hand-edit may add any number of keys
+            listed = listed if len(listed) <= 120 else f"{listed[:120]}..."
             raise ConfigError(
-                f"--out {out} holds a benchmark run with other settings ({', '.join(changed)}); rerun "
-                "with the same settings to resume it, or choose another --out"
+                f"{path} records other settings ({listed}) than asked for: rerun with the same "
+                f"settings to resume the benchmark in {out}, or choose another --out"
             )
     elif is_main:
         write_json(path, wanted)

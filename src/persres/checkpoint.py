@@ -15,7 +15,6 @@ and says what to do (delete that checkpoint to resume from the one before, or ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from persres import readback
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, PersresError
 from persres.files import write_json
@@ -229,16 +229,16 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
 def read_state(file: Path, step: int) -> TrainConfig:
     """``state.json``: the step (that of the folder's name) and the config the run was made with."""
     try:
-        data: Any = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise damaged(file, f"not readable JSON: {exc}") from None
+        data: Any = readback.load_file(file)
+    except (OSError, ValueError) as exc:
+        raise damaged(file, str(exc)) from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise damaged(file, 'expected an object with "step" and "config"')
     if type(data.get("step")) is not int or data["step"] != step:
         raise damaged(file, f"its step {data.get('step')!r} is not the folder's step {step}")
     try:
         return TrainConfig.from_dict(data["config"])
-    except (ConfigError, TypeError, ValueError) as exc:
+    except ConfigError as exc:
         raise damaged(file, f"its config is not valid: {exc}") from None
 
 

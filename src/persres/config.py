@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from persres.errors import ConfigError, quote
+from persres.readback import shown
 
 InitMode = Literal["zero", "random"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_TOKEN = "sks"
+MAX_TRAIN_SEED = 2**63 - 1  # torch generators take seeds below 2**64; each process adds its index
 # The personalization methods (persres.methods) and the method-specific settings each one takes; the
 # CLI refuses a setting the chosen method does not take. Kept here, without torch, for instant parsing.
 METHOD_OPTIONS: dict[str, frozenset[str]] = {
@@ -132,6 +138,10 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must not be empty")
         if any(ch.isspace() for ch in self.token):
             raise ConfigError(f"token {quote(self.token)} must be a single word without spaces")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise ConfigError(f"seed must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
+        if not 0 <= self.adam_weight_decay < math.inf:
+            raise ConfigError(f"adam_weight_decay must be a finite number >= 0, got {self.adam_weight_decay}")
         if self.report_to not in REPORT_TO:
             raise ConfigError(
                 f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
@@ -165,17 +175,10 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ConfigError(f"unknown training settings {unknown}; this persres knows {sorted(fields)}")
-        values = dict(data)
-        if "residual" in values:
-            values["residual"] = ResidualConfig(**values["residual"])
-        if "validation_prompts" in values:
-            values["validation_prompts"] = tuple(values["validation_prompts"])
-        return cls(**values)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config saved as JSON (``to_dict``), each setting checked against its field's type first:
+        a ``ConfigError`` names the setting (``residual.rank``) and the type it needs."""
+        return from_fields(cls, data)
 
     def resumable_with(self, other: TrainConfig) -> list[str]:
         """Settings that differ from ``other`` and would change the result of a resumed run.
@@ -193,6 +196,81 @@ class TrainConfig:
         }
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])
+
+
+def from_fields(cls: type[Any], data: Mapping[str, Any], where: str = "") -> Any:
+    """A frozen config dataclass from its JSON form, every value checked against the field's annotation
+    (JSON's lists become tuples, objects the nested dataclass); ``where`` prefixes nested names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown settings {[where + k for k in unknown]}; this persres knows {sorted(names)}"
+        )
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
+    if missing:
+        raise ConfigError(f"setting {where + missing[0]!r} is missing")
+    return cls(**typed_values(cls, data, where))
+
+
+def typed_values(cls: type[Any], data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """The values of ``data`` that name a field of ``cls``, each checked against the field's annotation
+    and converted (lists to tuples, objects to the nested dataclass); other names are left out. A value
+    of another type is a ``ConfigError`` naming the setting and the type it needs."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        converted = _typed(value, hints[name], where + name)
+        if converted is _WRONG:
+            wanted = _describe(hints[name])
+            raise ConfigError(f"setting {where + name!r} is {shown(value)}, expected {wanted}")
+        values[name] = converted
+    return values
+
+
+def _required(field: dataclasses.Field[Any]) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+_WRONG = object()  # _typed's answer for a value of another type
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the type ``hint`` (a JSON list as a tuple, an object as a dataclass), or ``_WRONG``.
+    Ints count as floats (JSON writes 1.0 as 1) but are kept: ``rank`` 16 is not the fraction 16.0."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return next((typed for arm in args if (typed := _typed(value, arm, name)) is not _WRONG), _WRONG)
+    if origin is Literal:
+        return value if any(type(value) is type(arg) and value == arg for arg in args) else _WRONG
+    if origin is tuple:  # tuple[X, ...]
+        if not isinstance(value, (list, tuple)):
+            return _WRONG
+        items = [_typed(item, args[0], name) for item in value]
+        return _WRONG if any(item is _WRONG for item in items) else tuple(items)
+    if dataclasses.is_dataclass(hint):
+        return from_fields(hint, value, f"{name}.") if isinstance(value, dict) else _WRONG
+    if hint is float:
+        return value if type(value) in (int, float) else _WRONG
+    if hint is type(None):
+        return value if value is None else _WRONG
+    return value if type(value) is hint else _WRONG  # str, int, bool: bool is not an int here
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(hint):
+        return f"an object ({hint.__name__})"
+    names = {str: "text", int: "a whole number", float: "a number", bool: "true or false", type(None): "null"}
+    return names.get(hint, str(hint))
 
 
 MAX_STEPS = 1000  # DDIM cannot take more steps than the 1000 training timesteps of Stable Diffusion

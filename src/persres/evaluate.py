@@ -16,7 +16,6 @@ PIL's bicubic filter, which torchvision also uses for PIL inputs: the reference 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection, ViTModel
 
+from persres import readback
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO
 from persres.errors import ConfigError, InputError, ModelError
 from persres.images import load_rgb
@@ -192,13 +192,11 @@ def read_sidecar(path: Path, required: tuple[str, ...] = ("prompt",)) -> dict[st
     (prompt, token, sampler, seed, concepts and their tokens) to be of the right type."""
     fix = "fix it, or delete it (then pass --prompt to score the image)"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"sidecar {path} is not valid JSON ({exc}); {fix}") from None
+        data = readback.load_file(path)
+    except ValueError as exc:
+        raise InputError(f"sidecar {path} is damaged ({exc}); {fix}") from None
     except OSError as exc:
         raise InputError(f"sidecar {path} cannot be read ({exc.strerror or exc}); {fix}") from None
-    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
-        raise InputError(f"sidecar {path} is not valid JSON ({type(exc).__name__}); {fix}") from None
     if not isinstance(data, dict):
         raise InputError(f"sidecar {path} is not a JSON object; persres sample writes {{'prompt': ...}}")
     for key in required:

@@ -21,13 +21,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from persres.errors import ResidualFileError
+from persres import readback
+from persres.config import ResidualConfig, TrainConfig, typed_values
+from persres.errors import ConfigError, ResidualFileError, quote
 
 FORMAT_NAME = "persres.residuals"
 FORMAT_VERSION = 1
 FACTORS = ("A", "B")
 JSON_FIELDS = ("architecture", "rank_config", "train_config")  # JSON objects, as train writes them
 INTEGER_FIELDS = ("format_version", "step")
+PROJ_OUT_KINDS = ("conv", "linear", "conv/linear")  # persres.io.architecture: the kinds of proj_out found
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -142,17 +145,18 @@ def _ints(value: object) -> bool:
 def check_metadata(header: ResidualHeader) -> None:
     """Format and version first (another file type, another persres), then each field persres reads."""
     path, metadata = header.path, header.metadata
-    if metadata.get("format") != FORMAT_NAME:
+    found = metadata.get("format")
+    if found != FORMAT_NAME:
         raise ResidualFileError(
             f"{path} is a safetensors file but not a persres residual file (metadata format is "
-            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+            f"{'missing' if found is None else quote(found)}, expected {FORMAT_NAME!r})"
         )
     if "format_version" not in metadata:
         raise ResidualFileError(f"{path} records no format_version; {EDITED}")
     for key in INTEGER_FIELDS:
         value = metadata.get(key)
-        if value is not None and not (value.isascii() and value.isdigit()):
-            raise ResidualFileError(f"{path}: metadata {key} is {value!r}, not an integer; {EDITED}")
+        if value is not None and not _count(value):
+            raise ResidualFileError(f"{path}: metadata {key} is {quote(value)}, not an integer; {EDITED}")
     version = int(metadata["format_version"])
     if version != FORMAT_VERSION:
         hint = "Upgrade persres to read it" if version > FORMAT_VERSION else "no persres wrote it"
@@ -160,16 +164,51 @@ def check_metadata(header: ResidualHeader) -> None:
             f"{path} has format version {version}; this persres reads version {FORMAT_VERSION}. {hint}"
         )
     for key in JSON_FIELDS:
-        if key not in metadata:
-            continue
-        try:
-            value = json.loads(metadata[key])
-        except json.JSONDecodeError as exc:
-            raise ResidualFileError(f"{path}: metadata {key} is not valid JSON ({exc}); {EDITED}") from None
-        if not isinstance(value, dict):
-            raise ResidualFileError(
-                f"{path}: metadata {key} is {metadata[key]!r}, not a JSON object; {EDITED}"
-            )
+        if key in metadata:
+            problem = _json_field_problem(key, metadata[key])
+            if problem:
+                raise ResidualFileError(f"{path}: metadata {key} {problem}; {EDITED}")
+
+
+def _count(text: str) -> bool:
+    """A non-negative whole number of at most ``readback.MAX_DIGITS`` digits."""
+    try:
+        return readback.integer(text) >= 0
+    except ValueError:
+        return False
+
+
+def _json_field_problem(key: str, text: str) -> str | None:
+    """What is wrong with a JSON field: not standard JSON, not an object, or not what persres writes
+    there (``persres.io.architecture``, a ``ResidualConfig``, a ``TrainConfig``'s settings)."""
+    try:
+        value = readback.loads(text)
+    except ValueError as exc:
+        return f"is {exc}"
+    if not isinstance(value, dict):
+        return f"is {quote(text)}, not a JSON object"
+    if key == "architecture":
+        return _architecture_problem(value)
+    try:
+        if key == "rank_config":
+            ResidualConfig(**value)
+        if key == "train_config":  # the settings this persres knows; a later one may add settings
+            typed_values(TrainConfig, value)
+    except (ConfigError, TypeError) as exc:
+        return f"is not a {key.replace('_', ' ')} persres writes ({exc})"
+    return None
+
+
+def _architecture_problem(value: dict[str, object]) -> str | None:
+    """``{"proj_out": "conv" | "linear", "cross_attention_dim": int, "addition_embed_type"?: str}``."""
+    proj_out, width = value.get("proj_out"), value.get("cross_attention_dim")
+    if proj_out not in PROJ_OUT_KINDS:
+        return f"has proj_out {readback.shown(proj_out)}, not one of {', '.join(PROJ_OUT_KINDS)}"
+    if width is not None and (type(width) is not int or width < 1):
+        return f"has cross_attention_dim {readback.shown(width)}, not a positive whole number"
+    if not isinstance(value.get("addition_embed_type", ""), str):
+        return "has an addition_embed_type that is not text"
+    return None
 
 
 def layer_names(header: ResidualHeader) -> list[str]:

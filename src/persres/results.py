@@ -10,56 +10,35 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from persres import readback
 from persres.categories import CATEGORIES, sampler_for
 from persres.errors import InputError, quote
 from persres.files import write_json, write_text
-
-METRICS = ("clip_t", "clip_i", "dino_i")  # CustomConcept101: CLIP text, CLIP image, DINO image alignment
-
-CSV_FIELDS = (
-    "concept",
-    "category",
-    "class_word",
-    "class_source",
-    "method",
-    "rank",
-    "sampler",
-    *METRICS,
-    "train_seconds",
-    "sample_seconds",
-    "num_images",
-    "trainable_parameters",  # the columns from here on are missing in rows written before them
-    "file_size_bytes",
-    "peak_memory_bytes",
-    "peak_memory_source",  # cuda-max-allocated, or process-peak-rss on the CPU (persres.measure)
+from persres.result_rows import (
+    COSTS,
+    CSV_FIELDS,
+    METRICS,
+    RESIDUALS_ROW,
+    from_csv,
+    row_problem,
+    value_problem,
 )
-COSTS = ("trainable_parameters", "file_size_bytes", "peak_memory_bytes")
-RESIDUALS_ROW = "personalized-residuals"  # residuals' rows' method; the others' rows name the method
+
 REDO = "delete it and rerun persres benchmark with the same --out and settings to redo that variant"
 
 
 def read_json(path: Path, fix: str) -> Any:
     """The JSON in ``path``; ``fix`` says what to do when it is damaged."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is damaged (not UTF-8 text at byte {exc.start}); {fix}") from None
+        return readback.load_file(path)
+    except ValueError as exc:
+        raise InputError(f"{path} is damaged ({exc}); {fix}") from None
     except OSError as exc:
         raise InputError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}); {fix}"
-        ) from None
-    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
-        raise InputError(f"{path} is damaged ({type(exc).__name__}); {fix}") from None
 
 
 def read_settings(path: Path) -> dict[str, Any]:
@@ -91,26 +70,15 @@ def result_problem(result: Any) -> str | None:
     if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
         return "'rows' is not a non-empty list of objects"
     for number, row in enumerate(rows):
-        unknown = sorted(set(row) - set(CSV_FIELDS))
-        if unknown:
-            return f"row {number} has unknown fields {quote(', '.join(map(str, unknown)))}"
-        residuals = row.get("method", RESIDUALS_ROW) == RESIDUALS_ROW  # the other methods have no rank
-        numbers = ("rank", *METRICS) if residuals else METRICS
-        problem = fields_problem(row, ("concept", "category", "sampler"), numbers)
-        present = tuple(k for k in (*COSTS, "train_seconds") if k in row)
-        problem = problem or fields_problem(row, (), present)
-        if not problem and not all(isinstance(row.get(k, ""), str) for k in ("class_source", "method")):
-            problem = "has a 'class_source' or 'method' that is not text"
+        problem = row_problem(row)
         if problem:
             return f"row {number} {problem}"
     if not isinstance(images, list) or not all(isinstance(image, dict) for image in images):
         return "'images' is not a list of objects"
     for number, image in enumerate(images):
-        problem = fields_problem(image, ("image", "sampler", "prompt_category"), METRICS)
+        problem = image_problem(image)
         if problem:
             return f"image {number} {problem}"
-        if Path(image["image"]).name != image["image"] or image["image"] in ("", ".", ".."):
-            return f"image {number} names {quote(image['image'])}, not a file of the samples folder"
     if not isinstance(config, dict) or not all(
         isinstance(config.get(k), str) for k in ("images", "class_word")
     ):
@@ -118,19 +86,28 @@ def result_problem(result: Any) -> str | None:
     return None
 
 
-def fields_problem(item: dict[str, Any], texts: tuple[str, ...], numbers: tuple[str, ...]) -> str | None:
-    for key in texts:
-        if not isinstance(item.get(key), str):
-            return f"lacks the text field {key!r}"
-    for key in numbers:
-        value = item.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return f"lacks the number {key!r}"
+def image_problem(image: dict[str, Any]) -> str | None:
+    """An image's file name (in the samples folder), sampler, prompt category and scores."""
+    name = image.get("image")
+    if not isinstance(name, str):
+        return "lacks the text field 'image'"
+    if Path(name).name != name or name in ("", ".", ".."):
+        return f"names {quote(name)}, not a file of the samples folder"
+    if image.get("prompt_category") not in CATEGORIES:
+        category = readback.shown(image.get("prompt_category"))
+        return f"has prompt_category {category}, not one of {', '.join(CATEGORIES)}"
+    for key in ("sampler", *METRICS):
+        if key not in image:
+            return f"lacks the field {key!r}"
+        problem = value_problem(key, image[key])
+        if problem:
+            return f"field {key!r} {problem}"
     return None
 
 
 def read_results_csv(path: Path) -> list[dict[str, str]]:
-    """``results.csv``: a header and rows of exactly its columns."""
+    """``results.csv``: a header of persres' columns, and rows of exactly its columns whose every value
+    is what its field holds (``result_rows``): the report shows them as measured."""
     fix = "delete it and rerun persres benchmark with the same --out and settings to rebuild it"
     try:
         with open(path, encoding="utf-8", newline="") as handle:
@@ -144,7 +121,7 @@ def read_results_csv(path: Path) -> list[dict[str, str]]:
     except OSError as exc:
         raise InputError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
     missing = [name for name in ("concept", "rank", "sampler") if name not in header]
-    if missing or len(set(header)) != len(header):
+    if missing or len(set(header)) != len(header) or not set(header) <= set(CSV_FIELDS):
         raise InputError(f"{path} is damaged (its header {quote(','.join(header))} is not persres'); {fix}")
     for number, row in enumerate(rows, start=1):
         if None in row or None in row.values():
@@ -152,6 +129,12 @@ def read_results_csv(path: Path) -> list[dict[str, str]]:
                 f"{path} is damaged (row {number} has {'more' if None in row else 'fewer'} fields than "
                 f"its header); {fix}"
             )
+        try:
+            problem = row_problem(from_csv(row), "column")
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            raise InputError(f"{path} is damaged (row {number}, {problem}); {fix}")
     return rows
 
 

@@ -44,6 +44,7 @@ VALIDATION = "validation"
 LOGS = "logs"
 RUN_NAMES = (RESIDUALS_FILE, RESULT, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)
 EARLIER_NAMES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, VALIDATION)  # what persres 0.1.0 wrote
+MAX_PID = 2**31  # pids are C ints; a larger one is a damaged lock, not a process to ask about
 UNREADABLE_LOCK_STALE_S = 60  # a lock left empty by a process killed between create and write
 
 
@@ -158,7 +159,7 @@ def read_marker(out: Path) -> dict[str, Any] | None:
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise OutputExistsError(f"{path} is not a persres run marker ({exc}); choose another --out") from None
     files = marker.get("files") if isinstance(marker, dict) else None
     names_ok = isinstance(files, list) and all(isinstance(name, str) for name in files)
@@ -183,7 +184,7 @@ def is_earlier_run(out: Path) -> bool:
         if not (isinstance(saved, dict) and "persres_version" in saved):
             return False
         TrainConfig.from_dict({k: v for k, v in saved.items() if k != "persres_version"})
-    except (OSError, ValueError, TypeError, AttributeError):  # ConfigError is a ValueError
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # ConfigError: a ValueError
         return False
     candidates = [out / RESIDUALS_FILE, *(c.folder / RESIDUALS_FILE for c in list_checkpoints(out))]
     return any(is_residual_file(path) for path in candidates)
@@ -244,7 +245,10 @@ def refuse_if_locked(path: Path) -> None:
         except FileNotFoundError:
             return
         if age < UNREADABLE_LOCK_STALE_S:
-            raise RunLockedError(f"--out {path.parent} is being locked by another process; try again")
+            raise RunLockedError(
+                f"--out {path.parent} is being locked by another process ({path} is not a lock persres can "
+                f"read, yet); try again in a minute, or remove {path} if no persres train uses the folder"
+            )
         return
     if holder["host"] != socket.gethostname() or pid_alive(holder["pid"]):
         raise RunLockedError(
@@ -254,8 +258,9 @@ def refuse_if_locked(path: Path) -> None:
 
 
 def lock_text(path: Path) -> str | None:
+    """The lock's text (bytes that are not UTF-8 make it unreadable, not an error); None without one."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None
 
@@ -263,9 +268,10 @@ def lock_text(path: Path) -> str | None:
 def parse_lock(text: str) -> dict[str, Any] | None:
     try:
         holder = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    valid = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder["pid"] > 0
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    valid = type(pid) is int and 0 < pid < MAX_PID
     return holder if valid and isinstance(holder.get("host"), str) else None
 
 

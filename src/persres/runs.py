@@ -3,12 +3,12 @@ where its result is (``residuals.safetensors`` for residuals, ``result/`` for th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from persres import readback
 from persres.config import TrainConfig
 from persres.errors import InputError
 from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT
@@ -52,10 +52,12 @@ def peer_runs(sources: Sequence[object]) -> list[Run]:
 def read_config(config_file: Path, why: str) -> TrainConfig:
     """A run's ``config.json``, strictly: a damaged or hand-edited one is named, with ``why`` it matters."""
     try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        saved = readback.load_file(config_file)
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
         saved.pop("persres_version", None)
         return TrainConfig.from_dict(saved)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSON and ConfigError: ValueError
+    except OSError as exc:
+        raise InputError(f"{config_file} cannot be read ({exc.strerror or exc}); {why}") from None
+    except ValueError as exc:  # readback's and ConfigError (a ValueError) name what is wrong
         raise InputError(f"{config_file} is damaged ({exc}); {why}") from None

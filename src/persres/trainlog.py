@@ -31,6 +31,7 @@ from typing import IO, Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from persres import readback
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_path, write_text
@@ -133,7 +134,7 @@ def parse_row(path: Path, step: int, number: int, fields: list[str]) -> LossRow:
     try:
         if len(fields) != len(COLUMNS):
             raise ValueError(f"{len(fields)} fields, expected {len(COLUMNS)}")
-        row = LossRow(int(fields[0]), *(float(field) for field in fields[1:]))
+        row = LossRow(readback.integer(fields[0]), *(float(field) for field in fields[1:]))  # any length
     except ValueError as exc:
         raise bad_log(path, step, f"line {number}: {exc}") from None
     values = (row.loss, row.smoothed_loss, row.lr, row.elapsed_seconds)
