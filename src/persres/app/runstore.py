@@ -161,7 +161,7 @@ def status(folder: Path) -> str:
         return "finished"
     lock = folder / LOCK
     try:
-        refuse_if_locked(lock)
+        damage_named(lock, refuse_if_locked)  # a lock that is not UTF-8: the library's reader raises
     except RunLockedError:
         return "training"
     text = damage_named(lock, lock_text)
