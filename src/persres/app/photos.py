@@ -45,9 +45,9 @@ def check_photo(path: Path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"{name} is not an image (jpg, png or webp); remove it") from None
     if pixels is None or pixels > MAX_PIXELS:
-        size = f"{pixels:,} pixels" if pixels is not None else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        count = f"{pixels:,} pixels" if pixels is not None else "more pixels than PIL opens"
         raise InputError(
-            f"{name} has {size}, above the app's limit of {MAX_PIXELS:,}; "
+            f"{name} has {count}, above the app's limit of {MAX_PIXELS:,}; "
             "upload a smaller copy (a few megapixels are plenty)"
         )
     try:
