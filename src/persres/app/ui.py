@@ -1,6 +1,7 @@
 """The gradio page: Train, Sample and Runs tabs over ``persres.app.jobs``. Imported by ``persres app``
-only (gradio is an optional extra). Every handler turns a ``PersresError`` into ``gr.Error``, which the
-page shows as a message; the server keeps serving.
+only (gradio is an optional extra). Every handler is wrapped by ``common.refused``: its number fields are
+range-checked first (``fields``), a ``PersresError`` becomes a ``gr.Error`` the page shows as a message, and
+any other error one short line (its traceback in the server's log); the server keeps serving.
 
 Heavy events (train, resume, sample) share one queue slot (``concurrency_id="machine"``): they run one
 at a time and the page shows a waiting job its place in line. Light ones (previews, lists) never wait."""
