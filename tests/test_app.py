@@ -237,13 +237,14 @@ def test_cli_warns_when_serving_beyond_localhost_without_auth(
 
     launched: list[tuple[object, ...]] = []
     monkeypatch.setattr(ui, "launch", lambda *args: launched.append(args))
-    args = argparse.Namespace(base=None, runs=str(tmp_path / "runs"), host="0.0.0.0", port=7860, auth=None,
+    port = free_port()  # persres app binds it for a moment to see that it is free
+    args = argparse.Namespace(base=None, runs=str(tmp_path / "runs"), host="0.0.0.0", port=port, auth=None,
                               clip=None, nouns=None, device="cpu")  # fmt: skip
     assert run_app(args) == 0 and "without a login" in caplog.text
     caplog.clear()
     assert run_app(argparse.Namespace(**{**vars(args), "auth": "ann:pw"})) == 0
     assert "without a login" not in caplog.text and launched[-1][3] == ("ann", "pw")
-    assert launched[0][1:3] == ("0.0.0.0", 7860) and json.dumps(str(launched[0][0].base))  # type: ignore[attr-defined]
+    assert launched[0][1:3] == ("0.0.0.0", port) and json.dumps(str(launched[0][0].base))  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow

@@ -36,12 +36,19 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def too_large(path: Path, exc: Exception) -> str:
-    found = re.search(r"\((\d+) pixels\)", str(exc))  # PIL: "Image size (N pixels) exceeds limit ..."
-    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    pixels = bomb_pixels(exc)
+    size = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
     return (
         f"{path} has {size}, above the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
         "pixels (PIL's Image.MAX_IMAGE_PIXELS); shrink it (a few megapixels are plenty) or remove it"
     )
+
+
+def bomb_pixels(exc: Exception) -> int | None:
+    """The pixel count (width x height, from the header) of an image PIL refused as a decompression bomb:
+    its message is the only place it is (``Image.open`` refuses before ``.size`` can be read)."""
+    found = re.search(r"\((\d{1,18}) pixels\)", str(exc))  # PIL: "Image size (N pixels) exceeds limit ..."
+    return int(found.group(1)) if found else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -4,7 +4,8 @@ progress reach the page."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import gradio as gr
 from PIL import Image
 
 from persres.app import jobs
+from persres.app.fields import checked_args, rules_of
 from persres.app.figures import loss_image
 from persres.errors import PersresError
 
+log = logging.getLogger(__name__)
 # Heavy events (train, resume, sample) share one queue slot: one at a time, the others wait in line with
 # their place shown. Light ones (previews, lists, downloads) never wait behind them.
 HEAVY: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": "machine"}
@@ -31,28 +34,55 @@ class AppSettings:
     nouns: str | None = None  # the nouns suggested from (one per line); none: WordNet's, as suggest-class
 
 
-def refused(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Show a ``PersresError`` (and any file error) in the page instead of failing the request."""
+def refused(handler: Callable[..., Any], inputs: Sequence[Any] = ()) -> Callable[..., Any]:
+    """``handler`` for an event with these ``inputs``: its number fields' values checked (``fields``), and
+    any error shown in the page as a message (``shown``); the server keeps serving."""
+    rules = rules_of(inputs)
 
     @functools.wraps(handler)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
-            return handler(*args, **kwargs)
-        except (PersresError, OSError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            return handler(*checked_args(rules, args), **kwargs)
+        except Exception as exc:
+            raise shown(exc, what(handler)) from None
 
+    wrapped.refuses = True  # type: ignore[attr-defined]  # tests check that every event handler is wrapped
     return wrapped
 
 
-def refused_stream(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+def refused_stream(
+    handler: Callable[..., Iterator[Any]], inputs: Sequence[Any] = ()
+) -> Callable[..., Iterator[Any]]:
+    """``refused`` for a handler that reports as it goes (a generator)."""
+    rules = rules_of(inputs)
+
     @functools.wraps(handler)
     def wrapped(*args: Any, **kwargs: Any) -> Iterator[Any]:
         try:
-            yield from handler(*args, **kwargs)
-        except (PersresError, OSError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            yield from handler(*checked_args(rules, args), **kwargs)
+        except Exception as exc:
+            raise shown(exc, what(handler)) from None
 
+    wrapped.refuses = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def shown(exc: BaseException, doing: str) -> gr.Error:
+    """What the page says of ``exc``: a ``PersresError`` or file error as it is (the user can fix it), a
+    ``gr.Error`` as raised, anything else (a bug) one short line, its traceback in the server's log."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, (PersresError, OSError)):
+        return gr.Error(str(exc), print_exception=False)
+    log.error("persres app: %s failed", doing, exc_info=exc)
+    return gr.Error(
+        f"{doing} failed with an unexpected {type(exc).__name__}; the server's log has the details",
+        print_exception=False,
+    )
+
+
+def what(handler: Callable[..., Any]) -> str:
+    return getattr(getattr(handler, "func", handler), "__name__", "the request").replace("_", " ")
 
 
 def follow(job: jobs.TrainingJob, progress: gr.Progress) -> Iterator[tuple[str, Image.Image]]:
@@ -61,9 +91,8 @@ def follow(job: jobs.TrainingJob, progress: gr.Progress) -> Iterator[tuple[str, 
         done = update.losses[-1][0] if update.losses else 0
         progress((done, update.steps), desc=f"training {update.run}", unit="steps")
         if update.error is not None:
-            if isinstance(update.error, PersresError):
-                raise gr.Error(f"run {update.run}: {update.error}", print_exception=False)
-            raise gr.Error(f"run {update.run} stopped: {type(update.error).__name__}: {update.error}")
+            error = shown(update.error, f"training {update.run}")
+            raise gr.Error(f"run {update.run}: {error.message}", print_exception=False)
         text = f"**{update.run}**: step {done}/{update.steps}"
         if update.losses:
             text += f", loss {update.losses[-1][1]:.4f}"

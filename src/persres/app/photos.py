@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from persres.errors import InputError
 from persres.files import atomic_dir
-from persres.images import load_rgb
+from persres.images import bomb_pixels, load_rgb
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 15  # the paper's 3-15 photos of a concept
 MAX_BYTES = 20 * 1024 * 1024  # per photo; gradio refuses larger uploads before they reach the app
@@ -39,13 +39,15 @@ def check_photo(path: Path) -> Image.Image:
     try:
         with Image.open(path) as header:  # reads the header only
             width, height = header.size
+        pixels: int | None = width * height
+    except Image.DecompressionBombError as exc:  # PIL refused it on its size, which only the message says
+        pixels = bomb_pixels(exc)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"{name} is not an image (jpg, png or webp); remove it") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        width, height = MAX_PIXELS, 2  # PIL refused it on size: reported below
-    if width * height > MAX_PIXELS:
+    if pixels is None or pixels > MAX_PIXELS:
+        count = f"{pixels:,} pixels" if pixels is not None else "more pixels than PIL opens"
         raise InputError(
-            f"{name} has {width * height:,} pixels, above the app's limit of {MAX_PIXELS:,}; "
+            f"{name} has {count}, above the app's limit of {MAX_PIXELS:,}; "
             "upload a smaller copy (a few megapixels are plenty)"
         )
     try:

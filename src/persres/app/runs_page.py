@@ -32,7 +32,11 @@ def runs_tab(settings: AppSettings) -> Any:
     resumed = gr.Image(label="loss", type="pil", format="png", height=260)
     download = gr.File(label="file", elem_id="download")
     refresh.click(
-        functools.partial(run_lists, settings), None, [gr.State(), chosen, table], **LIGHT, api_name="runs"
+        refused(functools.partial(run_lists, settings)),
+        None,
+        [gr.State(), chosen, table],
+        **LIGHT,
+        api_name="runs",
     )
     chosen.change(
         refused(functools.partial(show_run, settings)),
@@ -59,8 +63,9 @@ def runs_tab(settings: AppSettings) -> Any:
 
 
 def resume(settings: AppSettings, name: str, progress: gr.Progress = gr.Progress()) -> Iterator[Any]:
-    if name and runstore.status(runstore.run_folder(settings.runs, name)) == "finished":
-        raise gr.Error(f"run {name} is finished; there is nothing to resume", print_exception=False)
+    info = runstore.run_info(runstore.run_folder(settings.runs, name))  # a damaged run: refused, named
+    if info.status != "interrupted":
+        raise gr.Error(f"run {name} is {info.status}; there is nothing to resume", print_exception=False)
     yield from follow(jobs.resume_training(settings.runs, name, settings.device), progress)
 
 
@@ -81,6 +86,7 @@ def show_run(settings: AppSettings, name: str | None) -> tuple[Any, Any, Any]:
 
 def fetch_file(settings: AppSettings, name: str | None, fmt: str) -> str:
     folder = runstore.run_folder(settings.runs, name or "")
+    runstore.run_config(folder)  # its settings travel with the file: a damaged config.json is refused
     if fmt == "residuals":
         path = folder / RESIDUALS_FILE
         if not path.is_file():
@@ -91,16 +97,25 @@ def fetch_file(settings: AppSettings, name: str | None, fmt: str) -> str:
 
 def run_lists(settings: AppSettings) -> tuple[Any, Any, pd.DataFrame]:
     """The Sample page's finished runs, the Runs page's runs and its table, as they are now."""
-    names = runstore.run_names(settings.runs)
-    finished = [n for n in names if runstore.status(settings.runs / n) == "finished"]
-    return gr.update(choices=finished), gr.update(choices=names), runs_table(settings)
+    rows = run_rows(settings)
+    finished = [row[0] for row in rows if row[1] == "finished"]
+    return gr.update(choices=finished), gr.update(choices=[row[0] for row in rows]), table_of(rows)
 
 
 def runs_table(settings: AppSettings) -> pd.DataFrame:
+    return table_of(run_rows(settings))
+
+
+def run_rows(settings: AppSettings) -> list[list[object]]:
+    """One row per run, newest first; a run whose files are damaged is listed as such, not left out."""
     rows = []
     for name in runstore.run_names(settings.runs):
         try:
             rows.append(runstore.run_info(settings.runs / name).row())
-        except (PersresError, OSError, ValueError):
-            rows.append([name, "unreadable", "", "", ""])
+        except PersresError as exc:
+            rows.append(runstore.damaged_row(name, exc))
+    return rows
+
+
+def table_of(rows: list[list[object]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=runstore.ROW_HEADERS)

@@ -1,6 +1,10 @@
 """The app's run folders, all inside ``--runs``: names made safe and unique, names read back checked,
 and what the Runs page lists about each run.
 
+A run's files are read strictly, by the library's readers: one damaged or hand-edited file (its
+``config.json``, its loss log, its lock) makes that run ``damaged: <what and how to fix it>``, an
+``InputError`` naming the file; the other runs are listed as ever.
+
 A name that reaches the app (a form field, an API call) is never joined to a path as given: a new run
 gets ``safe_name`` of it, and an existing run is found only if its name is one of the folders listed
 in ``--runs`` (``run_folder``), so ``../`` or an absolute path cannot leave it.
@@ -8,21 +12,35 @@ in ``--runs`` (``run_folder``), so ``../`` or an absolute path cannot leave it.
 
 from __future__ import annotations
 
-import json
+import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from persres.config import TrainConfig
-from persres.errors import InputError, quote
-from persres.runfolder import CONFIG_FILE, LOCK, MARKER, RESIDUALS_FILE, parse_lock, pid_alive
-from persres.trainlog import LOGS, LOSS_CSV, LOSS_PNG
+from persres.errors import InputError, PersresError, RunLockedError, quote
+from persres.runfolder import (
+    CONFIG_FILE,
+    LOCK,
+    MARKER,
+    RESIDUALS_FILE,
+    lock_text,
+    parse_lock,
+    refuse_if_locked,
+)
+from persres.runs import read_config
+from persres.trainlog import COLUMNS, LOGS, LOSS_CSV, LOSS_PNG, LossRow, parse_row
 from persres.validation import GRID, VALIDATION
+
+T = TypeVar("T")
 
 PHOTOS = ".photos"  # runs/.photos/NAME/: a run's photos, kept outside its folder (train refuses overlap)
 REQUEST = "app-request.json"  # the settings a run was started with, for resuming before config.json exists
 NAME_LIMIT = 40
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
+VALIDATION_ROUND = re.compile(r"step-(\d{1,9})")
 
 
 def safe_name(text: str) -> str:
@@ -96,32 +114,62 @@ def run_config(folder: Path) -> TrainConfig:
     for name in (CONFIG_FILE, REQUEST):
         path = folder / name
         if path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            saved.pop("persres_version", None)
-            return TrainConfig.from_dict(saved)
+            return damage_named(path, lambda p: read_config(p, "the app reads the run's settings from it"))
     raise InputError(f"run {folder.name} has no {CONFIG_FILE}: it cannot be resumed; start a new one")
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:
-    """(step, loss) rows of ``logs/loss.csv``, empty when there is none yet."""
+    """(step, loss) rows of ``logs/loss.csv``, empty when there is none yet; a damaged log is refused."""
     path = folder / LOGS / LOSS_CSV
     if not path.is_file():
         return []
+    return [(row.step, row.loss) for row in damage_named(path, loss_rows)]
+
+
+def loss_rows(path: Path) -> list[LossRow]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = list(csv.reader(handle))
+    if not lines or tuple(lines[0]) != COLUMNS:
+        raise damaged_log(path, f"its header is not {','.join(COLUMNS)}")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-        fields = line.split(",")
-        if len(fields) >= 2:
-            rows.append((int(fields[0]), float(fields[1])))
+    for number, fields in enumerate(lines[1:], start=2):
+        try:
+            rows.append(parse_row(path, 0, number, fields))  # trainlog's checks of one row
+        except InputError:
+            raise damaged_log(path, f"line {number} is not a row of numbers {','.join(COLUMNS)}") from None
     return rows
 
 
+def damaged_log(path: Path, what: str) -> InputError:
+    return InputError(f"{path} is damaged or was edited ({what}); restore it, or delete it (no loss curve)")
+
+
+def damage_named(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``; an error the library's reader lets through (a file it did not expect) becomes an
+    ``InputError`` naming ``path``, as the reader's own errors do."""
+    try:
+        return read(path)
+    except PersresError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise InputError(f"{path} is damaged or unreadable ({type(exc).__name__}: {exc})") from None
+
+
 def status(folder: Path) -> str:
+    """finished, training (a live process holds the lock, as ``train`` judges it) or interrupted."""
     if (folder / RESIDUALS_FILE).is_file():
         return "finished"
     lock = folder / LOCK
-    holder = parse_lock(lock.read_text(encoding="utf-8")) if lock.is_file() else None
-    if holder is not None and isinstance(holder.get("pid"), int) and pid_alive(holder["pid"]):
+    try:
+        damage_named(lock, refuse_if_locked)  # a lock that is not UTF-8: the library's reader raises
+    except RunLockedError:
         return "training"
+    text = damage_named(lock, lock_text)
+    if text is not None and parse_lock(text) is None:
+        raise InputError(
+            f"{lock} is damaged (not a lock persres wrote) and no training writes it now; delete it, "
+            "then resume the run"
+        )
     return "interrupted"
 
 
@@ -140,12 +188,18 @@ def run_info(folder: Path) -> RunInfo:
     )
 
 
+def damaged_row(name: str, error: PersresError) -> list[object]:
+    """The Runs page's row of a run whose files cannot be read: what is wrong, in the status column."""
+    return [name, f"damaged: {error}", "", "", ""]
+
+
 def loss_plot(folder: Path) -> Path | None:
     path = folder / LOGS / LOSS_PNG
     return path if path.is_file() else None
 
 
 def validation_grids(folder: Path) -> list[tuple[Path, str]]:
-    """(grid.png, "step N") of every validation round, in step order."""
-    grids = sorted((folder / VALIDATION).glob(f"step-*/{GRID}"))
-    return [(g, f"step {int(g.parent.name.removeprefix('step-'))}") for g in grids]
+    """(grid.png, "step N") of every validation round, in step order (folders not named step-N: not ours)."""
+    rounds = [(int(found[1]), g) for g in (folder / VALIDATION).glob(f"step-*/{GRID}")
+              if (found := VALIDATION_ROUND.fullmatch(g.parent.name))]  # fmt: skip
+    return [(g, f"step {step}") for step, g in sorted(rounds)]

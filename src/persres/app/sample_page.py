@@ -11,10 +11,15 @@ from PIL import Image
 
 from persres.app import jobs
 from persres.app.common import HEAVY, LIGHT, AppSettings, refused
+from persres.app.fields import number_field, slider_field
 from persres.app.figures import enlarged
 from persres.app.masks import overlays
 from persres.categories import prompt_category, sampler_for
+from persres.config import MAX_STEPS
+from persres.ranges import SEED, STEPS, integer
 from persres.sampling import Sample
+
+MASK_STEP = integer(0, MAX_STEPS - 1)  # the slider's step index; shown up to the sampling's last step
 
 
 def sample_tab(settings: AppSettings) -> Any:
@@ -29,8 +34,8 @@ def sample_tab(settings: AppSettings) -> Any:
     hint = gr.Markdown(kind_hint("a photo of a V* dog on the beach"), elem_id="hint")
     with gr.Row():
         sampler = gr.Radio(["normal", "lag", "both"], value="both", label="sampler", elem_id="sampler")
-        seed = gr.Number(label="seed", value=0, precision=0, minimum=0)
-        steps = gr.Number(label="denoising steps", value=25, precision=0, minimum=1, maximum=1000)
+        seed = number_field("seed", SEED, 0)
+        steps = number_field("denoising steps", STEPS, 25)
     go = gr.Button("Sample", variant="primary", elem_id="sample")
     with gr.Row():
         with gr.Column():
@@ -49,19 +54,19 @@ def sample_tab(settings: AppSettings) -> Any:
                 object_fit="contain",
                 elem_id="masks",
             )
-            step = gr.Slider(
-                0, 24, value=24, step=1, label="LAG's masks at denoising step", elem_id="mask-step"
-            )
+            step = slider_field("LAG's masks at denoising step", MASK_STEP, 0, 24, 24, elem_id="mask-step")
     kept = gr.State()
-    prompt.change(kind_hint, [prompt], [hint], **LIGHT, api_name="hint")
+    prompt.change(refused(kind_hint), [prompt], [hint], **LIGHT, api_name="hint")
+    asked = [chosen, prompt, sampler, seed, steps]
     go.click(
-        refused(functools.partial(draw, settings)),
-        [chosen, prompt, sampler, seed, steps],
+        refused(functools.partial(draw, settings), asked),
+        asked,
         [results, masks, step, kept],
         **HEAVY,
         api_name="sample",
     )
-    step.release(mask_page, [kept, step], [masks], **LIGHT, api_visibility="undocumented")
+    shown = [kept, step]
+    step.release(refused(mask_page, shown), shown, [masks], **LIGHT, api_visibility="undocumented")
     return chosen
 
 
@@ -72,16 +77,16 @@ def kind_hint(prompt: str) -> str:
 
 
 def draw(
-    settings: AppSettings, names: list[str] | str | None, prompt: str, sampler: str, seed: float, steps: float
+    settings: AppSettings, names: list[str] | str | None, prompt: str, sampler: str, seed: int, steps: int
 ) -> tuple[Any, Any, Any, list[Sample]]:
+    """``seed`` and ``steps`` come checked by their fields."""
     chosen = [names] if isinstance(names, str) else list(names or [])
-    samples = jobs.sample_runs(
-        settings.runs, chosen, settings.base, prompt, sampler, int(seed), int(steps), settings.device
-    )
+    runs, base, device = settings.runs, settings.base, settings.device
+    samples = jobs.sample_runs(runs, chosen, base, prompt, sampler, seed, steps, device)
     shown = [(enlarged(s.image), "LAG" if s.sampler == "lag" else "normal") for s in samples]
-    last = int(steps) - 1
+    last = steps - 1
     return shown, mask_page(samples, last), gr.update(maximum=last, value=last), samples
 
 
-def mask_page(samples: list[Sample] | None, step: float) -> list[tuple[Image.Image, str]]:
-    return [shown for s in samples or [] if s.masks for shown in overlays(s, int(step))]
+def mask_page(samples: list[Sample] | None, step: int) -> list[tuple[Image.Image, str]]:
+    return [shown for s in samples or [] if s.masks for shown in overlays(s, step)]

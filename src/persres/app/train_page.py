@@ -13,10 +13,13 @@ from PIL import Image
 
 from persres.app import jobs
 from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
+from persres.app.fields import number_field
 from persres.app.photos import MAX_PHOTOS, MIN_PHOTOS, check_photo, shown_name
 from persres.errors import PersresError
+from persres.ranges import LEARNING_RATE, integer
 
 EXAMPLE = ("dog", "red", "striped")  # a toy-world concept the base model has never seen (scripts/demo.sh)
+STEPS = integer(1, 1000)  # a page's training takes minutes, not hours (train --steps is unbounded)
 
 
 def train_tab(settings: AppSettings) -> None:
@@ -52,10 +55,8 @@ def train_tab(settings: AppSettings) -> None:
         )
     with gr.Accordion("advanced", open=False):
         with gr.Row():
-            steps = gr.Number(
-                label="steps", value=recipe.steps, precision=0, minimum=1, maximum=1000, elem_id="steps"
-            )
-            lr = gr.Number(label="learning rate", value=recipe.lr, minimum=0, maximum=1)
+            steps = number_field("steps", STEPS, recipe.steps, elem_id="steps")
+            lr = number_field("learning rate", LEARNING_RATE, recipe.lr)
             rank = gr.Textbox(label="rank (0.05 = 5% of each layer; 16 = fixed)", value=str(recipe.rank))
     start = gr.Button("Train", variant="primary", elem_id="train")
     state = gr.Markdown(elem_id="train-status")
@@ -68,10 +69,9 @@ def train_tab(settings: AppSettings) -> None:
         **LIGHT,
         api_name="example",
     )
-    handler = refused_stream(functools.partial(train, settings))
-    start.click(
-        handler, [photos, class_word, token, name, steps, lr, rank], [state, curve], **HEAVY, api_name="train"
-    )
+    asked = [photos, class_word, token, name, steps, lr, rank]
+    handler = refused_stream(functools.partial(train, settings), asked)
+    start.click(handler, asked, [state, curve], **HEAVY, api_name="train")
 
 
 def preview(files: list[str] | None) -> tuple[list[tuple[str, str]], str]:
@@ -119,11 +119,12 @@ def train(
     class_word: str,
     token: str,
     name: str,
-    steps: float,
+    steps: int,
     lr: float,
     rank: str,
     progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple[str, Image.Image]]:
+    """``steps`` and ``lr`` come checked by their fields; ``rank`` is checked before anything is kept."""
     job = jobs.start_training(
         settings.runs,
         name,
@@ -131,7 +132,7 @@ def train(
         settings.base,
         class_word,
         token,
-        int(steps),
+        steps,
         lr,
         rank,
         settings.device,

@@ -1,6 +1,7 @@
 """The gradio page: Train, Sample and Runs tabs over ``persres.app.jobs``. Imported by ``persres app``
-only (gradio is an optional extra). Every handler turns a ``PersresError`` into ``gr.Error``, which the
-page shows as a message; the server keeps serving.
+only (gradio is an optional extra). Every handler is wrapped by ``common.refused``: its number fields are
+range-checked first (``fields``), a ``PersresError`` becomes a ``gr.Error`` the page shows as a message, and
+any other error one short line (its traceback in the server's log); the server keeps serving.
 
 Heavy events (train, resume, sample) share one queue slot (``concurrency_id="machine"``): they run one
 at a time and the page shows a waiting job its place in line. Light ones (previews, lists) never wait."""
@@ -11,7 +12,7 @@ import functools
 
 import gradio as gr
 
-from persres.app.common import LIGHT, AppSettings
+from persres.app.common import LIGHT, AppSettings, refused
 from persres.app.jobs import default_base
 from persres.app.runs_page import run_lists, runs_tab
 from persres.app.sample_page import sample_tab
@@ -33,7 +34,7 @@ def build(settings: AppSettings) -> gr.Blocks:
             sample_choice = sample_tab(settings)
         with gr.Tab("Runs") as runs_page:
             lists = [sample_choice, *runs_tab(settings)]
-        refresh = functools.partial(run_lists, settings)
+        refresh = refused(functools.partial(run_lists, settings))
         for trigger in (page.load, sample_page.select, runs_page.select):  # new runs show up in both pages
             trigger(refresh, None, lists, **LIGHT, api_visibility="undocumented")
     return page
@@ -57,7 +58,7 @@ def launch(
         prevent_thread_lock=not block,
         allowed_paths=[str(settings.runs)],
         max_file_size="20mb",
-        show_error=True,
+        show_error=False,  # a gr.Error (all that handlers raise: common.refused) is shown all the same
         quiet=not block,
     )
     return page

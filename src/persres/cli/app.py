@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 from persres.cli.options import integer
@@ -51,8 +53,50 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def check_runs(runs: Path) -> None:
+    """``--runs`` is a folder or can be made one: no file there, nor in its path."""
+    for folder in (runs, *runs.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--runs {runs}: {folder} is a file, not a folder; choose another --runs")
+
+
+def make_runs(runs: Path) -> None:
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--runs {runs} cannot be made ({exc.strerror or exc}); choose another") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` for a moment, before gradio starts: a busy port or a foreign address is one line."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host} is not an address of this machine ({exc})") from None
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise port_error(host, port, exc) from None
+
+
+def port_error(host: str, port: int, exc: OSError) -> ConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        why = f"another program already serves on {host}:{port}; choose another --port"
+    elif exc.errno == errno.EACCES:
+        why = "this user may not serve on it (ports below 1024 need root); choose another --port, e.g. 7860"
+    else:
+        why = f"cannot serve on {host}:{port} ({exc.strerror or exc}); check --host and --port"
+    return ConfigError(f"--port {port}: {why}")
+
+
 def run_app(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
+    runs = Path(args.runs).resolve()
+    check_runs(runs)
+    check_port(args.host, args.port)
     try:
         from persres.app import ui
     except ImportError as exc:
@@ -73,9 +117,11 @@ def run_app(args: argparse.Namespace) -> int:
             f"the shipped toy world is not at {base}; pass --base (a hub id or a diffusers folder)"
         )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    settings = ui.AppSettings(
-        base=base, runs=Path(args.runs).resolve(), device=args.device, clip=args.clip, nouns=args.nouns
-    )
+    settings = ui.AppSettings(base=base, runs=runs, device=args.device, clip=args.clip, nouns=args.nouns)
+    make_runs(runs)  # the last check: nothing is written before the others pass
     print(f"persres app: base {base}, runs in {settings.runs}, http://{args.host}:{args.port}")
-    ui.launch(settings, args.host, args.port, auth)
+    try:
+        ui.launch(settings, args.host, args.port, auth)
+    except OSError as exc:  # the port taken since check_port: gradio's "Cannot find empty port"
+        raise port_error(args.host, args.port, exc) from None
     return 0

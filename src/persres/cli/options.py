@@ -1,69 +1,52 @@
 """Argument types that check a value's range when the command line is parsed, and options shared by
 several subcommands. Only the standard library is imported here: parsing never waits on torch.
 
-A bad value ends the command at once with one line naming the option and its valid range, e.g.
+The ranges themselves are ``persres.ranges`` (the web app's fields check the same table). A bad value
+ends the command at once with one line naming the option and its valid range, e.g.
 ``persres sample: error: argument --guidance: must be a finite number in [0, 100], got inf``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
+from typing import cast
 
+from persres import ranges
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO
-
-MAX_SEED = 2**32 - 1  # seeds as other Stable Diffusion tools write them; image j uses seed + j
-MAX_PIXELS = 8192  # larger sides are a typo, not a request (SDXL's native side is 1024)
+from persres.ranges import MAX_PIXELS, MAX_SEED, shorten  # noqa: F401 (their home before persres.ranges)
 
 
 def integer(low: int, high: int | None = None, multiple_of: int = 1) -> Callable[[str], int]:
     """An int in [low, high] (no upper bound when ``high`` is None) that ``multiple_of`` divides."""
-    span = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    if multiple_of > 1:
-        span += f" and a multiple of {multiple_of}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {span}, got {shorten(text)}") from None
-        if value < low or (high is not None and value > high) or value % multiple_of:
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
-        return value
-
-    return parse
+    return cast(Callable[[str], int], argument(ranges.integer(low, high, multiple_of)))
 
 
 def number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
     """A finite float in [low, high], or (low, high] with ``low_open``: NaN and infinity are refused."""
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    return cast(Callable[[str], float], argument(ranges.number(low, high, low_open)))
 
-    def parse(text: str) -> float:
+
+def argument(rule: ranges.Range) -> Callable[[str], int | float]:
+    """An argparse ``type`` checking ``rule`` (the table the app's fields share, ``persres.ranges``)."""
+
+    def parse(text: str) -> int | float:
         try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in {span}, got {shorten(text)}") from None
-        below = value <= low if low_open else value < low
-        if not math.isfinite(value) or below or value > high:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {value}")
-        return value
+            return rule.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
 
-def shorten(text: str, limit: int = 40) -> str:
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-SEED = integer(0, MAX_SEED)
-STEPS = integer(1, 1000)  # DDIM cannot take more steps than the 1000 training timesteps
-POSITIVE = integer(1)
-NONNEGATIVE = integer(0)
-PRIOR_WEIGHT = number(0.0, 100.0)
-PIXELS = integer(8, MAX_PIXELS, multiple_of=8)
-GUIDANCE = number(0.0, 100.0)
-LEARNING_RATE = number(0.0, 1.0, low_open=True)
+SEED = argument(ranges.SEED)
+STEPS = argument(ranges.STEPS)
+POSITIVE = argument(ranges.POSITIVE)
+NONNEGATIVE = argument(ranges.NONNEGATIVE)
+PRIOR_WEIGHT = argument(ranges.PRIOR_WEIGHT)
+PIXELS = argument(ranges.PIXELS)
+GUIDANCE = argument(ranges.GUIDANCE)
+LEARNING_RATE = argument(ranges.LEARNING_RATE)
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
