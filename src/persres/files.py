@@ -20,11 +20,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from persres.errors import OutputExistsError, OutputPathError
+from persres.errors import ConfigError, OutputExistsError, OutputPathError
 
 
 @contextlib.contextmanager
@@ -128,12 +128,15 @@ def write_json(target: str | os.PathLike[str], data: Any, overwrite: bool = True
 
 
 def check_writable(target: str | os.PathLike[str], flag: str, folder: bool = True) -> None:
-    """Refuse an output that cannot be written, before any compute: the nearest existing folder on the
+    """Refuse an output that cannot be written, before any compute: a folder where a file is to be
+    written (``folder=False``) or the reverse; and the nearest existing folder on the
     way to ``target`` must be a folder we can create files in (tried for real, so read-only file systems
     and permissions count as the operating system sees them)."""
     path = Path(target)
     if folder and path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {target} is a file; pass a folder")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{flag} {target} is a folder; pass the name of the file to write")
     existing = path if folder and path.is_dir() else path.parent
     while not existing.exists():
         existing = existing.parent
@@ -148,3 +151,31 @@ def check_writable(target: str | os.PathLike[str], flag: str, folder: bool = Tru
         ) from None
     os.close(fd)
     os.unlink(probe)
+
+
+Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (flag, path) of what a command reads
+
+
+def check_apart(out: str | os.PathLike[str], flag: str, inputs: Inputs, folder: bool = True) -> None:
+    """Refuse, before anything is written, an output that overlaps what the command reads: one that is
+    an input (links resolved), a folder that holds an input, or (``folder``) a folder inside an input
+    folder. An output file inside an input folder is fine (``RESULTS/report.html``, a LoRA beside its
+    run's residuals). Inputs that do not exist (a hub id, a missing file the loader will name) count
+    for nothing; pass the file a command reads from a run folder, not the run folder."""
+    target = Path(out).resolve()
+    for input_flag, given in inputs:
+        if not given or not os.path.lexists(given):
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            how = "is"
+        elif source.is_relative_to(target):
+            how = "would hold"
+        elif folder and source.is_dir() and target.is_relative_to(source):
+            how = "would be inside"
+        else:
+            continue
+        raise ConfigError(  # two settings that contradict each other
+            f"{flag} {out} {how} {input_flag} {given}: an output must not overlap what the command reads "
+            f"(it would be overwritten or read back as input); choose another {flag}"
+        )
