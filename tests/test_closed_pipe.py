@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import persres
 from persres import ResidualConfig, add_residuals, save_residuals
 from persres.tiny import tiny_unet
 
@@ -28,7 +29,7 @@ def test_a_closed_stdout_ends_the_command_quietly(residual_file: Path, command: 
     try:
         done = subprocess.run(
             [sys.executable, "-m", "persres", *argv], stdout=write, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(persres.__file__).parents[1])}, timeout=120,
         )  # fmt: skip
     finally:
         os.close(write)
