@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from persres.errors import OutputExistsError, OutputPathError
-from persres.files import atomic_dir, check_writable, write_json
+from persres.files import atomic_dir, atomic_path, check_writable, write_json
 
 
 def test_a_folder_under_a_file_or_a_file_as_folder_is_refused(tmp_path: Path) -> None:
@@ -47,3 +49,47 @@ def test_atomic_outputs_never_replace_a_folder_and_refuse_existing_files(tmp_pat
         (tmp / "half").write_text("written")
         raise RuntimeError("killed half-way")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no partial folder left
+
+
+def test_a_file_that_appears_while_writing_is_never_replaced(tmp_path: Path) -> None:
+    """Two writers of one new output: the later one's check passed, but the first one's file stays."""
+    target = tmp_path / "out.json"
+    with pytest.raises(OutputExistsError, match=f"{target} already exists"):
+        with atomic_path(target, overwrite=False) as tmp:
+            tmp.write_text("second")
+            target.write_text("first")  # another process finished meanwhile
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary left
+
+
+def test_a_folder_that_appears_while_writing_is_never_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    for made_meanwhile in ("an empty folder", "a full folder", "a file"):
+        with pytest.raises(OutputExistsError, match=f"{target} already exists"):
+            with atomic_dir(target) as tmp:
+                (tmp / "model.safetensors").write_text("second")
+                if made_meanwhile == "a file":
+                    target.write_text("first")
+                else:
+                    target.mkdir()
+                    if made_meanwhile == "a full folder":
+                        (target / "model.safetensors").write_text("first")
+        if made_meanwhile == "a file":
+            assert target.read_text() == "first"
+            target.unlink()
+        else:
+            kept = ["first"] if "full" in made_meanwhile else []
+            assert [p.read_text() for p in target.iterdir()] == kept
+            shutil.rmtree(target)
+        assert list(tmp_path.iterdir()) == []  # no temporary left
+
+
+def test_replacing_on_request_still_works(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", {"x": 1})
+    write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    (tmp_path / "result").mkdir()
+    (tmp_path / "result" / "old").write_text("old")
+    with atomic_dir(tmp_path / "result", replace=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in (tmp_path / "result").iterdir()] == ["new"]

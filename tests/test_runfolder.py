@@ -31,7 +31,7 @@ def test_overwrite_removes_only_run_names_the_marker_lists(tmp_path: Path) -> No
     folder.release()
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", MARKER]
     assert (tmp_path / "outside").read_text() == "mine too"
-    assert json.loads((out / MARKER).read_text())["files"] == list(RUN_NAMES)
+    assert json.loads((out / MARKER).read_text())["files"] == []  # this run has written nothing yet
 
 
 @pytest.mark.parametrize(
@@ -109,3 +109,82 @@ def test_a_claim_refused_by_the_lock_changes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in fresh.path.iterdir()) == [LOCK, MARKER]
     fresh.release()
     assert sorted(p.name for p in fresh.path.iterdir()) == [MARKER]
+
+
+def previous_marker_run(out: Path, method: str = "residuals") -> Path:
+    """A run as the previous version left it: its marker claims every name a run may write."""
+    marked_run(out, list(RUN_NAMES))
+    (out / "config.json").write_text(json.dumps({"method": method}))
+    (out / "residuals.safetensors").write_text("factors")
+    for folder in ("checkpoints/step-000002", "validation/step-000002", "logs"):
+        (out / folder).mkdir(parents=True)
+    (out / "checkpoints" / ".step-000004.tmp").mkdir()  # a killed checkpoint write
+    (out / "logs" / "loss.csv").write_text("step,loss\n")
+    return out
+
+
+def overwrite(out: Path, photos: Path) -> None:
+    folder = RunFolder.check(out, str(photos), resume=False, overwrite=True)
+    folder.claim()
+    folder.release()
+
+
+def test_overwrite_never_removes_what_the_run_did_not_write(tmp_path: Path) -> None:
+    """A result/ beside a residuals run, or a user's photo in validation/: refused by name, kept."""
+    out = previous_marker_run(tmp_path / "run")
+    (out / "result").mkdir()
+    (out / "result" / "keep.txt").write_text("mine")  # a residuals run never writes result/
+    with pytest.raises(OutputExistsError, match="persres did not write: result; choose another folder"):
+        overwrite(out, tmp_path / "photos")
+    assert (out / "result" / "keep.txt").read_text() == "mine"
+    (out / "result" / "keep.txt").unlink()
+    (out / "result").rmdir()
+    (out / "validation" / "my-photo.png").write_bytes(b"png")
+    (out / "logs" / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(OutputExistsError, match="among its run's: logs/notes.txt, validation/my-photo.png;"):
+        overwrite(out, tmp_path / "photos")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    (out / "validation" / "my-photo.png").unlink()
+    (out / "logs" / "notes.txt").unlink()
+    overwrite(out, tmp_path / "photos")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]  # the previous run's files, and only those
+
+
+def test_a_previous_peer_method_run_owns_its_result(tmp_path: Path) -> None:
+    out = previous_marker_run(tmp_path / "run", method="lora")
+    (out / "result").mkdir()
+    (out / "result" / "pytorch_lora_weights.safetensors").write_text("weights")
+    overwrite(out, tmp_path / "photos")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+
+
+def test_the_marker_lists_what_the_run_wrote_before_it_exists(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    folder = RunFolder.check(out, str(tmp_path / "photos"), resume=False, overwrite=False)
+    folder.record(out / "config.json")  # before the claim: not this process's folder yet
+    folder.claim()
+    folder.record(out / "config.json", out / "validation" / "step-000002")
+    folder.record(out / "config.json")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["files"] == ["config.json", "validation/step-000002"]
+    (out / "config.json").write_text("{}")
+    (out / "validation" / "step-000002").mkdir(parents=True)
+    (out / "validation" / "mine.png").write_bytes(b"png")
+    folder.release()
+    with pytest.raises(OutputExistsError, match="validation/mine.png"):
+        overwrite(out, tmp_path / "photos")
+    (out / "validation" / "mine.png").unlink()
+    (out / "validation" / ".step-000004.abc.tmp").mkdir()  # a validation write killed half-way
+    overwrite(out, tmp_path / "photos")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+
+
+def test_a_link_among_the_written_names_is_not_followed(tmp_path: Path) -> None:
+    out = previous_marker_run(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+    (out / "validation" / "step-000004").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputExistsError, match="validation/step-000004"):
+        overwrite(out, tmp_path / "photos")
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"

@@ -146,6 +146,31 @@ def test_overwrite_replaces_only_the_run(conv_base: Path, photos: Path, tmp_path
     assert read_residual_file(result.residuals).metadata["step"] == "3"
 
 
+def test_the_marker_lists_what_the_run_wrote_and_overwrite_keeps_the_rest(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = train_argv(conv_base, photos, out, "--validation-prompt", "a V* dog", "--validation-every", "1")
+    assert main(argv) == 0
+    capsys.readouterr()
+    listed = json.loads((out / "persres-run.json").read_text())["files"]
+    assert sorted(listed) == [
+        "checkpoints/step-000002", "config.json", "logs/loss.csv", "logs/loss.png", "residuals.safetensors",
+        "validation/step-000001", "validation/step-000002",
+    ]  # fmt: skip
+    assert "result" not in listed and all((out / name).exists() for name in listed)
+    for mine in (out / "result" / "keep.txt", out / "validation" / "my-photo.png"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("mine")
+        before = snapshot(out)
+        assert main(argv + ["--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and mine.parent.name in err and "did not write" in err
+        assert snapshot(out) == before
+        shutil.rmtree(mine.parent) if mine.parent.name == "result" else mine.unlink()
+    assert main(argv + ["--overwrite"]) == 0
+
+
 def test_gradient_checkpointing_gives_the_same_result(
     linear_base: Path, photos: Path, tmp_path: Path
 ) -> None:
@@ -442,8 +467,8 @@ def test_the_lock_is_held_for_the_run_and_released_when_it_raises(
     assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
     assert not (out / ".persres.lock").exists()
     assert json.loads((out / "persres-run.json").read_text())["files"] == [
-        "residuals.safetensors", "result", "config.json", "checkpoints", "validation", "logs"
-    ]  # fmt: skip
+        "logs/loss.csv", "config.json"
+    ]  # fmt: skip  # what the run had written when it stopped, and nothing it had not
 
 
 @pytest.mark.slow

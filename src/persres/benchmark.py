@@ -46,7 +46,7 @@ from persres.concepts import Concept, load_concepts
 from persres.config import DEFAULT_TOKEN, TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
-from persres.files import write_json
+from persres.files import check_apart, write_json
 from persres.macro import load_nouns, suggest_classes
 from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.outputs import write_samples
@@ -65,6 +65,8 @@ SETTINGS_FILE = "benchmark.json"
 def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
     """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
     out = Path(config.out)
+    inputs = {"--dataset": config.dataset, "--base": config.base, "--clip": config.clip}
+    check_apart(out, "--out", [*inputs.items(), ("--dino", config.dino), ("--nouns", config.nouns)])
     entries = select(load_dataset(config.dataset), config.concepts)
     check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")

@@ -6,7 +6,7 @@ e.g. ``down_blocks.0.attentions.0.proj_out.A``. Metadata (all strings): ``format
 ``format_version`` and whatever the caller adds (base model, token, class word, configs as JSON).
 Any missing, extra or mis-shaped tensor is an error that names it; the header's rules (format,
 metadata, factor pairs, dtypes, shapes) live in ``persres.header``, and reading also refuses factors
-that are not finite (a diverged run).
+that are not finite (a diverged run) or whose product is absurd (``check_factors``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
 from persres.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
 from persres.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
+
+# The largest change |A B| a residual may make to any weight. Stable Diffusion's proj_out weights are of
+# order 0.1 (below 10 in every release), and training moves them by a fraction of that; a change of 1e4
+# is no training's but a damaged or hand-made file's, which would sample black or NaN images. One
+# absolute bound, so that every command (import, sample, merge, export, resume) refuses the same files
+# whether or not it has the base's weights at hand.
+MAX_CHANGE = 1e4
 
 
 @dataclass(frozen=True)
@@ -131,15 +138,29 @@ def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
             "only as .safetensors"
         ) from None
     tensors = {key: tensor.float() for key, tensor in tensors.items()}
+    check_factors(header.path, tensors)
+    return ResidualFile(header.path, tensors, header.metadata)
+
+
+def check_factors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every factor finite, and every layer's change A B at most ``MAX_CHANGE`` in magnitude."""
     for key, tensor in sorted(tensors.items()):
         if not torch.isfinite(tensor).all():
             layer, _, factor = key.rpartition(".")
             raise ResidualFileError(
-                f"{header.path}: layer {layer} has NaN or infinite values in factor {factor}: the training "
+                f"{path}: layer {layer} has NaN or infinite values in factor {factor}: the training "
                 "run that wrote it diverged. Retrain (e.g. with a lower --lr) or use an earlier checkpoint "
                 "(its run folder's checkpoints/step-NNNNNN/residuals.safetensors)"
             )
-    return ResidualFile(header.path, tensors, header.metadata)
+    for layer in sorted({key.rpartition(".")[0] for key in tensors}):
+        a, b = tensors[f"{layer}.A"].double(), tensors[f"{layer}.B"].double()  # (m, r), (r, m): no overflow
+        change = (a @ b).abs().max().item() if a.numel() and b.numel() else 0.0
+        if not change <= MAX_CHANGE:
+            raise ResidualFileError(
+                f"{path}: layer {layer} changes its weights by up to {change:.3g} (A B), more than "
+                f"{MAX_CHANGE:g}: no training makes that (the images would be black or NaN); the file is "
+                "damaged or hand-made. Use the file as train wrote it, or retrain"
+            )
 
 
 def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:

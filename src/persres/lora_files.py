@@ -19,11 +19,18 @@ A 1x1 ``Conv2d`` ``proj_out`` (SD 1.x) takes 4-D factors ``[r, m, 1, 1]`` / ``[m
 ``Linear`` (SD 2.x) 2-D ones. Both files carry persres' own metadata: the token, the class word, the
 trigger phrase, and the residual file's whole metadata (``persres_metadata``), so that import gives the
 residual file back exactly.
+
+Import checks what ``sample`` will check, before it writes: a factor of the wrong kind for the base's
+layers (4-D Conv2d factors, SD 1.x, against a Linear base, SD 2.x or SDXL, and the reverse), a persres
+export's recorded architecture (``io.check_architecture``), factors that are not finite or whose change
+A B is absurd (``io.check_factors``); and it refuses damaged LoRA metadata by name: an alpha that is not
+one finite number, a rank below 1, adapter metadata that is not a JSON object of numbers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +39,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from persres.errors import ConfigError, InputError, ResidualFileError
-from persres.files import atomic_path, check_writable
-from persres.io import ResidualFile, read_residual_file, write_residual_file
+from persres.errors import ConfigError, InputError, ResidualFileError, quote
+from persres.files import atomic_path, check_apart, check_writable
+from persres.header import ResidualHeader, check_metadata
+from persres.io import (
+    ResidualFile,
+    check_architecture,
+    check_factors,
+    read_residual_file,
+    write_residual_file,
+)
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = "lora_unet_"
@@ -54,9 +68,42 @@ class LoraFile:
     metadata: dict[str, str]  # the file's own header
 
     def residual_metadata(self) -> dict[str, str] | None:
-        """The residual file's metadata, when persres exported this file."""
+        """The residual file's metadata, when persres exported this file; checked as a residual file's."""
         raw = self.metadata.get(PERSRES_METADATA)
-        return dict(json.loads(raw)) if raw else None
+        if not raw:
+            return None
+        value = json_metadata(self.path, PERSRES_METADATA, raw)
+        if not all(isinstance(v, str) for v in value.values()):
+            raise InputError(f"{self.path}: metadata {PERSRES_METADATA} holds values that are not strings")
+        check_metadata(ResidualHeader(self.path, value, {}))
+        return value
+
+
+def json_metadata(file: Path, key: str, raw: str) -> dict:
+    """A metadata value that must be a JSON object."""
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:  # not JSON, or an integer past Python's digit limit
+        raise InputError(f"{file}: metadata {key} is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{file}: metadata {key} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def number(file: Path, what: str, value: object, least: float | None = None) -> float:
+    """A finite number from a LoRA file (at least ``least``), or an error naming it."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 and value.dim() <= 1 else list(value.shape)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{file}: {what} is {quote(str(value))}, not a number; the file is damaged")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result) or (least is not None and result < least):
+        bound = f" of at least {least:g}" if least is not None else ""
+        raise InputError(f"{file}: {what} is {quote(str(value))}, not a finite number{bound}; it is damaged")
+    return result
 
 
 # export ---------------------------------------------------------------------------------------------
@@ -70,7 +117,10 @@ def export_lora(
     ``scale`` is folded into the up factors."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    from persres.runs import read_from
+
     target = check_lora_out(out, overwrite)
+    check_apart(target, "--out", [("RUN_OR_FILE", read_from(source))], folder=False)
     loaded = read_exportable(source)
     conv = is_conv(loaded)
     if fmt == "kohya":
@@ -86,9 +136,9 @@ def export_lora(
 
 def check_lora_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
     target = Path(out)
+    check_writable(target, "--out", folder=False)  # first: a folder is refused as a folder, whatever its name
     if target.suffix != ".safetensors":
         raise ConfigError(f"--out {target}: a LoRA file is written as .safetensors; end the name with it")
-    check_writable(target, "--out", folder=False)
     if target.exists() and not overwrite:
         raise ConfigError(f"--out {target} already exists; pass --overwrite to replace it, or choose another")
     return target
@@ -280,8 +330,8 @@ def kohya_factors(file: Path, tensors: dict[str, torch.Tensor], layers: dict[str
             need(file, tensors, f"{name}.lora_down.weight"),
             need(file, tensors, f"{name}.lora_up.weight"),
         )
-        rank = down.shape[0]
-        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(rank)
+        rank = number(file, f"the rank of {name}", down.shape[0] if down.dim() else 0, least=1)
+        alpha = number(file, f"{name}.alpha", tensors.get(f"{name}.alpha", rank))
         factors[by_name[name]] = as_factors(file, by_name[name], up * (alpha / rank), down, layers)
     return factors
 
@@ -291,14 +341,19 @@ def diffusers_factors(
 ) -> Factors:
     names = sorted({key[len(DIFFUSERS_PREFIX) :].rsplit(".", 2)[0] for key in tensors})
     refuse_other_layers(file, [f"{DIFFUSERS_PREFIX}{n}" for n in names if n not in layers])
-    config = json.loads(metadata.get(ADAPTER_METADATA) or "{}")
+    config = json_metadata(file, ADAPTER_METADATA, metadata.get(ADAPTER_METADATA) or "{}")
+    patterns = [config.get(f"unet.{key}", {}) for key in ("rank_pattern", "alpha_pattern")]
+    if not all(isinstance(pattern, dict) for pattern in patterns):
+        raise InputError(f"{file}: metadata {ADAPTER_METADATA} has a rank or alpha pattern, not an object")
     factors = {}
     for layer in names:
         down = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_A.weight")
         up = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_B.weight")
-        rank = config.get("unet.rank_pattern", {}).get(layer, config.get("unet.r", down.shape[0]))
-        alpha = config.get("unet.alpha_pattern", {}).get(layer, config.get("unet.lora_alpha", rank))
-        factors[layer] = as_factors(file, layer, up * (float(alpha) / float(rank)), down, layers)
+        rank = patterns[0].get(layer, config.get("unet.r", down.shape[0] if down.dim() else 0))
+        rank = number(file, f"{ADAPTER_METADATA}: the rank of {layer}", rank, least=1)
+        alpha = patterns[1].get(layer, config.get("unet.lora_alpha", rank))
+        alpha = number(file, f"{ADAPTER_METADATA}: the alpha of {layer}", alpha)
+        factors[layer] = as_factors(file, layer, up * (alpha / rank), down, layers)
     return factors
 
 
@@ -320,13 +375,24 @@ def need(file: Path, tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor
 def as_factors(
     file: Path, layer: str, up: torch.Tensor, down: torch.Tensor, layers: dict[str, bool]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as 2-D matrices; a 4-D factor must be 1x1 and belong to a Conv2d layer."""
+    """(A, B) as 2-D matrices; a 4-D factor must be 1x1 and belong to a Conv2d layer, a 2-D one to a
+    Linear layer (as the base's proj_out is: the architecture the file was made for)."""
     if up.dim() == 4 and up.shape[2:] == down.shape[2:] == (1, 1):
-        up, down = up[:, :, 0, 0], down[:, :, 0, 0]
-    if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+        up, down, conv = up[:, :, 0, 0], down[:, :, 0, 0], True
+    else:
+        conv = False
+    if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0] or down.shape[0] < 1:
         raise InputError(
             f"{file}: layer {layer} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}, not a "
-            "low-rank pair (m, r) x (r, m)"
+            "low-rank pair (m, r) x (r, m) with r >= 1"
+        )
+    if conv != layers[layer]:
+        kinds = ["Conv2d (SD 1.x)", "Linear (SD 2.x, SDXL)"]
+        made, base = kinds if conv else kinds[::-1]
+        raise InputError(
+            f"{file} was made for a base whose proj_out layers are {made} ({layer} has "
+            f"{4 if conv else 2}-D factors), but this base model's are {base}. Use the base model the "
+            "LoRA was made for"
         )
     return up.contiguous(), down.contiguous()
 
@@ -344,6 +410,7 @@ def import_lora(
 
     target = Path(out) / "residuals.safetensors"
     check_writable(out, "--out")
+    check_apart(out, "--out", [("FILE", path), ("--base", base)])
     if target.exists() and not overwrite:
         raise ConfigError(f"--out {out} already holds {target.name}; pass --overwrite to replace it")
     unet = load_unet_skeleton(base)
@@ -362,6 +429,9 @@ def import_lora(
             raise InputError(
                 f"{path}: layer {name} is {factors[name][0].shape[0]} wide in the LoRA, {m} in {base}"
             )
+    check_architecture(ResidualFile(lora.path, {}, metadata), unet)  # what sample checks, before writing
+    tensors = {f"{name}.{key}": t for name, (a, b) in factors.items() for key, t in (("A", a), ("B", b))}
+    check_factors(lora.path, tensors)
     return write_residual_file(factors, target, metadata, overwrite=overwrite)
 
 

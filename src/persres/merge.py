@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from persres.errors import OutputExistsError
-from persres.files import atomic_dir, check_writable
+from persres.files import atomic_dir, check_apart, check_writable
 from persres.io import load_residuals, read_residual_file
 from persres.pipeline import load_pipeline
 from persres.residuals import fold_residuals
+from persres.runs import read_from
 
 
 def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -25,6 +26,7 @@ def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.
     if out.exists():
         raise OutputExistsError(f"--out {out} already exists; merge writes a new folder, choose another path")
     check_writable(out, "--out")
+    check_apart(out, "--out", [("--base", base), ("--residuals", read_from(residuals))])
     read_residual_file(residuals)  # a bad file fails before the model is loaded
     pipe = load_pipeline(base, torch.float32, "cpu", as_shipped=True)
     metadata = load_residuals(pipe.unet, residuals)

@@ -14,11 +14,11 @@ from diffusers import StableDiffusionPipeline
 
 from persres.concepts import Concept, ResidualSource, concept_of, load_concepts, plan_prompts, read_files
 from persres.errors import ConfigError
-from persres.files import check_writable
+from persres.files import check_apart, check_writable
 from persres.methods import get_method
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, resolve_device
-from persres.runs import Run, peer_runs
+from persres.runs import Run, peer_runs, read_from
 from persres.sampling import Sampler, SampleSettings, sample
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,6 +56,8 @@ def sample_to_folder(
 ) -> list[Path]:
     """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
     check_writable(out, "--out")
+    sources = [read_from(r) for r in residuals if isinstance(r, (str, os.PathLike))]
+    check_apart(out, "--out", [("--base", base), *(("--residuals", source) for source in sources)])
     if save_masks and sampler == "normal":
         raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
     peers = peer_runs(list(residuals))

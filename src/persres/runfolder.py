@@ -1,10 +1,25 @@
 """The training run folder (``train --out``): which files in it are persres', and who is writing it.
 
 A run folder may hold the user's own files beside persres' (``RUN_NAMES``). Before anything else,
-persres writes a marker, ``persres-run.json`` (persres version, creation time, the names it creates);
-``--overwrite`` removes only names the marker lists, so a folder persres did not make is never
-emptied: one with a ``config.json`` or ``checkpoints/`` but no marker is refused. Runs of persres
-0.1.0, written before the marker, are recognised by their content (``is_earlier_run``).
+persres writes a marker, ``persres-run.json`` (persres version, creation time, marker version, and
+``files``: what this run wrote). A name is recorded in the marker before it is created (``record``),
+so a run killed half-way still lists everything it left. Each entry is a path relative to the run
+folder that persres wrote whole: a top-level file (``config.json``, ``residuals.safetensors``), a
+method's ``result/``, a step's folder (``checkpoints/step-000050``, ``validation/step-000050``), a log
+file (``logs/loss.csv``) or a tracker's folder (``logs/persres``). The folders holding the step
+folders and logs (``checkpoints/``, ``validation/``, ``logs/``) are shared with the user.
+
+``--overwrite`` removes exactly what the marker lists (and persres' hidden leftovers of a killed write,
+``.NAME.*tmp`` / ``.NAME.old``), then the shared folders if that left them empty. It is refused, naming
+them, when they hold anything else (a ``validation/my-photo.png``): nothing persres did not write is
+ever removed, and nothing is left half-deleted. A run-folder name the marker does not cover (a
+``result/`` beside a residuals run, a ``config.json`` with no marker) is refused for every flag.
+
+Runs of earlier versions are recognised and overwritten as safely: the previous version's marker
+listed every name a run *may* write, and persres 0.1.0 wrote none (``is_earlier_run`` recognises its
+runs by their content); for both, what the run wrote is read from the names persres gives its files
+(``earlier_written``), and ``result/`` counts only for a method that writes one. Resuming such a run
+rewrites its marker in the current form.
 
 ``.persres.lock`` (made by an atomic exclusive create, holding pid, host and start time) keeps a
 second ``train`` out of a folder in use; under ``accelerate launch`` only the main process holds it.
@@ -13,9 +28,11 @@ A lock whose process is gone (same host, pid not alive) is taken over with a war
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -26,11 +43,11 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from persres import __version__
+from persres import __version__, readback
 from persres.checkpoint import CHECKPOINTS, list_checkpoints
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, OutputExistsError, RunLockedError
-from persres.files import write_json
+from persres.files import check_apart, write_json
 from persres.io import FORMAT_NAME
 from persres.methods.protocol import RESULT  # the peer methods' results; residuals: RESIDUALS_FILE
 
@@ -45,6 +62,14 @@ LOGS = "logs"
 RUN_NAMES = (RESIDUALS_FILE, RESULT, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)
 EARLIER_NAMES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, VALIDATION)  # what persres 0.1.0 wrote
 MAX_PID = 2**31  # pids are C ints; a larger one is a damaged lock, not a process to ask about
+MARKER_VERSION = 2  # 1 (no key): the names a run may write; 2: what it wrote
+STEP = re.compile(r"step-\d{6,}")
+SHARED = {  # the folders persres shares with the user, and the names it gives what it writes there
+    CHECKPOINTS: STEP,
+    VALIDATION: STEP,
+    LOGS: re.compile(r"loss\.csv|loss\.png|persres|wandb"),  # tensorboard writes logs/persres
+}
+LEFTOVER = re.compile(r"\..+\.(tmp|old)")  # persres' temporary names: .NAME.*tmp, .NAME.old
 UNREADABLE_LOCK_STALE_S = 60  # a lock left empty by a process killed between create and write
 
 
@@ -57,15 +82,18 @@ class RunFolder:
     overwrite: bool
     lock: dict[str, Any] | None = field(default=None, init=False)
     created: bool = field(default=False, init=False)  # by claim: removed again if the claim fails
+    written: list[str] = field(default_factory=list, init=False)  # the marker's files, once claimed
 
     @classmethod
-    def check(cls, out: Path, images: str, resume: bool, overwrite: bool) -> RunFolder:
-        """Refuse, before anything is loaded or written, what ``claim`` would refuse (read only)."""
+    def check(cls, out: Path, images: str, resume: bool, overwrite: bool, base: str = "") -> RunFolder:
+        """Refuse, before anything is loaded or written, what ``claim`` would refuse (read only). A run
+        folder must not hold the photos or be inside them (later runs would read its files as photos),
+        nor overlap a base model folder."""
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
         if out.exists() and not out.is_dir():
             raise OutputExistsError(f"--out {out} is a file; pass a folder")
-        check_apart(out, images)
+        check_apart(out, "--out", [("--images", images), ("--base", base)])
         check_run(out, resume, overwrite)
         if out.is_dir():
             refuse_if_locked(out / LOCK)
@@ -80,12 +108,24 @@ class RunFolder:
             self.lock = take_lock(self.path / LOCK)
             found = check_run(self.path, self.resume, self.overwrite)  # the folder may have changed
             if found and self.overwrite:
-                remove_names(self.path, found.names)
-            if not (found and found.marked and self.resume):
-                write_marker(self.path)
+                remove_written(self.path, found.written)
+            self.written = list(found.written) if found and self.resume else []
+            if not (found and found.current and self.resume):
+                write_marker(self.path, self.written)
         except BaseException:
             self.release()
             raise
+
+    def record(self, *paths: Path | str) -> None:
+        """Before creating them: add ``paths`` (in the run folder) to the marker. Only the process that
+        claimed the folder writes it; for the others (and before the claim) this does nothing."""
+        if self.lock is None:
+            return
+        names = [inside(self.path, Path(path)) for path in paths]
+        new = [name for name in names if name not in self.written]
+        if new:
+            self.written.extend(new)
+            write_marker(self.path, self.written)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -95,25 +135,25 @@ class RunFolder:
             self.path.rmdir()  # a claim that failed in a folder it created leaves nothing behind
 
 
+def inside(out: Path, path: Path) -> str:
+    """``path`` (``out / ...``, or already relative to ``out``) as a marker entry."""
+    return (path.relative_to(out) if path.is_relative_to(out) else path).as_posix()
+
+
 @dataclass(frozen=True)
 class FoundRun:
-    """A persres run in ``--out``: its names present there (what ``--overwrite`` removes)."""
+    """A persres run in ``--out``: its names present there, and what it wrote (``--overwrite`` removes
+    that)."""
 
     names: tuple[str, ...]
+    written: tuple[str, ...]  # paths relative to the run folder, as the marker lists them
     marked: bool  # False: a run of persres 0.1.0, recognised by its content
+    current: bool  # a marker of this version (False: an earlier one, or none)
 
 
-def check_apart(out: Path, images: str) -> None:
-    """A run folder inside the photo folder would be read as photos by later runs; and the reverse."""
-    if not images:
-        return  # no photo folder: the image loader says so
-    out_path, photo_path = out.resolve(), Path(images).resolve()
-    if out_path.is_relative_to(photo_path) or photo_path.is_relative_to(out_path):
-        how = "is the same folder as" if out_path == photo_path else "and --images overlap:"
-        raise ConfigError(
-            f"--out {out} {how} --images {images}; a run folder must not hold the photos or be inside "
-            "them (later runs would read its files as photos): choose another --out"
-        )
+def result_name(method: str) -> str:
+    """Where a method's result is in its run folder."""
+    return RESIDUALS_FILE if method == "residuals" else RESULT
 
 
 def check_run(out: Path, resume: bool, overwrite: bool) -> FoundRun | None:
@@ -130,6 +170,15 @@ def check_run(out: Path, resume: bool, overwrite: bool) -> FoundRun | None:
             f"--out {out} already holds a training run ({listed}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
+    if found is not None and overwrite:
+        others = not_written(out, found.written)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise OutputExistsError(
+                f"--overwrite: --out {out} holds files persres did not write among its run's: {shown}; "
+                "move them out of the folder (--overwrite removes only what the run wrote), or choose "
+                "another folder"
+            )
     return found
 
 
@@ -138,10 +187,17 @@ def find_run(out: Path) -> FoundRun | None:
     if not out.is_dir():
         return None
     marker = read_marker(out)
-    if marker is not None:
-        owned = set(marker["files"]) & set(RUN_NAMES)
+    current = marker is not None and marker.get("marker_version") == MARKER_VERSION
+    if marker is not None and current:
+        written = [name for name in marker["files"] if is_run_path(name)]
+        owned = {name.split("/")[0] for name in written}
     else:
-        owned = set(EARLIER_NAMES) if is_earlier_run(out) else set()
+        owned = set(marker["files"]) & set(RUN_NAMES) if marker else set()
+        if marker is None and is_earlier_run(out):
+            owned = set(EARLIER_NAMES)
+        if RESULT in owned and not writes_result(out):
+            owned.discard(RESULT)  # the previous marker claimed it whatever the method
+        written = earlier_written(out, owned)
     present = [name for name in RUN_NAMES if os.path.lexists(out / name)]
     foreign = [name for name in present if name not in owned or (out / name).is_symlink()]
     if foreign:
@@ -150,7 +206,13 @@ def find_run(out: Path) -> FoundRun | None:
         )
     if marker is None and not present:
         return None
-    return FoundRun(tuple(present), marked=marker is not None)
+    return FoundRun(tuple(present), tuple(written), marked=marker is not None, current=current)
+
+
+def is_run_path(name: str) -> bool:
+    """A marker entry that names something inside the run folder under one of ``RUN_NAMES``."""
+    parts = name.split("/")
+    return parts[0] in RUN_NAMES and all(part not in ("", ".", "..") for part in parts)
 
 
 def read_marker(out: Path) -> dict[str, Any] | None:
@@ -158,8 +220,8 @@ def read_marker(out: Path) -> dict[str, Any] | None:
     if not os.path.lexists(path):
         return None
     try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        marker = readback.load_file(path)
+    except (OSError, ValueError) as exc:
         raise OutputExistsError(f"{path} is not a persres run marker ({exc}); choose another --out") from None
     files = marker.get("files") if isinstance(marker, dict) else None
     names_ok = isinstance(files, list) and all(isinstance(name, str) for name in files)
@@ -171,20 +233,21 @@ def read_marker(out: Path) -> dict[str, Any] | None:
     return marker
 
 
-def write_marker(out: Path) -> None:
+def write_marker(out: Path, written: list[str]) -> None:
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json(out / MARKER, {"persres_version": __version__, "created": created, "files": list(RUN_NAMES)})
+    marker = {"persres_version": __version__, "created": created, "marker_version": MARKER_VERSION}
+    write_json(out / MARKER, {**marker, "files": written})
 
 
 def is_earlier_run(out: Path) -> bool:
     """A run of persres 0.1.0 (no marker): its config.json is a persres TrainConfig with
     ``persres_version``, and its residuals file or one of its checkpoints' is a persres residual file."""
     try:
-        saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+        saved = readback.load_file(out / CONFIG_FILE)
         if not (isinstance(saved, dict) and "persres_version" in saved):
             return False
         TrainConfig.from_dict({k: v for k, v in saved.items() if k != "persres_version"})
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # ConfigError: a ValueError
+    except (OSError, ValueError, TypeError, AttributeError):  # ConfigError: a ValueError
         return False
     candidates = [out / RESIDUALS_FILE, *(c.folder / RESIDUALS_FILE for c in list_checkpoints(out))]
     return any(is_residual_file(path) for path in candidates)
@@ -201,12 +264,72 @@ def is_residual_file(path: Path) -> bool:
         return False
 
 
-def remove_names(out: Path, names: tuple[str, ...]) -> None:
-    """``--overwrite``: the earlier run's own files and folders, nothing else."""
-    for name in names:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    log.info("--overwrite: removed %s from %s", ", ".join(names) or "nothing", out)
+def writes_result(out: Path) -> bool:
+    """An earlier run's ``config.json`` names a method that saves a ``result/`` folder."""
+    try:
+        saved = readback.load_file(out / CONFIG_FILE)
+    except (OSError, ValueError):
+        return False
+    method = saved.get("method", "residuals") if isinstance(saved, dict) else "residuals"
+    return isinstance(method, str) and result_name(method) == RESULT
+
+
+def earlier_written(out: Path, owned: set[str]) -> list[str]:
+    """What a run of an earlier version wrote among the ``owned`` names, by the names persres gives:
+    top-level files and ``result/`` whole; in the shared folders, the step folders and the logs."""
+    written = []
+    for name in sorted(owned):
+        if name not in SHARED:
+            written.append(name)
+            continue
+        folder = out / name
+        children = sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+        written += [f"{name}/{child.name}" for child in children if SHARED[name].fullmatch(child.name)]
+    return written
+
+
+def not_written(out: Path, written: tuple[str, ...]) -> list[str]:
+    """What else is in the folders holding ``written`` paths (persres' leftovers aside), and written
+    paths that are links (persres makes none): what ``--overwrite`` must not remove."""
+    entries = set(written)
+    parents = {"/".join(name.split("/")[:i]) for name in written for i in range(1, name.count("/") + 1)}
+    others = []
+    for parent in sorted(parents):
+        folder = out / parent
+        if parent in entries or folder.is_symlink() or not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            name = f"{parent}/{child.name}"
+            if name in parents or LEFTOVER.fullmatch(child.name):
+                continue
+            if name not in entries or child.is_symlink():
+                others.append(name)
+    return others
+
+
+def remove_written(out: Path, written: tuple[str, ...]) -> None:
+    """``--overwrite``: what the earlier run wrote and persres' leftovers of a killed write; then the
+    folders holding them, only if that left them empty. Nothing else."""
+    for name in sorted(written, key=lambda name: -name.count("/")):
+        remove(out / name)
+    parents = {"/".join(name.split("/")[:i]) for name in written for i in range(1, name.count("/") + 1)}
+    for parent in sorted(parents, key=lambda name: -name.count("/")):
+        folder = out / parent
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if LEFTOVER.fullmatch(child.name):
+                remove(child)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: anything else stays
+    log.info("--overwrite: removed %s from %s", ", ".join(written) or "nothing", out)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def take_lock(path: Path) -> dict[str, Any]:
@@ -267,8 +390,8 @@ def lock_text(path: Path) -> str | None:
 
 def parse_lock(text: str) -> dict[str, Any] | None:
     try:
-        holder = json.loads(text)
-    except (ValueError, RecursionError):
+        holder = readback.loads(text)
+    except ValueError:
         return None
     pid = holder.get("pid") if isinstance(holder, dict) else None
     valid = type(pid) is int and 0 < pid < MAX_PID

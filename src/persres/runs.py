@@ -42,6 +42,17 @@ def read_run(path: str | os.PathLike[str]) -> Run | None:
     return run
 
 
+def read_from(source: str | os.PathLike[str]) -> Path:
+    """What a command reads of ``source``: a run folder's result (``residuals.safetensors`` or
+    ``result/``), else ``source`` itself. For ``persres.files.check_apart``: writing beside a run's
+    result is fine, over it is not."""
+    path = Path(source)
+    for name in (RESIDUALS_FILE, RESULT):
+        if path.is_dir() and os.path.lexists(path / name):
+            return path / name
+    return path
+
+
 def peer_runs(sources: Sequence[object]) -> list[Run]:
     """The run folders among ``sources`` (paths, or residual files already read) made by another method
     than residuals."""

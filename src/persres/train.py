@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres import __version__
-from persres.checkpoint import Processes, TrainState, list_checkpoints, save_checkpoint
+from persres.checkpoint import Processes, TrainState, checkpoint_folder, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
@@ -36,11 +36,11 @@ from persres.macro import real_words
 from persres.methods import get_method
 from persres.pipeline import DTYPES, is_xl, load_pipeline
 from persres.prior import class_prompt, prior_images
-from persres.runfolder import CONFIG_FILE, RunFolder
+from persres.runfolder import CONFIG_FILE, RunFolder, result_name
 from persres.tokens import check_identifier, text_length
-from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
+from persres.trainlog import LOGS, LOSS_CSV, LOSS_PNG, LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
-from persres.validation import drop_later, validation_due, write_final, write_validation
+from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Loop:
     noise_scheduler: DDPMScheduler
     accelerator: Accelerator
     log: LossLog | None  # the main process's
+    folder: RunFolder  # names are recorded in its marker before they are created (persres.runfolder)
 
 
 def train(
@@ -97,7 +98,7 @@ def train(
     benchmark runner's case: one concept per process).
     """
     check_writable(out, "--out")
-    folder = RunFolder.check(Path(out), config.images, resume, overwrite)  # see persres.runfolder
+    folder = RunFolder.check(Path(out), config.images, resume, overwrite, config.base)  # persres.runfolder
     try:
         return train_in(folder, config, device, callback, progress, distributed)
     finally:
@@ -141,7 +142,7 @@ def train_in(
         folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
     state = make_state(config, pipe, method, trainable, processes)
     start = restore_or_start(out, resume, state)
-    loop = prepare_loop(out, pipe, state, images, prior, accelerator, start, distributed)
+    loop = prepare_loop(folder, pipe, state, images, prior, accelerator, start, distributed)
     try:
         loss = run_steps(loop, start, callback, progress)
         path = finish(loop)
@@ -151,7 +152,7 @@ def train_in(
 
 
 def prepare_loop(
-    out: Path,
+    folder: RunFolder,
     pipe: StableDiffusionPipeline,
     state: TrainState,
     images: ConceptImages,
@@ -162,12 +163,15 @@ def prepare_loop(
 ) -> Loop:
     """Open the loss log (a damaged one fails here, before anything is written), write config.json,
     start the tracker and hand the model to accelerate."""
-    config, loss_log = state.config, None
+    config, loss_log, out = state.config, None, folder.path
     if state.processes.is_main:
+        folder.record(out / LOGS / LOSS_CSV)
         loss_log = LossLog.open(out, start)
         drop_later(out, start)
+        folder.record(out / CONFIG_FILE)
         write_json(out / CONFIG_FILE, {"persres_version": __version__, **config.to_dict()})
     if config.report_to != "none":
+        folder.record(out / LOGS / (PROJECT if config.report_to == "tensorboard" else config.report_to))
         kwargs = {"wandb": {"dir": str(out / LOGS)}}
         accelerator.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=kwargs)
     unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
@@ -182,7 +186,7 @@ def prepare_loop(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Loop(
         config, out, pipe, unet, optimizer, state, images, prior, prior_text, prompt, text, noise_scheduler,
-        accelerator, loss_log,
+        accelerator, loss_log, folder,
     )  # fmt: skip
 
 
@@ -204,6 +208,7 @@ def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: b
         if smoothed is not None:
             bar.set_postfix(smoothed_loss=f"{smoothed:.4f}")
         if validation_due(config, done) and loop.state.processes.is_main:
+            loop.folder.record(validation_folder(loop.out, done))
             write_validation(loop.pipe, config, loop.out, done)
         if done % config.checkpoint_every == 0 or done == config.steps:
             checkpoint(loop, done)
@@ -251,6 +256,7 @@ def record(loop: Loop, done: int, loss: torch.Tensor) -> float | None:
 
 
 def checkpoint(loop: Loop, done: int) -> None:
+    loop.folder.record(checkpoint_folder(loop.out, done), loop.out / LOGS / LOSS_PNG)
     if loop.log is not None:
         loop.log.sync()  # the rows up to this checkpoint are on disk before it
     save_checkpoint(loop.out, done, loop.state, run_metadata(loop.config, done))
@@ -262,6 +268,9 @@ def finish(loop: Loop) -> Path:
     """The final residual file, validation images and loss plot."""
     path = loop.out  # what the other processes of a run report; the main one, the method's result
     if loop.state.processes.is_main:
+        loop.folder.record(loop.out / result_name(loop.config.method), loop.out / LOGS / LOSS_PNG)
+        if loop.config.validation_prompts:
+            loop.folder.record(validation_folder(loop.out, loop.config.steps))
         path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, run_metadata(loop.config))
         log.info("%s written to %s", loop.state.method.name, path)
         write_final(loop.pipe, loop.config, loop.out)

@@ -2,6 +2,8 @@
 subcommand. Each subcommand lives in one module here with its parser and its handler.
 
 Errors the user can fix (``PersresError``, bad arguments) print one line and exit with status 2.
+Output read by a program that stops early (``persres info RUN | head``) ends the command quietly with
+status 141 (128 + SIGPIPE, what a shell reports for a command killed by a closed pipe).
 Commands that only read files (``info``, ``report``, ``--help``, argument errors) never import torch.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,7 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BROKEN_PIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status."""
+    try:
+        status = run(argv)
+        sys.stdout.flush()  # a small output is still buffered: a closed pipe shows here
+        return status
+    except BrokenPipeError:
+        # the reader of stdout has gone: stop quietly, and send what is left in the buffer nowhere, or
+        # Python's own flush at exit would report the same error again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
+
+
+def run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and argument errors have printed their answer

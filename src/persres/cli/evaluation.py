@@ -87,12 +87,14 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from persres.evaluate import Scorers, evaluate_folder
-    from persres.files import check_writable, write_json
+    from persres.files import check_apart, check_writable, write_json
 
     if args.out:
         if os.path.exists(args.out):
             raise OutputExistsError(f"--out {args.out} already exists; choose another file")
         check_writable(args.out, "--out", folder=False)
+        inputs = {"--images": args.images, "--references": args.references, "--clip": args.clip}
+        check_apart(args.out, "--out", [*inputs.items(), ("--dino", args.dino)], folder=False)
     scorers = Scorers.load(args.clip, args.dino, args.device)
     result = evaluate_folder(args.images, args.references, args.prompt, args.token, scorers)
     if args.out:
