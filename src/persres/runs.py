@@ -11,7 +11,7 @@ from pathlib import Path
 from persres import readback
 from persres.config import TrainConfig
 from persres.errors import InputError
-from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT
+from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT, result_name
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Run:
 
     @property
     def result(self) -> Path:
-        return self.folder / (RESIDUALS_FILE if self.method == "residuals" else RESULT)
+        return self.folder / result_name(self.method)
 
 
 def read_run(path: str | os.PathLike[str]) -> Run | None:
