@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from persres.config import MAX_SCALE
 from persres.errors import ConfigError, InputError, ResidualFileError
 from persres.files import atomic_path, check_writable
 from persres.io import ResidualFile, read_residual_file, write_residual_file
@@ -70,6 +71,8 @@ def export_lora(
     ``scale`` is folded into the up factors."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not -MAX_SCALE <= scale <= MAX_SCALE:  # also refuses NaN and infinity
+        raise ConfigError(f"--scale must be a finite number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {scale}")
     target = check_lora_out(out, overwrite)
     loaded = read_exportable(source)
     conv = is_conv(loaded)

@@ -11,15 +11,26 @@ import argparse
 import math
 from collections.abc import Callable
 
-from persres.config import DEFAULT_CLIP, DEFAULT_DINO
+from persres.config import (
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    MAX_BATCH_SIZE,
+    MAX_PRIOR_IMAGES,
+    MAX_RANK,
+    MAX_SCALE,
+    MAX_STEPS_TRAIN,
+    ResidualConfig,
+)
+from persres.errors import ConfigError
 
 MAX_SEED = 2**32 - 1  # seeds as other Stable Diffusion tools write them; image j uses seed + j
 MAX_PIXELS = 8192  # larger sides are a typo, not a request (SDXL's native side is 1024)
+MAX_COUNT = 10_000  # images per prompt, prompts, suggestions: more is a typo that would run for days
 
 
-def integer(low: int, high: int | None = None, multiple_of: int = 1) -> Callable[[str], int]:
-    """An int in [low, high] (no upper bound when ``high`` is None) that ``multiple_of`` divides."""
-    span = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+def integer(low: int, high: int, multiple_of: int = 1) -> Callable[[str], int]:
+    """An int in [low, high] that ``multiple_of`` divides."""
+    span = f"an integer in [{low}, {high}]"
     if multiple_of > 1:
         span += f" and a multiple of {multiple_of}"
 
@@ -28,7 +39,7 @@ def integer(low: int, high: int | None = None, multiple_of: int = 1) -> Callable
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {span}, got {shorten(text)}") from None
-        if value < low or (high is not None and value > high) or value % multiple_of:
+        if value < low or value > high or value % multiple_of:
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
@@ -52,14 +63,32 @@ def number(low: float, high: float, low_open: bool = False) -> Callable[[str], f
     return parse
 
 
+def rank(text: str) -> float | int:
+    """``--rank``: a fraction of each layer's width in (0, 1] or a fixed rank (``ResidualConfig``)."""
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} is not a number; use e.g. 0.05 or 16") from None
+    try:
+        return ResidualConfig.parse_rank(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1 and <= {MAX_RANK} (a fixed rank) or a fraction in (0, 1] (of each layer's "
+            f"width), got {shorten(text)}"
+        ) from None
+
+
 def shorten(text: str, limit: int = 40) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 SEED = integer(0, MAX_SEED)
 STEPS = integer(1, 1000)  # DDIM cannot take more steps than the 1000 training timesteps
-POSITIVE = integer(1)
-NONNEGATIVE = integer(0)
+TRAIN_STEPS = integer(1, MAX_STEPS_TRAIN)  # optimizer steps, and steps between checkpoints or validations
+BATCH_SIZE = integer(1, MAX_BATCH_SIZE)
+PRIOR_IMAGES = integer(0, MAX_PRIOR_IMAGES)
+COUNT = integer(1, MAX_COUNT)
+SCALE = number(-MAX_SCALE, MAX_SCALE)
 PRIOR_WEIGHT = number(0.0, 100.0)
 PIXELS = integer(8, MAX_PIXELS, multiple_of=8)
 GUIDANCE = number(0.0, 100.0)
