@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import diffusers_image, train_argv
+from helpers import diffusers_image, tiny_config, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -117,3 +118,28 @@ def test_lag_and_several_concepts_are_for_residuals_runs(
     assert main([*sample, "--residuals", str(run), "--prompt", "a V1* dog"]) == 2
     assert "several concepts in one image need residuals runs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("token", ["<|endoftext|>", "<|startoftext|>"])
+def test_a_special_token_is_refused_as_identifier_by_every_method(
+    method: str, token: str, conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers 5's add_tokens counts an existing special token as added: the learned methods would
+    train over its row (every prompt's padding), and LAG would read the padding positions."""
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run, "--method", method, "--token", token)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "special token" in err and token in err, err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "perfusion", "custom-diffusion"])
+def test_a_method_that_adds_its_token_refuses_one_the_vocabulary_has(method: str, conv_base: Path) -> None:
+    from persres.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(conv_base))
+    config = replace(tiny_config(conv_base, Path("unused")), method=method, token="<dog>")
+    pipe.tokenizer.add_tokens(["<dog>"])  # e.g. a pipeline that another concept was loaded into
+    with pytest.raises(ConfigError, match="already has the token '<dog>'"):
+        get_method(method).prepare(pipe, config, torch.Generator())

@@ -29,7 +29,7 @@ from persres.config import SampleSettings
 from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
 from persres.pipeline import text_towers
-from persres.tokens import text_length
+from persres.tokens import check_token, text_length
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def sample(
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
     towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in text_towers(pipe)]
+    for tokenizer, _ in towers:  # a concept bound to a special token would be in every prompt's padding
+        for concept in concepts:
+            check_token(tokenizer, concept.token, new=False)
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
         for tokenizer, limit in towers:
             check_prompt_length(tokenizer, plan, concepts, limit)

@@ -34,10 +34,10 @@ from persres.errors import ConfigError, TrainingDivergedError
 from persres.files import check_writable, write_json
 from persres.macro import real_words
 from persres.methods import get_method
-from persres.pipeline import DTYPES, is_xl, load_pipeline
+from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, RunFolder
-from persres.tokens import check_identifier, text_length
+from persres.tokens import check_identifier, check_token, text_length
 from persres.trainlog import LOGS, LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, write_final, write_validation
@@ -127,8 +127,10 @@ def train_in(
             f"--method {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
             "persres trains personalized residuals (--method residuals)"
         )
-    if concept[0].token == config.token:  # an existing token (a learned one is added by prepare)
-        check_identifier(pipe.tokenizer, config.token, real_words())
+    for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
+        check_token(tokenizer, concept[0].token, new=method.adds_token)
+    if not method.adds_token:  # an existing token (a learned one is added by prepare)
+        check_identifier(pipe.tokenizer, concept[0].token, real_words())
     # adds what the method trains and checks its settings against the model before anything is written
     trainable = method.prepare(pipe, config, torch.Generator().manual_seed(config.seed))
     for plan in validation:  # refused now, not after training when they are sampled

@@ -49,6 +49,7 @@ class DreamBooth(NamedTensorState):
     name = "dreambooth"
     recipe = RECIPE
     options = METHOD_OPTIONS["dreambooth"]
+    adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {config.token} {config.class_word}"

@@ -54,6 +54,7 @@ class LoRA:
     name = "lora"
     recipe = RECIPE
     options = METHOD_OPTIONS["lora"]
+    adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:
         return config.prompt

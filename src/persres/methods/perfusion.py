@@ -105,6 +105,7 @@ class Perfusion(NamedTensorState):
     name = "perfusion"
     recipe = RECIPE
     options = METHOD_OPTIONS["perfusion"]
+    adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {placeholder(config.token)} {config.class_word}"

@@ -68,6 +68,7 @@ class TextualInversion:
     name = "textual-inversion"
     recipe = RECIPE
     options = METHOD_OPTIONS["textual-inversion"]
+    adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {placeholder(config.token)} {config.class_word}"
