@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
 from persres.methods import all_methods, get_method
 from persres.methods.protocol import RESULT, Recipe
+from persres.tiny import save_tiny_pipeline
 
 
 def test_registry_names_match_the_methods() -> None:
@@ -143,3 +145,50 @@ def test_a_method_that_adds_its_token_refuses_one_the_vocabulary_has(method: str
     pipe.tokenizer.add_tokens(["<dog>"])  # e.g. a pipeline that another concept was loaded into
     with pytest.raises(ConfigError, match="already has the token '<dog>'"):
         get_method(method).prepare(pipe, config, torch.Generator())
+
+
+@pytest.fixture(scope="module")
+def wider_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 1.x layout like conv_base (same architecture record), other block widths."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-wider", widths=(32, 48))
+
+
+@pytest.fixture(scope="module")
+def runs(conv_base: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One run of every method on conv_base (SD 1.x layout)."""
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["PERSRES_CACHE"] = str(root / "cache")  # class images; the tests' own cache
+    found = {}
+    for method in sorted(METHOD_OPTIONS):
+        extra = ["--prior-images", "1"] if "prior_images" in METHOD_OPTIONS[method] else []
+        argv = train_argv(conv_base, photos, root / method, "--method", method, *extra)
+        assert main([*argv, "--steps", "1"]) == 0, method
+        found[method] = root / method
+    return found
+
+
+def sample_error(capsys: pytest.CaptureFixture[str], base: Path, run: Path, out: Path) -> str:
+    argv = ["sample", "--base", str(base), "--residuals", str(run), "--out", str(out)]
+    assert main([*argv, "--prompt", "a V* dog", "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 600, err[:2000]
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_every_result_records_its_architecture_and_is_refused_on_another(
+    method: str, runs: dict[str, Path], linear_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = sample_error(capsys, linear_base, runs[method], tmp_path / "images")
+    assert "was made for SD 1.x (proj_out conv" in err and "this base model is SD 2.x (proj_out linear" in err
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "custom-diffusion", "perfusion"])
+def test_a_result_on_a_base_of_other_widths_is_refused_in_one_line(
+    method: str, runs: dict[str, Path], wider_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The architecture record matches (both SD 1.x layouts): the load itself finds the layer that differs
+    (diffusers' own error was 143-212 lines)."""
+    err = sample_error(capsys, wider_base, runs[method], tmp_path / "images")
+    assert str(runs[method]) in err and "48" in err, err

@@ -32,6 +32,7 @@ from persres.config import TrainConfig
 from persres.data import ConceptImages
 from persres.errors import ConfigError, TrainingDivergedError
 from persres.files import check_writable, write_json
+from persres.io import architecture
 from persres.macro import real_words
 from persres.methods import get_method
 from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
@@ -264,7 +265,9 @@ def finish(loop: Loop) -> Path:
     """The final residual file, validation images and loss plot."""
     path = loop.out  # what the other processes of a run report; the main one, the method's result
     if loop.state.processes.is_main:
-        path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, run_metadata(loop.config))
+        # every result records its base architecture, which every method's load checks
+        metadata = {**run_metadata(loop.config), "architecture": architecture(loop.pipe.unet)}
+        path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, metadata)
         log.info("%s written to %s", loop.state.method.name, path)
         write_final(loop.pipe, loop.config, loop.out)
         if loop.log is not None:

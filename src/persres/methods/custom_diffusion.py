@@ -138,7 +138,7 @@ class CustomDiffusion(NamedTensorState):
         """Into a fresh base: the attention processors with diffusers' ``unet.load_attn_procs`` and the
         token with ``pipe.load_textual_inversion``."""
         folder = Path(path)
-        concept = read_concept(folder, self.name)
+        concept = read_concept(folder, self.name, pipe.unet)
         try:
             weights = load_file(str(folder / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as exc:

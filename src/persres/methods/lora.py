@@ -21,10 +21,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from persres.config import METHOD_OPTIONS
-from persres.errors import ConfigError, ModelError
+from persres.errors import ConfigError, InputError, ModelError, first_line, quote
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
@@ -114,12 +115,38 @@ class LoRA:
         file = path / WEIGHTS if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
-        concept = concept_in(file, read_metadata(file))
+        metadata = read_metadata(file)
+        concept = concept_in(file, metadata, pipe.unet)
+        check_fits(file, pipe.unet, metadata.get("base_model", "unknown"))
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise ConfigError(f"{file} does not fit this base model's U-Net: {exc}") from None
+            raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
         return concept
+
+
+def check_fits(file: Path, unet: nn.Module, base_model: str) -> None:
+    """Every layer of a LoRA file is in ``unet`` with the file's width, read from the file's header
+    (diffusers would list every mismatched tensor over hundreds of lines)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a readable safetensors file ({first_line(exc)})") from None
+    use = f"use the base model it was trained on ({quote(base_model)})"
+    for key, shape in sorted(shapes.items()):
+        layer, _, factor = key.removeprefix("unet.").rpartition(".lora_")
+        try:
+            weight = unet.get_submodule(layer).weight
+        except AttributeError:
+            raise InputError(f"{file}: layer {layer} is not in this base model's U-Net; {use}") from None
+        down = factor.startswith("A")
+        wide, own = (shape[-1], weight.shape[1]) if down else (shape[0], weight.shape[0])
+        if len(shape) != 2 or wide != own:
+            raise InputError(
+                f"{file}: layer {layer} is {wide} wide in the file ({key} {shape}), {own} in this base "
+                f"model's U-Net; {use}"
+            )
 
 
 def lora_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:

@@ -173,7 +173,7 @@ class Perfusion(NamedTensorState):
         metadata = read_metadata(file)
         if metadata.get("method") != self.name:
             raise InputError(f"{file} is not a Perfusion result (method {metadata.get('method')!r})")
-        concept = concept_in(file, metadata)
+        concept = concept_in(file, metadata, pipe.unet)
         gate = read_gate(file, metadata)
         tensors = read_named(file, expected_shapes(pipe))
         device = pipe.unet.device
