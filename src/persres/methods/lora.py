@@ -72,6 +72,7 @@ class LoRA:
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             model.requires_grad_(False)
         rank = config.lora_rank
+        check_rank(unet, rank)
         lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS))
         try:
             unet.add_adapter(lora)
@@ -123,6 +124,23 @@ class LoRA:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
         return concept
+
+
+def check_rank(unet: nn.Module, rank: int) -> None:
+    """A rank above a layer's smaller side adds parameters and file size (1.4 GB at rank 100,000) but no
+    expressiveness: refused, naming the narrowest layer adapted."""
+    sides = {
+        name: min(module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear) and name.endswith(tuple(f".{t}" for t in TARGETS))
+    }
+    if sides:
+        layer = min(sides, key=lambda name: sides[name])
+        if rank > sides[layer]:
+            raise ConfigError(
+                f"--rank {rank} is above the width {sides[layer]} of layer {layer}, where a LoRA of full "
+                f"rank is reached; use a rank <= {sides[layer]} (the recipe's is 4)"
+            )
 
 
 def check_fits(file: Path, unet: nn.Module, base_model: str) -> None:
