@@ -546,3 +546,21 @@ def test_the_recipe_is_the_methods_unless_given() -> None:
     mine = settings("--steps", "7", "--lr", "0.01", "--rank", "16", "--init", "random")
     assert (mine["steps"], mine["batch_size"], mine["lr"]) == (7, 4, 0.01)
     assert mine["residual"] == ResidualConfig(rank=16, init="random")
+
+
+def test_an_80_kb_prompt_is_quoted_in_a_few_dozen_characters(
+    trained: Path,
+    conv_base: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Truncation warnings (persres' and diffusers') repeated the whole prompt."""
+    prompt = "a photo of a V* dog" + " on the grass" * 6500  # about 85 KB
+    argv = ["sample", "--base", str(conv_base), "--residuals", str(trained), "--out", str(tmp_path / "o")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--prompt", prompt, *SAMPLE, "--height", "16", "--width", "16"]) == 0
+    lines = capsys.readouterr().err.splitlines() + caplog.text.splitlines()
+    assert any("cut off" in line for line in lines), lines  # persres says so, once, briefly
+    long = [line[:200] for line in lines if len(line) >= 500]
+    assert not long, long

@@ -56,7 +56,7 @@ class ResidualConfig:
     def __post_init__(self) -> None:
         rank = self.rank
         if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-            raise ConfigError(f"rank must be a number, got {rank!r}")
+            raise ConfigError(f"rank must be a number, got {quote(repr(rank))}")
         if isinstance(rank, float) and not 0.0 < rank <= 1.0:
             raise ConfigError(
                 f"rank {rank} is neither a fraction in (0, 1] nor an integer >= 1; "
@@ -67,7 +67,7 @@ class ResidualConfig:
                 f"rank {rank} must be >= 1 and <= {MAX_RANK}; use e.g. 0.05 (a fraction) or 16 (a fixed rank)"
             )
         if self.init not in ("zero", "random"):
-            raise ConfigError(f"init must be 'zero' or 'random', got {self.init!r}")
+            raise ConfigError(f"init must be 'zero' or 'random', got {quote(str(self.init))}")
 
     def rank_for(self, width: int, layer: str = "") -> int:
         """The rank of a residual on a layer ``width`` channels wide."""
@@ -142,7 +142,8 @@ class TrainConfig:
         if self.resolution % 8:
             raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 (e.g. 512)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            got = quote(str(self.mixed_precision))
+            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {got}")
         if not 0.0 < self.min_crop <= 1.0:
             raise ConfigError(f"min_crop must be in (0, 1], got {self.min_crop}")
         for name in ("class_word", "token"):

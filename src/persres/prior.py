@@ -155,7 +155,7 @@ def resolve_folder(base: str) -> Path:
         return Path(snapshot_download(base, allow_patterns=["model_index.json"]))
     except Exception as exc:  # the hub's errors have no common base; the message says what went wrong
         raise ModelError(
-            f"cannot find base model {base!r} ({type(exc).__name__}): download it once with network, "
+            f"cannot find base model {quote(base)} ({type(exc).__name__}): download it once with network, "
             "or pass a local diffusers folder"
         ) from None
 

@@ -29,9 +29,12 @@ from persres.config import SampleSettings
 from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
 from persres.pipeline import text_towers
+from persres.quiet import message_hidden
 from persres.tokens import check_token, text_length
 
 log = logging.getLogger(__name__)
+
+TRUNCATION_NOTICE = "The following part of your input was truncated"  # diffusers' (0.42) encode_prompt
 
 Sampler = Literal["normal", "lag", "both"]
 SAMPLERS = ("normal", "lag", "both")
@@ -105,7 +108,8 @@ def generate(
     """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
     generator = torch.Generator().manual_seed(seed)
     scope = localized(pipe.unet, lag) if lag is not None else contextlib.nullcontext()
-    with scope:
+    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
+    with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
         result = pipe(
             plan.expanded,
             num_inference_steps=settings.steps,

@@ -172,7 +172,8 @@ class Perfusion(NamedTensorState):
         file = Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
         metadata = read_metadata(file)
         if metadata.get("method") != self.name:
-            raise InputError(f"{file} is not a Perfusion result (method {metadata.get('method')!r})")
+            method = quote(str(metadata.get("method")))
+            raise InputError(f"{file} is not a Perfusion result (method {method})")
         concept = concept_in(file, metadata, pipe.unet)
         gate = read_gate(file, metadata)
         tensors = read_named(file, expected_shapes(pipe))
