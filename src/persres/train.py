@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
 from persres.data import ConceptImages
-from persres.errors import ConfigError, TrainingDivergedError
+from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.io import architecture
 from persres.macro import real_words
@@ -101,8 +102,28 @@ def train(
     folder = RunFolder.check(Path(out), config.images, resume, overwrite)  # see persres.runfolder
     try:
         return train_in(folder, config, device, callback, progress, distributed)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        folder.release()
+        if folder.created:  # a fresh run's folder holds only what this run wrote: leave nothing behind
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise ConfigError(
+            f"training does not fit in memory at --batch-size {config.batch_size} and --resolution "
+            f"{config.resolution} ({first_line(exc, 120)}); use a smaller --batch-size, or "
+            "--gradient-checkpointing, or --mixed-precision bf16"
+        ) from None
     finally:
         folder.release()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (GPU), Python's MemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text or "failed to allocate" in text
 
 
 def train_in(
