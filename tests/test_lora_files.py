@@ -149,6 +149,18 @@ def test_scale_is_folded_into_the_up_factors(runs: dict, tmp_path: Path) -> None
         assert torch.equal(half[key], one[key] * factor)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1e39, 1e39, 101.0])
+def test_the_library_refuses_a_non_finite_or_absurd_scale(runs: dict, tmp_path: Path, scale: float) -> None:
+    """export --scale nan wrote non-finite factors; the CLI checks it when parsed, the library here."""
+    from persres.errors import ConfigError
+    from persres.lora_files import export_lora
+
+    _, run = runs["conv"]
+    with pytest.raises(ConfigError, match=r"--scale must be a finite number in \[-100, 100\]"):
+        export_lora(run, "kohya", tmp_path / "lora.safetensors", scale)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_foreign_proj_out_lora_imports_with_its_alpha_and_needs_a_token(
     runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

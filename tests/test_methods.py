@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import diffusers_image, train_argv
+from helpers import diffusers_image, tiny_config, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,6 +20,7 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
 from persres.methods import all_methods, get_method
 from persres.methods.protocol import RESULT, Recipe
+from persres.tiny import save_tiny_pipeline
 
 
 def test_registry_names_match_the_methods() -> None:
@@ -117,3 +120,75 @@ def test_lag_and_several_concepts_are_for_residuals_runs(
     assert main([*sample, "--residuals", str(run), "--prompt", "a V1* dog"]) == 2
     assert "several concepts in one image need residuals runs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("token", ["<|endoftext|>", "<|startoftext|>"])
+def test_a_special_token_is_refused_as_identifier_by_every_method(
+    method: str, token: str, conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers 5's add_tokens counts an existing special token as added: the learned methods would
+    train over its row (every prompt's padding), and LAG would read the padding positions."""
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run, "--method", method, "--token", token)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "special token" in err and token in err, err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "perfusion", "custom-diffusion"])
+def test_a_method_that_adds_its_token_refuses_one_the_vocabulary_has(method: str, conv_base: Path) -> None:
+    from persres.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(conv_base))
+    config = replace(tiny_config(conv_base, Path("unused")), method=method, token="<dog>")
+    pipe.tokenizer.add_tokens(["<dog>"])  # e.g. a pipeline that another concept was loaded into
+    with pytest.raises(ConfigError, match="already has the token '<dog>'"):
+        get_method(method).prepare(pipe, config, torch.Generator())
+
+
+@pytest.fixture(scope="module")
+def wider_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 1.x layout like conv_base (same architecture record), other block widths."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-wider", widths=(32, 48))
+
+
+@pytest.fixture(scope="module")
+def runs(conv_base: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One run of every method on conv_base (SD 1.x layout)."""
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["PERSRES_CACHE"] = str(root / "cache")  # class images; the tests' own cache
+    found = {}
+    for method in sorted(METHOD_OPTIONS):
+        extra = ["--prior-images", "1"] if "prior_images" in METHOD_OPTIONS[method] else []
+        argv = train_argv(conv_base, photos, root / method, "--method", method, *extra)
+        assert main([*argv, "--steps", "1"]) == 0, method
+        found[method] = root / method
+    return found
+
+
+def sample_error(capsys: pytest.CaptureFixture[str], base: Path, run: Path, out: Path) -> str:
+    argv = ["sample", "--base", str(base), "--residuals", str(run), "--out", str(out)]
+    assert main([*argv, "--prompt", "a V* dog", "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 600, err[:2000]
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_every_result_records_its_architecture_and_is_refused_on_another(
+    method: str, runs: dict[str, Path], linear_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = sample_error(capsys, linear_base, runs[method], tmp_path / "images")
+    assert "was made for SD 1.x (proj_out conv" in err and "this base model is SD 2.x (proj_out linear" in err
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "custom-diffusion", "perfusion"])
+def test_a_result_on_a_base_of_other_widths_is_refused_in_one_line(
+    method: str, runs: dict[str, Path], wider_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The architecture record matches (both SD 1.x layouts): the load itself finds the layer that differs
+    (diffusers' own error was 143-212 lines)."""
+    err = sample_error(capsys, wider_base, runs[method], tmp_path / "images")
+    assert str(runs[method]) in err and "48" in err, err

@@ -1,5 +1,5 @@
-"""Custom Diffusion as a persres method: cross-attention K/V and the <new1> token train, nothing else;
-diffusers' own loaders read what it saves."""
+"""Custom Diffusion as a persres method: cross-attention K/V and the modifier token train, nothing else;
+diffusers' own loaders read what it saves. These tests name the token <new1>, the authors' (--token new1)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def ktn_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prepared(base: Path, photos: Path) -> tuple[StableDiffusionPipeline, Trainable]:
     pipe = load_pipeline(str(base))
-    return pipe, CUSTOM_DIFFUSION.prepare(pipe, tiny_config(base, photos), torch.Generator().manual_seed(0))
+    config = tiny_config(base, photos, token="new1")
+    return pipe, CUSTOM_DIFFUSION.prepare(pipe, config, torch.Generator().manual_seed(0))
 
 
 def perturb(pipe: StableDiffusionPipeline, trainable: Trainable, seed: int = 1) -> None:
@@ -63,7 +64,9 @@ def image(pipe: StableDiffusionPipeline) -> np.ndarray:
 
 
 def test_recipe_and_prompt(conv_base: Path, photos: Path):
-    assert CUSTOM_DIFFUSION.training_prompt(tiny_config(conv_base, photos)) == "photo of a <new1> dog"
+    prompt = CUSTOM_DIFFUSION.training_prompt(tiny_config(conv_base, photos, token="new1"))
+    assert prompt == "photo of a <new1> dog"
+    assert CUSTOM_DIFFUSION.identifier(tiny_config(conv_base, photos)) == "<sks>"  # --token, as the others
     recipe = CUSTOM_DIFFUSION.recipe
     assert (recipe.lr, recipe.batch_size, recipe.steps, recipe.prior_images, recipe.prior_weight) == (
         4e-5,
@@ -188,3 +191,31 @@ def test_state_round_trip_is_exact_and_strict(ktn_base: Path, photos: Path, tmp_
     with pytest.raises(InputError, match=f"{damaged}.*tensor text_encoder.token_embedding.<new1> holds NaN"):
         CUSTOM_DIFFUSION.load_state(trainable, damaged)
     assert all(torch.equal(trainable.params[name], value) for name, value in saved.items())  # untouched
+
+
+def test_the_token_is_honoured_and_sampling_uses_the_recorded_one(
+    ktn_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """--token was silently ignored (always <new1>)."""
+    from helpers import train_argv
+
+    from persres.cli import main
+
+    monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))  # the class images
+    run, images = tmp_path / "run", tmp_path / "images"
+    method = ("--method", "custom-diffusion", "--token", "zq", "--prior-images", "1")
+    argv = train_argv(ktn_base, photos, run, *method)
+    assert main(argv) == 0
+    folder = run / "result"
+    assert json.loads((folder / CONCEPT_FILE).read_text())["token"] == "<zq>"
+    assert (folder / "<zq>.safetensors").is_file() and not (folder / EMBEDDING).exists()
+    sample = ["sample", "--base", str(ktn_base), "--residuals", str(run), "--out", str(images)]
+    assert main([*sample, "--prompt", "a photo of a V* dog", "--steps", "1", "--device", "cpu"]) == 0
+    [png] = images.glob("*.png")
+    assert json.loads(png.with_suffix(".json").read_text())["expanded_prompt"] == "a photo of a <zq> dog"
+
+
+def test_a_token_that_cannot_name_its_file_is_refused(ktn_base: Path, photos: Path):
+    pipe = load_pipeline(str(ktn_base))
+    with pytest.raises(ConfigError, match="--token '<a/b>' names Custom Diffusion's embedding file"):
+        CUSTOM_DIFFUSION.prepare(pipe, tiny_config(ktn_base, photos, token="a/b"), torch.Generator())

@@ -141,3 +141,17 @@ def test_damaged_state_is_refused_naming_file_and_tensor(conv_base: Path, tmp_pa
     file.write_bytes(b"not safetensors")
     with pytest.raises(InputError, match=str(file)):
         METHOD.load_state(trainable, file)
+
+
+def test_a_rank_above_the_narrowest_layer_is_refused_before_anything_is_written(
+    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import train_argv
+
+    from persres.cli import main
+
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run, "--method", "lora", "--rank", "33")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rank 33 is above the width 32 of layer" in err, err
+    assert not run.exists()

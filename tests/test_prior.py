@@ -10,7 +10,7 @@ from PIL import Image
 from persres import prior
 from persres.config import SampleSettings
 from persres.data import MAX_IMAGES, ConceptImages
-from persres.errors import InputError
+from persres.errors import ConfigError, InputError
 
 FAST = SampleSettings(steps=2, guidance=7.5)
 
@@ -113,3 +113,23 @@ def test_prior_folders_may_hold_more_than_the_photo_limit(tmp_path: Path):
     with pytest.raises(InputError, match="personalization takes 1-50"):
         ConceptImages.from_folder(tmp_path, 8)  # the concept's photos: still 1-50
     assert len(prior.read_class_images(tmp_path, MAX_IMAGES + 1, 8).tensors) == MAX_IMAGES + 1
+
+
+def test_progress_shows_before_the_base_model_loads(
+    conv_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """--prior-images 10000000 ran for minutes with nothing shown: the bar now comes first."""
+
+    def slow_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # stands for a model that takes a minute to load
+
+    monkeypatch.setattr(prior, "load_pipeline", slow_load)
+    with pytest.raises(KeyboardInterrupt):
+        prior.class_images(str(conv_base), "dog", 3, 16, 0, cache_dir=tmp_path)
+    assert "class images of 'a photo of a dog'" in capsys.readouterr().err
+
+
+def test_the_count_is_bounded(conv_base: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="prior images must be in \\[1, 10,000\\]"):
+        prior.class_images(str(conv_base), "dog", 10_000_000, 16, 0, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -517,11 +517,11 @@ def test_a_bad_rank_with_overwrite_keeps_the_earlier_run(
     assert main(argv) == 0
     before = sorted(p.name for p in run.iterdir())
     residuals = (run / "residuals.safetensors").read_bytes()
-    assert main(argv + ["--overwrite", "--rank", "100000"]) == 2
+    assert main(argv + ["--overwrite", "--rank", "40"]) == 2
     assert "above the width" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
     assert (run / "residuals.safetensors").read_bytes() == residuals
-    assert main(train_argv(conv_base, photos, tmp_path / "fresh", "--rank", "100000")) == 2
+    assert main(train_argv(conv_base, photos, tmp_path / "fresh", "--rank", "40")) == 2
     assert not (tmp_path / "fresh").exists()  # no empty folder left behind
 
 
@@ -570,3 +570,48 @@ def test_a_damaged_config_of_a_run_without_checkpoint_is_named(
     assert main(train_argv(conv_base, photos, run, "--resume")) == 2
     err = capsys.readouterr().err
     assert f"{run / 'config.json'} is damaged" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 300.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 3 TB"),
+        MemoryError(),
+    ],
+)
+def test_a_batch_that_does_not_fit_says_so_and_leaves_nothing_behind(
+    failure: BaseException,
+    conv_base: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--batch-size 100000 ended in an allocation traceback and a half-made run folder."""
+
+    def too_big(*args: object, **kwargs: object) -> torch.Tensor:
+        raise failure
+
+    monkeypatch.setattr("persres.train.denoising_loss", too_big)
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run, "--batch-size", "3")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("persres train: error: training does not fit in memory at --batch-size 3"), err
+    assert "--gradient-checkpointing" in err and len(err) < 500
+    assert not run.exists()
+
+
+def test_a_resumed_run_that_does_not_fit_keeps_its_folder(
+    conv_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    assert main(train_argv(conv_base, photos, run)) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+
+    def too_big(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("persres.train.denoising_loss", too_big)
+    assert main(train_argv(conv_base, photos, run, "--steps", "4", "--resume")) == 2
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -35,6 +35,13 @@ METHOD_OPTIONS: dict[str, frozenset[str]] = {
     "textual-inversion": frozenset(),
     "perfusion": frozenset(),
 }
+# Ceilings of the training settings: far above every published recipe, low enough that a typo fails at
+# once instead of allocating for minutes (or writing a 1.4 GB adapter file).
+MAX_RANK = 4096  # no layer persres adapts is wider (SD 1.x/2.x/SDXL: 320-1280 channels, text 768-2048)
+MAX_STEPS_TRAIN = 1_000_000  # the recipes take 150-3000 steps
+MAX_BATCH_SIZE = 1024  # the recipes take 1-16 images per step
+MAX_PRIOR_IMAGES = 10_000  # diffusers' DreamBooth scripts draw 100-200, Custom Diffusion 200
+MAX_SCALE = 100.0  # export --scale: the strength folded into a LoRA file (1 is the trained concept)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # CustomConcept101's CLIP ViT-B/32
 DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO ViT-S/16
 
@@ -55,16 +62,18 @@ class ResidualConfig:
     def __post_init__(self) -> None:
         rank = self.rank
         if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-            raise ConfigError(f"rank must be a number, got {rank!r}")
+            raise ConfigError(f"rank must be a number, got {quote(repr(rank))}")
         if isinstance(rank, float) and not 0.0 < rank <= 1.0:
             raise ConfigError(
                 f"rank {rank} is neither a fraction in (0, 1] nor an integer >= 1; "
                 "use e.g. 0.05 (5% of each layer's width) or 16 (a fixed rank)"
             )
-        if isinstance(rank, int) and rank < 1:
-            raise ConfigError(f"rank {rank} must be >= 1; use e.g. 0.05 (a fraction) or 16 (a fixed rank)")
+        if isinstance(rank, int) and not 1 <= rank <= MAX_RANK:
+            raise ConfigError(
+                f"rank {rank} must be >= 1 and <= {MAX_RANK}; use e.g. 0.05 (a fraction) or 16 (a fixed rank)"
+            )
         if self.init not in ("zero", "random"):
-            raise ConfigError(f"init must be 'zero' or 'random', got {self.init!r}")
+            raise ConfigError(f"init must be 'zero' or 'random', got {quote(str(self.init))}")
 
     def rank_for(self, width: int, layer: str = "") -> int:
         """The rank of a residual on a layer ``width`` channels wide."""
@@ -79,15 +88,16 @@ class ResidualConfig:
 
     @staticmethod
     def parse_rank(text: str) -> float | int:
-        """'0.05' -> 0.05 (fraction), '16' -> 16 (fixed rank); as typed on a command line."""
+        """'0.05' -> 0.05 (fraction), '16' -> 16 (fixed rank); as typed on a command line, range checked."""
         try:
-            return int(text)
+            rank: float | int = int(text)
         except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--rank {quote(text)} is not a number; use e.g. 0.05 or 16") from None
+            try:
+                rank = float(text)
+            except ValueError:
+                raise ConfigError(f"--rank {quote(text)} is not a number; use e.g. 0.05 or 16") from None
+        ResidualConfig(rank=rank)  # refuses NaN, infinity, 0, fractions above 1 and ranks above MAX_RANK
+        return rank
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,22 @@ class TrainConfig:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, high in (
+            ("steps", MAX_STEPS_TRAIN),
+            ("batch_size", MAX_BATCH_SIZE),
+            ("prior_images", MAX_PRIOR_IMAGES),
+            ("lora_rank", MAX_RANK),
+        ):
+            value = getattr(self, name)
+            if value > high:
+                raise ConfigError(f"{name.replace('_', '-')} must be <= {high:,}, got {value:,}")
         if not 0 < self.lr <= 1:  # also refuses NaN and infinity
             raise ConfigError(f"lr must be in (0, 1], got {self.lr}; the paper uses 1e-3")
         if self.resolution % 8:
             raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 (e.g. 512)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            got = quote(str(self.mixed_precision))
+            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {got}")
         if not 0.0 < self.min_crop <= 1.0:
             raise ConfigError(f"min_crop must be in (0, 1], got {self.min_crop}")
         for name in ("class_word", "token"):

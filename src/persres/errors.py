@@ -51,3 +51,11 @@ def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A third-party exception's first line, cut to ``limit`` characters: torch's and diffusers' load
+    errors list every mismatched tensor over hundreds of lines."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -114,6 +114,8 @@ def family(recorded: str | None) -> str:
         fields = json.loads(recorded) if recorded else {}
     except ValueError:
         fields = {}
+    if not isinstance(fields, dict):
+        return "an unknown architecture"
     if fields.get("addition_embed_type") == "text_time":
         name = "SDXL"
     elif fields.get("proj_out") == "linear":
@@ -192,13 +194,27 @@ def load_residuals(unet: nn.Module, path: str | os.PathLike[str]) -> dict[str, s
     return loaded.metadata
 
 
+def architecture_mismatch(recorded: str | None, unet: nn.Module) -> str | None:
+    """"made for SD 1.x (...), but this base model is SDXL (...)" when a recorded architecture is not
+    ``unet``'s; None when it is, or when none is recorded (results of earlier versions)."""
+    if recorded is None:
+        return None
+    try:
+        fields = json.loads(recorded)
+    except ValueError:
+        fields = None
+    mine = architecture(unet)
+    if fields == json.loads(mine):
+        return None
+    return f"was made for {family(recorded)}, but this base model is {family(mine)}"
+
+
 def check_architecture(loaded: ResidualFile, unet: nn.Module) -> None:
     """The file's recorded architecture (proj_out kind, text width) matches the model's."""
-    recorded = loaded.metadata.get("architecture")
-    if recorded is not None and json.loads(recorded) != json.loads(architecture(unet)):
+    mismatch = architecture_mismatch(loaded.metadata.get("architecture"), unet)
+    if mismatch is not None:
         raise ResidualFileError(
-            f"{loaded.path} was made for {family(recorded)}, but this base model is "
-            f"{family(architecture(unet))}. Use the base model the file was trained on "
+            f"{loaded.path} {mismatch}. Use the base model the file was trained on "
             f"({loaded.metadata.get('base_model', 'unknown')})"
         )
 

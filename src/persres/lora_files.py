@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from persres.config import MAX_SCALE
 from persres.errors import ConfigError, InputError, ResidualFileError, quote
 from persres.files import atomic_path, check_apart, check_writable
 from persres.header import ResidualHeader, check_metadata
@@ -117,6 +118,8 @@ def export_lora(
     ``scale`` is folded into the up factors."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if not -MAX_SCALE <= scale <= MAX_SCALE:  # also refuses NaN and infinity
+        raise ConfigError(f"--scale must be a finite number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {scale}")
     from persres.runs import read_from
 
     target = check_lora_out(out, overwrite)

@@ -248,7 +248,7 @@ def choose(ranked: list[Suggestion], strategy: Strategy, margin: float = DEFAULT
     if strategy == "nearest":
         return ranked[0]
     if strategy != "balanced":
-        raise ConfigError(f"--strategy {strategy!r} is not nearest or balanced")
+        raise ConfigError(f"--strategy {quote(strategy)} is not nearest or balanced")
     close = [s for s in ranked[:CANDIDATES] if s.score >= ranked[0].score - margin]
     known = [s for s in close if s.depth >= 0] or close
     return min(known, key=lambda s: (s.depth, -s.tagged, -s.score))

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from persres.concepts import Concept, ResidualSource, concept_of, load_concepts, plan_prompts, read_files
-from persres.errors import ConfigError
+from persres.errors import ConfigError, quote
 from persres.files import check_apart, check_writable
 from persres.methods import get_method
 from persres.outputs import write_samples
@@ -29,7 +29,7 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        raise ConfigError(f"--precision {quote(precision)} is not one of auto, {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 

@@ -40,11 +40,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         target = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+        raise ConfigError(f"--device {quote(device)} is not one of auto, cpu, cuda, cuda:N") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
     if target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"--device {quote(device)} is not one of auto, cpu, cuda, cuda:N")
     return target
 
 

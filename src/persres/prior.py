@@ -32,9 +32,9 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres.checkpoint import Processes
-from persres.config import METHOD_OPTIONS, SampleSettings, TrainConfig
+from persres.config import MAX_PRIOR_IMAGES, METHOD_OPTIONS, SampleSettings, TrainConfig
 from persres.data import ConceptImages, list_images
-from persres.errors import ConfigError, ModelError
+from persres.errors import ConfigError, ModelError, quote
 from persres.files import atomic_path, write_json
 from persres.macro import cache_folder
 from persres.pipeline import load_pipeline, looks_like_path
@@ -67,8 +67,8 @@ def class_images(
 
     The folder may hold more than ``count`` from an earlier, larger request: read the first ``count``
     with ``read_class_images``."""
-    if count < 1:
-        raise ConfigError(f"prior images must be >= 1 to draw class images, got {count}")
+    if not 1 <= count <= MAX_PRIOR_IMAGES:
+        raise ConfigError(f"prior images must be in [1, {MAX_PRIOR_IMAGES:,}] to draw them, got {count:,}")
     key = {
         "base": fingerprint(base),
         "prompt": class_prompt(class_word),
@@ -86,10 +86,14 @@ def class_images(
     if not missing:
         return folder
     write_json(folder / KEY_FILE, {**key, "base_model": base})  # what the folder holds, for a reader
-    pipe = load_pipeline(base, dtype=dtype, device=device)
     prompt = class_prompt(class_word)
-    for i in tqdm(missing, desc=f"class images of {prompt!r}", disable=not progress):
-        draw(pipe, prompt, seed + i, resolution, settings, image_path(folder, i))
+    log.info("drawing %d class images of %s into %s", len(missing), quote(prompt), folder)
+    # the bar shows at once, before the base model loads: the first image may be a minute away
+    with tqdm(total=len(missing), desc=f"class images of {quote(prompt)}", disable=not progress) as bar:
+        pipe = load_pipeline(base, dtype=dtype, device=device)
+        for i in missing:
+            draw(pipe, prompt, seed + i, resolution, settings, image_path(folder, i))
+            bar.update()
     return folder
 
 
@@ -151,7 +155,7 @@ def resolve_folder(base: str) -> Path:
         return Path(snapshot_download(base, allow_patterns=["model_index.json"]))
     except Exception as exc:  # the hub's errors have no common base; the message says what went wrong
         raise ModelError(
-            f"cannot find base model {base!r} ({type(exc).__name__}): download it once with network, "
+            f"cannot find base model {quote(base)} ({type(exc).__name__}): download it once with network, "
             "or pass a local diffusers folder"
         ) from None
 

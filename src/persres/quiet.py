@@ -40,3 +40,24 @@ def warnings_hidden(logger: str) -> Iterator[None]:
         yield
     finally:
         target.setLevel(level)
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def message_hidden(logger: str, text: str) -> Iterator[None]:
+    """Drop one third-party message (any containing ``text``) for the duration, where persres has said
+    the same itself in fewer words (e.g. diffusers repeats the whole cut-off tail of a long prompt)."""
+    target, drop = logging.getLogger(logger), DropMessage(text)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from persres.config import MAX_STEPS
+from persres.config import MAX_BATCH_SIZE, MAX_PRIOR_IMAGES, MAX_SCALE, MAX_STEPS, MAX_STEPS_TRAIN
 
 MAX_SEED = 2**32 - 1  # seeds as other Stable Diffusion tools write them; image j uses seed + j
 MAX_PIXELS = 8192  # larger sides are a typo, not a request (SDXL's native side is 1024)
+MAX_COUNT = 10_000  # images per prompt, prompts, suggestions: more is a typo that would run for days
 SHORT = 40  # characters of a refused text quoted in the message
 
 
@@ -80,8 +81,11 @@ def shorten(text: str, limit: int = SHORT) -> str:
 
 SEED = integer(0, MAX_SEED)
 STEPS = integer(1, MAX_STEPS)  # sampling: DDIM cannot take more steps than the 1000 training timesteps
-POSITIVE = integer(1)
-NONNEGATIVE = integer(0)
+TRAIN_STEPS = integer(1, MAX_STEPS_TRAIN)  # optimizer steps, and steps between checkpoints or validations
+BATCH_SIZE = integer(1, MAX_BATCH_SIZE)
+PRIOR_IMAGES = integer(0, MAX_PRIOR_IMAGES)
+COUNT = integer(1, MAX_COUNT)
+SCALE = number(-MAX_SCALE, MAX_SCALE)
 PRIOR_WEIGHT = number(0.0, 100.0)
 PIXELS = integer(8, MAX_PIXELS, multiple_of=8)
 GUIDANCE = number(0.0, 100.0)

@@ -29,9 +29,12 @@ from persres.config import SampleSettings
 from persres.errors import ConfigError, quote
 from persres.lag import LagState, localized
 from persres.pipeline import text_towers
-from persres.tokens import text_length
+from persres.quiet import message_hidden
+from persres.tokens import check_token, text_length
 
 log = logging.getLogger(__name__)
+
+TRUNCATION_NOTICE = "The following part of your input was truncated"  # diffusers' (0.42) encode_prompt
 
 Sampler = Literal["normal", "lag", "both"]
 SAMPLERS = ("normal", "lag", "both")
@@ -66,6 +69,9 @@ def sample(
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
     towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in text_towers(pipe)]
+    for tokenizer, _ in towers:  # a concept bound to a special token would be in every prompt's padding
+        for concept in concepts:
+            check_token(tokenizer, concept.token, new=False)
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
         for tokenizer, limit in towers:
             check_prompt_length(tokenizer, plan, concepts, limit)
@@ -102,7 +108,8 @@ def generate(
     """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
     generator = torch.Generator().manual_seed(seed)
     scope = localized(pipe.unet, lag) if lag is not None else contextlib.nullcontext()
-    with scope:
+    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
+    with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
         result = pipe(
             plan.expanded,
             num_inference_steps=settings.steps,

@@ -41,6 +41,40 @@ def text_length(tokenizer: PreTrainedTokenizerBase, text_config: Any) -> int:
     return min(limits)
 
 
+def check_token(tokenizer: PreTrainedTokenizerBase, token: str, new: bool) -> None:
+    """Refuse an identifier that is, holds or is read as one of the tokenizer's special tokens
+    (``<|startoftext|>``, ``<|endoftext|>``, padding; CLIP reads pieces it does not know as
+    ``<|endoftext|>``): every prompt has them, so a concept bound to one would be everywhere (LAG would
+    read the padding positions, a learned row would change every prompt's padding).
+
+    With ``new`` (a method that adds the token: Textual Inversion, Custom Diffusion, Perfusion) the token
+    is checked as the string it will be added as, and one the vocabulary already has is refused, checked
+    in the vocabulary itself: transformers 5's ``add_tokens`` counts an existing special or vocabulary
+    token as added, and training would then overwrite its row."""
+    inside = [t for t in tokenizer.all_special_tokens if t in token]
+    if inside:
+        raise ConfigError(
+            f"identifier {quote(token)} is or contains the tokenizer's special token {quote(inside[0])}, "
+            "which every prompt holds; choose another --token (see persres suggest-token)"
+        )
+    if new:
+        pieces = list(tokenizer.tokenize(token))
+        if token in tokenizer.get_vocab() or (len(pieces) == 1 and pieces[0] != tokenizer.unk_token):
+            raise ConfigError(
+                f"the tokenizer already has the token {quote(token)} (as {quote(pieces[0])}); this method "
+                "adds a new token and trains its row: choose another --token, or load a fresh base"
+            )
+        return
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    read_as = [t for t in tokenizer.all_special_tokens if tokenizer.convert_tokens_to_ids(t) in ids]
+    if read_as:
+        raise ConfigError(
+            f"identifier {quote(token)} has pieces this tokenizer does not know, which it reads as its "
+            f"special token {quote(read_as[0])}, held by every prompt; choose another --token "
+            "(see persres suggest-token)"
+        )
+
+
 def check_identifier(
     tokenizer: PreTrainedTokenizerBase, token: str, real_words: set[str] | None = None
 ) -> None:

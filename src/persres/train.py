@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,15 @@ from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
 from persres.data import ConceptImages
-from persres.errors import ConfigError, TrainingDivergedError
+from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
+from persres.io import architecture
 from persres.macro import real_words
 from persres.methods import get_method
-from persres.pipeline import DTYPES, is_xl, load_pipeline
+from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, RunFolder, result_name
-from persres.tokens import check_identifier, text_length
+from persres.tokens import check_identifier, check_token, text_length
 from persres.trainlog import LOGS, LOSS_CSV, LOSS_PNG, LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation
@@ -101,8 +103,28 @@ def train(
     folder = RunFolder.check(Path(out), config.images, resume, overwrite, config.base)  # persres.runfolder
     try:
         return train_in(folder, config, device, callback, progress, distributed)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        folder.release()
+        if folder.created:  # a fresh run's folder holds only what this run wrote: leave nothing behind
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise ConfigError(
+            f"training does not fit in memory at --batch-size {config.batch_size} and --resolution "
+            f"{config.resolution} ({first_line(exc, 120)}); use a smaller --batch-size, or "
+            "--gradient-checkpointing, or --mixed-precision bf16"
+        ) from None
     finally:
         folder.release()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (GPU), Python's MemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text or "failed to allocate" in text
 
 
 def train_in(
@@ -128,8 +150,10 @@ def train_in(
             f"--method {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
             "persres trains personalized residuals (--method residuals)"
         )
-    if concept[0].token == config.token:  # an existing token (a learned one is added by prepare)
-        check_identifier(pipe.tokenizer, config.token, real_words())
+    for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
+        check_token(tokenizer, concept[0].token, new=method.adds_token)
+    if not method.adds_token:  # an existing token (a learned one is added by prepare)
+        check_identifier(pipe.tokenizer, concept[0].token, real_words())
     # adds what the method trains and checks its settings against the model before anything is written
     trainable = method.prepare(pipe, config, torch.Generator().manual_seed(config.seed))
     for plan in validation:  # refused now, not after training when they are sampled
@@ -271,7 +295,9 @@ def finish(loop: Loop) -> Path:
         loop.folder.record(loop.out / result_name(loop.config.method), loop.out / LOGS / LOSS_PNG)
         if loop.config.validation_prompts:
             loop.folder.record(validation_folder(loop.out, loop.config.steps))
-        path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, run_metadata(loop.config))
+        # every result records its base architecture, which every method's load checks
+        metadata = {**run_metadata(loop.config), "architecture": architecture(loop.pipe.unet)}
+        path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, metadata)
         log.info("%s written to %s", loop.state.method.name, path)
         write_final(loop.pipe, loop.config, loop.out)
         if loop.log is not None:

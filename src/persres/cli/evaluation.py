@@ -7,7 +7,7 @@ import json
 import os
 
 from persres.cli.generation import add_sampling, settings_of
-from persres.cli.options import POSITIVE, add_device, add_scorers
+from persres.cli.options import COUNT, add_device, add_scorers, rank
 from persres.cli.training import DEFAULTS, add_recipe, native_resolution
 from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, OutputExistsError
@@ -57,7 +57,10 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
         "trains with its authors' recipe unless --steps, --batch-size or --lr is given",
     )
     p.add_argument(
-        "--rank", action="append", help="residuals' rank variant(s): 0.05 (default), 16, ...; repeatable"
+        "--rank",
+        action="append",
+        type=rank,
+        help="residuals' rank variant(s): 0.05 (default), 16, ...; repeatable",
     )
     p.add_argument(
         "--sampler",
@@ -66,9 +69,9 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
         help="residuals' sampler rows; repeatable (default: normal, lag and auto; the other methods: "
         "normal only)",
     )
-    p.add_argument("--images-per-prompt", type=POSITIVE, default=5, help="images per prompt (default 5)")
+    p.add_argument("--images-per-prompt", type=COUNT, default=5, help="images per prompt (default 5)")
     p.add_argument(
-        "--max-prompts", type=POSITIVE, default=None, help="use only the first N prompts of each concept"
+        "--max-prompts", type=COUNT, default=None, help="use only the first N prompts of each concept"
     )
     p.add_argument("--concept", action="append", default=[], help="only this image folder name; repeatable")
     add_recipe(p, by_method=True, every_method=True)
@@ -134,7 +137,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         base=args.base,
         out=args.out,
-        ranks=tuple(ResidualConfig.parse_rank(r) for r in (args.rank or ["0.05"])),
+        ranks=tuple(args.rank or [ResidualConfig().rank]),
         samplers=tuple(args.sampler or (["normal", "lag", "auto"] if "residuals" in methods else ["normal"])),
         images_per_prompt=args.images_per_prompt,
         max_prompts=args.max_prompts,

@@ -7,7 +7,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from persres.cli.options import GUIDANCE, PIXELS, POSITIVE, SEED, STEPS, add_device
+from persres.cli.options import COUNT, GUIDANCE, PIXELS, SEED, STEPS, add_device
 from persres.config import SampleSettings
 
 DEFAULTS = {f.name: f.default for f in fields(SampleSettings)}
@@ -59,7 +59,7 @@ def add_sample(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for the PNGs and their JSON sidecars")
     p.add_argument(
         "--num-images",
-        type=POSITIVE,
+        type=COUNT,
         default=DEFAULTS["num_images"],
         help="images per prompt (default %(default)s)",
     )

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import cast
 
 from persres import ranges
-from persres.config import DEFAULT_CLIP, DEFAULT_DINO
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO, MAX_RANK, ResidualConfig
+from persres.errors import ConfigError
 from persres.ranges import MAX_PIXELS, MAX_SEED, shorten  # noqa: F401 (their home before persres.ranges)
 
 
-def integer(low: int, high: int | None = None, multiple_of: int = 1) -> Callable[[str], int]:
-    """An int in [low, high] (no upper bound when ``high`` is None) that ``multiple_of`` divides."""
+def integer(low: int, high: int, multiple_of: int = 1) -> Callable[[str], int]:
+    """An int in [low, high] that ``multiple_of`` divides: every integer option has an upper bound."""
     return cast(Callable[[str], int], argument(ranges.integer(low, high, multiple_of)))
 
 
@@ -39,10 +40,28 @@ def argument(rule: ranges.Range) -> Callable[[str], int | float]:
     return parse
 
 
+def rank(text: str) -> float | int:
+    """``--rank``: a fraction of each layer's width in (0, 1] or a fixed rank (``ResidualConfig``)."""
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} is not a number; use e.g. 0.05 or 16") from None
+    try:
+        return ResidualConfig.parse_rank(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1 and <= {MAX_RANK} (a fixed rank) or a fraction in (0, 1] (of each layer's "
+            f"width), got {shorten(text)}"
+        ) from None
+
+
 SEED = argument(ranges.SEED)
 STEPS = argument(ranges.STEPS)
-POSITIVE = argument(ranges.POSITIVE)
-NONNEGATIVE = argument(ranges.NONNEGATIVE)
+TRAIN_STEPS = argument(ranges.TRAIN_STEPS)
+BATCH_SIZE = argument(ranges.BATCH_SIZE)
+PRIOR_IMAGES = argument(ranges.PRIOR_IMAGES)
+COUNT = argument(ranges.COUNT)
+SCALE = argument(ranges.SCALE)
 PRIOR_WEIGHT = argument(ranges.PRIOR_WEIGHT)
 PIXELS = argument(ranges.PIXELS)
 GUIDANCE = argument(ranges.GUIDANCE)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from persres.cli.options import SCALE
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
@@ -18,7 +20,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="RUN_OR_FILE", help="a residuals run folder or residuals.safetensors")
     p.add_argument("--format", required=True, choices=["kohya", "diffusers"], help="the LoRA file's layout")
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
-    p.add_argument("--scale", type=float, default=1.0, help="strength folded into the file (default 1)")
+    p.add_argument(
+        "--scale", type=SCALE, default=1.0, help="strength folded into the file, in [-100, 100] (default 1)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(handler=run_export)
     p = commands.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from persres.cli.options import POSITIVE, add_device, add_scorers, number
+from persres.cli.options import COUNT, add_device, add_scorers, number
 
 MARGIN = number(0.0, 1.0)
 
@@ -20,7 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--images", required=True, help="folder of the concept's photos")
     add_scorers(p, dino=False)
-    p.add_argument("--top", type=POSITIVE, default=10, help="how many to list (default 10)")
+    p.add_argument("--top", type=COUNT, default=10, help="how many to list (default 10)")
     p.add_argument(
         "--strategy", choices=["nearest", "balanced"], default="nearest", help="which noun comes first"
     )
@@ -36,7 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "not WordNet nouns, each checked to be one token.",
     )
     p.add_argument("--base", required=True, help="base model (its tokenizer is used): folder or hub id")
-    p.add_argument("--top", type=POSITIVE, default=10, help="how many (default 10)")
+    p.add_argument("--top", type=COUNT, default=10, help="how many (default 10)")
     p.set_defaults(handler=run_suggest_token)
 
 

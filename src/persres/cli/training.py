@@ -7,7 +7,17 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from persres.cli.options import LEARNING_RATE, NONNEGATIVE, PIXELS, POSITIVE, PRIOR_WEIGHT, SEED, add_device
+from persres.cli.options import (
+    BATCH_SIZE,
+    LEARNING_RATE,
+    PIXELS,
+    PRIOR_IMAGES,
+    PRIOR_WEIGHT,
+    SEED,
+    TRAIN_STEPS,
+    add_device,
+    rank,
+)
 from persres.config import DEFAULT_CLIP, METHOD_OPTIONS, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
 
@@ -50,17 +60,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_recipe(p, by_method=True)
     p.add_argument(
         "--rank",
+        type=rank,
         help="residuals: fraction of each layer's width (default 0.05) or fixed rank (16); "
         f"lora: the adapters' rank (default {DEFAULTS['lora_rank']})",
     )
     p.add_argument("--init", choices=["zero", "random"], help="residuals: factor init (default zero)")
-    p.add_argument("--prior-images", type=NONNEGATIVE, help="dreambooth, custom-diffusion: class images")
+    p.add_argument(
+        "--prior-images",
+        type=PRIOR_IMAGES,
+        help="dreambooth, custom-diffusion: class images to draw (at most 10,000; the recipes draw 200)",
+    )
     p.add_argument(
         "--prior-weight", type=PRIOR_WEIGHT, help="dreambooth, custom-diffusion: prior loss weight"
     )
     p.add_argument(
         "--checkpoint-every",
-        type=POSITIVE,
+        type=TRAIN_STEPS,
         default=DEFAULTS["checkpoint_every"],
         help="steps between checkpoints",
     )
@@ -74,7 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help='sampled into OUT/validation after training, e.g. "a V* dog on the beach"; repeatable',
     )
     p.add_argument(
-        "--validation-every", type=POSITIVE, help="also sample the validation prompts every N steps"
+        "--validation-every", type=TRAIN_STEPS, help="also sample the validation prompts every N steps"
     )
     p.add_argument(
         "--report-to",
@@ -101,8 +116,8 @@ def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method
         return {"default": DEFAULTS[name], "help_default": str(DEFAULTS[name])}
 
     for flag, kind, what in (
-        ("--steps", POSITIVE, "optimizer steps"),
-        ("--batch-size", POSITIVE, "images per step"),
+        ("--steps", TRAIN_STEPS, "optimizer steps"),
+        ("--batch-size", BATCH_SIZE, "images per step (at most 1024)"),
         ("--lr", LEARNING_RATE, "AdamW learning rate"),
     ):
         chosen = default(flag[2:].replace("-", "_"))
@@ -216,11 +231,10 @@ def method_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["prior_images"] = recipe.prior_images if args.prior_images is None else args.prior_images
         settings["prior_weight"] = recipe.prior_weight if args.prior_weight is None else args.prior_weight
     if args.method == "residuals":
-        rank = ResidualConfig.parse_rank(args.rank) if args.rank is not None else ResidualConfig().rank
+        rank = args.rank if args.rank is not None else ResidualConfig().rank  # parsed and checked by argparse
         settings["residual"] = ResidualConfig(rank=rank, init=args.init or "zero")
     elif args.method == "lora" and args.rank is not None:
-        rank = ResidualConfig.parse_rank(args.rank)
-        if not isinstance(rank, int):
+        if not isinstance(args.rank, int):
             raise ConfigError(f"--rank {args.rank} for --method lora must be a whole number, e.g. 4")
-        settings["lora_rank"] = rank
+        settings["lora_rank"] = args.rank
     return settings

@@ -1,11 +1,13 @@
 """Custom Diffusion (Kumari et al., CVPR 2023): only the cross-attention key and value projections
-(``attn2.to_k``, ``attn2.to_v``) of the U-Net and a new modifier token ``<new1>`` are trained.
+(``attn2.to_k``, ``attn2.to_v``) of the U-Net and a new modifier token are trained.
 
 As diffusers' ``examples/custom_diffusion/train_custom_diffusion.py`` does: every attention layer gets a
 ``CustomDiffusionAttnProcessor2_0`` (``train_kv=True, train_q_out=False`` on the cross-attention
 layers), whose ``to_k_custom_diffusion`` / ``to_v_custom_diffusion`` start as copies of the layer's
-``to_k`` / ``to_v``; ``<new1>`` is added to the tokenizer, its embedding initialised from the rare
-token "ktn" (the script's ``--initializer_token`` default ``ktn+pll+ucd``, first entry).
+``to_k`` / ``to_v``; the modifier token is added to the tokenizer, its embedding initialised from the rare
+token "ktn" (the script's ``--initializer_token`` default ``ktn+pll+ucd``, first entry). The token is
+``--token`` as Textual Inversion and Perfusion write it (``<sks>``; ``placeholder``); the script's
+``--modifier_token`` default is ``<new1>``. Only its name differs: the row starts from "ktn" either way.
 
 One difference, on purpose: the script lets the optimizer update the whole embedding matrix and zeroes
 the gradient of every row but the new one; AdamW's decoupled weight decay still shrinks those rows a
@@ -18,12 +20,14 @@ the script's behaviour without ``--real_prior``). The script's scale augmentatio
 masked loss and "a far away"/"zoomed in" prompt prefixes) is not in persres' shared loop.
 
 The result folder holds ``pytorch_custom_diffusion_weights.safetensors`` (``unet.save_attn_procs``),
-``<new1>.safetensors`` (``pipe.load_textual_inversion``) and ``persres_concept.json``.
+``<token>.safetensors`` (``pipe.load_textual_inversion``; named by the token, as the script names it)
+and ``persres_concept.json``, which records the token sampling uses.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,24 +40,25 @@ from torch import nn
 
 from persres.concepts import Concept
 from persres.config import METHOD_OPTIONS
-from persres.errors import ConfigError, InputError
+from persres.errors import ConfigError, InputError, quote
 from persres.files import atomic_dir
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState
-from persres.methods.new_token import add_token, word_embedding
+from persres.methods.new_token import add_token, placeholder, word_embedding
 from persres.methods.protocol import RESULT, Recipe, Trainable
 from persres.quiet import warnings_hidden
+from persres.tokens import check_token
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-MODIFIER = "<new1>"
+MODIFIER = "<new1>"  # the script's --modifier_token, which results of persres 0.2 always used
 INITIALIZER = "ktn"
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
-EMBEDDING = f"{MODIFIER}.safetensors"
-TOKEN_PARAM = f"text_encoder.token_embedding.{MODIFIER}"
+EMBEDDING = f"{MODIFIER}.safetensors"  # the token's file in those results: "<token>.safetensors"
+TOKEN_PARAM = f"text_encoder.token_embedding.{MODIFIER}"  # the row's checkpoint name, whatever the token
 
 RECIPE = Recipe(
     steps=250,
@@ -74,16 +79,25 @@ RECIPE = Recipe(
 )
 
 
+@dataclass(frozen=True)
+class ModifierTrainable(Trainable):
+    """Custom Diffusion's parameters, and the modifier token with its row in the embedding matrix."""
+
+    token: str = MODIFIER
+    row: int = -1
+
+
 class CustomDiffusion(NamedTensorState):
     name = "custom-diffusion"
     recipe = RECIPE
     options = METHOD_OPTIONS["custom-diffusion"]
+    adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:
-        return f"photo of a {MODIFIER} {config.class_word}"  # the README's --instance_prompt
+        return f"photo of a {placeholder(config.token)} {config.class_word}"  # the README's --instance_prompt
 
     def identifier(self, config: TrainConfig) -> str:
-        return MODIFIER
+        return placeholder(config.token)
 
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
@@ -94,34 +108,37 @@ class CustomDiffusion(NamedTensorState):
         for name, processor in add_processors(pipe.unet).items():
             for key, param in processor.named_parameters():
                 params[f"{name}.{key}"] = param  # the keys of save_attn_procs' file
-        params[TOKEN_PARAM] = add_modifier(pipe)
-        return Trainable(params, text_trainable=True)
+        token = self.identifier(config)
+        embedding_file(token)  # a token that cannot name its file is refused before anything is added
+        params[TOKEN_PARAM], row = add_modifier(pipe, token)
+        return ModifierTrainable(params, text_trainable=True, token=token, row=row)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         """Write the learned row into the (frozen) embedding matrix; every other row is never touched."""
         weight = pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            weight[token_id(pipe)] = trainable.params[TOKEN_PARAM].to(weight.dtype)
+            weight[modifier_of(trainable).row] = trainable.params[TOKEN_PARAM].to(weight.dtype)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
     ) -> Path:
         self.after_step(pipe, trainable)
+        token = modifier_of(trainable).token
         target = Path(out) / RESULT
         row = trainable.params[TOKEN_PARAM].detach().to("cpu", torch.float32).contiguous()
         with atomic_dir(target, replace=True) as tmp:  # an extended run rewrites its result
             # diffusers warns that attn1's entries, empty, are left out
             with warnings_hidden("diffusers.loaders.unet"):
                 pipe.unet.save_attn_procs(tmp, weight_name=WEIGHTS, safe_serialization=True)
-            save_file({MODIFIER: row}, str(tmp / EMBEDDING), metadata={"format": "pt"})
-            write_concept(tmp, self.name, MODIFIER, metadata)
+            save_file({token: row}, str(tmp / embedding_file(token)), metadata={"format": "pt"})
+            write_concept(tmp, self.name, token, metadata)
         return target
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         """Into a fresh base: the attention processors with diffusers' ``unet.load_attn_procs`` and the
         token with ``pipe.load_textual_inversion``."""
         folder = Path(path)
-        concept = read_concept(folder, self.name)
+        concept = read_concept(folder, self.name, pipe.unet)
         try:
             weights = load_file(str(folder / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -135,16 +152,14 @@ class CustomDiffusion(NamedTensorState):
         expected = {name for name in pipe.unet.attn_processors if name.endswith("attn2.processor")}
         check_fits(pipe.unet, weights, expected, folder / WEIGHTS)
         state.update({name: {} for name in pipe.unet.attn_processors if name not in expected})
-        if MODIFIER in pipe.tokenizer.get_vocab():
-            raise ConfigError(
-                f"this pipeline already has the token {MODIFIER}; load {folder} into a fresh base"
-            )
+        check_token(pipe.tokenizer, concept.token, new=True)  # e.g. a pipeline it was loaded into before
         try:
             with warnings_hidden(
                 "diffusers.models.modeling_utils"
             ):  # a false alarm about fp32 modules (there are none)
                 pipe.unet.load_attn_procs(state, _pipeline=pipe)
-            pipe.load_textual_inversion(str(folder), weight_name=EMBEDDING, token=MODIFIER)
+            embedding = embedding_file(concept.token)
+            pipe.load_textual_inversion(str(folder), weight_name=embedding, token=concept.token)
         except (ValueError, RuntimeError, OSError) as exc:
             raise InputError(f"{folder} does not load into this base model ({exc})") from None
         return concept
@@ -197,16 +212,16 @@ def add_processors(unet: nn.Module) -> dict[str, CustomDiffusionAttnProcessor2_0
     return trained
 
 
-def add_modifier(pipe: StableDiffusionPipeline) -> nn.Parameter:
-    """Add ``<new1>`` to the tokenizer, grow the embedding matrix by its row and return that row as a
-    parameter, started from the initializer token's embedding; a hook puts it in the prompt."""
+def add_modifier(pipe: StableDiffusionPipeline, token: str) -> tuple[nn.Parameter, int]:
+    """Add ``token`` to the tokenizer, grow the embedding matrix by its row and return that row as a
+    parameter, started from the initializer token's embedding, and its id; a hook puts it in the prompt."""
     ids = pipe.tokenizer(INITIALIZER, add_special_tokens=False).input_ids
     if len(ids) != 1:  # the script refuses; a toy vocabulary has no "ktn": start from its pieces' mean
         log.warning(
             "initializer %r is %d tokens in this tokenizer; starting from their mean", INITIALIZER, len(ids)
         )
     start = word_embedding(pipe, INITIALIZER)
-    new_id = add_token(pipe, MODIFIER)
+    new_id = add_token(pipe, token)
     embedding = pipe.text_encoder.get_input_embeddings()
     with torch.no_grad():
         embedding.weight[new_id] = start
@@ -217,11 +232,23 @@ def add_modifier(pipe: StableDiffusionPipeline) -> nn.Parameter:
         return torch.where(where, row.to(output.dtype), output)
 
     embedding.register_forward_hook(put_row)
-    return row
+    return row, new_id
 
 
-def token_id(pipe: StableDiffusionPipeline) -> int:
-    return int(pipe.tokenizer.convert_tokens_to_ids(MODIFIER))
+def embedding_file(token: str) -> str:
+    """The token's file in the result folder, named by the token as diffusers' script names it."""
+    if "/" in token or "\\" in token or "\0" in token:
+        raise ConfigError(
+            f"--token {quote(token)} names Custom Diffusion's embedding file and cannot hold / or \\; "
+            "choose another --token"
+        )
+    return f"{token}.safetensors"
+
+
+def modifier_of(trainable: Trainable) -> ModifierTrainable:
+    if not isinstance(trainable, ModifierTrainable) or trainable.row < 0:
+        raise ConfigError("Custom Diffusion needs the Trainable its prepare() returned")
+    return trainable
 
 
 CUSTOM_DIFFUSION = CustomDiffusion()

@@ -18,9 +18,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from persres.concepts import Concept
 from persres.config import METHOD_OPTIONS
-from persres.errors import InputError, ModelError
+from persres.errors import InputError, ModelError, first_line
 from persres.files import atomic_dir
-from persres.methods.concept_json import read_concept, write_concept
+from persres.methods.concept_json import CONCEPT_FILE, read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
@@ -49,6 +49,7 @@ class DreamBooth(NamedTensorState):
     name = "dreambooth"
     recipe = RECIPE
     options = METHOD_OPTIONS["dreambooth"]
+    adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {config.token} {config.class_word}"
@@ -79,17 +80,25 @@ class DreamBooth(NamedTensorState):
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         """Copy the U-Net of a saved pipeline folder into ``pipe`` (its base), strictly."""
-        concept = read_concept(Path(path), self.name)
+        concept = read_concept(Path(path), self.name, pipe.unet)
         try:
             unet = UNet2DConditionModel.from_pretrained(Path(path), subfolder="unet", use_safetensors=True)
         except (OSError, ValueError) as exc:
             raise InputError(
-                f"{path}/unet is missing or damaged ({exc}); pass the folder train wrote"
+                f"{path}/unet is missing or damaged ({first_line(exc)}); pass the folder train wrote"
             ) from None
+        theirs, ours = unet.state_dict(), pipe.unet.state_dict()
+        for key in sorted(set(theirs) & set(ours)):  # torch would list every differing tensor, in 87 lines
+            if theirs[key].shape != ours[key].shape:
+                raise InputError(
+                    f"{path}/unet does not fit this base model's U-Net: {key} is {tuple(theirs[key].shape)} "
+                    f"in the result, {tuple(ours[key].shape)} in the base; use the base it was trained on "
+                    f"(its {CONCEPT_FILE} names it)"
+                )
         try:
-            result = pipe.unet.load_state_dict(unet.state_dict(), strict=False)
-        except RuntimeError as exc:  # torch: a shape that differs
-            raise InputError(f"{path}/unet does not fit this base model's U-Net ({exc})") from None
+            result = pipe.unet.load_state_dict(theirs, strict=False)
+        except RuntimeError as exc:
+            raise InputError(f"{path}/unet does not fit this base's U-Net ({first_line(exc)})") from None
         if result.missing_keys or result.unexpected_keys:
             raise InputError(
                 f"{path}/unet does not fit this base model's U-Net: missing {result.missing_keys[:3]}, "

@@ -21,10 +21,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from persres.config import METHOD_OPTIONS
-from persres.errors import ConfigError, ModelError
+from persres.errors import ConfigError, InputError, ModelError, first_line, quote
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
 from persres.methods.protocol import RESULT, Recipe, Trainable
 
@@ -54,6 +55,7 @@ class LoRA:
     name = "lora"
     recipe = RECIPE
     options = METHOD_OPTIONS["lora"]
+    adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:
         return config.prompt
@@ -70,6 +72,7 @@ class LoRA:
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             model.requires_grad_(False)
         rank = config.lora_rank
+        check_rank(unet, rank)
         lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS))
         try:
             unet.add_adapter(lora)
@@ -113,12 +116,55 @@ class LoRA:
         file = path / WEIGHTS if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
-        concept = concept_in(file, read_metadata(file))
+        metadata = read_metadata(file)
+        concept = concept_in(file, metadata, pipe.unet)
+        check_fits(file, pipe.unet, metadata.get("base_model", "unknown"))
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise ConfigError(f"{file} does not fit this base model's U-Net: {exc}") from None
+            raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
         return concept
+
+
+def check_rank(unet: nn.Module, rank: int) -> None:
+    """A rank above a layer's smaller side adds parameters and file size (1.4 GB at rank 100,000) but no
+    expressiveness: refused, naming the narrowest layer adapted."""
+    sides = {
+        name: min(module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear) and name.endswith(tuple(f".{t}" for t in TARGETS))
+    }
+    if sides:
+        layer = min(sides, key=lambda name: sides[name])
+        if rank > sides[layer]:
+            raise ConfigError(
+                f"--rank {rank} is above the width {sides[layer]} of layer {layer}, where a LoRA of full "
+                f"rank is reached; use a rank <= {sides[layer]} (the recipe's is 4)"
+            )
+
+
+def check_fits(file: Path, unet: nn.Module, base_model: str) -> None:
+    """Every layer of a LoRA file is in ``unet`` with the file's width, read from the file's header
+    (diffusers would list every mismatched tensor over hundreds of lines)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{file} is not a readable safetensors file ({first_line(exc)})") from None
+    use = f"use the base model it was trained on ({quote(base_model)})"
+    for key, shape in sorted(shapes.items()):
+        layer, _, factor = key.removeprefix("unet.").rpartition(".lora_")
+        try:
+            weight = unet.get_submodule(layer).weight
+        except AttributeError:
+            raise InputError(f"{file}: layer {layer} is not in this base model's U-Net; {use}") from None
+        down = factor.startswith("A")
+        wide, own = (shape[-1], weight.shape[1]) if down else (shape[0], weight.shape[0])
+        if len(shape) != 2 or wide != own:
+            raise InputError(
+                f"{file}: layer {layer} is {wide} wide in the file ({key} {shape}), {own} in this base "
+                f"model's U-Net; {use}"
+            )
 
 
 def lora_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:

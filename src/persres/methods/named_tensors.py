@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from persres.concepts import Concept
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_path
+from persres.methods.concept_json import check_base
 from persres.methods.protocol import Trainable
 
 
@@ -89,12 +91,14 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise InputError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def concept_in(path: Path, metadata: Mapping[str, str]) -> Concept:
-    """The concept a result file was trained for, from the persres metadata its ``save`` wrote."""
+def concept_in(path: Path, metadata: Mapping[str, str], unet: nn.Module) -> Concept:
+    """The concept a result file was trained for, from the persres metadata its ``save`` wrote; a file
+    made for another architecture than ``unet``'s is refused (``check_base``)."""
     token, class_word = metadata.get("token"), metadata.get("class_word")
     if not token or not class_word:
         raise ConfigError(
             f"{path} records no identifier token or class word in its metadata; it was not written by "
             "persres train (files from other tools load with diffusers directly)"
         )
+    check_base(path, metadata, unet)
     return Concept(token, class_word, str(path))

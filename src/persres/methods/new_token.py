@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from persres.errors import ConfigError, quote
+from persres.tokens import check_token
 
 
 def placeholder(token: str) -> str:
@@ -17,7 +18,9 @@ def placeholder(token: str) -> str:
 
 def add_token(pipe: StableDiffusionPipeline, token: str) -> int:
     """Add ``token`` to the tokenizer and a row for it to the text encoder (never shrinking an encoder
-    that has more rows than its tokenizer has tokens); the row's id. The matrix stays frozen."""
+    that has more rows than its tokenizer has tokens); the row's id. The matrix stays frozen. A special
+    token or one the vocabulary has is refused (``check_token``), so no existing row is ever trained."""
+    check_token(pipe.tokenizer, token, new=True)
     if pipe.tokenizer.add_tokens([token]) != 1:
         raise ConfigError(
             f"the tokenizer already has the token {quote(token)}; load a fresh base or choose another --token"

@@ -105,6 +105,7 @@ class Perfusion(NamedTensorState):
     name = "perfusion"
     recipe = RECIPE
     options = METHOD_OPTIONS["perfusion"]
+    adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {placeholder(config.token)} {config.class_word}"
@@ -171,8 +172,9 @@ class Perfusion(NamedTensorState):
         file = Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
         metadata = read_metadata(file)
         if metadata.get("method") != self.name:
-            raise InputError(f"{file} is not a Perfusion result (method {metadata.get('method')!r})")
-        concept = concept_in(file, metadata)
+            method = quote(str(metadata.get("method")))
+            raise InputError(f"{file} is not a Perfusion result (method {method})")
+        concept = concept_in(file, metadata, pipe.unet)
         gate = read_gate(file, metadata)
         tensors = read_named(file, expected_shapes(pipe))
         device = pipe.unet.device

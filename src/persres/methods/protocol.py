@@ -72,6 +72,7 @@ class Method(Protocol):
     name: str  # as typed after --method
     recipe: Recipe
     options: frozenset[str]  # method-specific CLI options that apply (e.g. {"rank", "init"}); others refused
+    adds_token: bool  # its identifier is a new token it adds (else an existing one, e.g. "sks")
 
     def training_prompt(self, config: TrainConfig) -> str:
         """The caption of every training image, e.g. "a photo of a sks dog"."""

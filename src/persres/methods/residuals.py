@@ -48,6 +48,7 @@ class Residuals:
     name = "residuals"
     recipe = RECIPE
     options = METHOD_OPTIONS["residuals"]
+    adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:
         return config.prompt  # "a photo of a V* {class}", paper section 3

@@ -68,6 +68,7 @@ class TextualInversion:
     name = "textual-inversion"
     recipe = RECIPE
     options = METHOD_OPTIONS["textual-inversion"]
+    adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:
         return f"a photo of a {placeholder(config.token)} {config.class_word}"
@@ -124,7 +125,7 @@ class TextualInversion:
         file = path / WEIGHTS if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"embedding file {file} not found; pass the {WEIGHTS} of a training run")
-        concept = concept_in(file, read_metadata(file))
+        concept = concept_in(file, read_metadata(file), pipe.unet)
         try:
             pipe.load_textual_inversion(str(file), token=concept.token)
         except ValueError as exc:  # e.g. the token is already in this tokenizer
