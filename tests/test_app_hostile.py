@@ -156,7 +156,7 @@ def make_run(runs: Path, name: str) -> Path:
 
     folder = runs / name
     (folder / "logs").mkdir(parents=True)
-    write_marker(folder)
+    write_marker(folder, [relative for relative in GOOD if not relative.startswith(".")])
     for relative, good in GOOD.items():
         (folder / relative).write_bytes(good)
     return folder
