@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,3 +147,10 @@ def bench_argv(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -
         *("--sample-steps", "2", "--height", "16", "--width", "16", "--device", "cpu"),
         *("--clip", scorers[0], "--dino", scorers[1]),
     ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from persres.app import runstore
@@ -24,12 +24,6 @@ from persres.app.photos import MAX_PIXELS, check_photo
 from persres.errors import ConfigError, InputError
 
 STEPS = 20  # enough to write residuals, checkpoints, the loss curve and a validation grid
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from damage import csv_damages, json_damages
+from helpers import free_port
 from PIL import Image
 
 from persres.app.jobs import SHIPPED_BASE
@@ -26,12 +27,6 @@ from persres.errors import InputError
 BAD_JSON = ("NaN", "Infinity", "-Infinity", "-1e39", "1e20", "null", '"nan"', '"1e20"', '"ten"')
 FRACTION = "1.5"  # refused where the field wants an integer
 NOT_NUMBERS = ("null", '"nan"', '"1e20"', '"ten"')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
