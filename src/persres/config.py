@@ -270,7 +270,7 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
             return _WRONG
         items = [_typed(item, args[0], name) for item in value]
         return _WRONG if any(item is _WRONG for item in items) else tuple(items)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_fields(hint, value, f"{name}.") if isinstance(value, dict) else _WRONG
     if hint is float:
         return value if type(value) in (int, float) else _WRONG
@@ -287,7 +287,7 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(arg) for arg in args)
     if origin is tuple:
         return f"a list of {_describe(args[0])}"
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return f"an object ({hint.__name__})"
     names = {str: "text", int: "a whole number", float: "a number", bool: "true or false", type(None): "null"}
     return names.get(hint, str(hint))
