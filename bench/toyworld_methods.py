@@ -44,7 +44,7 @@ from toybench import md_table
 from persres.evaluate import Scorers
 from persres.files import write_json
 from persres.measure import size_on_disk
-from persres.methods import MODULES, RESIDUALS, get_method
+from persres.methods import METHODS, RESIDUALS, get_method
 from persres.methods.residuals import RESULT
 from persres.pipeline import load_pipeline
 from persres.sampling import Sample
@@ -405,7 +405,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--base", default="models/toyworld-base")
     parser.add_argument("--oracle", type=Path, default=Path("models/toyworld-oracle"))
-    parser.add_argument("--methods", nargs="+", choices=list(MODULES), default=list(METHOD_ORDER))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHOD_ORDER))
     parser.add_argument("--concepts", type=int, default=5)
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
     parser.add_argument("--experiments", action="store_true", help="also residuals' EXPERIMENTS (point 5)")

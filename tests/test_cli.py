@@ -20,7 +20,7 @@ from PIL import Image
 
 from persres import __version__, load_residuals
 from persres.cli import build_parser, main
-from persres.config import ResidualConfig
+from persres.config import ResidualConfig, TrainConfig
 from persres.tiny import save_tiny_pipeline
 
 TRAIN = ["--class-word", "dog", "--steps", "3", "--batch-size", "2", "--resolution", "16", "--device", "cpu"]
@@ -534,18 +534,18 @@ def test_options_of_another_method_are_refused(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_the_recipe_is_the_methods_unless_given() -> None:
-    from persres.cli.training import method_settings
+    from persres.cli.training import train_config_of
 
-    def settings(*flags: str) -> dict[str, object]:
+    def settings(*flags: str) -> TrainConfig:
         argv = ["train", "--base", "b", "--images", "i", "--class-word", "dog", "--out", "o", *flags]
-        return method_settings(build_parser().parse_args(argv))
+        return train_config_of(build_parser().parse_args([*argv, "--resolution", "512"]), "dog", "")
 
     paper = settings()
-    assert (paper["steps"], paper["batch_size"], paper["lr"]) == (150, 4, 1e-3)  # Ham et al., section 4
-    assert paper["residual"] == ResidualConfig(rank=0.05, init="zero")
+    assert (paper.steps, paper.batch_size, paper.lr) == (150, 4, 1e-3)  # Ham et al., section 4
+    assert paper.residual == ResidualConfig(rank=0.05, init="zero")
     mine = settings("--steps", "7", "--lr", "0.01", "--rank", "16", "--init", "random")
-    assert (mine["steps"], mine["batch_size"], mine["lr"]) == (7, 4, 0.01)
-    assert mine["residual"] == ResidualConfig(rank=16, init="random")
+    assert (mine.steps, mine.batch_size, mine.lr) == (7, 4, 0.01)
+    assert mine.residual == ResidualConfig(rank=16, init="random")
 
 
 def test_an_80_kb_prompt_is_quoted_in_a_few_dozen_characters(

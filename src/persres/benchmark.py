@@ -30,7 +30,6 @@ from accelerate import PartialState
 
 from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
     CLASS_SOURCES,
-    RESIDUALS,
     SAMPLER_CHOICES,
     BenchmarkConfig,
     Variant,
@@ -42,16 +41,17 @@ from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark'
 )
 from persres.categories import prompt_category
 from persres.cc101 import ConceptEntry, check_prompts, load_dataset
-from persres.concepts import Concept, load_concepts
 from persres.config import DEFAULT_TOKEN, TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import check_apart, write_json
 from persres.macro import load_nouns, suggest_classes
 from persres.measure import peak_memory, reset_peak_memory, size_on_disk
+from persres.methods import METHODS, get_method
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
-from persres.results import RESIDUALS_ROW, means, merge_results, pick, read_result, read_settings
+from persres.result_rows import row_method
+from persres.results import means, merge_results, pick, read_result, read_settings
 from persres.runfolder import find_run
 from persres.sampling import sample
 from persres.tokens import text_length
@@ -196,7 +196,7 @@ def run_variant(
     count = config.max_prompts or len(entry.templates)
     prompts = list(entry.prompts_with(class_word)[:count])
     canonical = dict(zip(prompts, entry.prompts[:count], strict=True))
-    samplers = config.samplers if variant.method == RESIDUALS else ("normal",)  # LAG: residuals only
+    samplers = config.samplers if METHODS[variant.method].samples_with_lag else ("normal",)
     started = time.perf_counter()
     sample_variant(config, variant, result.residuals, prompts, samplers, device, progress)
     sample_seconds = time.perf_counter() - started
@@ -207,7 +207,7 @@ def run_variant(
             "category": entry.category,
             "class_word": class_word,
             "class_source": variant.class_source,
-            "method": RESIDUALS_ROW if variant.method == RESIDUALS else variant.method,
+            "method": row_method(variant.method),
             **({} if variant.rank is None else {"rank": variant.rank}),
             "sampler": sampler,
             **means(pick(scores, sampler)),
@@ -270,13 +270,7 @@ def sample_variant(
     samples_dir = variant.folder / "samples"
     shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
     pipe = load_pipeline(config.base, device=device)
-    concepts: list[Concept]
-    if variant.method == RESIDUALS:
-        concepts = load_concepts(pipe.unet, [trained])
-    else:
-        from persres.methods import get_method
-
-        concepts = [get_method(variant.method).load(pipe, trained)]
+    concepts = [get_method(variant.method).load(pipe, trained)]
     settings = replace(config.sample, num_images=config.images_per_prompt)
     needs_both = set(samplers) != {"normal"} and set(samplers) != {"lag"}
     kind = "both" if needs_both else samplers[0]

@@ -2,29 +2,31 @@
 residuals only, x class source), each variant's folder and training settings, and the settings a
 rerun into the same ``--out`` must repeat.
 
-Each method trains with its authors' recipe (``persres.methods``' ``Recipe``: steps, batch size, lr,
-prior images). The ``train`` template's steps, batch size and lr are residuals' (``TrainConfig``'s
-defaults are its recipe); ``shared_recipe`` names those of them that apply to every method (the CLI's
-``--steps``, ``--batch-size``, ``--lr`` when given).
+Each method trains with its authors' recipe (``persres.methods.catalog``: steps, batch size, lr, prior
+images), made into a configuration by ``persres.methods.recipes.train_config`` as ``persres train`` and
+the app do. The ``train`` template's steps, batch size and lr are its own method's (residuals':
+``TrainConfig``'s defaults are its recipe); ``shared_recipe`` names those of them that apply to every
+method (the CLI's ``--steps``, ``--batch-size``, ``--lr`` when given).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from persres.cc101 import ConceptEntry
-from persres.config import DEFAULT_CLIP, DEFAULT_DINO, METHOD_OPTIONS, ResidualConfig, TrainConfig
+from persres.config import DEFAULT_CLIP, DEFAULT_DINO, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
-from persres.methods import RESIDUALS
+from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info, names_where
+from persres.methods.recipes import RECIPE_FIELDS, Overrides, run_settings, train_config
 from persres.sampling import SampleSettings
 
 SAMPLER_CHOICES = ("normal", "lag", "auto")
 CLASS_SOURCES = ("dataset", "nearest", "balanced")
-RECIPE_FIELDS = ("steps", "batch_size", "lr")
+DEFAULT_METHODS = (DEFAULT_METHOD,)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class BenchmarkConfig:
     dino: str = DEFAULT_DINO
     class_sources: tuple[str, ...] = ("dataset",)  # dataset, nearest, balanced: supplement Table 4
     nouns: str | None = None  # noun list for nearest/balanced; WordNet when None
-    methods: tuple[str, ...] = (RESIDUALS,)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     shared_recipe: tuple[str, ...] = ()  # of RECIPE_FIELDS: taken from the template by every method
 
     def __post_init__(self) -> None:
@@ -66,28 +68,25 @@ class BenchmarkConfig:
         self.check_methods()
 
     def check_methods(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHOD_OPTIONS))
+        unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
-            raise ConfigError(f"--method {unknown or 'none'}: choose from {', '.join(METHOD_OPTIONS)}")
+            raise ConfigError(f"--method {unknown or 'none'}: choose from {', '.join(METHODS)}")
         unknown = sorted(set(self.shared_recipe) - set(RECIPE_FIELDS))
         if unknown:
             raise ConfigError(f"shared_recipe {unknown}: choose from {', '.join(RECIPE_FIELDS)}")
-        peers = [m for m in self.methods if m != RESIDUALS]
+        without_lag = [m for m in self.methods if not METHODS[m].samples_with_lag]
         not_normal = [s for s in self.samplers if s != "normal"]
-        if RESIDUALS not in self.methods and not_normal:
+        if len(without_lag) == len(self.methods) and not_normal:
+            lag = names_where(True, "samples_with_lag")
             raise ConfigError(
-                f"--sampler {', '.join(not_normal)} applies to residuals only (LAG gates its residuals); "
-                f"--method {', '.join(peers)} samples with --sampler normal: drop --sampler or add "
-                "--method residuals"
+                f"--sampler {', '.join(not_normal)} applies to {', '.join(lag)} only (LAG gates its "
+                f"residuals); --method {', '.join(without_lag)} samples with --sampler normal: drop "
+                f"--sampler or add --method {lag[0]}"
             )
-        if peers and "normal" not in self.samplers:
+        if without_lag and "normal" not in self.samplers:
             raise ConfigError(
-                f"--method {', '.join(peers)} samples with normal sampling only; add --sampler normal"
+                f"--method {', '.join(without_lag)} samples with normal sampling only; add --sampler normal"
             )
-
-    @property
-    def peers(self) -> tuple[str, ...]:
-        return tuple(m for m in self.methods if m != RESIDUALS)
 
 
 @dataclass(frozen=True)
@@ -98,15 +97,16 @@ class Variant:
     rank: float | int | None  # None for the methods other than residuals
     class_source: str
     folder: Path
-    method: str = RESIDUALS
+    method: str = DEFAULT_METHOD
 
 
 def variant_folder(
-    out: Path, entry: ConceptEntry, rank: float | int | None, source: str, method: str = RESIDUALS
+    out: Path, entry: ConceptEntry, rank: float | int | None, source: str, method: str = DEFAULT_METHOD
 ) -> Path:
-    """``runs/{concept}/rank-{r}[-class-{source}]`` for residuals (the layout before the other methods
-    came, so such folders still resume), ``runs/{concept}/{method}[-class-{source}]`` for the others."""
-    name = f"rank-{rank}" if method == RESIDUALS else method
+    """``runs/{concept}/rank-{r}[-class-{source}]`` for a variant with a residual rank (the layout before
+    the other methods came, so such folders still resume), ``runs/{concept}/{method}[-class-{source}]``
+    for the others."""
+    name = method if rank is None else f"rank-{rank}"
     return out / "runs" / entry.name / (name + ("" if source == "dataset" else f"-class-{source}"))
 
 
@@ -114,7 +114,7 @@ def plan_variants(out: Path, config: BenchmarkConfig, entries: list[ConceptEntry
     """Every variant of the benchmark, concept by concept (so processes split by concept)."""
     variants = []
     for entry, method, source in itertools.product(entries, config.methods, config.class_sources):
-        ranks: tuple[float | int | None, ...] = config.ranks if method == RESIDUALS else (None,)
+        ranks: tuple[float | int | None, ...] = config.ranks if METHODS[method].trains_residuals else (None,)
         for rank in ranks:
             folder = variant_folder(out, entry, rank, source, method)
             variants.append(Variant(entry, rank, source, folder, method))
@@ -124,26 +124,22 @@ def plan_variants(out: Path, config: BenchmarkConfig, entries: list[ConceptEntry
 def variant_train_config(
     config: BenchmarkConfig, variant: Variant, class_word: str, reason: str
 ) -> TrainConfig:
-    """The training run of one variant: the template's settings (``TrainConfig``'s defaults without
-    one) with the variant's images, class word, method and its recipe, and rank."""
+    """The training run of one variant: the template's run settings (``TrainConfig``'s defaults without
+    one) with the variant's images, class word, method and rank. The template's steps, batch size and
+    lr are its method's recipe; another method takes its own recipe, but for the ``shared_recipe``."""
     images = str(variant.entry.images)
     template = config.train or TrainConfig(base=config.base, images=images, class_word=class_word)
-    made = replace(template, base=config.base, images=images, class_word=class_word, class_reason=reason)
-    if variant.method == RESIDUALS:
-        assert variant.rank is not None
-        return replace(made, residual=ResidualConfig(rank=variant.rank, init=template.residual.init))
-    from persres.methods import get_method  # imports torch: not needed to plan
-
-    recipe = get_method(variant.method).recipe
-    own = {k: getattr(recipe, k) for k in RECIPE_FIELDS if k not in config.shared_recipe}
-    if "prior_images" in METHOD_OPTIONS[variant.method]:
-        own.update(prior_images=recipe.prior_images, prior_weight=recipe.prior_weight)
-    return replace(made, method=variant.method, **own)
+    same = variant.method == template.method
+    recipe = {k: getattr(template, k) for k in RECIPE_FIELDS if same or k in config.shared_recipe}
+    init = template.residual.init if "init" in method_info(variant.method).options else None
+    overrides = Overrides(**recipe, rank=variant.rank, init=init)
+    run = {**run_settings(template), "class_reason": reason}
+    return train_config(variant.method, config.base, images, class_word, overrides, **run)
 
 
 def recipe_of(train_config: TrainConfig) -> dict[str, Any]:
     """The recipe a variant trained with, for its ``result.json``."""
-    prior = "prior_images" in METHOD_OPTIONS[train_config.method]  # the others ignore the fields
+    prior = method_info(train_config.method).takes_prior_images  # the others ignore the fields
     return {
         "method": train_config.method,
         "steps": train_config.steps,
@@ -160,6 +156,6 @@ def settings_of(config: BenchmarkConfig) -> dict[str, Any]:
     written before the other methods came still resume."""
     keep = ["base", "samplers", "images_per_prompt", "max_prompts", "train", "sample", "clip", "dino"]
     keep.append("nouns")
-    if config.methods != (RESIDUALS,):
+    if config.methods != DEFAULT_METHODS:
         keep += ["methods", "shared_recipe"]
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k in keep}, default=str))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from persres.errors import ConfigError, quote
+from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.readback import shown
 
 InitMode = Literal["zero", "random"]
@@ -25,16 +26,10 @@ ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_TOKEN = "sks"
 MAX_TRAIN_SEED = 2**63 - 1  # torch generators take seeds below 2**64; each process adds its index
-# The personalization methods (persres.methods) and the method-specific settings each one takes; the
-# CLI refuses a setting the chosen method does not take. Kept here, without torch, for instant parsing.
-METHOD_OPTIONS: dict[str, frozenset[str]] = {
-    "residuals": frozenset({"rank", "init"}),
-    "lora": frozenset({"rank"}),
-    "dreambooth": frozenset({"prior_images", "prior_weight"}),
-    "custom-diffusion": frozenset({"prior_images", "prior_weight"}),
-    "textual-inversion": frozenset(),
-    "perfusion": frozenset(),
-}
+# The personalization methods and the method-specific settings each one takes (persres.methods.catalog,
+# without torch); a setting the chosen method does not take is refused.
+METHOD_OPTIONS: dict[str, frozenset[str]] = {name: info.options for name, info in METHODS.items()}
+PAPER_RECIPE = METHODS[DEFAULT_METHOD].recipe  # TrainConfig's defaults: 150 steps, batch 4, lr 1e-3
 # Ceilings of the training settings: far above every published recipe, low enough that a typo fails at
 # once instead of allocating for minutes (or writing a 1.4 GB adapter file).
 MAX_RANK = 4096  # no layer persres adapts is wider (SD 1.x/2.x/SDXL: 320-1280 channels, text 768-2048)
@@ -109,9 +104,9 @@ class TrainConfig:
     images: str
     class_word: str
     token: str = DEFAULT_TOKEN
-    steps: int = 150
-    batch_size: int = 4
-    lr: float = 1e-3
+    steps: int = PAPER_RECIPE.steps
+    batch_size: int = PAPER_RECIPE.batch_size
+    lr: float = PAPER_RECIPE.lr
     residual: ResidualConfig = ResidualConfig()
     resolution: int = 512
     seed: int = 0
@@ -125,7 +120,7 @@ class TrainConfig:
     validation_every: int | None = None  # also sample the validation prompts every N steps
     report_to: ReportTo = "none"  # an accelerate tracker for the loss, besides OUT/logs/loss.csv
     class_reason: str = ""  # how the class word was chosen, e.g. by --class-word auto
-    method: str = "residuals"  # persres.methods: residuals, lora, dreambooth, custom-diffusion, ...
+    method: str = DEFAULT_METHOD  # one of persres.methods.catalog.METHODS: residuals, lora, dreambooth, ...
     lora_rank: int = 4  # --method lora: rank of each adapter (diffusers' DreamBooth-LoRA default)
     prior_images: int = 0  # methods with prior preservation: class images drawn by the base model
     prior_weight: float = 1.0  # weight of the prior-preservation loss (DreamBooth: 1)
@@ -166,8 +161,8 @@ class TrainConfig:
             raise ConfigError(
                 f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
             )
-        if self.method not in METHOD_OPTIONS:
-            raise ConfigError(f"method {quote(self.method)} is not one of {', '.join(METHOD_OPTIONS)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method {quote(self.method)} is not one of {', '.join(METHODS)}")
         if self.lora_rank < 1 or self.prior_images < 0:
             raise ConfigError(
                 f"lora rank must be >= 1 and prior images >= 0, got {self.lora_rank}, {self.prior_images}"

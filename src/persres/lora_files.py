@@ -50,6 +50,7 @@ from persres.io import (
     read_residual_file,
     write_residual_file,
 )
+from persres.methods.catalog import METHODS
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = "lora_unet_"
@@ -152,7 +153,7 @@ def read_exportable(source: str | os.PathLike[str]) -> ResidualFile:
     from persres.runs import read_run
 
     run = read_run(source)
-    if run is not None and run.method != "residuals":
+    if run is not None and not METHODS[run.method].trains_residuals:
         raise ConfigError(
             f"{source} is a {run.method} run: export converts personalized residuals; its result "
             f"{run.result} is already in its own format"

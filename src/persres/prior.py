@@ -32,11 +32,12 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres.checkpoint import Processes
-from persres.config import MAX_PRIOR_IMAGES, METHOD_OPTIONS, SampleSettings, TrainConfig
+from persres.config import MAX_PRIOR_IMAGES, SampleSettings, TrainConfig
 from persres.data import ConceptImages, list_images
 from persres.errors import ConfigError, ModelError, quote
 from persres.files import atomic_path, write_json
 from persres.macro import cache_folder
+from persres.methods.catalog import METHODS
 from persres.pipeline import load_pipeline, looks_like_path
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def prior_images(
 ) -> ConceptImages | None:
     """The class images of prior preservation (``config.prior_images`` of them, drawn by the base model
     once and cached across runs; the main process draws, the others read), or None."""
-    if config.prior_images == 0 or "prior_images" not in METHOD_OPTIONS[config.method]:
+    if config.prior_images == 0 or not METHODS[config.method].takes_prior_images:
         return None
     if processes.is_main:
         class_images(config.base, config.class_word, config.prior_images, config.resolution, config.seed,

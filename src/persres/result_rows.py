@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from persres import readback
-from persres.config import METHOD_OPTIONS, ResidualConfig
+from persres.config import ResidualConfig
 from persres.errors import ConfigError, quote
+from persres.methods.catalog import METHODS
 
 METRICS = ("clip_t", "clip_i", "dino_i")  # CustomConcept101: CLIP text, CLIP image, DINO image alignment
 CSV_FIELDS = (
@@ -39,6 +40,14 @@ CSV_FIELDS = (
 COSTS = ("trainable_parameters", "file_size_bytes", "peak_memory_bytes")
 RESIDUALS_ROW = "personalized-residuals"  # residuals' rows' method; the others' rows name the method
 SAMPLERS = ("normal", "lag", "auto")
+
+
+def row_method(method: str) -> str:
+    """The ``method`` column of a method's rows: the residual method's rows keep the name they had
+    before the other methods came (and carry a ``rank``)."""
+    return RESIDUALS_ROW if METHODS[method].trains_residuals else method
+
+
 REQUIRED = ("concept", "category", "sampler", *METRICS)  # and rank, in residuals' rows
 SLACK = 1e-4  # a mean of cosines may pass 1 by a rounding error
 
@@ -56,7 +65,7 @@ class Field:
 TEXT = Field(str)
 FIELDS: dict[str, Field] = {
     **{name: TEXT for name in ("concept", "category", "class_word", "class_source", "peak_memory_source")},
-    "method": Field(str, choices=(RESIDUALS_ROW, *(m for m in METHOD_OPTIONS if m != "residuals"))),
+    "method": Field(str, choices=tuple(row_method(m) for m in METHODS)),
     "sampler": Field(str, choices=SAMPLERS),
     "rank": Field(float),  # and a rank ResidualConfig takes
     "clip_t": Field(float, 0.0, 2.5),

@@ -49,6 +49,7 @@ from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, OutputExistsError, RunLockedError
 from persres.files import check_apart, write_json
 from persres.io import FORMAT_NAME
+from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info
 from persres.methods.protocol import RESULT  # the peer methods' results; residuals: RESIDUALS_FILE
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class FoundRun:
 
 def result_name(method: str) -> str:
     """Where a method's result is in its run folder."""
-    return RESIDUALS_FILE if method == "residuals" else RESULT
+    return RESIDUALS_FILE if method_info(method).trains_residuals else RESULT
 
 
 def check_run(out: Path, resume: bool, overwrite: bool) -> FoundRun | None:
@@ -270,8 +271,10 @@ def writes_result(out: Path) -> bool:
         saved = readback.load_file(out / CONFIG_FILE)
     except (OSError, ValueError):
         return False
-    method = saved.get("method", "residuals") if isinstance(saved, dict) else "residuals"
-    return isinstance(method, str) and result_name(method) == RESULT
+    method = saved.get("method", DEFAULT_METHOD) if isinstance(saved, dict) else DEFAULT_METHOD
+    if not isinstance(method, str):
+        return False
+    return method not in METHODS or result_name(method) == RESULT  # an unknown method: not residuals
 
 
 def earlier_written(out: Path, owned: set[str]) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from persres import readback
 from persres.config import TrainConfig
 from persres.errors import InputError
+from persres.methods.catalog import METHODS
 from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT, result_name
 
 
@@ -57,7 +58,7 @@ def peer_runs(sources: Sequence[object]) -> list[Run]:
     """The run folders among ``sources`` (paths, or residual files already read) made by another method
     than residuals."""
     runs = [read_run(s) for s in sources if isinstance(s, (str, os.PathLike))]
-    return [run for run in runs if run is not None and run.method != "residuals"]
+    return [run for run in runs if run is not None and not METHODS[run.method].trains_residuals]
 
 
 def read_config(config_file: Path, why: str) -> TrainConfig:

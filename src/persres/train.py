@@ -35,7 +35,7 @@ from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.io import architecture
 from persres.macro import real_words
-from persres.methods import get_method
+from persres.methods import get_method, method_info, names_where
 from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, RunFolder, result_name
@@ -145,10 +145,11 @@ def train_in(
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
-    if is_xl(pipe) and config.method != "residuals":
+    if is_xl(pipe) and not method_info(config.method).works_on_sdxl:
+        on_xl = ", ".join(names_where(True, "works_on_sdxl"))
         raise ConfigError(
             f"--method {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
-            "persres trains personalized residuals (--method residuals)"
+            f"persres trains {on_xl} (--method {on_xl})"
         )
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)

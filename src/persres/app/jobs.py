@@ -16,9 +16,11 @@ from typing import cast
 
 from persres.app.photos import keep_photos
 from persres.app.runstore import REQUEST, losses, new_run, photo_folder, run_config, run_folder
-from persres.config import ResidualConfig, SampleSettings, TrainConfig
+from persres.config import DEFAULT_TOKEN, ResidualConfig, SampleSettings, TrainConfig
 from persres.errors import ConfigError
 from persres.files import write_json
+from persres.methods.catalog import DEFAULT_METHOD, METHODS
+from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
 from persres.runfolder import RESIDUALS_FILE
 from persres.sampling import Sample, Sampler
@@ -42,7 +44,14 @@ class Recipe:
 
 
 TOY_RECIPE = Recipe(steps=400, lr=5e-3, rank=0.05, batch_size=4, resolution=32, flip=False)  # scripts/demo.sh
-PAPER_RECIPE = Recipe(steps=150, lr=1e-3, rank=0.05, batch_size=4, resolution=512, flip=True)  # the paper
+PAPER_RECIPE = Recipe(  # the paper's, as persres train takes it
+    steps=METHODS[DEFAULT_METHOD].recipe.steps,
+    lr=METHODS[DEFAULT_METHOD].recipe.lr,
+    rank=ResidualConfig().rank,
+    batch_size=METHODS[DEFAULT_METHOD].recipe.batch_size,
+    resolution=TrainConfig.resolution,
+    flip=TrainConfig.flip,
+)
 
 
 def default_base() -> str:
@@ -72,21 +81,21 @@ def make_config(
     if not class_word.strip():
         raise ConfigError("class word is empty: say what the concept is, e.g. dog")
     try:
-        residual = ResidualConfig(rank=parse_rank(rank))
+        parsed = parse_rank(rank)
     except ValueError:
         raise ConfigError(f"rank {rank!r} must be a fraction like 0.05 or a whole number like 16") from None
-    return TrainConfig(
-        base=base,
-        images=str(photos),
-        class_word=class_word.strip(),
-        token=token.strip() or "sks",
-        steps=int(steps or 0),  # an emptied field: TrainConfig names the setting
-        batch_size=recipe.batch_size,
-        lr=float(lr or 0),
-        residual=residual,
+    steps = int(steps or 0)  # an emptied field: TrainConfig names the setting
+    overrides = Overrides(steps=steps, batch_size=recipe.batch_size, lr=float(lr or 0), rank=parsed)
+    return train_config(
+        DEFAULT_METHOD,  # the app trains personalized residuals
+        base,
+        str(photos),
+        class_word.strip(),
+        overrides,
+        token=token.strip() or DEFAULT_TOKEN,
         resolution=recipe.resolution,
         flip=recipe.flip,
-        checkpoint_every=max(1, int(steps or 0) // 4),
+        checkpoint_every=max(1, steps // 4),
         validation_prompts=(VALIDATION_PROMPT.format(class_word.strip()),),
     )
 

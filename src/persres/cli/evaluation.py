@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
 
 from persres.cli.generation import add_sampling, settings_of
 from persres.cli.options import COUNT, add_device, add_scorers, rank
-from persres.cli.training import DEFAULTS, add_recipe, native_resolution
-from persres.config import METHOD_OPTIONS
+from persres.cli.training import add_recipe, native_resolution
 from persres.errors import ConfigError, OutputExistsError
+from persres.methods.catalog import DEFAULT_METHOD, METHODS, names_where
+from persres.methods.recipes import RECIPE_FIELDS, Overrides, train_config
+
+if TYPE_CHECKING:
+    from persres.benchmark_plan import BenchmarkConfig
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -52,7 +57,7 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         action="append",
-        choices=list(METHOD_OPTIONS),
+        choices=list(METHODS),
         help="method(s) to compare on the same prompts and seeds; repeatable (default residuals). Each "
         "trains with its authors' recipe unless --steps, --batch-size or --lr is given",
     )
@@ -107,38 +112,46 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from persres.benchmark import BenchmarkConfig, run_benchmark
-    from persres.config import ResidualConfig, TrainConfig
+    from persres.benchmark import run_benchmark
     from persres.files import check_writable
 
-    methods = tuple(args.method or ["residuals"])
-    if args.rank is not None and "residuals" not in methods:
+    check_writable(args.out, "--out")  # before anything reads the base model (e.g. its default resolution)
+    out = run_benchmark(benchmark_config_of(args), args.device)
+    print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")
+    return 0
+
+
+def benchmark_config_of(args: argparse.Namespace) -> BenchmarkConfig:
+    """The benchmark ``persres benchmark`` was asked for. Its training template is the default method's
+    recipe, each of steps, batch size and lr replaced where given (and then shared by every method)."""
+    from persres.benchmark import BenchmarkConfig
+    from persres.config import ResidualConfig
+
+    methods = tuple(args.method or [DEFAULT_METHOD])
+    if args.rank is not None and not any(METHODS[m].trains_residuals for m in methods):
         raise ConfigError(
-            f"--rank applies to --method residuals only (given: {', '.join(methods)}); drop --rank or add "
-            "--method residuals"
+            f"--rank applies to --method {', '.join(names_where(True, 'trains_residuals'))} only (given: "
+            f"{', '.join(methods)}); drop --rank or add --method {DEFAULT_METHOD}"
         )
-    check_writable(args.out, "--out")
-    given = {
-        name: getattr(args, name) for name in ("steps", "batch_size", "lr") if getattr(args, name) is not None
-    }
-    template = TrainConfig(
-        base=args.base,
-        images="-",
-        class_word="-",
-        steps=given.get("steps", DEFAULTS["steps"]),  # residuals' recipe unless given
-        batch_size=given.get("batch_size", DEFAULTS["batch_size"]),
-        lr=given.get("lr", DEFAULTS["lr"]),
+    given = {name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None}
+    template = train_config(
+        DEFAULT_METHOD,
+        args.base,
+        "-",
+        "-",
+        Overrides(**given),
         resolution=args.resolution or native_resolution(args.base),
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         flip=not args.no_flip,
     )
-    config = BenchmarkConfig(
+    lag = any(METHODS[m].samples_with_lag for m in methods)
+    return BenchmarkConfig(
         dataset=args.dataset,
         base=args.base,
         out=args.out,
         ranks=tuple(args.rank or [ResidualConfig().rank]),
-        samplers=tuple(args.sampler or (["normal", "lag", "auto"] if "residuals" in methods else ["normal"])),
+        samplers=tuple(args.sampler or (["normal", "lag", "auto"] if lag else ["normal"])),
         images_per_prompt=args.images_per_prompt,
         max_prompts=args.max_prompts,
         concepts=tuple(args.concept),
@@ -151,9 +164,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
         methods=methods,
         shared_recipe=tuple(given),
     )
-    out = run_benchmark(config, args.device)
-    print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")
-    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:

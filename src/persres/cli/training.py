@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from typing import Any
 
 from persres.cli.options import (
     BATCH_SIZE,
@@ -18,8 +17,10 @@ from persres.cli.options import (
     add_device,
     rank,
 )
-from persres.config import DEFAULT_CLIP, METHOD_OPTIONS, ResidualConfig, TrainConfig
+from persres.config import DEFAULT_CLIP, TrainConfig
 from persres.errors import ConfigError
+from persres.methods.catalog import METHODS
+from persres.methods.recipes import Overrides, not_taken, train_config
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -53,7 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=list(METHOD_OPTIONS),
+        choices=list(METHODS),
         default=DEFAULTS["method"],
         help="what to train (default %(default)s); the others are the peers, each as its authors define it",
     )
@@ -156,11 +157,41 @@ def run(args: argparse.Namespace) -> int:
     if class_word == "auto":
         class_word, reason = auto_class_word(args)
         print(f"class word: {class_word} ({reason})")
-    config = TrainConfig(
-        **method_settings(args),
-        base=args.base,
-        images=args.images,
-        class_word=class_word,
+    config = train_config_of(args, class_word, reason)
+    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    loss = "none" if result.final_loss is None else f"{result.final_loss:.5f}"
+    print(
+        f"trained {result.parameters:,} {args.method} parameters for {result.steps} steps (final loss {loss})"
+    )
+    print(f"{'residuals' if METHODS[args.method].trains_residuals else 'result'}: {result.residuals}")
+    return 0
+
+
+def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> TrainConfig:
+    """The run ``persres train`` was asked for: the method's recipe unless given, and the settings only it
+    takes (one given for a method that does not take it is refused, by its flag)."""
+    wrong = not_taken(args.method, (name for name in METHOD_FLAGS if getattr(args, name) is not None))
+    if wrong:
+        takes = ", ".join(METHOD_FLAGS[n] for n in sorted(METHODS[args.method].options)) or "none of them"
+        raise ConfigError(
+            f"{', '.join(METHOD_FLAGS[n] for n in wrong)} does not apply to --method {args.method} "
+            f"(its own options: {takes}); drop it or choose another --method"
+        )
+    overrides = Overrides(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        init=args.init,
+        prior_images=args.prior_images,
+        prior_weight=args.prior_weight,
+    )
+    return train_config(
+        args.method,
+        args.base,
+        args.images,
+        class_word,
+        overrides,
         class_reason=reason,
         token=args.token,
         resolution=args.resolution or native_resolution(args.base),
@@ -173,13 +204,6 @@ def run(args: argparse.Namespace) -> int:
         validation_every=args.validation_every,
         report_to=args.report_to,
     )
-    result = train(config, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
-    loss = "none" if result.final_loss is None else f"{result.final_loss:.5f}"
-    print(
-        f"trained {result.parameters:,} {args.method} parameters for {result.steps} steps (final loss {loss})"
-    )
-    print(f"{'residuals' if args.method == 'residuals' else 'result'}: {result.residuals}")
-    return 0
 
 
 def auto_class_word(args: argparse.Namespace) -> tuple[str, str]:
@@ -205,36 +229,3 @@ METHOD_FLAGS = {
     "prior_images": "--prior-images",
     "prior_weight": "--prior-weight",
 }
-
-
-def method_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The method, its recipe (steps, batch size, lr, prior images) unless given, and the settings only
-    it takes; a method-specific option given for a method that does not take it is refused."""
-    from persres.methods import get_method
-
-    given = {name for name in METHOD_FLAGS if getattr(args, name) is not None}
-    wrong = sorted(given - METHOD_OPTIONS[args.method])
-    if wrong:
-        takes = ", ".join(METHOD_FLAGS[n] for n in sorted(METHOD_OPTIONS[args.method])) or "none of them"
-        raise ConfigError(
-            f"{', '.join(METHOD_FLAGS[n] for n in wrong)} does not apply to --method {args.method} "
-            f"(its own options: {takes}); drop it or choose another --method"
-        )
-    recipe = get_method(args.method).recipe
-    settings: dict[str, Any] = {
-        "method": args.method,
-        "steps": recipe.steps if args.steps is None else args.steps,
-        "batch_size": recipe.batch_size if args.batch_size is None else args.batch_size,
-        "lr": recipe.lr if args.lr is None else args.lr,
-    }
-    if "prior_images" in METHOD_OPTIONS[args.method]:  # the others keep TrainConfig's (unused) defaults
-        settings["prior_images"] = recipe.prior_images if args.prior_images is None else args.prior_images
-        settings["prior_weight"] = recipe.prior_weight if args.prior_weight is None else args.prior_weight
-    if args.method == "residuals":
-        rank = args.rank if args.rank is not None else ResidualConfig().rank  # parsed and checked by argparse
-        settings["residual"] = ResidualConfig(rank=rank, init=args.init or "zero")
-    elif args.method == "lora" and args.rank is not None:
-        if not isinstance(args.rank, int):
-            raise ConfigError(f"--rank {args.rank} for --method lora must be a whole number, e.g. 4")
-        settings["lora_rank"] = args.rank
-    return settings

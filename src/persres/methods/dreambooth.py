@@ -17,38 +17,22 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from persres.concepts import Concept
-from persres.config import METHOD_OPTIONS
 from persres.errors import InputError, ModelError, first_line
 from persres.files import atomic_dir
+from persres.methods.catalog import METHODS
 from persres.methods.concept_json import CONCEPT_FILE, read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState
-from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 
-RECIPE = Recipe(
-    steps=800,
-    lr=5e-6,
-    batch_size=1,
-    prior_images=200,
-    prior_weight=1.0,
-    source=(
-        "diffusers examples/dreambooth/README.md, 'Training with prior-preservation loss' (Stable "
-        "Diffusion v1-4): --learning_rate=5e-6 --train_batch_size=1 --max_train_steps=800 "
-        "--num_class_images=200 --with_prior_preservation --prior_loss_weight=1.0, constant lr, no warm-up; "
-        "text encoder frozen (train_dreambooth.py without --train_text_encoder); AdamW betas (0.9, 0.999), "
-        "weight decay 1e-2 (train_dreambooth.py defaults). Class images: the base model's DDIM samples of "
-        "'a photo of a {class}' (the script samples with the pipeline's own scheduler)"
-    ),
-)
-
 
 class DreamBooth(NamedTensorState):
     name = "dreambooth"
-    recipe = RECIPE
-    options = METHOD_OPTIONS["dreambooth"]
+    recipe = METHODS["dreambooth"].recipe
+    options = METHODS["dreambooth"].options
     adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:

@@ -24,10 +24,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError, ModelError, first_line, quote
+from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
-from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
     from persres.concepts import Concept
@@ -37,24 +37,11 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "default"  # the name unet.add_adapter gives its adapter
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 
-RECIPE = Recipe(
-    steps=500,
-    lr=1e-4,
-    batch_size=1,
-    source=(
-        "diffusers examples/dreambooth/README.md, 'Training with Low-Rank Adaptation of Large Language "
-        "Models (LoRA)' on Stable Diffusion 1.5: --max_train_steps=500 --learning_rate=1e-4 "
-        "--train_batch_size=1 --gradient_accumulation_steps=1 --lr_scheduler=constant "
-        "--lr_warmup_steps=0, no prior preservation; train_dreambooth_lora.py (diffusers main, "
-        "2026-08): --rank 4, lora_alpha=rank, init_lora_weights='gaussian', AdamW weight decay 1e-2"
-    ),
-)
-
 
 class LoRA:
     name = "lora"
-    recipe = RECIPE
-    options = METHOD_OPTIONS["lora"]
+    recipe = METHODS["lora"].recipe
+    options = METHODS["lora"].options
     adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError, InputError, quote
+from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import (
     NamedTensorState,
     concept_in,
@@ -43,7 +43,7 @@ from persres.methods.named_tensors import (
     save_named,
 )
 from persres.methods.new_token import add_token, placeholder, word_embedding
-from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.protocol import RESULT, Trainable
 from persres.methods.rank_one import (
     ConceptInput,
     RankOneEdit,
@@ -64,19 +64,6 @@ TOKEN_PARAM = "text_encoder.token_embedding.delta"
 EMBED_SCALE = 0.2  # embedding lr / K-V lr (sec. 5, as lucidrains/perfusion-pytorch reads it: 0.006 vs 0.03)
 TRAIN_GATE = (0.75, 0.1)  # (beta, tau) while training; lucidrains/perfusion-pytorch's train_beta/temperature
 SAMPLE_GATE = (0.7, 0.15)  # at inference; beta within the paper's 0.6-0.75 for local key locking (sec. 5)
-
-RECIPE = Recipe(
-    steps=400,
-    lr=3e-2,
-    batch_size=16,
-    source=(
-        "Tewel et al. 2023, implementation details (SD v1.5): 400 steps, batch 16, lr 0.03 for the K/V "
-        "targets and 0.006 for the token embedding (here lr x EMBED_SCALE 0.2), about 4 minutes on one "
-        "A100. These numbers were read through lucidrains/perfusion-pytorch and secondary summaries; "
-        "the paper's own table was not available offline to check them. Gate: train beta 0.75 tau 0.1, "
-        "inference beta 0.7 tau 0.15 (lucidrains' defaults, reviewed by the first author per its README)"
-    ),
-)
 
 TEMPLATES = (
     "a photo of a {}", "a close-up photo of a {}", "a painting of a {}", "a {} in the garden",
@@ -103,8 +90,8 @@ class PerfusionTrainable(Trainable):
 
 class Perfusion(NamedTensorState):
     name = "perfusion"
-    recipe = RECIPE
-    options = METHOD_OPTIONS["perfusion"]
+    recipe = METHODS["perfusion"].recipe
+    options = METHODS["perfusion"].options
     adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:

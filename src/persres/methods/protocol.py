@@ -1,9 +1,10 @@
 """What a personalization method is, for the one training loop, sampler and benchmark of persres.
 
 Following PEFT's tuners and k-diffusion's samplers: each method is one small module that says what it
-trains, its authors' default recipe (with the source of each number), how it saves (in the format the
-field's own tools load) and how it loads for sampling. The loop, data, checkpoints, the loss log,
-sampling and scoring exist once (``persres.train``, ``persres.sampling``, ``persres.benchmark``).
+trains, its authors' default recipe (in ``persres.methods.catalog``, readable without torch, with the
+source of each number), how it saves (in the format the field's own tools load) and how it loads for
+sampling. The loop, data, checkpoints, the loss log, sampling and scoring exist once
+(``persres.train``, ``persres.sampling``, ``persres.benchmark``).
 
 A method's life in a run:
 1. ``prepare(pipe, config, generator)``: freeze the base, add what it trains (adapters, a token), and
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from persres.methods.catalog import Recipe
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
@@ -37,22 +40,6 @@ if TYPE_CHECKING:
 
 
 RESULT = "result"  # the folder of a run in which a peer method saves its result
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A method's default training recipe for Stable Diffusion, as its authors give it.
-
-    ``source`` cites where each number comes from (paper, section, or script and its defaults).
-    ``prior_images`` > 0 turns on prior preservation: that many images of "a photo of a {class}" drawn
-    by the base model (cached, reused across runs), weighted by ``prior_weight`` in the loss."""
-
-    steps: int
-    lr: float
-    batch_size: int
-    source: str
-    prior_images: int = 0
-    prior_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +57,8 @@ class Trainable:
 
 class Method(Protocol):
     name: str  # as typed after --method
-    recipe: Recipe
-    options: frozenset[str]  # method-specific CLI options that apply (e.g. {"rank", "init"}); others refused
+    recipe: Recipe  # persres.methods.catalog's, as are the options below and the method's capabilities
+    options: frozenset[str]  # method-specific settings that apply (e.g. {"rank", "init"}); others refused
     adds_token: bool  # its identifier is a new token it adds (else an existing one, e.g. "sks")
 
     def training_prompt(self, config: TrainConfig) -> str:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from persres.concepts import load_concepts
-from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
 from persres.io import load_residuals, save_residuals
-from persres.methods.protocol import Recipe, Trainable
+from persres.methods.catalog import METHODS
+from persres.methods.protocol import Trainable
 from persres.residuals import add_residuals, residual_parameters
 
 if TYPE_CHECKING:
@@ -28,13 +28,6 @@ if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 RESULT = "residuals.safetensors"  # persres.runfolder.RESIDUALS_FILE (not imported: it imports the loop)
-
-RECIPE = Recipe(
-    steps=150,
-    lr=1e-3,
-    batch_size=4,
-    source="Ham et al., CVPR 2024, sec. 4: 150 iterations, batch 4, learning rate 1e-3",
-)
 
 
 @dataclass(frozen=True)
@@ -46,8 +39,8 @@ class ResidualTrainable(Trainable):
 
 class Residuals:
     name = "residuals"
-    recipe = RECIPE
-    options = METHOD_OPTIONS["residuals"]
+    recipe = METHODS["residuals"].recipe
+    options = METHODS["residuals"].options
     adds_token = False
 
     def training_prompt(self, config: TrainConfig) -> str:

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
+from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import concept_in, read_metadata, read_named, save_named
 from persres.methods.new_token import add_token, placeholder, word_embedding
-from persres.methods.protocol import RESULT, Recipe, Trainable
+from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -36,19 +36,6 @@ if TYPE_CHECKING:
     from persres.config import TrainConfig
 
 WEIGHTS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
-
-RECIPE = Recipe(
-    steps=3000,
-    lr=2e-3,
-    batch_size=4,
-    source=(
-        "diffusers examples/textual_inversion/README.md (Stable Diffusion 1.5, 'cat toy'): "
-        "--train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=3000 "
-        "--learning_rate=5.0e-04 --scale_lr --lr_scheduler=constant --lr_warmup_steps=0; persres takes "
-        "the effective batch 1 x 4 = 4 in one step and the learning rate --scale_lr makes of it, "
-        "5e-4 x 4 (accumulation) x 1 (batch) x 1 (process) = 2e-3; AdamW weight decay 1e-2 as the script"
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -66,8 +53,8 @@ class TokenTrainable(Trainable):
 
 class TextualInversion:
     name = "textual-inversion"
-    recipe = RECIPE
-    options = METHOD_OPTIONS["textual-inversion"]
+    recipe = METHODS["textual-inversion"].recipe
+    options = METHODS["textual-inversion"].options
     adds_token = True
 
     def training_prompt(self, config: TrainConfig) -> str:

@@ -21,9 +21,10 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from persres.concepts import PromptPlan, load_concepts
-from persres.config import InitMode, ResidualConfig, TrainConfig
+from persres.config import InitMode
 from persres.evaluate import Scorers, evaluate_folder
-from persres.methods import RESIDUALS, get_method
+from persres.methods import DEFAULT_METHOD, METHODS, get_method, method_info
+from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
 from persres.pipeline import load_pipeline
 from persres.residuals import find_residuals, remove_residuals
@@ -51,7 +52,7 @@ class ToySettings:
     sample_steps: int = 25
     guidance: float = 7.5
     seed: int = 0
-    method: str = RESIDUALS
+    method: str = DEFAULT_METHOD
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
 
     def sampling(self) -> SampleSettings:
@@ -73,22 +74,26 @@ def personalize(
 ) -> TrainResult:
     """Train ``settings.method`` on the instance (class word = its class); ``resume`` continues or
     extends (more steps) the run in ``out``. The result's path is ``.residuals``."""
-    recipe = get_method(settings.method).recipe
-    config = TrainConfig(
-        base=base,
-        images=str(photos),
-        class_word=instance[0],
+    info = method_info(settings.method)
+    residual = info.trains_residuals  # the rank and init here are a residual's
+    overrides = Overrides(
         steps=settings.steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
-        residual=ResidualConfig(rank=settings.rank, init=settings.init),
+        rank=settings.rank if residual else None,
+        init=settings.init if residual else None,
+        prior_images=settings.prior_images if info.takes_prior_images else None,
+    )
+    config = train_config(
+        settings.method,
+        base,
+        str(photos),
+        instance[0],
+        overrides,
         resolution=32,
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
-        method=settings.method,
-        prior_images=settings.prior_images if recipe.prior_images else 0,
-        prior_weight=recipe.prior_weight if recipe.prior_images else 1.0,
     )
     return train(config, out, resume=resume, device="cpu", progress=False, distributed=False)
 
@@ -138,7 +143,7 @@ def method_samples(
     if layers is not None:
         for path, wrapper in find_residuals(pipe.unet).items():
             wrapper.enabled = path.startswith(layers)
-    samplers = ("normal", "lag") if method == RESIDUALS else ("normal",)  # LAG: residuals only
+    samplers = ("normal", "lag") if METHODS[method].samples_with_lag else ("normal",)
     kind: Sampler = "both" if len(samplers) == 2 else "normal"
     samples = sample(pipe, [p.text for p in prompts], concepts, settings, kind, progress=False)
     return {sampler: [s for s in samples if s.sampler == sampler] for sampler in samplers}
