@@ -34,13 +34,13 @@ class Patches:
     def __init__(self, method: str, action: str) -> None:
         self.method = method
         self.action = action  # "prepare" or "load"
-        self.undos: list[Callable[[], None]] = []
+        self.undos: list[Callable[[], object]] = []
         self.irreversible = ""  # why unpatch cannot give the base back, when it cannot
 
     def __str__(self) -> str:
         return f"{quote(self.method)}'s {self.action}"
 
-    def add(self, undo: Callable[[], None]) -> None:
+    def add(self, undo: Callable[[], object]) -> None:
         """Record the exact inverse of a change just made."""
         self.undos.append(undo)
 

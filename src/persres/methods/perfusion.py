@@ -19,6 +19,7 @@ Choices where the paper is silent, stated:
   row = start + EMBED_SCALE * delta: Adam moves ``delta`` by about lr per step, the row by a fifth.
 - The gate: beta, tau below. The row of the embedding matrix is written after each step; every
   other row is never in the optimizer, so it stays exactly as the base has it.
+- The edits and both hooks are patches with inverses (``persres.methods.patches``).
 
 The result is ``result/perfusion.safetensors``: the token's row, i*, C^-1 i*, i_super, every layer's
 o*_v, with persres' metadata (token, class word, base, method, step, beta, tau) in its header.
