@@ -12,6 +12,7 @@ from helpers import tiny_config
 from safetensors.torch import save_file
 
 from persres.errors import ConfigError, InputError
+from persres.methods.patches import unpatch
 from persres.methods.protocol import RESULT, Trainable
 from persres.methods.textual_inversion import WEIGHTS, TextualInversion, placeholder
 from persres.pipeline import load_pipeline
@@ -117,6 +118,7 @@ def test_load_returns_the_concept_with_the_new_token(conv_base: Path, tmp_path: 
 
 def test_a_token_the_tokenizer_already_has_is_refused(conv_base: Path) -> None:
     pipe, _ = prepared(conv_base)
+    unpatch(pipe)  # else refused as patched (test_methods_patches); the token stays in the tokenizer
     with pytest.raises(ConfigError, match="already has the token '<sks>'"):
         METHOD.prepare(pipe, tiny_config(conv_base, Path("unused")), torch.Generator())  # type: ignore[arg-type]
 

@@ -12,7 +12,8 @@ token "ktn" (the script's ``--initializer_token`` default ``ktn+pll+ucd``, first
 One difference, on purpose: the script lets the optimizer update the whole embedding matrix and zeroes
 the gradient of every row but the new one; AdamW's decoupled weight decay still shrinks those rows a
 little every step. Here the matrix stays frozen and the new row is its own parameter, put in place by
-a forward hook on the token embedding, so every other row stays exactly as the base has it.
+a forward hook on the token embedding (``new_token.learned_row``), so every other row stays exactly
+as the base has it. The processors and the hook are patches with inverses (``persres.methods.patches``).
 
 Regularisation: the paper retrieves 200 real images of the class from LAION (the README's
 ``--real_prior``, clip-retrieval); persres draws 200 with the base model instead (``persres.prior``,
@@ -44,7 +45,8 @@ from persres.files import atomic_dir
 from persres.methods.catalog import METHODS
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState
-from persres.methods.new_token import add_token, placeholder, word_embedding
+from persres.methods.new_token import add_token, learned_row, placeholder, word_embedding, write_row
+from persres.methods.patches import Patches, patching
 from persres.methods.protocol import RESULT, Trainable
 from persres.quiet import warnings_hidden
 from persres.tokens import check_token
@@ -84,22 +86,21 @@ class CustomDiffusion(NamedTensorState):
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            model.requires_grad_(False)
-        params: dict[str, nn.Parameter] = {}
-        for name, processor in add_processors(pipe.unet).items():
-            for key, param in processor.named_parameters():
-                params[f"{name}.{key}"] = param  # the keys of save_attn_procs' file
-        token = self.identifier(config)
-        embedding_file(token)  # a token that cannot name its file is refused before anything is added
-        params[TOKEN_PARAM], row = add_modifier(pipe, token)
-        return ModifierTrainable(params, text_trainable=True, token=token, row=row)
+        with patching(pipe, self.name, "prepare") as patches:
+            for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+                patches.requires_grad(model, False)
+            params: dict[str, nn.Parameter] = {}
+            for name, processor in add_processors(pipe.unet, patches).items():
+                for key, param in processor.named_parameters():
+                    params[f"{name}.{key}"] = param  # the keys of save_attn_procs' file
+            token = self.identifier(config)
+            embedding_file(token)  # a token that cannot name its file is refused before anything is added
+            params[TOKEN_PARAM], row = add_modifier(pipe, token, patches)
+            return ModifierTrainable(params, text_trainable=True, token=token, row=row)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         """Write the learned row into the (frozen) embedding matrix; every other row is never touched."""
-        weight = pipe.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[modifier_of(trainable).row] = trainable.params[TOKEN_PARAM].to(weight.dtype)
+        write_row(pipe, modifier_of(trainable).row, trainable.params[TOKEN_PARAM])
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
@@ -118,33 +119,39 @@ class CustomDiffusion(NamedTensorState):
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         """Into a fresh base: the attention processors with diffusers' ``unet.load_attn_procs`` and the
-        token with ``pipe.load_textual_inversion``."""
-        folder = Path(path)
-        concept = read_concept(folder, self.name, pipe.unet)
-        try:
-            weights = load_file(str(folder / WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(
-                f"{folder / WEIGHTS} is missing or damaged ({exc}); pass the folder train wrote"
-            ) from None
-        # diffusers 0.42.1 installs the processors only when given its pipeline (huggingface/diffusers
-        # issue 9320) and then needs every layer: safetensors cannot hold the self-attention layers'
-        # empty entries, so they are given back as empty dicts, which diffusers reads as "no weights"
-        state: dict[str, object] = {**weights}
-        expected = {name for name in pipe.unet.attn_processors if name.endswith("attn2.processor")}
-        check_fits(pipe.unet, weights, expected, folder / WEIGHTS)
-        state.update({name: {} for name in pipe.unet.attn_processors if name not in expected})
-        check_token(pipe.tokenizer, concept.token, new=True)  # e.g. a pipeline it was loaded into before
-        try:
-            with warnings_hidden(
-                "diffusers.models.modeling_utils"
-            ):  # a false alarm about fp32 modules (there are none)
-                pipe.unet.load_attn_procs(state, _pipeline=pipe)
-            embedding = embedding_file(concept.token)
-            pipe.load_textual_inversion(str(folder), weight_name=embedding, token=concept.token)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise InputError(f"{folder} does not load into this base model ({exc})") from None
-        return concept
+        token with ``pipe.load_textual_inversion``. The processors come back with ``unpatch``."""
+        with patching(pipe, self.name, "load") as patches:
+            return load_result(pipe, Path(path), self.name, patches)
+
+
+def load_result(pipe: StableDiffusionPipeline, folder: Path, method: str, patches: Patches) -> Concept:
+    """``CustomDiffusion.load``, its changes recorded in ``patches``."""
+    concept = read_concept(folder, method, pipe.unet)
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{folder / WEIGHTS} is missing or damaged ({exc}); pass the folder train wrote"
+        ) from None
+    # diffusers 0.42.1 installs the processors only when given its pipeline (huggingface/diffusers
+    # issue 9320) and then needs every layer: safetensors cannot hold the self-attention layers'
+    # empty entries, so they are given back as empty dicts, which diffusers reads as "no weights"
+    state: dict[str, object] = {**weights}
+    expected = {name for name in pipe.unet.attn_processors if name.endswith("attn2.processor")}
+    check_fits(pipe.unet, weights, expected, folder / WEIGHTS)
+    state.update({name: {} for name in pipe.unet.attn_processors if name not in expected})
+    check_token(pipe.tokenizer, concept.token, new=True)  # e.g. a pipeline it was loaded into before
+    patches.saving_processors(pipe.unet)
+    try:
+        with warnings_hidden(
+            "diffusers.models.modeling_utils"
+        ):  # a false alarm about fp32 modules (there are none)
+            pipe.unet.load_attn_procs(state, _pipeline=pipe)
+        embedding = embedding_file(concept.token)
+        pipe.load_textual_inversion(str(folder), weight_name=embedding, token=concept.token)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"{folder} does not load into this base model ({exc})") from None
+    return concept
 
 
 def check_fits(unet: nn.Module, weights: dict[str, torch.Tensor], expected: set[str], file: Path) -> None:
@@ -167,9 +174,10 @@ def check_fits(unet: nn.Module, weights: dict[str, torch.Tensor], expected: set[
             )
 
 
-def add_processors(unet: nn.Module) -> dict[str, CustomDiffusionAttnProcessor2_0]:
-    """Custom Diffusion processors on every attention layer, as the script sets them; returns the
-    cross-attention ones, whose key and value projections train (copies of the layer's own)."""
+def add_processors(unet: nn.Module, patches: Patches) -> dict[str, CustomDiffusionAttnProcessor2_0]:
+    """Custom Diffusion processors on every attention layer, as the script sets them (the originals
+    kept in ``patches``); returns the cross-attention ones, whose key and value projections train
+    (copies of the layer's own)."""
     processors, trained = {}, {}
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -190,13 +198,14 @@ def add_processors(unet: nn.Module) -> dict[str, CustomDiffusionAttnProcessor2_0
             processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
             trained[name] = processor
         processors[name] = processor
-    unet.set_attn_processor(processors)
+    patches.processors(unet, processors)
     return trained
 
 
-def add_modifier(pipe: StableDiffusionPipeline, token: str) -> tuple[nn.Parameter, int]:
+def add_modifier(pipe: StableDiffusionPipeline, token: str, patches: Patches) -> tuple[nn.Parameter, int]:
     """Add ``token`` to the tokenizer, grow the embedding matrix by its row and return that row as a
-    parameter, started from the initializer token's embedding, and its id; a hook puts it in the prompt."""
+    parameter, started from the initializer token's embedding, and its id; a hook (kept in
+    ``patches``) puts it in the prompt."""
     ids = pipe.tokenizer(INITIALIZER, add_special_tokens=False).input_ids
     if len(ids) != 1:  # the script refuses; a toy vocabulary has no "ktn": start from its pieces' mean
         log.warning(
@@ -204,16 +213,9 @@ def add_modifier(pipe: StableDiffusionPipeline, token: str) -> tuple[nn.Paramete
         )
     start = word_embedding(pipe, INITIALIZER)
     new_id = add_token(pipe, token)
-    embedding = pipe.text_encoder.get_input_embeddings()
-    with torch.no_grad():
-        embedding.weight[new_id] = start
-    row = nn.Parameter(embedding.weight[new_id].detach().clone())
-
-    def put_row(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        where = (args[0] == new_id).unsqueeze(-1)
-        return torch.where(where, row.to(output.dtype), output)
-
-    embedding.register_forward_hook(put_row)
+    write_row(pipe, new_id, start)
+    row = nn.Parameter(pipe.text_encoder.get_input_embeddings().weight[new_id].detach().clone())
+    learned_row(pipe, new_id, lambda: row, patches)
     return row, new_id
 
 

@@ -22,6 +22,7 @@ from persres.files import atomic_dir
 from persres.methods.catalog import METHODS
 from persres.methods.concept_json import CONCEPT_FILE, read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState
+from persres.methods.patches import Patches, patching
 from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
@@ -44,10 +45,11 @@ class DreamBooth(NamedTensorState):
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        for model in (pipe.vae, pipe.text_encoder):
-            model.requires_grad_(False)
-        pipe.unet.requires_grad_(True)
-        return Trainable(dict(pipe.unet.named_parameters()))
+        with patching(pipe, self.name, "prepare") as patches:
+            for model in (pipe.vae, pipe.text_encoder):
+                patches.requires_grad(model, False)
+            patches.requires_grad(pipe.unet, True)
+            return Trainable(dict(pipe.unet.named_parameters()))
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         return None
@@ -63,32 +65,40 @@ class DreamBooth(NamedTensorState):
         return target
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
-        """Copy the U-Net of a saved pipeline folder into ``pipe`` (its base), strictly."""
-        concept = read_concept(Path(path), self.name, pipe.unet)
-        try:
-            unet = UNet2DConditionModel.from_pretrained(Path(path), subfolder="unet", use_safetensors=True)
-        except (OSError, ValueError) as exc:
+        """Copy the U-Net of a saved pipeline folder into ``pipe`` (its base), strictly. Keeping the base's
+        U-Net to undo it would double the memory: the pipeline is marked irreversible instead."""
+        with patching(pipe, self.name, "load") as patches:
+            return load_unet(pipe, Path(path), patches)
+
+
+def load_unet(pipe: StableDiffusionPipeline, path: Path, patches: Patches) -> Concept:
+    """``DreamBooth.load``, the pipeline marked irreversible in ``patches`` before its U-Net changes."""
+    concept = read_concept(path, DreamBooth.name, pipe.unet)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"{path}/unet is missing or damaged ({first_line(exc)}); pass the folder train wrote"
+        ) from None
+    theirs, ours = unet.state_dict(), pipe.unet.state_dict()
+    for key in sorted(set(theirs) & set(ours)):  # torch would list every differing tensor, in 87 lines
+        if theirs[key].shape != ours[key].shape:
             raise InputError(
-                f"{path}/unet is missing or damaged ({first_line(exc)}); pass the folder train wrote"
-            ) from None
-        theirs, ours = unet.state_dict(), pipe.unet.state_dict()
-        for key in sorted(set(theirs) & set(ours)):  # torch would list every differing tensor, in 87 lines
-            if theirs[key].shape != ours[key].shape:
-                raise InputError(
-                    f"{path}/unet does not fit this base model's U-Net: {key} is {tuple(theirs[key].shape)} "
-                    f"in the result, {tuple(ours[key].shape)} in the base; use the base it was trained on "
-                    f"(its {CONCEPT_FILE} names it)"
-                )
-        try:
-            result = pipe.unet.load_state_dict(theirs, strict=False)
-        except RuntimeError as exc:
-            raise InputError(f"{path}/unet does not fit this base's U-Net ({first_line(exc)})") from None
-        if result.missing_keys or result.unexpected_keys:
-            raise InputError(
-                f"{path}/unet does not fit this base model's U-Net: missing {result.missing_keys[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}; use the base it was trained on"
+                f"{path}/unet does not fit this base model's U-Net: {key} is {tuple(theirs[key].shape)} "
+                f"in the result, {tuple(ours[key].shape)} in the base; use the base it was trained on "
+                f"(its {CONCEPT_FILE} names it)"
             )
-        return concept
+    patches.irreversible = "it copied a DreamBooth U-Net's weights over the base's"
+    try:
+        result = pipe.unet.load_state_dict(theirs, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"{path}/unet does not fit this base's U-Net ({first_line(exc)})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(
+            f"{path}/unet does not fit this base model's U-Net: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}; use the base it was trained on"
+        )
+    return concept
 
 
 def as_shipped(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:

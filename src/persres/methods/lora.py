@@ -27,6 +27,7 @@ from torch import nn
 from persres.errors import ConfigError, InputError, ModelError, first_line, quote
 from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
+from persres.methods.patches import patching
 from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
@@ -53,27 +54,23 @@ class LoRA:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        unet = pipe.unet
-        if getattr(unet, "peft_config", None):
-            raise ConfigError("this U-Net already has LoRA adapters; load a fresh base pipeline to train")
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            model.requires_grad_(False)
-        rank = config.lora_rank
-        check_rank(unet, rank)
-        lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS))
-        try:
-            unet.add_adapter(lora)
-        except ValueError as exc:
-            raise ModelError(f"cannot add LoRA adapters to {type(unet).__name__}: {exc}") from None
-        params = lora_parameters(unet)
-        with torch.no_grad():
-            for name, param in params.items():
-                if ".lora_A." in name:  # peft's gaussian init, drawn from the run's generator
-                    draw = torch.randn(param.shape, generator=generator, device=generator.device)
-                    param.copy_(draw / rank)
-                # trainable weights in fp32 whatever the base dtype, as the script's cast_training_params
-                param.data = param.data.float()
-        return Trainable(params)
+        with patching(pipe, self.name, "prepare") as patches:
+            unet = pipe.unet
+            if getattr(unet, "peft_config", None):
+                raise ConfigError("this U-Net already has LoRA adapters; load a fresh base pipeline to train")
+            for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+                patches.requires_grad(model, False)
+            rank = config.lora_rank
+            check_rank(unet, rank)
+            lora = LoraConfig(
+                r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS)
+            )
+            try:
+                unet.add_adapter(lora)
+            except ValueError as exc:
+                raise ModelError(f"cannot add LoRA adapters to {type(unet).__name__}: {exc}") from None
+            patches.add(unet.unload_lora)  # peft's layers give back the base layers they wrap
+            return Trainable(initialised(lora_parameters(unet), rank, generator))
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         pass
@@ -100,17 +97,33 @@ class LoRA:
         return folder / WEIGHTS
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
-        file = path / WEIGHTS if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
-        metadata = read_metadata(file)
-        concept = concept_in(file, metadata, pipe.unet)
-        check_fits(file, pipe.unet, metadata.get("base_model", "unknown"))
-        try:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
-        return concept
+        with patching(pipe, self.name, "load") as patches:
+            file = path / WEIGHTS if path.is_dir() else path
+            if not file.is_file():
+                raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
+            metadata = read_metadata(file)
+            concept = concept_in(file, metadata, pipe.unet)
+            check_fits(file, pipe.unet, metadata.get("base_model", "unknown"))
+            patches.add(pipe.unet.unload_lora)  # also what a failed load left (check_fits: U-Net layers only)
+            try:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
+            return concept
+
+
+def initialised(
+    params: dict[str, nn.Parameter], rank: int, generator: torch.Generator
+) -> dict[str, nn.Parameter]:
+    """The adapters' factors as the script starts them: peft's gaussian down factors drawn from the run's
+    generator, every factor in fp32 whatever the base dtype (the script's cast_training_params)."""
+    with torch.no_grad():
+        for name, param in params.items():
+            if ".lora_A." in name:
+                draw = torch.randn(param.shape, generator=generator, device=generator.device)
+                param.copy_(draw / rank)
+            param.data = param.data.float()
+    return params
 
 
 def check_rank(unet: nn.Module, rank: int) -> None:

@@ -19,6 +19,7 @@ Choices where the paper is silent, stated:
   row = start + EMBED_SCALE * delta: Adam moves ``delta`` by about lr per step, the row by a fifth.
 - The gate: beta, tau below. The row of the embedding matrix is written after each step; every
   other row is never in the optimizer, so it stays exactly as the base has it.
+- The edits and both hooks are patches with inverses (``persres.methods.patches``).
 
 The result is ``result/perfusion.safetensors``: the token's row, i*, C^-1 i*, i_super, every layer's
 o*_v, with persres' metadata (token, class word, base, method, step, beta, tau) in its header.
@@ -27,6 +28,7 @@ o*_v, with persres' metadata (token, class word, base, method, step, beta, tau) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +44,8 @@ from persres.methods.named_tensors import (
     read_named,
     save_named,
 )
-from persres.methods.new_token import add_token, placeholder, word_embedding
+from persres.methods.new_token import add_token, learned_row, placeholder, word_embedding, write_row
+from persres.methods.patches import Patches, patching
 from persres.methods.protocol import RESULT, Trainable
 from persres.methods.rank_one import (
     ConceptInput,
@@ -50,6 +53,7 @@ from persres.methods.rank_one import (
     cross_attentions,
     install_edits,
     inverse_covariance,
+    remove_edits,
 )
 from persres.tokens import text_length
 
@@ -103,33 +107,35 @@ class Perfusion(NamedTensorState):
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        token, prompt = placeholder(config.token), self.training_prompt(config)
-        start = word_embedding(pipe, config.class_word)
-        row = add_token(pipe, token)
-        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-            model.requires_grad_(False)
-        pipe.text_encoder.to(torch.float32)  # the embedding trains in fp32, as Textual Inversion's
-        delta = nn.Parameter(torch.zeros_like(start, dtype=torch.float32, device=pipe.text_encoder.device))
-        start = start.to(delta)
-        put_row(pipe, row, start, delta)
-        position = token_position(pipe, prompt, row)
-        i_super = encode(pipe, prompt.replace(token, config.class_word, 1))[0, position]
-        c_inv = inverse_covariance(corpus_encodings(pipe, config.class_word))
-        concept = ConceptInput(encode(pipe, prompt)[0, position], i_super, c_inv=c_inv, gate=TRAIN_GATE)
-        edits = install_edits(pipe.unet, concept)
-        record_concept_input(pipe, prompt, concept, position)
-        params = {TOKEN_PARAM: delta}
-        params.update({f"{name}.target": e.target for name, e in edits.items() if e.target is not None})
-        return PerfusionTrainable(
-            params, text_trainable=True, concept=concept, row=row, start=start, prompt=prompt
-        )
+        with patching(pipe, self.name, "prepare") as patches:
+            token, prompt = placeholder(config.token), self.training_prompt(config)
+            start = word_embedding(pipe, config.class_word)
+            row = add_token(pipe, token)
+            for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+                patches.requires_grad(model, False)
+            patches.dtype(pipe.text_encoder, torch.float32)  # the embedding trains in fp32, as TI's
+            delta = nn.Parameter(
+                torch.zeros_like(start, dtype=torch.float32, device=pipe.text_encoder.device)
+            )
+            start = start.to(delta)
+            write_row(pipe, row, start)
+            learned_row(pipe, row, lambda: start + EMBED_SCALE * delta, patches)
+            position = token_position(pipe, prompt, row)
+            i_super = encode(pipe, prompt.replace(token, config.class_word, 1))[0, position]
+            c_inv = inverse_covariance(corpus_encodings(pipe, config.class_word))
+            concept = ConceptInput(encode(pipe, prompt)[0, position], i_super, c_inv=c_inv, gate=TRAIN_GATE)
+            edits = edited(pipe, concept, patches)
+            record_concept_input(pipe, prompt, concept, position, patches)
+            params = {TOKEN_PARAM: delta}
+            params.update({f"{name}.target": e.target for name, e in edits.items() if e.target is not None})
+            return PerfusionTrainable(
+                params, text_trainable=True, concept=concept, row=row, start=start, prompt=prompt
+            )
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         """Write the token's row into the (frozen) embedding matrix; no other row is ever touched."""
         state = the_state(trainable)
-        weight = pipe.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[state.row] = token_row(state).to(weight.dtype)
+        write_row(pipe, state.row, token_row(state))
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
@@ -156,6 +162,11 @@ class Perfusion(NamedTensorState):
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         """Into a fresh base: the token's row, and the edits with the file's i*, C^-1 i* and o*_v."""
+        with patching(pipe, self.name, "load") as patches:
+            return self.load_result(pipe, path, patches)
+
+    def load_result(self, pipe: StableDiffusionPipeline, path: Path, patches: Patches) -> Concept:
+        """``load``, its changes recorded in ``patches``."""
         file = Path(path) / WEIGHTS if Path(path).is_dir() else Path(path)
         metadata = read_metadata(file)
         if metadata.get("method") != self.name:
@@ -166,12 +177,9 @@ class Perfusion(NamedTensorState):
         tensors = read_named(file, expected_shapes(pipe))
         device = pipe.unet.device
         vec = {k: v.to(device, torch.float32) for k, v in tensors.items()}
-        row = add_token(pipe, concept.token)
-        weight = pipe.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[row] = vec["token_embedding"].to(weight)
+        write_row(pipe, add_token(pipe, concept.token), vec["token_embedding"])
         inputs = ConceptInput(vec["i_star"], vec["i_super"], direction=vec["direction"], gate=gate)
-        for name, edit in install_edits(pipe.unet, inputs).items():
+        for name, edit in edited(pipe, inputs, patches).items():
             if edit.target is not None:
                 with torch.no_grad():
                     edit.target.copy_(vec[f"{name}.target"])
@@ -179,23 +187,18 @@ class Perfusion(NamedTensorState):
         return concept
 
 
-def put_row(pipe: StableDiffusionPipeline, row: int, start: torch.Tensor, delta: nn.Parameter) -> None:
-    """A hook puts ``start + EMBED_SCALE * delta`` at the token (with gradients to ``delta``)."""
-    embedding = pipe.text_encoder.get_input_embeddings()
-    with torch.no_grad():
-        embedding.weight[row] = start.to(embedding.weight)
-
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        where = (args[0] == row).unsqueeze(-1)
-        return torch.where(where, (start + EMBED_SCALE * delta).to(output.dtype), output)
-
-    embedding.register_forward_hook(hook)
+def edited(pipe: StableDiffusionPipeline, concept: ConceptInput, patches: Patches) -> dict[str, RankOneEdit]:
+    """``install_edits`` on the U-Net, with its exact inverse (``remove_edits``) kept in ``patches``."""
+    edits = install_edits(pipe.unet, concept)
+    patches.add(partial(remove_edits, pipe.unet))
+    return edits
 
 
 def record_concept_input(
-    pipe: StableDiffusionPipeline, prompt: str, concept: ConceptInput, position: int
+    pipe: StableDiffusionPipeline, prompt: str, concept: ConceptInput, position: int, patches: Patches
 ) -> None:
-    """Whenever the training prompt is encoded, its output at the token becomes i* (with gradients)."""
+    """Whenever the training prompt is encoded, its output at the token becomes i* (with gradients);
+    the hook is kept in ``patches``."""
     ids = torch.tensor(pipe.tokenizer(prompt).input_ids)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -206,7 +209,7 @@ def record_concept_input(
         if len(match):
             concept.i_star = output[0][int(match[0, 0]), position].float()
 
-    pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+    patches.hook(pipe.text_encoder, hook, with_kwargs=True)
 
 
 def token_position(pipe: StableDiffusionPipeline, prompt: str, row: int) -> int:

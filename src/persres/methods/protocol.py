@@ -19,6 +19,16 @@ A method's life in a run:
    residuals; for the peers, diffusers' own formats in the folder ``out/result/``), loadable without
    persres where the format allows; persres' own metadata (token, class word, base, method) with it.
 5. ``load(pipe, path)`` into a fresh base pipeline for sampling; returns the concept it holds.
+
+Patches (STYLE.md, rule 4): ``prepare`` and ``load`` change the pipeline only through
+``persres.methods.patches.patching``, which records each change with its exact inverse (hook handles
+kept, processors restored from a complete copy of the originals, wrappers and adapters removed,
+``requires_grad`` flags and dtypes put back) and marks the pipeline. A second ``prepare`` or ``load``
+on a marked pipeline is refused, naming the method that patched it; ``patches.unpatch(pipe)`` undoes
+every change, so the pipeline computes exactly what its base did. Where an inverse is not cheap it is
+named instead of done: a learned token stays in the tokenizer (with its row; prompts without it encode
+as before), and DreamBooth's ``load``, which copies a U-Net's weights in, makes ``unpatch`` refuse and
+ask for a fresh base. Learned tokens are added, started and put in the prompt by ``new_token``.
 """
 
 from __future__ import annotations

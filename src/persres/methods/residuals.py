@@ -8,6 +8,7 @@ loads a result for sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,9 @@ from persres.concepts import load_concepts
 from persres.errors import ConfigError
 from persres.io import load_residuals, save_residuals
 from persres.methods.catalog import METHODS
+from persres.methods.patches import patching
 from persres.methods.protocol import Trainable
-from persres.residuals import add_residuals, residual_parameters
+from persres.residuals import add_residuals, remove_residuals, residual_parameters
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -52,10 +54,12 @@ class Residuals:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the U-Net
-        return ResidualTrainable(residual_parameters(pipe.unet), unet=pipe.unet)
+        with patching(pipe, self.name, "prepare") as patches:
+            patches.requires_grad(pipe.vae, False)
+            patches.requires_grad(pipe.text_encoder, False)
+            add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the U-Net
+            patches.add(partial(remove_residuals, pipe.unet))  # the base's modules and flags back
+            return ResidualTrainable(residual_parameters(pipe.unet), unet=pipe.unet)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         pass
@@ -72,8 +76,10 @@ class Residuals:
         return save_residuals(pipe.unet, out / RESULT, overwrite=True, **metadata)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
-        (concept,) = load_concepts(pipe.unet, [path])
-        return concept
+        with patching(pipe, self.name, "load") as patches:
+            (concept,) = load_concepts(pipe.unet, [path])
+            patches.add(partial(remove_residuals, pipe.unet))
+            return concept
 
 
 def unet_of(trainable: Trainable) -> nn.Module:

@@ -26,7 +26,8 @@ import torch
 from persres.errors import ConfigError
 from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import concept_in, read_metadata, read_named, save_named
-from persres.methods.new_token import add_token, placeholder, word_embedding
+from persres.methods.new_token import add_token, placeholder, word_embedding, write_row
+from persres.methods.patches import patching
 from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
@@ -66,18 +67,20 @@ class TextualInversion:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
-        encoder = pipe.text_encoder
-        token = placeholder(config.token)
-        start = word_embedding(pipe, config.class_word)
-        row = add_token(pipe, token)
-        for model in (pipe.unet, pipe.vae, encoder):
-            model.requires_grad_(False)
-        encoder.to(torch.float32)  # the script trains the text encoder in fp32 whatever the U-Net's dtype
-        weight = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[row] = start.to(weight)
-        weight.requires_grad_(True)
-        return TokenTrainable({token: weight}, text_trainable=True, row=row, original=weight.detach().clone())
+        with patching(pipe, self.name, "prepare") as patches:
+            encoder = pipe.text_encoder
+            token = placeholder(config.token)
+            start = word_embedding(pipe, config.class_word)
+            row = add_token(pipe, token)
+            for model in (pipe.unet, pipe.vae, encoder):
+                patches.requires_grad(model, False)
+            patches.dtype(encoder, torch.float32)  # the script trains the text encoder in fp32 always
+            write_row(pipe, row, start)
+            patches.requires_grad(encoder.get_input_embeddings(), True)
+            weight = encoder.get_input_embeddings().weight
+            return TokenTrainable(
+                {token: weight}, text_trainable=True, row=row, original=weight.detach().clone()
+            )
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         """Every row but the new token's back to its original value (AdamW's weight decay and any
@@ -109,15 +112,18 @@ class TextualInversion:
         return save_named({token: weight[state.row : state.row + 1].float()}, folder / WEIGHTS, header)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
-        file = path / WEIGHTS if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"embedding file {file} not found; pass the {WEIGHTS} of a training run")
-        concept = concept_in(file, read_metadata(file), pipe.unet)
-        try:
-            pipe.load_textual_inversion(str(file), token=concept.token)
-        except ValueError as exc:  # e.g. the token is already in this tokenizer
-            raise ConfigError(f"cannot load {file}: {exc}") from None
-        return concept
+        """The token and its row with diffusers' loader (which patches nothing else); the pipeline is
+        marked, so a second load into it is refused."""
+        with patching(pipe, self.name, "load"):  # patches nothing: the token stays (see patches)
+            file = path / WEIGHTS if path.is_dir() else path
+            if not file.is_file():
+                raise ConfigError(f"embedding file {file} not found; pass the {WEIGHTS} of a training run")
+            concept = concept_in(file, read_metadata(file), pipe.unet)
+            try:
+                pipe.load_textual_inversion(str(file), token=concept.token)
+            except ValueError as exc:  # e.g. the token is already in this tokenizer
+                raise ConfigError(f"cannot load {file}: {exc}") from None
+            return concept
 
 
 def the_token(trainable: Trainable) -> tuple[str, torch.nn.Parameter, TokenTrainable]:
