@@ -14,12 +14,13 @@ from diffusers import StableDiffusionPipeline
 from helpers import tiny_config, unet_inputs
 
 from persres.errors import ConfigError
-from persres.methods import MODULES, get_method
+from persres.methods import METHODS as CATALOG
+from persres.methods import get_method
 from persres.methods.patches import unpatch
 from persres.methods.protocol import Trainable
 from persres.pipeline import load_pipeline
 
-METHODS = sorted(MODULES)
+METHODS = sorted(CATALOG)
 PROMPT = "a photo of a dog"  # no learned token: the base encodes it exactly as before
 
 
