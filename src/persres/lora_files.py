@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from persres.config import MAX_SCALE
+from persres import ranges, readback
 from persres.errors import ConfigError, InputError, ResidualFileError, quote
 from persres.files import atomic_path, check_apart, check_writable
 from persres.header import ResidualHeader, check_metadata
@@ -84,9 +84,9 @@ class LoraFile:
 def json_metadata(file: Path, key: str, raw: str) -> dict:
     """A metadata value that must be a JSON object."""
     try:
-        value = json.loads(raw)
-    except ValueError as exc:  # not JSON, or an integer past Python's digit limit
-        raise InputError(f"{file}: metadata {key} is not valid JSON ({str(exc)[:80]})") from None
+        value = readback.loads(raw)
+    except ValueError as exc:  # readback's: not JSON, NaN or infinity, an integer of thousands of digits
+        raise InputError(f"{file}: metadata {key} is {str(exc)[:80]}") from None
     if not isinstance(value, dict):
         raise InputError(f"{file}: metadata {key} is a JSON {type(value).__name__}, not an object")
     return value
@@ -119,8 +119,10 @@ def export_lora(
     ``scale`` is folded into the up factors."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if not -MAX_SCALE <= scale <= MAX_SCALE:  # also refuses NaN and infinity
-        raise ConfigError(f"--scale must be a finite number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got {scale}")
+    try:
+        ranges.SCALE.check(scale)  # the table --scale is parsed with: NaN, infinity, past +-100 refused
+    except ValueError as exc:
+        raise ConfigError(f"--scale {exc}") from None
     from persres.runs import read_from
 
     target = check_lora_out(out, overwrite)
