@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from persres.errors import ConfigError
-from persres.macro import real_words
 from persres.tiny import word_tokenizer
 from persres.tokens import check_identifier, check_token, suggest_tokens
+from persres.words import real_words
 
 
 def test_suggest_token_count_must_be_positive() -> None:

@@ -179,3 +179,9 @@ def check_apart(out: str | os.PathLike[str], flag: str, inputs: Inputs, folder: 
             f"{flag} {out} {how} {input_flag} {given}: an output must not overlap what the command reads "
             f"(it would be overwritten or read back as input); choose another {flag}"
         )
+
+
+def cache_folder() -> Path:
+    """Where persres caches what it computes once (noun embeddings, prior images): ``PERSRES_CACHE``
+    or ``~/.cache/persres``."""
+    return Path(os.environ.get("PERSRES_CACHE", Path.home() / ".cache" / "persres"))

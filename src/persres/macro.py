@@ -17,14 +17,11 @@ safetensors; a cache file that is damaged in any way is logged and recomputed.
 
 from __future__ import annotations
 
-import functools
-import gzip
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from persres.errors import ConfigError, InputError, quote
+from persres.errors import ConfigError, quote
 from persres.evaluate import Scorers, image_files, unit
-from persres.files import atomic_path
+from persres.files import atomic_path, cache_folder
 from persres.images import load_rgb
+from persres.words import Noun, load_nouns
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +44,6 @@ TEMPLATE = "a photo of a {}."
 CANDIDATES = 20
 DEFAULT_MARGIN = 0.01
 BATCH = 256
-HEADER = "lemma\tdepth\ttagged"
-
-
-@dataclass(frozen=True)
-class Noun:
-    lemma: str
-    depth: int  # hypernym steps from "entity" to the first sense; -1 when unknown
-    tagged: int  # SemCor sense-tagged count, a frequency proxy
 
 
 @dataclass(frozen=True)
@@ -62,79 +52,6 @@ class Suggestion:
     score: float
     depth: int
     tagged: int
-
-
-def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
-    """The shipped WordNet nouns, or a custom list (one noun per line, or the same TSV layout)."""
-    if path is None:
-        raw = resources.files("persres").joinpath("assets/wordnet_nouns.tsv.gz").read_bytes()
-        return parse_nouns(gzip.decompress(raw).decode("utf-8"), "the shipped WordNet table")
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"noun list {file} not found; pass --nouns with a text file, one noun per line")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"noun list {file} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise InputError(f"noun list {file} cannot be read ({exc.strerror or exc})") from None
-    return parse_nouns(text, f"noun list {file}")
-
-
-def parse_nouns(text: str, where: str) -> list[Noun]:
-    """Lines ``noun`` or ``noun<TAB>depth<TAB>count``; blank lines and the TSV header are skipped."""
-    nouns = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line == HEADER:
-            continue
-        fields = line.split("\t")
-        try:
-            if not fields[0].strip() or len(fields) > 3:
-                raise ValueError("not one noun and at most two numbers")
-            depth = int(fields[1]) if len(fields) > 1 else -1
-            tagged = int(fields[2]) if len(fields) > 2 else 0
-            if depth < -1 or tagged < 0:
-                raise ValueError("negative number")
-        except ValueError:
-            raise InputError(
-                f"{where} line {number}: {quote(line)} must be 'noun' or 'noun<TAB>depth<TAB>count' "
-                "(whole numbers: depth -1 when unknown, count >= 0)"
-            ) from None
-        nouns.append(Noun(fields[0].strip(), depth, tagged))
-    if not nouns:
-        raise InputError(f"{where} holds no noun; write one noun per line")
-    return nouns
-
-
-FUNCTION_WORDS = frozenset(
-    "a an the and or but nor so yet for of in on at by to from with without into onto upon over under about "
-    "above below between among through during before after since until while as than then that this these "
-    "those there here where when why how what which who whom whose it its he she his her him they them their "
-    "we us our you your i me my mine is are was were be been being am do does did have has had will would "
-    "shall should can could may might must not no yes all any each every some few more most other such own "
-    "same very too also just only".split()
-)
-
-
-def real_words() -> set[str]:
-    """Lower-case English words with a meaning of their own: WordNet's one-word lemmas (nouns, verbs,
-    adjectives, adverbs) and function words."""
-    return set(_real_words())
-
-
-@functools.cache
-def _real_words() -> frozenset[str]:
-    """Parsed once per process (about 0.7 s): every ``train`` checks its identifier against it."""
-    nouns = {n.lemma.lower() for n in load_nouns() if " " not in n.lemma}
-    raw = resources.files("persres").joinpath("assets/wordnet_other_words.txt.gz").read_bytes()
-    others = set(gzip.decompress(raw).decode("utf-8").split())
-    return frozenset(nouns | others | FUNCTION_WORDS)
-
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("PERSRES_CACHE", Path.home() / ".cache" / "persres"))
 
 
 def model_fingerprint(scorers: Scorers) -> str:

@@ -35,8 +35,7 @@ from persres.checkpoint import Processes
 from persres.config import MAX_PRIOR_IMAGES, SampleSettings, TrainConfig
 from persres.data import ConceptImages, list_images
 from persres.errors import ConfigError, ModelError, quote
-from persres.files import atomic_path, write_json
-from persres.macro import cache_folder
+from persres.files import atomic_path, cache_folder, write_json
 from persres.methods.catalog import METHODS
 from persres.pipeline import load_pipeline, looks_like_path
 

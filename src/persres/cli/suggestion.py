@@ -60,9 +60,9 @@ def run_suggest_class(args: argparse.Namespace) -> int:
 
 
 def run_suggest_token(args: argparse.Namespace) -> int:
-    from persres.macro import real_words
     from persres.pipeline import load_tokenizer
     from persres.tokens import suggest_tokens
+    from persres.words import real_words
 
     tokenizer = load_tokenizer(args.base)
     for word in suggest_tokens(tokenizer, real_words(), args.top):
