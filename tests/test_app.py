@@ -19,10 +19,12 @@ from helpers import free_port
 from PIL import Image
 
 from persres.app import runstore
-from persres.app.jobs import SHIPPED_BASE, parse_rank
+from persres.app.jobs import parse_rank
 from persres.app.photos import MAX_PIXELS, check_photo
 from persres.errors import ConfigError, InputError
+from persres.toymodels import find_toy_model
 
+SHIPPED_BASE = find_toy_model()  # the toy world in the checkout's models/
 STEPS = 20  # enough to write residuals, checkpoints, the loss curve and a validation grid
 
 

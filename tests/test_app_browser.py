@@ -35,7 +35,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from persres.app import ui
-    from persres.app.jobs import SHIPPED_BASE
+    from persres.toymodels import find_toy_model
     from persres.toyworld.experiment import reference_photos
 
     photos = sorted(reference_photos(("dog", "red", "striped"), tmp_path / "photos").iterdir())
@@ -45,7 +45,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
     shots.mkdir()
     port = free_port()
     server = ui.launch(
-        ui.AppSettings(str(SHIPPED_BASE), tmp_path / "runs", "cpu"), "127.0.0.1", port, None, False
+        ui.AppSettings(str(find_toy_model()), tmp_path / "runs", "cpu"), "127.0.0.1", port, None, False
     )
     try:
         with sync_api.sync_playwright() as playwright:

@@ -17,10 +17,12 @@ from damage import csv_damages, json_damages
 from helpers import free_port
 from PIL import Image
 
-from persres.app.jobs import SHIPPED_BASE
 from persres.app.photos import check_photo
 from persres.config import TrainConfig
 from persres.errors import InputError
+from persres.toymodels import find_toy_model
+
+SHIPPED_BASE = find_toy_model()  # the toy world in the checkout's models/
 
 # Sent as JSON text (the client refuses to send NaN and infinity; a hostile client need not), then as
 # strings (a JSON client may send a number as one): each must be refused naming the field.

@@ -24,9 +24,9 @@ from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
 from persres.runfolder import RESIDUALS_FILE
 from persres.sampling import Sample, Sampler
+from persres.toymodels import TOY_BASE, locate_toy_model
 
 MACHINE = threading.Lock()
-SHIPPED_BASE = Path(__file__).resolve().parents[3] / "models" / "toyworld-base"
 VALIDATION_PROMPT = "a photo of a V* {}"
 SAMPLES = "samples"  # RUN/samples/: what the Sample page drew with the run (PNGs and JSON sidecars)
 
@@ -54,13 +54,14 @@ PAPER_RECIPE = Recipe(  # the paper's, as persres train takes it
 )
 
 
-def default_base() -> str:
-    """The shipped toy world, so that a first visit trains and samples on a CPU in a minute or two."""
-    return str(SHIPPED_BASE)
+def is_shipped_base(base: str) -> bool:
+    """Whether ``base`` is the shipped toy world; False (not an error) where the toy world is absent."""
+    shipped = locate_toy_model(TOY_BASE)
+    return shipped is not None and Path(base).resolve() == shipped
 
 
 def recipe_for(base: str) -> Recipe:
-    return TOY_RECIPE if Path(base).resolve() == SHIPPED_BASE else PAPER_RECIPE
+    return TOY_RECIPE if is_shipped_base(base) else PAPER_RECIPE
 
 
 def parse_rank(text: str | float) -> float | int:

@@ -13,7 +13,7 @@ import functools
 import gradio as gr
 
 from persres.app.common import LIGHT, AppSettings, refused
-from persres.app.jobs import default_base
+from persres.app.jobs import is_shipped_base
 from persres.app.runs_page import run_lists, runs_tab
 from persres.app.sample_page import sample_tab
 from persres.app.train_page import train_tab
@@ -41,7 +41,7 @@ def build(settings: AppSettings) -> gr.Blocks:
 
 
 def base_name(base: str) -> str:
-    return "the shipped toy world (`models/toyworld-base`)" if base == default_base() else f"`{base}`"
+    return "the shipped toy world (`models/toyworld-base`)" if is_shipped_base(base) else f"`{base}`"
 
 
 def launch(

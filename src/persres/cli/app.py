@@ -10,7 +10,8 @@ import socket
 from pathlib import Path
 
 from persres.cli.options import integer
-from persres.errors import ConfigError
+from persres.errors import ConfigError, ModelError
+from persres.toymodels import TOY_BASE, find_toy_model
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,21 @@ def port_error(host: str, port: int, exc: OSError) -> ConfigError:
     return ConfigError(f"--port {port}: {why}")
 
 
+def default_base() -> str:
+    """The shipped toy world, so that a first visit trains and samples on a CPU in a minute or two. Found
+    before gradio and torch load: where it is absent (installed without a checkout) the refusal is one
+    line, and names ``--base`` as the other way."""
+    try:
+        return str(find_toy_model(TOY_BASE))
+    except ModelError as exc:
+        raise ModelError(f"{exc}; or pass --base (a hub id or a diffusers folder)") from None
+
+
 def run_app(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
     runs = Path(args.runs).resolve()
     check_runs(runs)
+    base = args.base or default_base()
     check_port(args.host, args.port)
     try:
         from persres.app import ui
@@ -103,18 +115,12 @@ def run_app(args: argparse.Namespace) -> int:
         if exc.name not in ("gradio", "pandas"):
             raise
         raise ConfigError("the app needs gradio: pip install 'persres[app]' (or run make app)") from None
-    from persres.app.jobs import default_base
 
     if args.host not in LOCAL_HOSTS and auth is None:
         log.warning(
             "--host %s serves the app beyond this machine without a login: anyone who reaches it can train "
             "and read your runs; add --auth USER:PASSWORD",
             args.host,
-        )
-    base = args.base or default_base()
-    if args.base is None and not Path(base).is_dir():
-        raise ConfigError(
-            f"the shipped toy world is not at {base}; pass --base (a hub id or a diffusers folder)"
         )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     settings = ui.AppSettings(base=base, runs=runs, device=args.device, clip=args.clip, nouns=args.nouns)
