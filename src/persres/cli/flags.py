@@ -1,0 +1,106 @@
+"""What the command line calls each setting the library names.
+
+The library's messages name a setting by its field or parameter name in backticks ("`steps` must be
+>= 1, got 0", "choose another `out`"), so that a library user, the web app and the command line each
+read them in their own words. This module holds the one table from setting to flag (or positional
+argument) and ``for_command_line``, which the CLI's error printer and its log handler apply.
+
+Where one setting has a different flag in some command, the table keeps the common one and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+FLAGS: dict[str, str] = {
+    # what a command reads
+    "base": "--base",
+    "images": "--images",
+    "photos": "--images",  # the app's name for the training images
+    "residuals": "--residuals",
+    "references": "--references",
+    "dataset": "--dataset",
+    "nouns": "--nouns",
+    "clip": "--clip",
+    "dino": "--dino",
+    "source": "RUN_OR_FILE",  # export's positional argument
+    "file": "FILE",  # import-lora's and info's positional argument
+    "results_dir": "RESULTS",  # report's positional argument
+    # what a command writes, and how
+    "out": "--out",
+    "overwrite": "--overwrite",
+    "resume": "--resume",
+    "runs": "--runs",
+    "format": "--format",
+    "scale": "--scale",
+    "json": "--json",
+    # training (TrainConfig and its residual settings)
+    "class_word": "--class-word",
+    "class_strategy": "--class-strategy",
+    "token": "--token",
+    "steps": "--steps",  # also sampling's DDIM steps in sample; benchmark calls those --sample-steps
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "rank": "--rank",  # the residuals' rank (ResidualConfig.rank)
+    "lora_rank": "--rank",  # the same flag sets a LoRA's rank with --method lora
+    "init": "--init",
+    "resolution": "--resolution",
+    "seed": "--seed",
+    "mixed_precision": "--mixed-precision",
+    "gradient_checkpointing": "--gradient-checkpointing",
+    "checkpoint_every": "--checkpoint-every",
+    "flip": "--no-flip",  # the flag turns the flip off
+    "validation_prompts": "--validation-prompt",  # given once per prompt
+    "validation_every": "--validation-every",
+    "report_to": "--report-to",
+    "method": "--method",
+    "prior_images": "--prior-images",
+    "prior_weight": "--prior-weight",
+    "device": "--device",
+    # sampling (SampleSettings and sample_to_folder)
+    "prompt": "--prompt",
+    "prompts": "--prompt",  # given once per prompt
+    "sampler": "--sampler",
+    "guidance": "--guidance",
+    "num_images": "--num-images",
+    "height": "--height",
+    "width": "--width",
+    "precision": "--precision",
+    "save_masks": "--save-masks",
+    # benchmark (BenchmarkConfig)
+    "concepts": "--concept",  # given once per concept
+    "methods": "--method",  # given once per method
+    "ranks": "--rank",  # given once per rank
+    "samplers": "--sampler",
+    "class_sources": "--class-source",
+    "images_per_prompt": "--images-per-prompt",
+    "max_prompts": "--max-prompts",
+    "sample_steps": "--sample-steps",
+    # suggestions
+    "top": "--top",
+    "strategy": "--strategy",
+    "margin": "--margin",
+}
+
+SETTING = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")  # a backticked setting name, e.g. `class_word`
+
+
+def flag_of(setting: str) -> str:
+    """The command line's name of ``setting``; an unknown name as it is."""
+    return FLAGS.get(setting, setting)
+
+
+def for_command_line(message: str) -> str:
+    """``message`` with each backticked setting replaced by its flag: "`steps` must be >= 1" ->
+    "--steps must be >= 1". A name the table does not know is left bare, without its backticks."""
+    return SETTING.sub(lambda found: flag_of(found.group(1)), message)
+
+
+class FlagNames(logging.Filter):
+    """Log records shown by the CLI name flags, as its error messages do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "`" in record.msg:
+            record.msg = for_command_line(record.msg)
+        return True
