@@ -11,7 +11,8 @@ Where one setting has a different flag in some command, the table keeps the comm
 from __future__ import annotations
 
 import logging
-import re
+
+from persres.errors import with_names
 
 FLAGS: dict[str, str] = {
     # what a command reads
@@ -83,18 +84,10 @@ FLAGS: dict[str, str] = {
     "margin": "--margin",
 }
 
-SETTING = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")  # a backticked setting name, e.g. `class_word`
-
-
-def flag_of(setting: str) -> str:
-    """The command line's name of ``setting``; an unknown name as it is."""
-    return FLAGS.get(setting, setting)
-
-
 def for_command_line(message: str) -> str:
     """``message`` with each backticked setting replaced by its flag: "`steps` must be >= 1" ->
     "--steps must be >= 1". A name the table does not know is left bare, without its backticks."""
-    return SETTING.sub(lambda found: flag_of(found.group(1)), message)
+    return with_names(message, FLAGS)
 
 
 class FlagNames(logging.Filter):
