@@ -26,14 +26,15 @@ FLAGS: dict[str, str] = {
     "clip": "--clip",
     "dino": "--dino",
     "source": "RUN_OR_FILE",  # export's positional argument
-    "file": "FILE",  # import-lora's and info's positional argument
+    "file": "FILE",  # info's positional argument
+    "path": "FILE",  # import-lora's positional argument (import_lora's path)
     "results_dir": "RESULTS",  # report's positional argument
     # what a command writes, and how
     "out": "--out",
     "overwrite": "--overwrite",
     "resume": "--resume",
     "runs": "--runs",
-    "format": "--format",
+    "fmt": "--format",  # export_lora's fmt
     "scale": "--scale",
     "json": "--json",
     # training (TrainConfig and its residual settings)
@@ -83,6 +84,7 @@ FLAGS: dict[str, str] = {
     "strategy": "--strategy",
     "margin": "--margin",
 }
+
 
 def for_command_line(message: str) -> str:
     """``message`` with each backticked setting replaced by its flag: "`steps` must be >= 1" ->
