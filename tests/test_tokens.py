@@ -13,7 +13,7 @@ from persres.tokens import check_identifier, check_token, suggest_tokens
 
 
 def test_suggest_token_count_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="--top must be >= 1"):
+    with pytest.raises(ConfigError, match="`top` must be >= 1"):
         suggest_tokens(word_tokenizer(["sks"]), set(), count=0)
 
 

@@ -69,8 +69,9 @@ def run(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(FlagNames())  # the library's log lines name settings; the terminal shows flags
+    for handler in logging.getLogger().handlers:  # the library's log lines name settings; show flags
+        if not any(isinstance(f, FlagNames) for f in handler.filters):
+            handler.addFilter(FlagNames())
     if args.command not in LIGHT_COMMANDS:
         quiet_third_party()
     try:

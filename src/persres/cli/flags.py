@@ -18,7 +18,6 @@ FLAGS: dict[str, str] = {
     # what a command reads
     "base": "--base",
     "images": "--images",
-    "photos": "--images",  # the app's name for the training images
     "residuals": "--residuals",
     "references": "--references",
     "dataset": "--dataset",
@@ -28,7 +27,6 @@ FLAGS: dict[str, str] = {
     "source": "RUN_OR_FILE",  # export's positional argument
     "file": "FILE",  # info's positional argument
     "path": "FILE",  # import-lora's positional argument (import_lora's path)
-    "results_dir": "RESULTS",  # report's positional argument
     # what a command writes, and how
     "out": "--out",
     "overwrite": "--overwrite",
@@ -36,10 +34,8 @@ FLAGS: dict[str, str] = {
     "runs": "--runs",
     "fmt": "--format",  # export_lora's fmt
     "scale": "--scale",
-    "json": "--json",
     # training (TrainConfig and its residual settings)
     "class_word": "--class-word",
-    "class_strategy": "--class-strategy",
     "token": "--token",
     "steps": "--steps",  # also sampling's DDIM steps in sample; benchmark calls those --sample-steps
     "batch_size": "--batch-size",
@@ -81,7 +77,7 @@ FLAGS: dict[str, str] = {
     "sample_steps": "--sample-steps",
     # suggestions
     "top": "--top",
-    "strategy": "--strategy",
+    "strategy": "--strategy",  # train calls it --class-strategy (with --class-word auto)
     "margin": "--margin",
 }
 
