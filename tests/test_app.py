@@ -355,5 +355,5 @@ def test_emptied_number_fields_are_named() -> None:
         make_config("b", Path("p"), "dog", "sks", None, 5e-3, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="`lr` must be in"):
         make_config("b", Path("p"), "dog", "sks", 10, None, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="`rank` 'x'"):
+    with pytest.raises(ConfigError, match="rank 'x'"):
         make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "x", TOY_RECIPE)

@@ -53,8 +53,8 @@ def test_every_saved_setting_of_another_type_is_named(name: str) -> None:
             {"mixed_precision": "fp8"},
             "setting 'mixed_precision' is \"fp8\", expected one of 'no', 'fp16', 'bf16'",
         ),
-        ({"seed": -1}, r"seed must be in \[0, "),
-        ({"adam_weight_decay": math.inf}, "adam_weight_decay must be a finite number >= 0"),
+        ({"seed": -1}, r"`seed` must be in \[0, "),
+        ({"adam_weight_decay": math.inf}, "`adam_weight_decay` must be a finite number >= 0"),
         ({"base": None}, "setting 'base' is null, expected text"),
     ],
 )
