@@ -353,9 +353,9 @@ def test_a_resumed_trainings_curve_starts_with_the_steps_before_its_checkpoint(t
 def test_emptied_number_fields_are_named() -> None:
     from persres.app.jobs import TOY_RECIPE, make_config
 
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match="`steps` must be >= 1"):
         make_config("b", Path("p"), "dog", "sks", None, 5e-3, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="lr must be in"):
+    with pytest.raises(ConfigError, match="`lr` must be in"):
         make_config("b", Path("p"), "dog", "sks", 10, None, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="rank 'x'"):
         make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "x", TOY_RECIPE)

@@ -419,7 +419,7 @@ def test_benchmark_settings_are_fixed_per_output_folder(tmp_path: Path) -> None:
     check_same_settings(tmp_path, config)  # the same settings resume
     with pytest.raises(ConfigError, match="other settings \\(images_per_prompt\\)"):
         check_same_settings(tmp_path, replace(config, images_per_prompt=2))
-    with pytest.raises(ConfigError, match="--max-prompts must be >= 1"):
+    with pytest.raises(ConfigError, match="`max_prompts` must be >= 1"):
         BenchmarkConfig(dataset="d", base="b", out="o", max_prompts=0)
 
 

@@ -103,7 +103,7 @@ def test_a_damaged_checkpoint_file_is_named_with_what_to_do(
     assert str(run / STEP2 / name) in message
     assert (
         f"delete {run / STEP2} to resume from the checkpoint before it (from step 0 if there is none), "
-        "or start again with --overwrite" in message
+        "or start again with `overwrite`" in message
     )
 
 

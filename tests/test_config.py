@@ -15,7 +15,7 @@ from persres.errors import ConfigError
 
 def test_learning_rate_must_be_finite_and_sane() -> None:
     for lr in (0.0, -1.0, math.inf, math.nan, 5.0):
-        with pytest.raises(ConfigError, match="lr must be in"):
+        with pytest.raises(ConfigError, match="`lr` must be in"):
             TrainConfig(base="b", images="i", class_word="dog", lr=lr)
 
 
@@ -53,8 +53,8 @@ def test_every_saved_setting_of_another_type_is_named(name: str) -> None:
             {"mixed_precision": "fp8"},
             "setting 'mixed_precision' is \"fp8\", expected one of 'no', 'fp16', 'bf16'",
         ),
-        ({"seed": -1}, r"seed must be in \[0, "),
-        ({"adam_weight_decay": math.inf}, "adam_weight_decay must be a finite number >= 0"),
+        ({"seed": -1}, r"`seed` must be in \[0, "),
+        ({"adam_weight_decay": math.inf}, "`adam_weight_decay` must be a finite number >= 0"),
         ({"base": None}, "setting 'base' is null, expected text"),
     ],
 )

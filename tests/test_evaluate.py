@@ -254,9 +254,9 @@ def test_preprocessing_sizes_follow_torchvision() -> None:
 
 def test_scoring_models_of_another_architecture_are_refused(tmp_path: Path) -> None:
     clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
-    with pytest.raises(ModelError, match="--dino .* is not a ViTModel checkpoint"):
+    with pytest.raises(ModelError, match="`dino` .* is not a ViTModel checkpoint"):
         Scorers.load(str(clip), str(clip), "cpu")
-    with pytest.raises(ModelError, match="--clip .* is not a CLIPTextModel checkpoint"):
+    with pytest.raises(ModelError, match="`clip` .* is not a CLIPTextModel checkpoint"):
         Scorers.load(str(dino), None, "cpu")
 
 

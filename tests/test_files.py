@@ -17,14 +17,14 @@ def test_a_folder_under_a_file_or_a_file_as_folder_is_refused(tmp_path: Path) ->
     blocker = tmp_path / "photo.png"
     blocker.write_bytes(b"x")
     with pytest.raises(OutputPathError, match="photo.png is a file, not a folder"):
-        check_writable(blocker / "deeper" / "out", "--out")
-    with pytest.raises(OutputPathError, match="--out .*photo.png is a file; pass a folder"):
-        check_writable(blocker, "--out")
-    check_writable(blocker, "--out", folder=False)  # as a file path it is a place to write
+        check_writable(blocker / "deeper" / "out", "out")
+    with pytest.raises(OutputPathError, match="`out` .*photo.png is a file; pass a folder"):
+        check_writable(blocker, "out")
+    check_writable(blocker, "out", folder=False)  # as a file path it is a place to write
 
 
 def test_a_writable_path_passes_and_nothing_is_left_behind(tmp_path: Path) -> None:
-    check_writable(tmp_path / "new" / "nested" / "out", "--out")
+    check_writable(tmp_path / "new" / "nested" / "out", "out")
     assert list(tmp_path.iterdir()) == []  # nothing created, the probe file removed
 
 
@@ -35,7 +35,7 @@ def test_a_read_only_folder_is_refused(tmp_path: Path) -> None:
     locked.chmod(0o500)
     try:
         with pytest.raises(OutputPathError, match="cannot create a file in"):
-            check_writable(locked / "out", "--out")
+            check_writable(locked / "out", "out")
     finally:
         locked.chmod(0o700)
 

@@ -156,7 +156,7 @@ def test_the_library_refuses_a_non_finite_or_absurd_scale(runs: dict, tmp_path: 
     from persres.lora_files import export_lora
 
     _, run = runs["conv"]
-    with pytest.raises(ConfigError, match=r"--scale must be a finite number in \[-100, 100\]"):
+    with pytest.raises(ConfigError, match=r"`scale` must be a finite number in \[-100, 100\]"):
         export_lora(run, "kohya", tmp_path / "lora.safetensors", scale)
     assert not any(tmp_path.iterdir())
 

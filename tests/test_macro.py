@@ -302,5 +302,5 @@ def test_noun_cache_is_per_model_and_survives_damage(
     for path in cached:
         path.write_bytes(b"damaged")
     assert suggest_classes(first, photos, 3, nouns=nouns, progress=False) == a  # recomputed, same ranking
-    with pytest.raises(ConfigError, match="--margin"):
+    with pytest.raises(ConfigError, match="`margin`"):
         suggest_classes(first, photos, 3, "balanced", margin=-1, nouns=nouns, progress=False)

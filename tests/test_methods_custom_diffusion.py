@@ -219,5 +219,5 @@ def test_the_token_is_honoured_and_sampling_uses_the_recorded_one(
 
 def test_a_token_that_cannot_name_its_file_is_refused(ktn_base: Path, photos: Path):
     pipe = load_pipeline(str(ktn_base))
-    with pytest.raises(ConfigError, match="--token '<a/b>' names Custom Diffusion's embedding file"):
+    with pytest.raises(ConfigError, match="`token` '<a/b>' names Custom Diffusion's embedding file"):
         CUSTOM_DIFFUSION.prepare(pipe, tiny_config(ktn_base, photos, token="a/b"), torch.Generator())

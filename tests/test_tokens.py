@@ -13,7 +13,7 @@ from persres.words import real_words
 
 
 def test_suggest_token_count_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="--top must be >= 1"):
+    with pytest.raises(ConfigError, match="`top` must be >= 1"):
         suggest_tokens(word_tokenizer(["sks"]), set(), count=0)
 
 

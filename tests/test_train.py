@@ -86,7 +86,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "split", progress=False, callback=crash_after_five)
     assert not (tmp_path / "split" / "residuals.safetensors").exists()
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="`resume`"):
         train(config, tmp_path / "split", progress=False)
     steps: list[int] = []
     resumed = train(
@@ -399,7 +399,7 @@ def test_resume_needs_a_persres_run(conv_base: Path, photos: Path, tmp_path: Pat
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("mine")
     for out in (tmp_path / "notes", tmp_path / "missing"):
-        with pytest.raises(InputError, match=f"--resume: --out {out} holds no persres training run"):
+        with pytest.raises(InputError, match=f"`resume`: `out` {out} holds no persres training run"):
             train(tiny_config(conv_base, photos), out, resume=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
     assert not (tmp_path / "missing").exists()
@@ -411,7 +411,7 @@ def test_out_and_images_must_be_apart(conv_base: Path, photos: Path, tmp_path: P
     (tmp_path / "link").symlink_to(own)
     before = snapshot(own)
     for out in (own, own / "run", tmp_path / "link"):
-        with pytest.raises(ConfigError, match=f"--out {out} .*--images {own}"):
+        with pytest.raises(ConfigError, match=f"`out` {out} .*`images` {own}"):
             train(tiny_config(conv_base, own), out, progress=False)
     with pytest.raises(ConfigError, match="overlap"):  # the photos inside the run folder
         train(tiny_config(conv_base, own), tmp_path, progress=False)

@@ -108,7 +108,7 @@ def test_plot_is_a_png(tmp_path: Path) -> None:
 def test_a_tracker_that_is_not_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("persres.trainlog.installed", lambda package: False)
     for name in ("tensorboard", "wandb"):
-        with pytest.raises(ConfigError, match=f"--report-to {name} .* pip install {name}"):
+        with pytest.raises(ConfigError, match=f"`report_to` {name} .* pip install {name}"):
             check_tracker(name)
     check_tracker("none")
 

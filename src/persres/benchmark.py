@@ -65,8 +65,8 @@ SETTINGS_FILE = "benchmark.json"
 def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
     """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
     out = Path(config.out)
-    inputs = {"--dataset": config.dataset, "--base": config.base, "--clip": config.clip}
-    check_apart(out, "--out", [*inputs.items(), ("--dino", config.dino), ("--nouns", config.nouns)])
+    inputs = {"dataset": config.dataset, "base": config.base, "clip": config.clip}
+    check_apart(out, "out", [*inputs.items(), ("dino", config.dino), ("nouns", config.nouns)])
     entries = select(load_dataset(config.dataset), config.concepts)
     check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")
@@ -144,7 +144,7 @@ def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True
             listed = listed if len(listed) <= 120 else f"{listed[:120]}..."
             raise ConfigError(
                 f"{path} records other settings ({listed}) than asked for: rerun with the same "
-                f"settings to resume the benchmark in {out}, or choose another --out"
+                f"settings to resume the benchmark in {out}, or choose another `out`"
             )
     elif is_main:
         write_json(path, wanted)
@@ -155,7 +155,7 @@ def select(entries: list[ConceptEntry], names: tuple[str, ...]) -> list[ConceptE
         return entries
     unknown = sorted(set(names) - {e.name for e in entries})
     if unknown:
-        raise ConfigError(f"--concept {unknown}: not in the dataset; it has {[e.name for e in entries]}")
+        raise ConfigError(f"`concepts` {unknown}: not in the dataset; it has {[e.name for e in entries]}")
     return [e for e in entries if e.name in names]
 
 

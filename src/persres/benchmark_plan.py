@@ -52,25 +52,25 @@ class BenchmarkConfig:
         for name in ("ranks", "samplers", "class_sources", "concepts", "methods", "shared_recipe"):
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))  # a repeat counts once
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {self.max_prompts}")
+            raise ConfigError(f"`max_prompts` must be >= 1, got {self.max_prompts}")
         unknown = sorted(set(self.samplers) - set(SAMPLER_CHOICES))
         if unknown or not self.samplers:
-            raise ConfigError(f"--sampler {unknown or 'none'}: choose from {', '.join(SAMPLER_CHOICES)}")
+            raise ConfigError(f"`samplers` {unknown or 'none'}: choose from {', '.join(SAMPLER_CHOICES)}")
         if not self.ranks:
-            raise ConfigError("give at least one --rank")
+            raise ConfigError("give at least one `ranks`")
         for rank in self.ranks:
             ResidualConfig(rank=rank)
         unknown = sorted(set(self.class_sources) - set(CLASS_SOURCES))
         if unknown or not self.class_sources:
-            raise ConfigError(f"--class-source {unknown or 'none'}: choose from {', '.join(CLASS_SOURCES)}")
+            raise ConfigError(f"`class_sources` {unknown or 'none'}: choose from {', '.join(CLASS_SOURCES)}")
         if self.images_per_prompt < 1:
-            raise ConfigError("--images-per-prompt must be >= 1")
+            raise ConfigError("`images_per_prompt` must be >= 1")
         self.check_methods()
 
     def check_methods(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
-            raise ConfigError(f"--method {unknown or 'none'}: choose from {', '.join(METHODS)}")
+            raise ConfigError(f"`methods` {unknown or 'none'}: choose from {', '.join(METHODS)}")
         unknown = sorted(set(self.shared_recipe) - set(RECIPE_FIELDS))
         if unknown:
             raise ConfigError(f"shared_recipe {unknown}: choose from {', '.join(RECIPE_FIELDS)}")
@@ -79,13 +79,13 @@ class BenchmarkConfig:
         if len(without_lag) == len(self.methods) and not_normal:
             lag = names_where(True, "samples_with_lag")
             raise ConfigError(
-                f"--sampler {', '.join(not_normal)} applies to {', '.join(lag)} only (LAG gates its "
-                f"residuals); --method {', '.join(without_lag)} samples with --sampler normal: drop "
-                f"--sampler or add --method {lag[0]}"
+                f"`samplers` {', '.join(not_normal)} applies to {', '.join(lag)} only (LAG gates its "
+                f"residuals); `methods` {', '.join(without_lag)} samples with `samplers` normal: drop "
+                f"`samplers` or add `methods` {lag[0]}"
             )
         if without_lag and "normal" not in self.samplers:
             raise ConfigError(
-                f"--method {', '.join(without_lag)} samples with normal sampling only; add --sampler normal"
+                f"`methods` {', '.join(without_lag)} samples with normal sampling only; add `samplers` normal"
             )
 
 

@@ -101,7 +101,7 @@ def list_checkpoints(out: Path) -> list[Checkpoint]:
         if not (number.isdecimal() and number.isascii()) or not folder.is_dir():
             raise InputError(
                 f"{folder} is not a checkpoint (persres names them step-NNNNNN); move it out of {root}, "
-                "or start again with --overwrite"
+                "or start again with `overwrite`"
             )
         if not (folder / STATE_FILE).is_file():
             raise damaged(folder / STATE_FILE, "missing")
@@ -112,7 +112,7 @@ def list_checkpoints(out: Path) -> list[Checkpoint]:
 def damaged(file: Path, what: str) -> InputError:
     return InputError(
         f"checkpoint file {file} is damaged or was edited ({what}); delete {file.parent} to resume from "
-        "the checkpoint before it (from step 0 if there is none), or start again with --overwrite"
+        "the checkpoint before it (from step 0 if there is none), or start again with `overwrite`"
     )
 
 
@@ -209,7 +209,7 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
     if changed:
         raise ConfigError(
             f"cannot resume from {folder}: settings differ from the interrupted run: {changed}; "
-            "resume with the same settings, or start a new run with --overwrite"
+            "resume with the same settings, or start a new run with `overwrite`"
         )
     rng_file = folder / f"rng-{state.processes.index}.safetensors"
     if not rng_file.is_file():

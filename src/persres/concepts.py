@@ -63,7 +63,7 @@ def read_files(sources: Sequence[ResidualSource]) -> list[ResidualFile]:
     """Residual files read and checked without a model (format, metadata, distinct tokens); a
     ``ResidualFile`` already read is taken as it is, so a command reads each file once."""
     if not sources:
-        raise ConfigError("no residual file given; pass --residuals at least once")
+        raise ConfigError("no residual file given; pass `residuals` at least once")
     files = [s if isinstance(s, ResidualFile) else read_residual_file(s) for s in sources]
     _refuse_shared_tokens([concept_of(loaded) for loaded in files])
     return files
@@ -104,7 +104,7 @@ def _refuse_shared_tokens(concepts: list[Concept]) -> None:
         if concept.token in seen:
             raise ConfigError(
                 f"{seen[concept.token]} and {concept.source} both use the identifier {quote(concept.token)}: "
-                "their concepts cannot be told apart in a prompt; retrain one with another --token"
+                "their concepts cannot be told apart in a prompt; retrain one with another `token`"
             )
         seen[concept.token] = concept.source
 
@@ -112,7 +112,7 @@ def _refuse_shared_tokens(concepts: list[Concept]) -> None:
 def plan_prompts(prompts: list[str], concepts: list[Concept], allow_empty: bool = False) -> list[PromptPlan]:
     """Resolve placeholders; refuse a placeholder without a file and a file without a placeholder."""
     if not prompts and not allow_empty:
-        raise ConfigError("no prompt given; pass at least one --prompt")
+        raise ConfigError("no prompt given; pass at least one `prompt`")
     plans = [_plan(prompt, concepts) for prompt in prompts]
     for g, concept in enumerate(concepts):
         if len(concepts) > 1 and plans and not any(plan.present[g] for plan in plans):
@@ -132,7 +132,7 @@ def _plan(prompt: str, concepts: list[Concept]) -> PromptPlan:
             if len(concepts) > 1:
                 raise ConfigError(
                     f"prompt {quote(prompt)} uses V* but {len(concepts)} residual files are given; "
-                    f"name them V1* ... V{len(concepts)}* in the order of --residuals"
+                    f"name them V1* ... V{len(concepts)}* in the order of `residuals`"
                 )
             index = 0
         else:

@@ -57,18 +57,19 @@ class ResidualConfig:
     def __post_init__(self) -> None:
         rank = self.rank
         if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-            raise ConfigError(f"rank must be a number, got {quote(repr(rank))}")
+            raise ConfigError(f"`rank` must be a number, got {quote(repr(rank))}")
         if isinstance(rank, float) and not 0.0 < rank <= 1.0:
             raise ConfigError(
-                f"rank {rank} is neither a fraction in (0, 1] nor an integer >= 1; "
+                f"`rank` {rank} is neither a fraction in (0, 1] nor an integer >= 1; "
                 "use e.g. 0.05 (5% of each layer's width) or 16 (a fixed rank)"
             )
         if isinstance(rank, int) and not 1 <= rank <= MAX_RANK:
             raise ConfigError(
-                f"rank {rank} must be >= 1 and <= {MAX_RANK}; use e.g. 0.05 (a fraction) or 16 (a fixed rank)"
+                f"`rank` {rank} must be >= 1 and <= {MAX_RANK}; "
+                "use e.g. 0.05 (a fraction) or 16 (a fixed rank)"
             )
         if self.init not in ("zero", "random"):
-            raise ConfigError(f"init must be 'zero' or 'random', got {quote(str(self.init))}")
+            raise ConfigError(f"`init` must be 'zero' or 'random', got {quote(str(self.init))}")
 
     def rank_for(self, width: int, layer: str = "") -> int:
         """The rank of a residual on a layer ``width`` channels wide."""
@@ -76,7 +77,7 @@ class ResidualConfig:
             return max(1, round(self.rank * width))
         if self.rank > width:
             raise ConfigError(
-                f"rank {self.rank} is above the width {width} of layer {layer or '?'}; "
+                f"`rank` {self.rank} is above the width {width} of layer {layer or '?'}; "
                 f"use a rank <= {width} or a fraction such as 0.05"
             )
         return self.rank
@@ -90,7 +91,7 @@ class ResidualConfig:
             try:
                 rank = float(text)
             except ValueError:
-                raise ConfigError(f"--rank {quote(text)} is not a number; use e.g. 0.05 or 16") from None
+                raise ConfigError(f"`rank` {quote(text)} is not a number; use e.g. 0.05 or 16") from None
         ResidualConfig(rank=rank)  # refuses NaN, infinity, 0, fractions above 1 and ranks above MAX_RANK
         return rank
 
@@ -128,7 +129,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         for name, high in (
             ("steps", MAX_STEPS_TRAIN),
             ("batch_size", MAX_BATCH_SIZE),
@@ -137,45 +138,46 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             if value > high:
-                raise ConfigError(f"{name.replace('_', '-')} must be <= {high:,}, got {value:,}")
+                raise ConfigError(f"`{name}` must be <= {high:,}, got {value:,}")
         if not 0 < self.lr <= 1:  # also refuses NaN and infinity
-            raise ConfigError(f"lr must be in (0, 1], got {self.lr}; the paper uses 1e-3")
+            raise ConfigError(f"`lr` must be in (0, 1], got {self.lr}; the paper uses 1e-3")
         if self.resolution % 8:
-            raise ConfigError(f"resolution {self.resolution} must be a multiple of 8 (e.g. 512)")
+            raise ConfigError(f"`resolution` {self.resolution} must be a multiple of 8 (e.g. 512)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             got = quote(str(self.mixed_precision))
-            raise ConfigError(f"mixed-precision must be no, fp16 or bf16, got {got}")
+            raise ConfigError(f"`mixed_precision` must be no, fp16 or bf16, got {got}")
         if not 0.0 < self.min_crop <= 1.0:
-            raise ConfigError(f"min_crop must be in (0, 1], got {self.min_crop}")
+            raise ConfigError(f"`min_crop` must be in (0, 1], got {self.min_crop}")
         for name in ("class_word", "token"):
             value = getattr(self, name)
             if not value.strip():
-                raise ConfigError(f"{name.replace('_', '-')} must not be empty")
+                raise ConfigError(f"`{name}` must not be empty")
         if any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token {quote(self.token)} must be a single word without spaces")
+            raise ConfigError(f"`token` {quote(self.token)} must be a single word without spaces")
         if not 0 <= self.seed <= MAX_TRAIN_SEED:
-            raise ConfigError(f"seed must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
+            raise ConfigError(f"`seed` must be in [0, {MAX_TRAIN_SEED}], got {self.seed}")
         if not 0 <= self.adam_weight_decay < math.inf:
-            raise ConfigError(f"adam_weight_decay must be a finite number >= 0, got {self.adam_weight_decay}")
+            decay = self.adam_weight_decay
+            raise ConfigError(f"`adam_weight_decay` must be a finite number >= 0, got {decay}")
         if self.report_to not in REPORT_TO:
             raise ConfigError(
-                f"report-to must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
+                f"`report_to` must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
             )
         if self.method not in METHODS:
-            raise ConfigError(f"method {quote(self.method)} is not one of {', '.join(METHODS)}")
+            raise ConfigError(f"`method` {quote(self.method)} is not one of {', '.join(METHODS)}")
         if self.lora_rank < 1 or self.prior_images < 0:
             raise ConfigError(
-                f"lora rank must be >= 1 and prior images >= 0, got {self.lora_rank}, {self.prior_images}"
+                f"`lora_rank` must be >= 1 and `prior_images` >= 0, got {self.lora_rank}, {self.prior_images}"
             )
         if not 0 <= self.prior_weight <= 100:
-            raise ConfigError(f"prior weight must be a finite number in [0, 100], got {self.prior_weight}")
+            raise ConfigError(f"`prior_weight` must be a finite number in [0, 100], got {self.prior_weight}")
         if self.validation_every is not None:
             if self.validation_every < 1:
-                raise ConfigError(f"validation-every must be >= 1, got {self.validation_every}")
+                raise ConfigError(f"`validation_every` must be >= 1, got {self.validation_every}")
             if not self.validation_prompts:
                 raise ConfigError(
-                    "--validation-every needs at least one --validation-prompt to sample; add one, "
-                    "or drop --validation-every"
+                    "`validation_every` needs at least one `validation_prompts` to sample; add one, "
+                    "or drop `validation_every`"
                 )
 
     @property
@@ -304,14 +306,14 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
-            raise ConfigError(f"--steps must be in [1, {MAX_STEPS}], got {self.steps}")
+            raise ConfigError(f"`steps` must be in [1, {MAX_STEPS}], got {self.steps}")
         if self.num_images < 1:
-            raise ConfigError(f"--num-images must be >= 1, got {self.num_images}")
+            raise ConfigError(f"`num_images` must be >= 1, got {self.num_images}")
         if not 0 <= self.guidance <= 100:  # also refuses NaN and infinity
-            raise ConfigError(f"--guidance must be a finite number in [0, 100], got {self.guidance}")
+            raise ConfigError(f"`guidance` must be a finite number in [0, 100], got {self.guidance}")
         if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+            raise ConfigError(f"`seed` must be >= 0, got {self.seed}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"--{name} {value} must be a positive multiple of 8")
+                raise ConfigError(f"`{name}` {value} must be a positive multiple of 8")

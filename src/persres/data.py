@@ -33,7 +33,7 @@ def list_images(folder: str | os.PathLike[str], limit: int | None = MAX_IMAGES) 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(
-            f"image folder {folder} not found; pass --images with a folder of 1-{MAX_IMAGES} photos"
+            f"image folder {folder} not found; pass `images` with a folder of 1-{MAX_IMAGES} photos"
         )
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]

@@ -1,7 +1,14 @@
 """Errors a user can fix. The CLI prints the message and exits with status 2.
 
-Each message names the culprit (file, layer, argument) and says how to fix it.
+Each message names the culprit (file, layer, setting) and says how to fix it. A setting is named by
+its field or parameter name in backticks, as a library user writes it: "`steps` must be >= 1, got 0",
+"choose another `out`, or pass `overwrite`". The front ends show those names in their own words
+(``with_names``): the command line as flags (``persres.cli.flags``: "--steps"), the web app as its
+fields' labels (``persres.app.fields``). A library user reads the backticked names as they are.
 """
+
+import re
+from collections.abc import Mapping
 
 
 class PersresError(Exception):
@@ -38,6 +45,15 @@ class OutputPathError(PersresError):
 
 class RunLockedError(OutputExistsError):
     """A training run folder in use by another running ``train``."""
+
+
+SETTING = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")  # a backticked setting name in a message: `class_word`
+
+
+def with_names(message: str, names: Mapping[str, str]) -> str:
+    """``message`` with each backticked setting replaced by what a front end calls it (``names``); a
+    setting ``names`` does not know is left bare, without its backticks."""
+    return SETTING.sub(lambda found: names.get(found.group(1), found.group(1)), message)
 
 
 QUOTE_LIMIT = 60

@@ -71,7 +71,7 @@ def preprocess(images: list[Image.Image], resize: int, crop: int, mean: tuple, s
     return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
 
 
-def complete(cls: Any, name: str, flag: str, **kwargs: Any) -> Any:
+def complete(cls: Any, name: str, setting: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` that refuses a checkpoint of another architecture (transformers would
     fill the missing weights at random and only log a warning)."""
     # transformers' load report lists every weight of the other CLIP tower as unexpected, which is how
@@ -80,7 +80,7 @@ def complete(cls: Any, name: str, flag: str, **kwargs: Any) -> Any:
         model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise ModelError(
-            f"{flag} {name} is not a {cls.__name__.removesuffix('WithProjection')} checkpoint: "
+            f"`{setting}` {name} is not a {cls.__name__.removesuffix('WithProjection')} checkpoint: "
             f"{len(info['missing_keys'])} weights missing (e.g. {sorted(info['missing_keys'])[0]})"
         )
     return model
@@ -102,14 +102,14 @@ class Scorers:
     def load(cls, clip: str = DEFAULT_CLIP, dino: str | None = DEFAULT_DINO, device: str = "auto") -> Scorers:
         target = resolve_device(device)
         try:
-            text = complete(CLIPTextModelWithProjection, clip, "--clip")
-            vision = complete(CLIPVisionModelWithProjection, clip, "--clip")
+            text = complete(CLIPTextModelWithProjection, clip, "clip")
+            vision = complete(CLIPVisionModelWithProjection, clip, "clip")
             tokenizer = CLIPTokenizer.from_pretrained(clip)
-            dino_model = complete(ViTModel, dino, "--dino", add_pooling_layer=False) if dino else None
+            dino_model = complete(ViTModel, dino, "dino", add_pooling_layer=False) if dino else None
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
-                f"cannot load the scoring models (--clip {clip}, --dino {dino}): {first}. Pass local "
+                f"cannot load the scoring models (`clip` {clip}, `dino` {dino}): {first}. Pass local "
                 "folders or make sure the hub ids are cached (HF_HUB_OFFLINE=1 forbids downloads)"
             ) from None
         text, vision = (m.to(target).eval().requires_grad_(False) for m in (text, vision))
@@ -190,7 +190,7 @@ SIDECAR_FIELDS = {"prompt": str, "token": str, "sampler": str, "seed": int, "con
 def read_sidecar(path: Path, required: tuple[str, ...] = ("prompt",)) -> dict[str, Any]:
     """A sample's JSON sidecar, checked to hold the ``required`` fields, and every field that is read
     (prompt, token, sampler, seed, concepts and their tokens) to be of the right type."""
-    fix = "fix it, or delete it (then pass --prompt to score the image)"
+    fix = "fix it, or delete it (then pass `prompt` to score the image)"
     try:
         data = readback.load_file(path)
     except ValueError as exc:
@@ -225,7 +225,7 @@ def prompts_for(files: list[Path], prompt: str | None, token: str | None) -> lis
             text, tokens = prompt, [token]
         else:
             raise ConfigError(
-                f"{path.name} has no JSON sidecar; pass --prompt (and --token) to score text alignment"
+                f"{path.name} has no JSON sidecar; pass `prompt` (and `token`) to score text alignment"
             )
         for word in tokens:
             text = strip_identifier(text, word)

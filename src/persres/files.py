@@ -127,43 +127,43 @@ def write_json(target: str | os.PathLike[str], data: Any, overwrite: bool = True
     return write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite)
 
 
-def check_writable(target: str | os.PathLike[str], flag: str, folder: bool = True) -> None:
+def check_writable(target: str | os.PathLike[str], setting: str, folder: bool = True) -> None:
     """Refuse an output that cannot be written, before any compute: a folder where a file is to be
     written (``folder=False``) or the reverse; and the nearest existing folder on the
     way to ``target`` must be a folder we can create files in (tried for real, so read-only file systems
     and permissions count as the operating system sees them)."""
     path = Path(target)
     if folder and path.exists() and not path.is_dir():
-        raise OutputPathError(f"{flag} {target} is a file; pass a folder")
+        raise OutputPathError(f"`{setting}` {target} is a file; pass a folder")
     if not folder and path.is_dir():
-        raise OutputPathError(f"{flag} {target} is a folder; pass the name of the file to write")
+        raise OutputPathError(f"`{setting}` {target} is a folder; pass the name of the file to write")
     existing = path if folder and path.is_dir() else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputPathError(f"{flag} {target} cannot be created: {existing} is a file, not a folder")
+        raise OutputPathError(f"`{setting}` {target} cannot be created: {existing} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".persres-write-check.", dir=existing)
     except OSError as exc:
         raise OutputPathError(
-            f"{flag} {target} is not writable: cannot create a file in {existing} ({exc.strerror}); "
+            f"`{setting}` {target} is not writable: cannot create a file in {existing} ({exc.strerror}); "
             "choose another place"
         ) from None
     os.close(fd)
     os.unlink(probe)
 
 
-Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (flag, path) of what a command reads
+Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (setting, path) of what a call reads
 
 
-def check_apart(out: str | os.PathLike[str], flag: str, inputs: Inputs, folder: bool = True) -> None:
+def check_apart(out: str | os.PathLike[str], setting: str, inputs: Inputs, folder: bool = True) -> None:
     """Refuse, before anything is written, an output that overlaps what the command reads: one that is
     an input (links resolved), a folder that holds an input, or (``folder``) a folder inside an input
     folder. An output file inside an input folder is fine (``RESULTS/report.html``, a LoRA beside its
     run's residuals). Inputs that do not exist (a hub id, a missing file the loader will name) count
     for nothing; pass the file a command reads from a run folder, not the run folder."""
     target = Path(out).resolve()
-    for input_flag, given in inputs:
+    for input_setting, given in inputs:
         if not given or not os.path.lexists(given):
             continue
         source = Path(given).resolve()
@@ -176,8 +176,8 @@ def check_apart(out: str | os.PathLike[str], flag: str, inputs: Inputs, folder: 
         else:
             continue
         raise ConfigError(  # two settings that contradict each other
-            f"{flag} {out} {how} {input_flag} {given}: an output must not overlap what the command reads "
-            f"(it would be overwritten or read back as input); choose another {flag}"
+            f"`{setting}` {out} {how} `{input_setting}` {given}: an output must not overlap what the "
+            f"command reads (it would be overwritten or read back as input); choose another `{setting}`"
         )
 
 

@@ -151,7 +151,7 @@ def check_factors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             layer, _, factor = key.rpartition(".")
             raise ResidualFileError(
                 f"{path}: layer {layer} has NaN or infinite values in factor {factor}: the training "
-                "run that wrote it diverged. Retrain (e.g. with a lower --lr) or use an earlier checkpoint "
+                "run that wrote it diverged. Retrain (e.g. with a lower `lr`) or use an earlier checkpoint "
                 "(its run folder's checkpoints/step-NNNNNN/residuals.safetensors)"
             )
     for layer in sorted({key.rpartition(".")[0] for key in tensors}):

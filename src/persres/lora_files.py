@@ -118,15 +118,15 @@ def export_lora(
     """Write the residuals of a run or residual file as a LoRA file in ``fmt`` (kohya or diffusers);
     ``scale`` is folded into the up factors."""
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"`fmt` {fmt!r} is not one of {', '.join(FORMATS)}")
     try:
         ranges.SCALE.check(scale)  # the table --scale is parsed with: NaN, infinity, past +-100 refused
     except ValueError as exc:
-        raise ConfigError(f"--scale {exc}") from None
+        raise ConfigError(f"`scale` {exc}") from None
     from persres.runs import read_from
 
     target = check_lora_out(out, overwrite)
-    check_apart(target, "--out", [("RUN_OR_FILE", read_from(source))], folder=False)
+    check_apart(target, "out", [("source", read_from(source))], folder=False)
     loaded = read_exportable(source)
     conv = is_conv(loaded)
     if fmt == "kohya":
@@ -142,11 +142,11 @@ def export_lora(
 
 def check_lora_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
     target = Path(out)
-    check_writable(target, "--out", folder=False)  # first: a folder is refused as a folder, whatever its name
+    check_writable(target, "out", folder=False)  # first: a folder is refused as a folder, whatever its name
     if target.suffix != ".safetensors":
-        raise ConfigError(f"--out {target}: a LoRA file is written as .safetensors; end the name with it")
+        raise ConfigError(f"`out` {target}: a LoRA file is written as .safetensors; end the name with it")
     if target.exists() and not overwrite:
-        raise ConfigError(f"--out {target} already exists; pass --overwrite to replace it, or choose another")
+        raise ConfigError(f"`out` {target} already exists; pass `overwrite` to replace it, or choose another")
     return target
 
 
@@ -415,10 +415,10 @@ def import_lora(
     from persres.residuals import find_proj_outs
 
     target = Path(out) / "residuals.safetensors"
-    check_writable(out, "--out")
-    check_apart(out, "--out", [("FILE", path), ("--base", base)])
+    check_writable(out, "out")
+    check_apart(out, "out", [("path", path), ("base", base)])
     if target.exists() and not overwrite:
-        raise ConfigError(f"--out {out} already holds {target.name}; pass --overwrite to replace it")
+        raise ConfigError(f"`out` {out} already holds {target.name}; pass `overwrite` to replace it")
     unet = load_unet_skeleton(base)
     proj_outs = find_proj_outs(unet)
     xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
@@ -446,7 +446,7 @@ def new_metadata(
 ) -> dict[str, str]:
     if not token or not class_word:
         raise ConfigError(
-            f"{lora.path} was not exported by persres: pass --token (the trigger word it was trained with) "
-            "and --class-word (e.g. dog)"
+            f"{lora.path} was not exported by persres: pass `token` (the trigger word it was trained with) "
+            "and `class_word` (e.g. dog)"
         )
     return {"base_model": base, "architecture": arch, "imported_from": lora.path.name}

@@ -165,7 +165,7 @@ def choose(ranked: list[Suggestion], strategy: Strategy, margin: float = DEFAULT
     if strategy == "nearest":
         return ranked[0]
     if strategy != "balanced":
-        raise ConfigError(f"--strategy {quote(strategy)} is not nearest or balanced")
+        raise ConfigError(f"`strategy` {quote(strategy)} is not nearest or balanced")
     close = [s for s in ranked[:CANDIDATES] if s.score >= ranked[0].score - margin]
     known = [s for s in close if s.depth >= 0] or close
     return min(known, key=lambda s: (s.depth, -s.tagged, -s.score))
@@ -183,9 +183,9 @@ def suggest_classes(
 ) -> list[Suggestion]:
     """Ranked suggestions; the strategy's choice comes first, then the rest by cosine."""
     if top < 1:
-        raise ConfigError(f"--top must be >= 1, got {top}")
+        raise ConfigError(f"`top` must be >= 1, got {top}")
     if not margin >= 0 or margin == float("inf"):
-        raise ConfigError(f"--margin must be a finite number >= 0, got {margin}")
+        raise ConfigError(f"`margin` must be a finite number >= 0, got {margin}")
     nouns = nouns or load_nouns()
     embeddings = noun_embeddings(scorers, [n.lemma for n in nouns], cache=cache, progress=progress)
     ranked = rank_nouns(image_embedding(scorers, images), embeddings, nouns, max(top, CANDIDATES))

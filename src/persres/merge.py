@@ -24,9 +24,9 @@ def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.
     """
     out = Path(out)
     if out.exists():
-        raise OutputExistsError(f"--out {out} already exists; merge writes a new folder, choose another path")
-    check_writable(out, "--out")
-    check_apart(out, "--out", [("--base", base), ("--residuals", read_from(residuals))])
+        raise OutputExistsError(f"`out` {out} already exists; merge writes a new folder, choose another path")
+    check_writable(out, "out")
+    check_apart(out, "out", [("base", base), ("residuals", read_from(residuals))])
     read_residual_file(residuals)  # a bad file fails before the model is loaded
     pipe = load_pipeline(base, torch.float32, "cpu", as_shipped=True)
     metadata = load_residuals(pipe.unet, residuals)

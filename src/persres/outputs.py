@@ -54,13 +54,13 @@ def write_samples(
     leaves ``out`` as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} is a file; samples are written into a folder, choose another --out")
+        raise OutputExistsError(f"{out} is a file; samples are written into a folder, choose another `out`")
     planned, images = plan_files(out, samples, settings, extra)
     taken = [path for path in planned if path.exists() or path.is_symlink()]
     if taken:
         raise OutputExistsError(
             f"{taken[0]} already exists ({len(taken)} of the {len(planned)} files to write do); nothing "
-            "was written: remove them or choose another --out"
+            "was written: remove them or choose another `out`"
         )
     out.mkdir(parents=True, exist_ok=True)
     for path, content in planned.items():

@@ -29,7 +29,7 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {quote(precision)} is not one of auto, {', '.join(PRECISIONS)}")
+        raise ConfigError(f"`precision` {quote(precision)} is not one of auto, {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 
@@ -55,11 +55,11 @@ def sample_to_folder(
     precision: str = "auto",
 ) -> list[Path]:
     """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
-    check_writable(out, "--out")
+    check_writable(out, "out")
     sources = [read_from(r) for r in residuals if isinstance(r, (str, os.PathLike))]
-    check_apart(out, "--out", [("--base", base), *(("--residuals", source) for source in sources)])
+    check_apart(out, "out", [("base", base), *(("residuals", source) for source in sources)])
     if save_masks and sampler == "normal":
-        raise ConfigError("--save-masks shows LAG's masks; use it with --sampler lag or both")
+        raise ConfigError("`save_masks` shows LAG's masks; use it with `sampler` lag or both")
     peers = peer_runs(list(residuals))
     if peers:
         pipe, concepts = load_peer(base, peers, list(residuals), sampler, device, precision)
@@ -91,8 +91,8 @@ def load_peer(
         )
     if sampler != "normal":
         raise ConfigError(
-            f"--sampler {sampler} applies to residuals only; {run.folder} is a {run.method} run, which "
-            "samples with --sampler normal"
+            f"`sampler` {sampler} applies to residuals only; {run.folder} is a {run.method} run, which "
+            "samples with `sampler` normal"
         )
     target = resolve_device(device)
     pipe = load_pipeline(base, sampling_dtype(precision, target), target)

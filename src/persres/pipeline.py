@@ -40,11 +40,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         target = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {quote(device)} is not one of auto, cpu, cuda, cuda:N") from None
+        raise ConfigError(f"`device` {quote(device)} is not one of auto, cpu, cuda, cuda:N") from None
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+        raise ConfigError(f"`device` {device}: no CUDA GPU is visible here; use `device` cpu or auto")
     if target.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {quote(device)} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"`device` {quote(device)} is not one of auto, cpu, cuda, cuda:N")
     return target
 
 
@@ -74,7 +74,7 @@ def load_pipeline(
         raise ModelError(_not_available_message(base, exc)) from None
     if type(pipe) not in PIPELINES.values():
         raise ModelError(
-            f"--base {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL pipeline"
+            f"`base` {base} is a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL pipeline"
         )
     # diffusers' encode_prompt pads every prompt to the tokenizer's model_max_length: bound it by the
     # text encoder (a tokenizer config without it reads as 1e30 in transformers 5)
@@ -111,7 +111,7 @@ def pipeline_class(base: str) -> type[StableDiffusionPipeline] | type[StableDiff
     name = index.get("_class_name", "")
     if name not in PIPELINES:
         raise ModelError(
-            f"--base {base} is a {name or 'pipeline without a class name'}; persres supports "
+            f"`base` {base} is a {name or 'pipeline without a class name'}; persres supports "
             f"{', '.join(PIPELINES)} (Stable Diffusion 1.x/2.x and XL)"
         )
     return PIPELINES[name]
@@ -161,23 +161,23 @@ def _check_local_folder(base: str) -> None:
     folder = Path(base).expanduser()
     if folder.is_file():
         raise ModelError(
-            f"--base {base} is a single file; persres loads diffusers folders (model_index.json, unet/, "
+            f"`base` {base} is a single file; persres loads diffusers folders (model_index.json, unet/, "
             "vae/, ...): convert single-file checkpoints with diffusers' conversion scripts first"
         )
     if not folder.is_dir():
         raise ModelError(
-            f"--base {base}: no such folder; pass a diffusers Stable Diffusion folder or a hub id"
+            f"`base` {base}: no such folder; pass a diffusers Stable Diffusion folder or a hub id"
         )
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelError(
-            f"--base {base} is not a diffusers pipeline folder (no model_index.json); single-file "
+            f"`base` {base} is not a diffusers pipeline folder (no model_index.json); single-file "
             "checkpoints (.ckpt/.safetensors) must first be converted to the diffusers layout"
         )
     text = index.read_text(encoding="utf-8", errors="replace")
     if not any(f'"{name}"' in text for name in PIPELINES):
         raise ModelError(
-            f"--base {base}: {index} does not describe a {' or '.join(PIPELINES)}; persres supports "
+            f"`base` {base}: {index} does not describe a {' or '.join(PIPELINES)}; persres supports "
             "Stable Diffusion 1.x/2.x and XL"
         )
 

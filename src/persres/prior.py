@@ -147,7 +147,7 @@ def resolve_folder(base: str) -> Path:
     if looks_like_path(base):
         folder = Path(base).expanduser().resolve()
         if not (folder / "model_index.json").is_file():
-            raise ModelError(f"--base {base} is not a diffusers pipeline folder (no model_index.json)")
+            raise ModelError(f"`base` {base} is not a diffusers pipeline folder (no model_index.json)")
         return folder
     from huggingface_hub import snapshot_download
 

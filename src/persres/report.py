@@ -34,11 +34,11 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}
 def write_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     root = Path(results_dir)
     if not (root / "results.csv").is_file():
-        raise InputError(f"{root} has no results.csv; run persres benchmark --out {root} first")
+        raise InputError(f"{root} has no results.csv; run the benchmark with `out` {root} first")
     target = Path(out) if out else root / "report.html"
     if target.exists():
-        raise OutputExistsError(f"{target} already exists; pass --out with a new file name")
-    check_writable(target, "--out", folder=False)
+        raise OutputExistsError(f"{target} already exists; pass `out` with a new file name")
+    check_writable(target, "out", folder=False)
     rows = read_results_csv(root / "results.csv")
     results = {p.parent: read_result(p) for p in sorted(root.glob("runs/*/*/result.json"))}
     body = [

@@ -28,7 +28,7 @@ from persres.result_rows import (
     value_problem,
 )
 
-REDO = "delete it and rerun persres benchmark with the same --out and settings to redo that variant"
+REDO = "delete it and rerun persres benchmark with the same `out` and settings to redo that variant"
 
 
 def read_json(path: Path, fix: str) -> Any:
@@ -44,7 +44,7 @@ def read_json(path: Path, fix: str) -> Any:
 def read_settings(path: Path) -> dict[str, Any]:
     """A benchmark folder's ``benchmark.json``: the settings its results were made with."""
     fix = (
-        "it records the settings of the results in that folder: restore it, or choose another --out "
+        "it records the settings of the results in that folder: restore it, or choose another `out` "
         "(deleting it lets a rerun mix results made with other settings)"
     )
     saved = read_json(path, fix)
@@ -108,7 +108,7 @@ def image_problem(image: dict[str, Any]) -> str | None:
 def read_results_csv(path: Path) -> list[dict[str, str]]:
     """``results.csv``: a header of persres' columns, and rows of exactly its columns whose every value
     is what its field holds (``result_rows``): the report shows them as measured."""
-    fix = "delete it and rerun persres benchmark with the same --out and settings to rebuild it"
+    fix = "delete it and rerun persres benchmark with the same `out` and settings to rebuild it"
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)

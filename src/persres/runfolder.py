@@ -91,10 +91,10 @@ class RunFolder:
         folder must not hold the photos or be inside them (later runs would read its files as photos),
         nor overlap a base model folder."""
         if resume and overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other; pick one")
+            raise ConfigError("`resume` and `overwrite` contradict each other; pick one")
         if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"--out {out} is a file; pass a folder")
-        check_apart(out, "--out", [("--images", images), ("--base", base)])
+            raise OutputExistsError(f"`out` {out} is a file; pass a folder")
+        check_apart(out, "out", [("images", images), ("base", base)])
         check_run(out, resume, overwrite)
         if out.is_dir():
             refuse_if_locked(out / LOCK)
@@ -162,22 +162,22 @@ def check_run(out: Path, resume: bool, overwrite: bool) -> FoundRun | None:
     found = find_run(out)
     if found is None and resume:
         raise InputError(
-            f"--resume: --out {out} holds no persres training run (no {MARKER}); "
-            "leave out --resume to start one there, or pass the folder of the run to continue"
+            f"`resume`: `out` {out} holds no persres training run (no {MARKER}); "
+            "leave out `resume` to start one there, or pass the folder of the run to continue"
         )
     if found is not None and not (resume or overwrite):
         listed = ", ".join(found.names or (MARKER,))
         raise OutputExistsError(
-            f"--out {out} already holds a training run ({listed}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another folder"
+            f"`out` {out} already holds a training run ({listed}); pass `resume` to continue it, "
+            "`overwrite` to replace it, or choose another folder"
         )
     if found is not None and overwrite:
         others = not_written(out, found.written)
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise OutputExistsError(
-                f"--overwrite: --out {out} holds files persres did not write among its run's: {shown}; "
-                "move them out of the folder (--overwrite removes only what the run wrote), or choose "
+                f"`overwrite`: `out` {out} holds files persres did not write among its run's: {shown}; "
+                "move them out of the folder (`overwrite` removes only what the run wrote), or choose "
                 "another folder"
             )
     return found
@@ -203,7 +203,7 @@ def find_run(out: Path) -> FoundRun | None:
     foreign = [name for name in present if name not in owned or (out / name).is_symlink()]
     if foreign:
         raise OutputExistsError(
-            f"--out {out} holds files persres did not write: {', '.join(foreign)}; choose another folder"
+            f"`out` {out} holds files persres did not write: {', '.join(foreign)}; choose another folder"
         )
     if marker is None and not present:
         return None
@@ -223,13 +223,13 @@ def read_marker(out: Path) -> dict[str, Any] | None:
     try:
         marker = readback.load_file(path)
     except (OSError, ValueError) as exc:
-        raise OutputExistsError(f"{path} is not a persres run marker ({exc}); choose another --out") from None
+        raise OutputExistsError(f"{path} is not a persres run marker ({exc}); choose another `out`") from None
     files = marker.get("files") if isinstance(marker, dict) else None
     names_ok = isinstance(files, list) and all(isinstance(name, str) for name in files)
     if not (names_ok and "persres_version" in marker):
         raise OutputExistsError(
             f"{path} is not a persres run marker (needs persres_version and a list of files); "
-            "choose another --out"
+            "choose another `out`"
         )
     return marker
 
@@ -325,7 +325,7 @@ def remove_written(out: Path, written: tuple[str, ...]) -> None:
                 remove(child)
         with contextlib.suppress(OSError):
             folder.rmdir()  # only if empty: anything else stays
-    log.info("--overwrite: removed %s from %s", ", ".join(written) or "nothing", out)
+    log.info("`overwrite`: removed %s from %s", ", ".join(written) or "nothing", out)
 
 
 def remove(path: Path) -> None:
@@ -372,14 +372,14 @@ def refuse_if_locked(path: Path) -> None:
             return
         if age < UNREADABLE_LOCK_STALE_S:
             raise RunLockedError(
-                f"--out {path.parent} is being locked by another process ({path} is not a lock persres can "
+                f"`out` {path.parent} is being locked by another process ({path} is not a lock persres can "
                 f"read, yet); try again in a minute, or remove {path} if no persres train uses the folder"
             )
         return
     if holder["host"] != socket.gethostname() or pid_alive(holder["pid"]):
         raise RunLockedError(
-            f"--out {path.parent} is in use by another persres train: {describe(holder)}. Wait for it, "
-            f"or choose another --out; if that process is gone, remove {path}"
+            f"`out` {path.parent} is in use by another persres train: {describe(holder)}. Wait for it, "
+            f"or choose another `out`; if that process is gone, remove {path}"
         )
 
 

@@ -38,7 +38,7 @@ def read_run(path: str | os.PathLike[str]) -> Run | None:
     run = Run(folder, read_config(config_file, "it records how the run was trained"))
     if not run.result.exists():
         raise InputError(
-            f"{folder} is a {run.method} run without its result {run.result.name}; finish it with --resume"
+            f"{folder} is a {run.method} run without its result {run.result.name}; finish it with `resume`"
         )
     return run
 

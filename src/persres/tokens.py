@@ -55,14 +55,14 @@ def check_token(tokenizer: PreTrainedTokenizerBase, token: str, new: bool) -> No
     if inside:
         raise ConfigError(
             f"identifier {quote(token)} is or contains the tokenizer's special token {quote(inside[0])}, "
-            "which every prompt holds; choose another --token (see persres suggest-token)"
+            "which every prompt holds; choose another `token` (see persres suggest-token)"
         )
     if new:
         pieces = list(tokenizer.tokenize(token))
         if token in tokenizer.get_vocab() or (len(pieces) == 1 and pieces[0] != tokenizer.unk_token):
             raise ConfigError(
                 f"the tokenizer already has the token {quote(token)} (as {quote(pieces[0])}); this method "
-                "adds a new token and trains its row: choose another --token, or load a fresh base"
+                "adds a new token and trains its row: choose another `token`, or load a fresh base"
             )
         return
     ids = tokenizer(token, add_special_tokens=False).input_ids
@@ -70,7 +70,7 @@ def check_token(tokenizer: PreTrainedTokenizerBase, token: str, new: bool) -> No
     if read_as:
         raise ConfigError(
             f"identifier {quote(token)} has pieces this tokenizer does not know, which it reads as its "
-            f"special token {quote(read_as[0])}, held by every prompt; choose another --token "
+            f"special token {quote(read_as[0])}, held by every prompt; choose another `token` "
             "(see persres suggest-token)"
         )
 
@@ -107,7 +107,7 @@ def suggest_tokens(
     Each is checked to tokenize back to exactly one token.
     """
     if count < 1:
-        raise ConfigError(f"--top must be >= 1, got {count}")
+        raise ConfigError(f"`top` must be >= 1, got {count}")
     vocab = tokenizer.get_vocab()
     found: list[str] = []
     for piece, _ in sorted(vocab.items(), key=lambda item: -item[1]):

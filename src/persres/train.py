@@ -99,7 +99,7 @@ def train(
     ``distributed=False`` makes each process train its own run alone on its own device (the
     benchmark runner's case: one concept per process).
     """
-    check_writable(out, "--out")
+    check_writable(out, "out")
     folder = RunFolder.check(Path(out), config.images, resume, overwrite, config.base)  # persres.runfolder
     try:
         return train_in(folder, config, device, callback, progress, distributed)
@@ -110,9 +110,9 @@ def train(
         if folder.created:  # a fresh run's folder holds only what this run wrote: leave nothing behind
             shutil.rmtree(folder.path, ignore_errors=True)
         raise ConfigError(
-            f"training does not fit in memory at --batch-size {config.batch_size} and --resolution "
-            f"{config.resolution} ({first_line(exc, 120)}); use a smaller --batch-size, or "
-            "--gradient-checkpointing, or --mixed-precision bf16"
+            f"training does not fit in memory at `batch_size` {config.batch_size} and `resolution` "
+            f"{config.resolution} ({first_line(exc, 120)}); use a smaller `batch_size`, or "
+            "`gradient_checkpointing`, or `mixed_precision` bf16"
         ) from None
     finally:
         folder.release()
@@ -148,8 +148,8 @@ def train_in(
     if is_xl(pipe) and not method_info(config.method).works_on_sdxl:
         on_xl = ", ".join(names_where(True, "works_on_sdxl"))
         raise ConfigError(
-            f"--method {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
-            f"persres trains {on_xl} (--method {on_xl})"
+            f"`method` {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
+            f"persres trains {on_xl} (`method` {on_xl})"
         )
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)
@@ -352,12 +352,12 @@ def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDiver
     kept = (
         f"the last good checkpoint is kept at {checkpoints[-1].folder} (step {checkpoints[-1].step})"
         if checkpoints
-        else "no checkpoint had been written yet (use a smaller --checkpoint-every)"
+        else "no checkpoint had been written yet (use a smaller `checkpoint_every`)"
     )
     return TrainingDivergedError(
         f"{what + ' became non-finite' if what else f'loss became {loss}'} at step {step}; "
         f"training stopped and {kept}. "
-        "Lower --lr, or use --mixed-precision bf16 or no instead of fp16"
+        "Lower `lr`, or use `mixed_precision` bf16 or no instead of fp16"
     )
 
 

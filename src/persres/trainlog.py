@@ -174,8 +174,8 @@ def check_tracker(report_to: str) -> None:
     if package is not None and not installed(package):
         extra = " (or pip install 'persres[tensorboard]')" if package == "tensorboard" else ""
         raise ConfigError(
-            f"--report-to {report_to} needs the {package} package, which is not installed: "
-            f"pip install {package}{extra}, or use --report-to none (the loss is in OUT/logs/loss.csv anyway)"
+            f"`report_to` {report_to} needs the {package} package, which is not installed: "
+            f"pip install {package}{extra}, or use `report_to` none (the loss is in OUT/logs/loss.csv anyway)"
         )
 
 

@@ -39,7 +39,7 @@ def make_accelerator(config: TrainConfig, device: str, out: Path) -> Accelerator
     try:
         return Accelerator(mixed_precision=config.mixed_precision, cpu=target.type == "cpu", **tracking)
     except ValueError as exc:
-        raise ConfigError(f"--mixed-precision {config.mixed_precision} on {target}: {exc}") from None
+        raise ConfigError(f"`mixed_precision` {config.mixed_precision} on {target}: {exc}") from None
 
 
 def processes_of(accelerator: Accelerator) -> Processes:
@@ -74,12 +74,12 @@ def restore_or_start(out: Path, resume: bool, state: TrainState) -> int:
     if not checkpoints:
         if resume:
             check_same_settings(out / CONFIG_FILE, config)
-            log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+            log.warning("`resume`: no checkpoint in %s, starting from step 0", out)
         return 0
     latest = checkpoints[-1]
     step = load_checkpoint(latest, state)
     if step > config.steps:
-        raise ConfigError(f"{latest.folder} is at step {step}, past --steps {config.steps}; raise --steps")
+        raise ConfigError(f"{latest.folder} is at step {step}, past `steps` {config.steps}; raise `steps`")
     log.info("resuming from %s (step %d of %d)", latest.folder, step, config.steps)
     return step
 
@@ -89,12 +89,12 @@ def check_same_settings(config_file: Path, config: TrainConfig) -> None:
     if not config_file.is_file():
         return
     why = (
-        "it records the settings of a run that left no checkpoint: delete it to start afresh, or --overwrite"
+        "it records the settings of a run that left no checkpoint: delete it to start afresh, or `overwrite`"
     )
     previous = read_config(config_file, why)
     changed = config.resumable_with(previous)
     if changed:
         raise ConfigError(
-            f"--resume: {config_file.parent} has no checkpoint and was started with other settings "
-            f"{changed}; resume with the same settings, or start again with --overwrite"
+            f"`resume`: {config_file.parent} has no checkpoint and was started with other settings "
+            f"{changed}; resume with the same settings, or start again with `overwrite`"
         )

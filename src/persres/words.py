@@ -34,7 +34,7 @@ def load_nouns(path: str | os.PathLike[str] | None = None) -> list[Noun]:
         return parse_nouns(gzip.decompress(raw).decode("utf-8"), "the shipped WordNet table")
     file = Path(path)
     if not file.is_file():
-        raise InputError(f"noun list {file} not found; pass --nouns with a text file, one noun per line")
+        raise InputError(f"noun list {file} not found; pass `nouns` with a text file, one noun per line")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -14,7 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from persres.app import jobs
-from persres.app.fields import checked_args, rules_of
+from persres.app.fields import checked_args, labelled, rules_of
 from persres.app.figures import loss_image
 from persres.errors import PersresError
 
@@ -69,11 +69,12 @@ def refused_stream(
 
 def shown(exc: BaseException, doing: str) -> gr.Error:
     """What the page says of ``exc``: a ``PersresError`` or file error as it is (the user can fix it), a
-    ``gr.Error`` as raised, anything else (a bug) one short line, its traceback in the server's log."""
+    ``gr.Error`` as raised, anything else (a bug) one short line, its traceback in the server's log.
+    The settings a library message names are shown by the page's labels."""
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, (PersresError, OSError)):
-        return gr.Error(str(exc), print_exception=False)
+        return gr.Error(labelled(str(exc)), print_exception=False)
     log.error("persres app: %s failed", doing, exc_info=exc)
     return gr.Error(
         f"{doing} failed with an unexpected {type(exc).__name__}; the server's log has the details",

@@ -17,9 +17,36 @@ from typing import Any
 
 import gradio as gr
 
+from persres.errors import with_names
 from persres.ranges import Range
 
 RULE = "persres_rule"  # the attribute of a component holding its Range
+
+# What the pages call the settings a library message names in backticks (``persres.errors``); a
+# setting the app has no field for is shown by its bare name.
+LABELS: dict[str, str] = {
+    "base": "base model",
+    "images": "photos",
+    "photos": "photos",
+    "class_word": "class word",
+    "token": "identifier",
+    "steps": "steps",
+    "lr": "learning rate",
+    "rank": "rank",
+    "seed": "seed",
+    "prompt": "prompt",
+    "prompts": "prompt",
+    "sampler": "sampler",
+    "out": "run folder",
+    "runs": "runs folder",
+    "method": "method",
+}
+
+
+def labelled(message: str) -> str:
+    """A library message as the page shows it: "`class_word` must not be empty" -> "class word must
+    not be empty"."""
+    return with_names(message, LABELS)
 
 
 def number_field(label: str, rule: Range, value: float, **kwargs: Any) -> gr.Number:

@@ -61,7 +61,7 @@ def new_run(runs: Path, wanted: str) -> Path:
         except FileExistsError:
             continue
         return folder
-    raise InputError(f"--runs {runs} already holds 10,000 runs named {base}; choose another name")
+    raise InputError(f"`runs` {runs} already holds 10,000 runs named {base}; choose another name")
 
 
 def run_names(runs: Path) -> list[str]:

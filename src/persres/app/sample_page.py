@@ -73,7 +73,7 @@ def sample_tab(settings: AppSettings) -> Any:
 def kind_hint(prompt: str) -> str:
     kind = prompt_category(prompt)
     suggested = "LAG" if sampler_for(kind) == "lag" else "normal"
-    return f"prompt kind: **{kind.replace('_', ' ')}**; suggested sampler: **{suggested}** (`--sampler auto`)"
+    return f"prompt kind: **{kind.replace('_', ' ')}**; suggested sampler: **{suggested}** (sampler auto)"
 
 
 def draw(

@@ -13,7 +13,7 @@ from PIL import Image
 
 from persres.app import jobs
 from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
-from persres.app.fields import number_field
+from persres.app.fields import labelled, number_field
 from persres.app.photos import MAX_PHOTOS, MIN_PHOTOS, check_photo, shown_name
 from persres.errors import PersresError
 from persres.ranges import LEARNING_RATE, integer
@@ -82,7 +82,7 @@ def preview(files: list[str] | None) -> tuple[list[tuple[str, str]], str]:
             check_photo(Path(path))
             kept.append((path, shown_name(path)))
         except PersresError as exc:
-            notes.append(f"- refused: {exc}")
+            notes.append(f"- refused: {labelled(str(exc))}")
     count = f"{len(kept)} photo(s) ready" + (
         "" if MIN_PHOTOS <= len(kept) <= MAX_PHOTOS else f" (train needs {MIN_PHOTOS}-{MAX_PHOTOS})"
     )

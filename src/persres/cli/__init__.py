@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from persres import __version__
 from persres.cli import app, evaluation, generation, sharing, suggestion, training
+from persres.cli.flags import FlagNames, for_command_line
 from persres.errors import PersresError
 
 LIGHT_COMMANDS = {"info", "report"}  # read files only: no torch, diffusers or transformers
@@ -68,12 +69,15 @@ def run(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # the library's log lines name settings; show flags
+        if not any(isinstance(f, FlagNames) for f in handler.filters):
+            handler.addFilter(FlagNames())
     if args.command not in LIGHT_COMMANDS:
         quiet_third_party()
     try:
         return int(args.handler(args))
     except PersresError as exc:
-        print(f"persres {args.command}: error: {exc}", file=sys.stderr)
+        print(f"persres {args.command}: error: {for_command_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"persres {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)

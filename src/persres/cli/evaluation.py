@@ -100,9 +100,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         if os.path.exists(args.out):
             raise OutputExistsError(f"--out {args.out} already exists; choose another file")
-        check_writable(args.out, "--out", folder=False)
-        inputs = {"--images": args.images, "--references": args.references, "--clip": args.clip}
-        check_apart(args.out, "--out", [*inputs.items(), ("--dino", args.dino)], folder=False)
+        check_writable(args.out, "out", folder=False)
+        inputs = {"images": args.images, "references": args.references, "clip": args.clip}
+        check_apart(args.out, "out", [*inputs.items(), ("dino", args.dino)], folder=False)
     scorers = Scorers.load(args.clip, args.dino, args.device)
     result = evaluate_folder(args.images, args.references, args.prompt, args.token, scorers)
     if args.out:
@@ -115,7 +115,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from persres.benchmark import run_benchmark
     from persres.files import check_writable
 
-    check_writable(args.out, "--out")  # before anything reads the base model (e.g. its default resolution)
+    check_writable(args.out, "out")  # before anything reads the base model (e.g. its default resolution)
     out = run_benchmark(benchmark_config_of(args), args.device)
     print(f"results: {out / 'results.csv'}, summary: {out / 'summary.json'}")
     return 0

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from persres.files import check_writable
     from persres.train import train
 
-    check_writable(args.out, "--out")  # before anything reads the base model (e.g. its default resolution)
+    check_writable(args.out, "out")  # before anything reads the base model (e.g. its default resolution)
 
     class_word, reason = args.class_word, ""
     if class_word == "auto":

@@ -56,7 +56,7 @@ def read_concept(folder: Path, method: str, unet: nn.Module) -> Concept:
         raise InputError(f'{path} is not a persres concept file (no "format": "{FORMAT}")')
     if data.get("method") != method:
         other = data.get("method")
-        raise InputError(f"{folder} holds a {quote(str(other))} result, not {method!r}; use --method {other}")
+        raise InputError(f"{folder} holds a {quote(str(other))} result, not {method!r}; use `method` {other}")
     token, class_word = data.get("token"), data.get("class_word")
     if not isinstance(token, str) or not isinstance(class_word, str) or not token or not class_word:
         raise InputError(f"{path} records no token or class word; it was not made by persres train")

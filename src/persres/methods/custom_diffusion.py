@@ -223,8 +223,8 @@ def embedding_file(token: str) -> str:
     """The token's file in the result folder, named by the token as diffusers' script names it."""
     if "/" in token or "\\" in token or "\0" in token:
         raise ConfigError(
-            f"--token {quote(token)} names Custom Diffusion's embedding file and cannot hold / or \\; "
-            "choose another --token"
+            f"`token` {quote(token)} names Custom Diffusion's embedding file and cannot hold / or \\; "
+            "choose another `token`"
         )
     return f"{token}.safetensors"
 

@@ -138,7 +138,7 @@ def check_rank(unet: nn.Module, rank: int) -> None:
         layer = min(sides, key=lambda name: sides[name])
         if rank > sides[layer]:
             raise ConfigError(
-                f"--rank {rank} is above the width {sides[layer]} of layer {layer}, where a LoRA of full "
+                f"`rank` {rank} is above the width {sides[layer]} of layer {layer}, where a LoRA of full "
                 f"rank is reached; use a rank <= {sides[layer]} (the recipe's is 4)"
             )
 

@@ -32,7 +32,7 @@ def add_token(pipe: StableDiffusionPipeline, token: str) -> int:
     check_token(pipe.tokenizer, token, new=True)
     if pipe.tokenizer.add_tokens([token]) != 1:
         raise ConfigError(
-            f"the tokenizer already has the token {quote(token)}; load a fresh base or choose another --token"
+            f"the tokenizer already has the token {quote(token)}; load a fresh base or choose another `token`"
         )
     row = int(pipe.tokenizer.convert_tokens_to_ids(token))
     if row >= pipe.text_encoder.get_input_embeddings().weight.shape[0]:
