@@ -1,4 +1,13 @@
-"""The training run folder (``train --out``): which files in it are persres', and who is writing it.
+"""The training run folder (``train --out``): every name in it, its readers, which files in it are
+persres', and who is writing it.
+
+This module is the one owner of the run folder's names (``CONFIG_FILE``, ``RESIDUALS_FILE``, ``RESULT``,
+``CHECKPOINTS``, ``VALIDATION``, ``LOGS``/``LOSS_CSV``/``LOSS_PNG``, the app's ``SAMPLES``, ``EXPORTS`` and
+``REQUEST``, the marker and the lock) and of their readers (``residual_file``, ``list_checkpoints``,
+``read_loss_log``, ``validation_grids``, ``loss_plot``, ``lock_held``); the modules that write those
+files (checkpoint, trainlog, validation, the methods, the app) import the names from here. So that they
+can, it imports only torch-free modules below them (config, header, files, readback, the methods'
+catalog), never the training loop: ``persres info`` reads a run folder without importing torch.
 
 A run folder may hold the user's own files beside persres' (``RUN_NAMES``). Before anything else,
 persres writes a marker, ``persres-run.json`` (persres version, creation time, marker version, and
