@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import persres
 from persres.errors import OutputExistsError, RunLockedError
 from persres.runfolder import LOCK, MARKER, RUN_NAMES, RunFolder, find_run, release_lock, take_lock
 
@@ -188,3 +190,42 @@ def test_a_link_among_the_written_names_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="validation/step-000004"):
         overwrite(out, tmp_path / "photos")
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+
+
+RUN_FOLDER_LITERALS = {
+    *("logs", "loss.csv", "loss.png", "validation", "checkpoints", "samples", "result", "config.json"),
+    *("residuals.safetensors", "persres-run.json", "app-request.json"),
+}
+NOT_A_RUN_FOLDER = {  # (module, literal): the same word, not a name in a run folder
+    ("toyworld/train_base.py", "config.json"),  # the toy base's settings, in its own work folder
+    ("cli/training.py", "result"),  # "result: PATH", the label of the line train prints
+}
+
+
+def code_strings(tree: ast.Module) -> list[ast.Constant]:
+    """The string constants of a module that are code: not docstrings, and not an argparse ``help=``."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }  # fmt: skip
+    helps = {id(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords
+             if k.arg in ("help", "metavar")}  # fmt: skip
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings | helps]  # fmt: skip
+
+
+def test_only_the_run_folder_module_names_a_run_folders_files() -> None:
+    """Issue 20: one owner for the run folder; every other module imports the names from it."""
+    package = Path(persres.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name == "runfolder.py":
+            continue
+        for node in code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            if node.value in RUN_FOLDER_LITERALS and (name, node.value) not in NOT_A_RUN_FOLDER:
+                found.append(f"{name}:{node.lineno}: {node.value!r}")
+    assert not found, "use persres.runfolder's names: " + "; ".join(found)

@@ -52,7 +52,7 @@ from persres.outputs import write_samples
 from persres.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
 from persres.result_rows import row_method
 from persres.results import means, merge_results, pick, read_result, read_settings
-from persres.runfolder import find_run
+from persres.runfolder import SAMPLES, find_run
 from persres.sampling import sample
 from persres.tokens import text_length
 from persres.train import TrainResult, train
@@ -200,7 +200,7 @@ def run_variant(
     started = time.perf_counter()
     sample_variant(config, variant, result.residuals, prompts, samplers, device, progress)
     sample_seconds = time.perf_counter() - started
-    scores = score_samples(folder / "samples", entry, scorers, canonical)
+    scores = score_samples(folder / SAMPLES, entry, scorers, canonical)
     rows = [
         {
             "concept": entry.name,
@@ -267,7 +267,7 @@ def sample_variant(
 ) -> None:
     """Sample every prompt into ``samples/`` from a fresh base with the variant's result loaded, from
     the same seeds for every method (normal and LAG images of one seed share their noise)."""
-    samples_dir = variant.folder / "samples"
+    samples_dir = variant.folder / SAMPLES
     shutil.rmtree(samples_dir, ignore_errors=True)  # a crashed attempt's partial images
     pipe = load_pipeline(config.base, device=device)
     concepts = [get_method(variant.method).load(pipe, trained)]

@@ -34,19 +34,12 @@ from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, PersresError
 from persres.files import write_json
 from persres.methods.protocol import Method, Trainable
+from persres.runfolder import CHECKPOINTS, STATE_FILE, Checkpoint, damaged_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 KEEP_LAST = 2
-STATE_FILE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    folder: Path
-    step: int
 
 
 @dataclass(frozen=True)
@@ -88,34 +81,6 @@ def checkpoint_folder(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}"
 
 
-def list_checkpoints(out: Path) -> list[Checkpoint]:
-    """The checkpoints of a run, oldest first; a ``step-*`` folder that is not one is an error."""
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for folder in root.iterdir():
-        if not folder.name.startswith("step-"):
-            continue  # staging (.step-*.tmp) and anything the user keeps there
-        number = folder.name.removeprefix("step-")
-        if not (number.isdecimal() and number.isascii()) or not folder.is_dir():
-            raise InputError(
-                f"{folder} is not a checkpoint (persres names them step-NNNNNN); move it out of {root}, "
-                "or start again with `overwrite`"
-            )
-        if not (folder / STATE_FILE).is_file():
-            raise damaged(folder / STATE_FILE, "missing")
-        found.append(Checkpoint(folder, int(number)))
-    return sorted(found, key=lambda c: c.step)
-
-
-def damaged(file: Path, what: str) -> InputError:
-    return InputError(
-        f"checkpoint file {file} is damaged or was edited ({what}); delete {file.parent} to resume from "
-        "the checkpoint before it (from step 0 if there is none), or start again with `overwrite`"
-    )
-
-
 def optimizer_tensors(
     optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]
 ) -> dict[str, torch.Tensor]:
@@ -140,23 +105,25 @@ def restore_optimizer(
     for key, value in tensors.items():
         name, _, moment = key.rpartition(".")
         if name not in by_name:
-            raise damaged(file, f"tensor {key!r} belongs to no trained parameter of this model")
+            raise damaged_checkpoint(file, f"tensor {key!r} belongs to no trained parameter of this model")
         states.setdefault(name, {})[moment] = value
     missing = sorted(set(by_name) - set(states))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise damaged(file, f"no AdamW state for {missing[0]}{more}")
+        raise damaged_checkpoint(file, f"no AdamW state for {missing[0]}{more}")
     moments = {"step", "exp_avg", "exp_avg_sq"} | (
         {"max_exp_avg_sq"} if optimizer.defaults.get("amsgrad") else set()
     )
     for name, state in states.items():
         param = by_name[name]
         if set(state) != moments:
-            raise damaged(file, f"{name} has AdamW state {sorted(state)}, expected {sorted(moments)}")
+            raise damaged_checkpoint(
+                file, f"{name} has AdamW state {sorted(state)}, expected {sorted(moments)}"
+            )
         for moment, value in state.items():
             expected = () if moment == "step" else tuple(param.shape)
             if tuple(value.shape) != expected or not value.is_floating_point():
-                raise damaged(
+                raise damaged_checkpoint(
                     file, f"{name}.{moment} is {value.dtype} {tuple(value.shape)}, expected float {expected}"
                 )
     for name, state in states.items():
@@ -220,7 +187,7 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
     try:
         state.method.load_state(state.trainable, folder / state.tensors_file)
     except PersresError as exc:
-        raise damaged(folder / state.tensors_file, str(exc)) from None
+        raise damaged_checkpoint(folder / state.tensors_file, str(exc)) from None
     restore_optimizer(state.optimizer, state.names, read_tensors(folder / OPTIMIZER), folder / OPTIMIZER)
     restore_generator(state.generator, read_tensors(rng_file), rng_file)
     return checkpoint.step
@@ -231,31 +198,31 @@ def read_state(file: Path, step: int) -> TrainConfig:
     try:
         data: Any = readback.load_file(file)
     except (OSError, ValueError) as exc:
-        raise damaged(file, str(exc)) from None
+        raise damaged_checkpoint(file, str(exc)) from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-        raise damaged(file, 'expected an object with "step" and "config"')
+        raise damaged_checkpoint(file, 'expected an object with "step" and "config"')
     if type(data.get("step")) is not int or data["step"] != step:
-        raise damaged(file, f"its step {data.get('step')!r} is not the folder's step {step}")
+        raise damaged_checkpoint(file, f"its step {data.get('step')!r} is not the folder's step {step}")
     try:
         return TrainConfig.from_dict(data["config"])
     except ConfigError as exc:
-        raise damaged(file, f"its config is not valid: {exc}") from None
+        raise damaged_checkpoint(file, f"its config is not valid: {exc}") from None
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
-        raise damaged(file, "missing")
+        raise damaged_checkpoint(file, "missing")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise damaged(file, f"not a safetensors file: {exc}") from None
+        raise damaged_checkpoint(file, f"not a safetensors file: {exc}") from None
 
 
 def restore_generator(generator: torch.Generator, tensors: dict[str, torch.Tensor], file: Path) -> None:
     state = tensors.get("state")
     if state is None or set(tensors) != {"state"} or state.dtype != torch.uint8:
-        raise damaged(file, "expected one uint8 tensor 'state'")
+        raise damaged_checkpoint(file, "expected one uint8 tensor 'state'")
     try:
         generator.set_state(state)
     except RuntimeError as exc:
-        raise damaged(file, f"not a generator state: {exc}") from None
+        raise damaged_checkpoint(file, f"not a generator state: {exc}") from None

@@ -64,21 +64,10 @@ class ResidualHeader:
         return {layer: (tensors[f"{layer}.A"], tensors[f"{layer}.B"]) for layer in layer_names(self)}
 
 
-def residual_path(path: str | os.PathLike[str]) -> Path:
-    """The file itself, or a training run's folder meaning its ``residuals.safetensors``."""
-    path = Path(path)
-    if path.is_dir() and (path / "residuals.safetensors").is_file():
-        path = path / "residuals.safetensors"
-    if not path.is_file():
-        raise ResidualFileError(
-            f"residual file {path} not found; pass the residuals.safetensors of a training run"
-        )
-    return path
-
-
 def read_residual_header(path: str | os.PathLike[str]) -> ResidualHeader:
-    """Read and check a residual file's header: format, version, metadata, factor pairs and shapes."""
-    file = residual_path(path)
+    """Read and check a residual file's header: format, version, metadata, factor pairs and shapes. A run
+    folder is found by ``persres.runfolder.residual_file`` first (this module knows files, not runs)."""
+    file = Path(path)
     metadata, tensors = read_safetensors_header(file)
     header = ResidualHeader(file, metadata, tensors)
     check_metadata(header)

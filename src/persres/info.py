@@ -11,11 +11,12 @@ import os
 from typing import Any
 
 from persres.header import read_residual_header
+from persres.runfolder import residual_file
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Provenance, per-layer widths and ranks, and the parameter count of a residual file."""
-    header = read_residual_header(path)
+    header = read_residual_header(residual_file(path))
     metadata = header.metadata
     layers = [
         {"path": name, "m": a.shape[0], "rank": a.shape[1], "parameters": a.numel + b.numel}

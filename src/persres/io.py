@@ -28,6 +28,7 @@ from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
 from persres.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
 from persres.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
+from persres.runfolder import residual_file
 
 # The largest change |A B| a residual may make to any weight. Stable Diffusion's proj_out weights are of
 # order 0.1 (below 10 in every release), and training moves them by a fraction of that; a change of 1e4
@@ -130,7 +131,7 @@ def family(recorded: str | None) -> str:
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
     """Read and check a residual file without a model: its header (``persres.header``), then the
     factors, which must be finite; they load as fp32 whatever float type they were saved in."""
-    header = read_residual_header(path)
+    header = read_residual_header(residual_file(path))
     try:
         with safe_open(str(header.path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -51,6 +51,7 @@ from persres.io import (
     write_residual_file,
 )
 from persres.methods.catalog import METHODS
+from persres.runfolder import RESIDUALS_FILE
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = "lora_unet_"
@@ -414,7 +415,7 @@ def import_lora(
     from persres.pipeline import load_unet_skeleton
     from persres.residuals import find_proj_outs
 
-    target = Path(out) / "residuals.safetensors"
+    target = Path(out) / RESIDUALS_FILE
     check_writable(out, "out")
     check_apart(out, "out", [("path", path), ("base", base)])
     if target.exists() and not overwrite:

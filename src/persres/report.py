@@ -23,6 +23,7 @@ from persres.errors import InputError, OutputExistsError  # noqa: E402
 from persres.files import check_writable, write_text  # noqa: E402
 from persres.images import load_rgb  # noqa: E402
 from persres.results import RESIDUALS_ROW, read_result, read_results_csv  # noqa: E402
+from persres.runfolder import SAMPLES  # noqa: E402
 
 THUMB = 96
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%}
@@ -186,7 +187,7 @@ def grid(folder: Path, result: dict[str, Any], per_row: int = 8) -> str:
     )
     rows = [("references", references[:per_row])]
     for sampler in ("normal", "lag"):
-        files = [folder / "samples" / i["image"] for i in result["images"] if i["sampler"] == sampler]
+        files = [folder / SAMPLES / i["image"] for i in result["images"] if i["sampler"] == sampler]
         rows.append((sampler, files[:per_row]))
     title = f"{folder.parent.name} ({folder.name}, class '{config['class_word']}')"  # folder: method, rank
     lines = "".join(

@@ -1,4 +1,13 @@
-"""The training run folder (``train --out``): which files in it are persres', and who is writing it.
+"""The training run folder (``train --out``): every name in it, its readers, which files in it are
+persres', and who is writing it.
+
+This module is the one owner of the run folder's names (``CONFIG_FILE``, ``RESIDUALS_FILE``, ``RESULT``,
+``CHECKPOINTS``, ``VALIDATION``, ``LOGS``/``LOSS_CSV``/``LOSS_PNG``, the app's ``SAMPLES``, ``EXPORTS`` and
+``REQUEST``, the marker and the lock) and of their readers (``residual_file``, ``list_checkpoints``,
+``read_loss_log``, ``validation_grids``, ``loss_plot``, ``lock_held``); the modules that write those
+files (checkpoint, trainlog, validation, the methods, the app) import the names from here. So that they
+can, it imports only torch-free modules below them (config, header, files, readback, the methods'
+catalog), never the training loop: ``persres info`` reads a run folder without importing torch.
 
 A run folder may hold the user's own files beside persres' (``RUN_NAMES``). Before anything else,
 persres writes a marker, ``persres-run.json`` (persres version, creation time, marker version, and
@@ -29,8 +38,10 @@ A lock whose process is gone (same host, pid not alive) is taken over with a war
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -41,25 +52,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from persres import __version__, readback
-from persres.checkpoint import CHECKPOINTS, list_checkpoints
 from persres.config import TrainConfig
-from persres.errors import ConfigError, InputError, OutputExistsError, RunLockedError
+from persres.errors import ConfigError, InputError, OutputExistsError, ResidualFileError, RunLockedError
 from persres.files import check_apart, write_json
-from persres.io import FORMAT_NAME
+from persres.header import FORMAT_NAME, read_safetensors_header
 from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info
-from persres.methods.protocol import RESULT  # the peer methods' results; residuals: RESIDUALS_FILE
 
 log = logging.getLogger(__name__)
 
+# Every name persres gives in a run folder; the modules that write or read them import them from here.
 MARKER = "persres-run.json"
 LOCK = ".persres.lock"
-RESIDUALS_FILE = "residuals.safetensors"
 CONFIG_FILE = "config.json"
-VALIDATION = "validation"
+RESIDUALS_FILE = "residuals.safetensors"  # the residuals method's result (a residual file)
+RESULT = "result"  # the folder in which a peer method saves its result
+CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNN/, written by persres.checkpoint
+STATE_FILE = "state.json"  # in each checkpoint: its step and the run's settings
+VALIDATION = "validation"  # validation/step-NNNNNN/, written by persres.validation
+GRID = "grid.png"  # in each validation folder: its images side by side
 LOGS = "logs"
+LOSS_CSV = "loss.csv"  # logs/loss.csv, written by persres.trainlog
+LOSS_PNG = "loss.png"
+SAMPLES = "samples"  # what the app's Sample page (and a benchmark's variant) drew with the run
+REQUEST = "app-request.json"  # the app's settings of a run, for resuming before config.json exists
+EXPORTS = "exports"  # the app's LoRA files of the run
 RUN_NAMES = (RESIDUALS_FILE, RESULT, CONFIG_FILE, CHECKPOINTS, VALIDATION, LOGS)
 EARLIER_NAMES = (RESIDUALS_FILE, CONFIG_FILE, CHECKPOINTS, VALIDATION)  # what persres 0.1.0 wrote
 MAX_PID = 2**31  # pids are C ints; a larger one is a damaged lock, not a process to ask about
@@ -68,7 +85,8 @@ STEP = re.compile(r"step-\d{6,}")
 SHARED = {  # the folders persres shares with the user, and the names it gives what it writes there
     CHECKPOINTS: STEP,
     VALIDATION: STEP,
-    LOGS: re.compile(r"loss\.csv|loss\.png|persres|wandb"),  # tensorboard writes logs/persres
+    # logs/persres: tensorboard's folder, logs/wandb: wandb's
+    LOGS: re.compile("|".join(map(re.escape, (LOSS_CSV, LOSS_PNG, "persres", "wandb")))),
 }
 LEFTOVER = re.compile(r"\..+\.(tmp|old)")  # persres' temporary names: .NAME.*tmp, .NAME.old
 UNREADABLE_LOCK_STALE_S = 60  # a lock left empty by a process killed between create and write
@@ -255,14 +273,14 @@ def is_earlier_run(out: Path) -> bool:
 
 
 def is_residual_file(path: Path) -> bool:
-    """Reads only the safetensors header."""
+    """Reads only the safetensors header (by persres.header: no torch, no safetensors for ``info``)."""
     if not path.is_file():
         return False
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == FORMAT_NAME
-    except (SafetensorError, OSError, ValueError):
+        metadata, _ = read_safetensors_header(path)
+    except ResidualFileError:
         return False
+    return metadata.get("format") == FORMAT_NAME
 
 
 def writes_result(out: Path) -> bool:
@@ -424,3 +442,139 @@ def release_lock(path: Path, mine: dict[str, Any]) -> None:
     text = lock_text(path)
     if text is not None and parse_lock(text) == mine:
         path.unlink(missing_ok=True)
+
+
+# The readers of what a run wrote, for ``train --resume``, ``info``, ``export`` and the app.
+
+
+def residual_file(path: str | os.PathLike[str]) -> Path:
+    """The residual file itself, or a training run's folder meaning its ``residuals.safetensors``."""
+    path = Path(path)
+    if path.is_dir() and (path / RESIDUALS_FILE).is_file():
+        path = path / RESIDUALS_FILE
+    if not path.is_file():
+        raise ResidualFileError(
+            f"residual file {path} not found; pass the {RESIDUALS_FILE} of a training run"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    step: int
+
+
+def list_checkpoints(out: Path) -> list[Checkpoint]:
+    """The checkpoints of a run, oldest first; a ``step-*`` folder that is not one is an error."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        if not folder.name.startswith("step-"):
+            continue  # staging (.step-*.tmp) and anything the user keeps there
+        number = folder.name.removeprefix("step-")
+        if not (number.isdecimal() and number.isascii()) or not folder.is_dir():
+            raise InputError(
+                f"{folder} is not a checkpoint (persres names them step-NNNNNN); move it out of {root}, "
+                "or start again with `overwrite`"
+            )
+        if not (folder / STATE_FILE).is_file():
+            raise damaged_checkpoint(folder / STATE_FILE, "missing")
+        found.append(Checkpoint(folder, int(number)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def damaged_checkpoint(file: Path, what: str) -> InputError:
+    return InputError(
+        f"checkpoint file {file} is damaged or was edited ({what}); delete {file.parent} to resume from "
+        "the checkpoint before it (from step 0 if there is none), or start again with `overwrite`"
+    )
+
+
+LOSS_COLUMNS = ("step", "loss", "smoothed_loss", "lr", "elapsed_seconds")
+NO_CURVE = "restore it, or delete it (no loss curve)"
+
+
+@dataclass(frozen=True)
+class LossRow:
+    """One row of ``logs/loss.csv`` (persres.trainlog says what the columns mean)."""
+
+    step: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    elapsed_seconds: float
+
+    def line(self) -> str:
+        # repr keeps every bit of a float, so the smoothing continues exactly on resume
+        return f"{self.step},{self.loss!r},{self.smoothed_loss!r},{self.lr!r},{self.elapsed_seconds:.3f}\n"
+
+
+def loss_log(out: Path) -> Path:
+    return out / LOGS / LOSS_CSV
+
+
+def read_loss_log(path: Path, fix: str = NO_CURVE) -> list[LossRow]:
+    """Every row of a loss log, strictly (its header, then rows of finite numbers from step 1); a damaged
+    or edited log is an ``InputError`` naming it, what is wrong and ``fix``."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            lines = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise damaged_log(path, f"not a readable CSV file: {exc}", fix) from None
+    if not lines or tuple(lines[0]) != LOSS_COLUMNS:
+        raise damaged_log(path, f"its header is not {','.join(LOSS_COLUMNS)}", fix)
+    return [parse_loss_row(path, number, fields, fix) for number, fields in enumerate(lines[1:], start=2)]
+
+
+def parse_loss_row(path: Path, number: int, fields: list[str], fix: str) -> LossRow:
+    try:
+        if len(fields) != len(LOSS_COLUMNS):
+            raise ValueError(f"{len(fields)} fields, expected {len(LOSS_COLUMNS)}")
+        row = LossRow(readback.integer(fields[0]), *(float(field) for field in fields[1:]))  # any length
+    except ValueError as exc:
+        raise damaged_log(path, f"line {number}: {exc}", fix) from None
+    values = (row.loss, row.smoothed_loss, row.lr, row.elapsed_seconds)
+    if row.step < 1 or not all(math.isfinite(value) for value in values):
+        raise damaged_log(path, f"line {number}: a step below 1 or a value that is not finite", fix)
+    return row
+
+
+def damaged_log(path: Path, what: str, fix: str) -> InputError:
+    return InputError(f"{path} is damaged or was edited ({what}); {fix}")
+
+
+def loss_plot(out: Path) -> Path | None:
+    path = out / LOGS / LOSS_PNG
+    return path if path.is_file() else None
+
+
+VALIDATION_ROUND = re.compile(r"step-(\d{1,9})")
+
+
+def validation_grids(out: Path) -> list[tuple[int, Path]]:
+    """(step, grid.png) of every validation round, in step order (folders not named step-N: not ours)."""
+    rounds = [(int(found[1]), g) for g in (out / VALIDATION).glob(f"step-*/{GRID}")
+              if (found := VALIDATION_ROUND.fullmatch(g.parent.name))]  # fmt: skip
+    return sorted(rounds)
+
+
+def lock_held(out: Path) -> bool:
+    """Whether a live ``train`` holds the run's lock, as ``train`` judges it. A lock persres cannot read
+    that no process is writing now is refused, naming it."""
+    lock = out / LOCK
+    try:
+        refuse_if_locked(lock)
+        text = lock_text(lock)
+    except RunLockedError:
+        return True
+    except OSError as exc:
+        raise InputError(f"{lock} is damaged or unreadable ({type(exc).__name__}: {exc})") from None
+    if text is not None and parse_lock(text) is None:
+        raise InputError(
+            f"{lock} is damaged (not a lock persres wrote) and no training writes it now; delete it, "
+            "then resume the run"
+        )
+    return False

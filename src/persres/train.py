@@ -37,9 +37,9 @@ from persres.io import architecture
 from persres.methods import get_method, method_info, names_where
 from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
-from persres.runfolder import CONFIG_FILE, RunFolder, result_name
+from persres.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.tokens import check_identifier, check_token, text_length
-from persres.trainlog import LOGS, LOSS_CSV, LOSS_PNG, LossLog, check_tracker, tracker_config
+from persres.trainlog import LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation
 from persres.words import real_words

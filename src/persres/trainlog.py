@@ -17,46 +17,27 @@ done again) are dropped by an atomic rewrite.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from persres import readback
 from persres.config import TrainConfig
-from persres.errors import ConfigError, InputError
+from persres.errors import ConfigError
 from persres.files import atomic_path, write_text
+from persres.runfolder import LOSS_COLUMNS, LOSS_PNG, LossRow, damaged_log, loss_log, read_loss_log
 
 log = logging.getLogger(__name__)
 
-LOGS = "logs"
-LOSS_CSV = "loss.csv"
-LOSS_PNG = "loss.png"
-COLUMNS = ("step", "loss", "smoothed_loss", "lr", "elapsed_seconds")
+COLUMNS = LOSS_COLUMNS
 ALPHA = 0.1  # weight of the newest loss in the moving average: about the last 10 steps count
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-@dataclass(frozen=True)
-class LossRow:
-    step: int
-    loss: float
-    smoothed_loss: float
-    lr: float
-    elapsed_seconds: float
-
-    def line(self) -> str:
-        # repr keeps every bit of a float, so the smoothing continues exactly on resume
-        return f"{self.step},{self.loss!r},{self.smoothed_loss!r},{self.lr!r},{self.elapsed_seconds:.3f}\n"
 
 
 class LossLog:
@@ -73,7 +54,7 @@ class LossLog:
     @classmethod
     def open(cls, out: Path, step: int) -> LossLog:
         """A new log for a run starting at step 0, or the log of a run resumed at ``step``."""
-        path = out / LOGS / LOSS_CSV
+        path = loss_log(out)
         rows = read_rows(path, step) if step > 0 else []
         if step > 0 and rows is None:
             log.warning("%s is missing: the log starts again at step %d", path, step + 1)
@@ -109,45 +90,20 @@ class LossLog:
 
 
 def read_rows(path: Path, step: int) -> list[LossRow] | None:
-    """The rows up to ``step`` of an interrupted run's log (None when it has none); strict."""
+    """The rows up to ``step`` of an interrupted run's log (None when it has none); strict, and its steps
+    must follow each other up to the checkpoint's."""
     if not path.is_file():
         return None
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            lines = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise bad_log(path, step, f"not a readable CSV file: {exc}") from None
-    if not lines or tuple(lines[0]) != COLUMNS:
-        raise bad_log(path, step, f"its header is not {','.join(COLUMNS)}")
-    rows = [parse_row(path, step, number, fields) for number, fields in enumerate(lines[1:], start=2)]
+    fix = f"restore it, or delete it to resume from step {step} with a new log that starts at step {step + 1}"
+    rows = read_loss_log(path, fix)
     for previous, row in zip(rows, rows[1:], strict=False):
         if row.step != previous.step + 1:
-            raise bad_log(path, step, f"step {row.step} follows step {previous.step}")
+            raise damaged_log(path, f"step {row.step} follows step {previous.step}", fix)
     kept = [row for row in rows if row.step <= step]
     if not kept or kept[-1].step != step:
         last = f"its rows end at step {kept[-1].step}" if kept else "it has no row at or before it"
-        raise bad_log(path, step, f"the checkpoint is at step {step} but {last}")
+        raise damaged_log(path, f"the checkpoint is at step {step} but {last}", fix)
     return kept
-
-
-def parse_row(path: Path, step: int, number: int, fields: list[str]) -> LossRow:
-    try:
-        if len(fields) != len(COLUMNS):
-            raise ValueError(f"{len(fields)} fields, expected {len(COLUMNS)}")
-        row = LossRow(readback.integer(fields[0]), *(float(field) for field in fields[1:]))  # any length
-    except ValueError as exc:
-        raise bad_log(path, step, f"line {number}: {exc}") from None
-    values = (row.loss, row.smoothed_loss, row.lr, row.elapsed_seconds)
-    if row.step < 1 or not all(math.isfinite(value) for value in values):
-        raise bad_log(path, step, f"line {number}: a step below 1 or a value that is not finite")
-    return row
-
-
-def bad_log(path: Path, step: int, what: str) -> InputError:
-    return InputError(
-        f"{path} is damaged or was edited ({what}); restore it, or delete it to resume from step {step} "
-        f"with a new log that starts at step {step + 1}"
-    )
 
 
 def plot_losses(rows: list[LossRow], target: Path) -> Path:

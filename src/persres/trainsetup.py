@@ -19,9 +19,8 @@ from persres.config import TrainConfig
 from persres.errors import ConfigError
 from persres.methods.protocol import Method, Trainable
 from persres.pipeline import resolve_device
-from persres.runfolder import CONFIG_FILE
+from persres.runfolder import CONFIG_FILE, LOGS
 from persres.runs import read_config
-from persres.trainlog import LOGS
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,12 @@ from persres.concepts import Concept
 from persres.config import TrainConfig
 from persres.files import atomic_dir
 from persres.outputs import save_png, side_by_side, write_samples
+from persres.runfolder import GRID, VALIDATION
 from persres.sampling import SampleSettings, sample
 
 log = logging.getLogger(__name__)
 
-VALIDATION = "validation"
 VALIDATION_STEPS = 25  # DDIM steps: enough to see the concept, cheap enough to repeat during training
-GRID = "grid.png"
 
 
 def validation_folder(out: Path, step: int) -> Path:

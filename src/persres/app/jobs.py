@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import cast
 
 from persres.app.photos import keep_photos
-from persres.app.runstore import REQUEST, losses, new_run, photo_folder, run_config, run_folder
+from persres.app.runstore import losses, new_run, photo_folder, run_config, run_folder
 from persres.config import DEFAULT_TOKEN, ResidualConfig, SampleSettings, TrainConfig
 from persres.errors import ConfigError
 from persres.files import write_json
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
-from persres.runfolder import RESIDUALS_FILE
+from persres.runfolder import EXPORTS, REQUEST, RESIDUALS_FILE, SAMPLES
 from persres.sampling import Sample, Sampler
 from persres.toymodels import TOY_BASE, locate_toy_model
 
 MACHINE = threading.Lock()
 VALIDATION_PROMPT = "a photo of a V* {}"
-SAMPLES = "samples"  # RUN/samples/: what the Sample page drew with the run (PNGs and JSON sidecars)
 
 
 @dataclass(frozen=True)
@@ -234,5 +233,5 @@ def export_run(runs: Path, name: str, fmt: str) -> Path:
     from persres.lora_files import export_lora
 
     folder = run_folder(runs, name)
-    (folder / "exports").mkdir(exist_ok=True)
-    return export_lora(folder, fmt, folder / "exports" / f"{folder.name}-{fmt}.safetensors", overwrite=True)
+    (folder / EXPORTS).mkdir(exist_ok=True)
+    return export_lora(folder, fmt, folder / EXPORTS / f"{folder.name}-{fmt}.safetensors", overwrite=True)

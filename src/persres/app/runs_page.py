@@ -13,7 +13,7 @@ import pandas as pd
 from persres.app import jobs, runstore
 from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
 from persres.errors import PersresError
-from persres.runfolder import RESIDUALS_FILE
+from persres.runfolder import RESIDUALS_FILE, loss_plot
 
 
 def runs_tab(settings: AppSettings) -> Any:
@@ -75,7 +75,7 @@ def show_run(settings: AppSettings, name: str | None) -> tuple[Any, Any, Any]:
     folder = runstore.run_folder(settings.runs, name)
     info = runstore.run_info(folder)
     config = runstore.run_config(folder).to_dict()
-    plot = runstore.loss_plot(folder)
+    plot = loss_plot(folder)
     grids = [(str(path), caption) for path, caption in runstore.validation_grids(folder)]
     return (
         {"status": info.status, "steps done": info.steps_done, **config},

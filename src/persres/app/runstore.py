@@ -20,27 +20,26 @@ from pathlib import Path
 from typing import TypeVar
 
 from persres.config import TrainConfig
-from persres.errors import InputError, PersresError, RunLockedError, quote
+from persres.errors import InputError, PersresError, quote
 from persres.runfolder import (
     CONFIG_FILE,
-    LOCK,
     MARKER,
+    REQUEST,
     RESIDUALS_FILE,
-    lock_text,
-    parse_lock,
-    refuse_if_locked,
+    lock_held,
+    loss_log,
+    read_loss_log,
+)
+from persres.runfolder import (
+    validation_grids as validation_rounds,
 )
 from persres.runs import read_config
-from persres.trainlog import COLUMNS, LOGS, LOSS_CSV, LOSS_PNG, LossRow, parse_row
-from persres.validation import GRID, VALIDATION
 
 T = TypeVar("T")
 
 PHOTOS = ".photos"  # runs/.photos/NAME/: a run's photos, kept outside its folder (train refuses overlap)
-REQUEST = "app-request.json"  # the settings a run was started with, for resuming before config.json exists
 NAME_LIMIT = 40
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
-VALIDATION_ROUND = re.compile(r"step-(\d{1,9})")
 
 
 def safe_name(text: str) -> str:
@@ -120,28 +119,10 @@ def run_config(folder: Path) -> TrainConfig:
 
 def losses(folder: Path) -> list[tuple[int, float]]:
     """(step, loss) rows of ``logs/loss.csv``, empty when there is none yet; a damaged log is refused."""
-    path = folder / LOGS / LOSS_CSV
+    path = loss_log(folder)
     if not path.is_file():
         return []
-    return [(row.step, row.loss) for row in damage_named(path, loss_rows)]
-
-
-def loss_rows(path: Path) -> list[LossRow]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        lines = list(csv.reader(handle))
-    if not lines or tuple(lines[0]) != COLUMNS:
-        raise damaged_log(path, f"its header is not {','.join(COLUMNS)}")
-    rows = []
-    for number, fields in enumerate(lines[1:], start=2):
-        try:
-            rows.append(parse_row(path, 0, number, fields))  # trainlog's checks of one row
-        except InputError:
-            raise damaged_log(path, f"line {number} is not a row of numbers {','.join(COLUMNS)}") from None
-    return rows
-
-
-def damaged_log(path: Path, what: str) -> InputError:
-    return InputError(f"{path} is damaged or was edited ({what}); restore it, or delete it (no loss curve)")
+    return [(row.step, row.loss) for row in read_loss_log(path)]
 
 
 def damage_named(path: Path, read: Callable[[Path], T]) -> T:
@@ -159,18 +140,7 @@ def status(folder: Path) -> str:
     """finished, training (a live process holds the lock, as ``train`` judges it) or interrupted."""
     if (folder / RESIDUALS_FILE).is_file():
         return "finished"
-    lock = folder / LOCK
-    try:
-        damage_named(lock, refuse_if_locked)  # a lock that is not UTF-8: the library's reader raises
-    except RunLockedError:
-        return "training"
-    text = damage_named(lock, lock_text)
-    if text is not None and parse_lock(text) is None:
-        raise InputError(
-            f"{lock} is damaged (not a lock persres wrote) and no training writes it now; delete it, "
-            "then resume the run"
-        )
-    return "interrupted"
+    return "training" if lock_held(folder) else "interrupted"
 
 
 def run_info(folder: Path) -> RunInfo:
@@ -193,13 +163,6 @@ def damaged_row(name: str, error: PersresError) -> list[object]:
     return [name, f"damaged: {error}", "", "", ""]
 
 
-def loss_plot(folder: Path) -> Path | None:
-    path = folder / LOGS / LOSS_PNG
-    return path if path.is_file() else None
-
-
 def validation_grids(folder: Path) -> list[tuple[Path, str]]:
-    """(grid.png, "step N") of every validation round, in step order (folders not named step-N: not ours)."""
-    rounds = [(int(found[1]), g) for g in (folder / VALIDATION).glob(f"step-*/{GRID}")
-              if (found := VALIDATION_ROUND.fullmatch(g.parent.name))]  # fmt: skip
-    return [(g, f"step {step}") for step, g in sorted(rounds)]
+    """(grid.png, "step N") of every validation round, in step order."""
+    return [(grid, f"step {step}") for step, grid in validation_rounds(folder)]

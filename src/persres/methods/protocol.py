@@ -41,15 +41,13 @@ import torch
 from torch import nn
 
 from persres.methods.catalog import Recipe
+from persres.runfolder import RESULT  # noqa: F401  (re-exported: where a peer method saves its result)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from persres.concepts import Concept
     from persres.config import TrainConfig
-
-
-RESULT = "result"  # the folder of a run in which a peer method saves its result
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,13 @@ from persres.methods.catalog import METHODS
 from persres.methods.patches import patching
 from persres.methods.protocol import Trainable
 from persres.residuals import add_residuals, remove_residuals, residual_parameters
+from persres.runfolder import RESIDUALS_FILE
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from persres.concepts import Concept
     from persres.config import TrainConfig
-
-RESULT = "residuals.safetensors"  # persres.runfolder.RESIDUALS_FILE (not imported: it imports the loop)
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Residuals:
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
     ) -> Path:
-        return save_residuals(pipe.unet, out / RESULT, overwrite=True, **metadata)
+        return save_residuals(pipe.unet, out / RESIDUALS_FILE, overwrite=True, **metadata)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         with patching(pipe, self.name, "load") as patches:
