@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persres import readback
+from persres.backbones.records import architecture_problem as added_conditioning_problem
 from persres.config import ResidualConfig, TrainConfig, typed_values
 from persres.errors import ConfigError, ResidualFileError, quote
 
@@ -189,15 +190,13 @@ def _json_field_problem(key: str, text: str) -> str | None:
 
 
 def _architecture_problem(value: dict[str, object]) -> str | None:
-    """``{"proj_out": "conv" | "linear", "cross_attention_dim": int, "addition_embed_type"?: str}``."""
+    """``{"proj_out": "conv" | "linear", "cross_attention_dim": int}`` and what the U-Net backbone adds."""
     proj_out, width = value.get("proj_out"), value.get("cross_attention_dim")
     if proj_out not in PROJ_OUT_KINDS:
         return f"has proj_out {readback.shown(proj_out)}, not one of {', '.join(PROJ_OUT_KINDS)}"
     if width is not None and (type(width) is not int or width < 1):
         return f"has cross_attention_dim {readback.shown(width)}, not a positive whole number"
-    if not isinstance(value.get("addition_embed_type", ""), str):
-        return "has an addition_embed_type that is not text"
-    return None
+    return added_conditioning_problem(value)  # the backbone's part of the record
 
 
 def layer_names(header: ResidualHeader) -> list[str]:

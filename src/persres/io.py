@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from persres.backbones import backbone_of_denoiser
+from persres.backbones.records import describe
 from persres.config import ResidualConfig
 from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
@@ -94,38 +96,13 @@ def write_residual_file(
 
 
 def architecture(unet: nn.Module) -> str:
-    """What a residual file needs of its base beyond layer shapes: proj_out kind and text width, and
-    SDXL's added conditioning (``addition_embed_type`` "text_time"; absent for SD 1.x/2.x).
-
-    SD 1.x and SD 2.x U-Nets have the same proj_out paths and widths; this tells them apart.
-    """
-    kinds = {"linear" if isinstance(p, nn.Linear) else "conv" for p in find_proj_outs(unet).values()}
-    config = getattr(unet, "config", None)
-    cross = getattr(config, "cross_attention_dim", None) if config is not None else None
-    recorded: dict[str, Any] = {"proj_out": "/".join(sorted(kinds)), "cross_attention_dim": cross}
-    added = getattr(config, "addition_embed_type", None) if config is not None else None
-    if added is not None:
-        recorded["addition_embed_type"] = added
-    return json.dumps(recorded, sort_keys=True)
+    """What a residual file needs of its base beyond layer shapes, as its backbone records it (JSON)."""
+    return json.dumps(backbone_of_denoiser(unet).architecture(unet, find_proj_outs(unet)), sort_keys=True)
 
 
 def family(recorded: str | None) -> str:
-    """A recorded architecture by name: SDXL, SD 2.x (Linear proj_out) or SD 1.x (Conv2d proj_out)."""
-    try:
-        fields = json.loads(recorded) if recorded else {}
-    except ValueError:
-        fields = {}
-    if not isinstance(fields, dict):
-        return "an unknown architecture"
-    if fields.get("addition_embed_type") == "text_time":
-        name = "SDXL"
-    elif fields.get("proj_out") == "linear":
-        name = "SD 2.x"
-    elif fields.get("proj_out") == "conv":
-        name = "SD 1.x"
-    else:
-        return "an unknown architecture"
-    return f"{name} (proj_out {fields['proj_out']}, text width {fields.get('cross_attention_dim')})"
+    """A recorded architecture by name, e.g. "SD 1.x (proj_out conv, text width 768)"."""
+    return describe(recorded)
 
 
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:

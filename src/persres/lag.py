@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from persres.attention import CaptureCrossAttnProcessor, cross_attentions, swapped_processors
+from persres.attention import CaptureCrossAttnProcessor, swapped_processors
+from persres.backbones import backbone_of_denoiser
 from persres.errors import ConfigError
 from persres.residuals import ResidualProjOut, find_residuals
 
@@ -106,9 +107,10 @@ def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
     if groups != {state.columns.shape[1]}:
         raise ConfigError(f"{state.columns.shape[1]} concept(s) in the prompt plan but {groups} in the U-Net")
     processors: dict[str, CaptureCrossAttnProcessor] = {}
+    backbone = backbone_of_denoiser(unet)  # it knows which attention layers place each residual
     for path, wrapper in wrappers.items():
         block = path.removesuffix(".proj_out")
-        layers = cross_attentions(unet.get_submodule(block), block)  # in the order they run
+        layers = backbone.attention_layers(unet, path)  # in the order they run
         processors.update(zip(layers, mask_setters(state, block, wrapper, len(layers)), strict=True))
     try:
         with swapped_processors(unet, processors):

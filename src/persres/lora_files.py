@@ -40,6 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from persres import ranges, readback
+from persres.backbones import Backbone, backbone_for_base, backbone_of_record
+from persres.backbones.unet import KOHYA_PREFIX, SD, SDXL
 from persres.errors import ConfigError, InputError, ResidualFileError, quote
 from persres.files import atomic_path, check_apart, check_writable
 from persres.header import ResidualHeader, check_metadata
@@ -54,7 +56,6 @@ from persres.methods.catalog import METHODS
 from persres.runfolder import RESIDUALS_FILE
 
 FORMATS = ("kohya", "diffusers")
-KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PERSRES_METADATA = "persres_metadata"
@@ -131,7 +132,7 @@ def export_lora(
     loaded = read_exportable(source)
     conv = is_conv(loaded)
     if fmt == "kohya":
-        names = kohya_names(list(loaded.layers()), is_xl_file(loaded))
+        names = backbone_of_file(loaded).kohya_names(list(loaded.layers()))
         tensors, header = kohya_tensors(loaded.layers(), names, conv, scale), kohya_metadata(loaded)
     else:
         tensors, header = diffusers_tensors(loaded.layers(), conv, scale), diffusers_metadata(loaded)
@@ -176,31 +177,14 @@ def is_conv(loaded: ResidualFile) -> bool:
     return bool(kind == "conv")
 
 
-def is_xl_file(loaded: ResidualFile) -> bool:
-    architecture = loaded.json_field("architecture")
-    return isinstance(architecture, dict) and architecture.get("addition_embed_type") == "text_time"
+def backbone_of_file(loaded: ResidualFile) -> Backbone:
+    """The backbone a residual file was made for, from the architecture train recorded in it."""
+    return backbone_of_record(loaded.json_field("architecture"))
 
 
 def kohya_names(layers: list[str], xl: bool) -> dict[str, str]:
-    """Module path -> kohya's name. SD 1.x/2.x: the diffusers path with underscores. SDXL: the sgm
-    U-Net's block numbering, with L layers per block (SDXL: 2): down_blocks.i.attentions.j ->
-    input_blocks.(1 + i (L + 1) + j).1, mid_block.attentions.0 -> middle_block.1, up_blocks.i.attentions.j
-    -> output_blocks.(i (L + 1) + j).1."""
-    if not xl:
-        return {layer: KOHYA_PREFIX + layer.replace(".", "_") for layer in layers}
-    down = [layer.split(".") for layer in layers if layer.startswith("down_blocks.")]
-    per_block = 1 + max((int(parts[3]) for parts in down), default=1)
-    names = {}
-    for layer in layers:
-        parts = layer.split(".")
-        if layer.startswith("down_blocks."):
-            sgm = f"input_blocks.{1 + int(parts[1]) * (per_block + 1) + int(parts[3])}.1"
-        elif layer.startswith("up_blocks."):
-            sgm = f"output_blocks.{int(parts[1]) * (per_block + 1) + int(parts[3])}.1"
-        else:
-            sgm = "middle_block.1"
-        names[layer] = KOHYA_PREFIX + f"{sgm}.{parts[-1]}".replace(".", "_")
-    return names
+    """Module path -> kohya's name, as the U-Net backbone (SD 1.x/2.x, or SDXL with ``xl``) names it."""
+    return (SDXL if xl else SD).kohya_names(layers)
 
 
 def shaped(factor: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -233,36 +217,10 @@ def ranks_of(loaded: ResidualFile) -> dict[str, int]:
 
 
 def base_model_version(loaded: ResidualFile) -> str:
-    """kohya's ``ss_base_model_version``: sd_v1 (Conv2d proj_out), sd_v2 (Linear proj_out, the
-    ``use_linear_projection`` of SD 2.x), sd_v2_v (SD 2.x with v-prediction, e.g. the 768 px model) or
-    sdxl_base_v1-0."""
-    if is_xl_file(loaded):
-        return "sdxl_base_v1-0"
-    if is_conv(loaded):
-        return "sd_v1"
+    """kohya's ``ss_base_model_version``, as the file's backbone names its base (e.g. sd_v1, sd_v2_v)."""
+    backbone = backbone_of_file(loaded)
     base = loaded.metadata.get("base_model", "")
-    return "sd_v2_v" if base and prediction_type(base) == "v_prediction" else "sd_v2"
-
-
-def prediction_type(base: str) -> str | None:
-    """The base's scheduler prediction type, from a local folder or the hub cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    local = Path(base).expanduser() / "scheduler" / "scheduler_config.json"
-    if local.is_file():
-        file: object = local
-    else:
-        try:
-            file = try_to_load_from_cache(base, "scheduler/scheduler_config.json")
-        except ValueError:  # not a hub id
-            return None
-    if not isinstance(file, (str, Path)):
-        return None
-    try:
-        value = json.loads(Path(file).read_text(encoding="utf-8")).get("prediction_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(value) if value else None
+    return backbone.kohya_model_version(is_conv(loaded), base or None)
 
 
 def kohya_metadata(loaded: ResidualFile) -> dict[str, str]:
@@ -304,9 +262,12 @@ def persres_header(loaded: ResidualFile) -> dict[str, str]:
 # import ---------------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | os.PathLike[str], layers: dict[str, bool], xl: bool = False) -> LoraFile:
+def read_lora(
+    path: str | os.PathLike[str], layers: dict[str, bool], backbone: Backbone = SD
+) -> LoraFile:
     """A kohya or diffusers LoRA file as residual factors for the ``proj_out`` ``layers`` of a base
-    (module path -> is a Conv2d; ``xl``: an SDXL base); a tensor of any other layer is refused by name."""
+    (module path -> is a Conv2d; ``backbone``: the base's, which names kohya's layers); a tensor of any
+    other layer is refused by name."""
     file = Path(path)
     if file.suffix != ".safetensors" or not file.is_file():
         raise InputError(f"{file} is not a .safetensors file; persres reads LoRA files only as safetensors")
@@ -317,7 +278,7 @@ def read_lora(path: str | os.PathLike[str], layers: dict[str, bool], xl: bool = 
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{file} is not a readable safetensors file ({exc})") from None
     if tensors and all(key.startswith(KOHYA_PREFIX) for key in tensors):
-        return LoraFile(file, "kohya", kohya_factors(file, tensors, layers, xl), metadata)
+        return LoraFile(file, "kohya", kohya_factors(file, tensors, layers, backbone), metadata)
     if tensors and all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
         return LoraFile(file, "diffusers", diffusers_factors(file, tensors, metadata, layers), metadata)
     other = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, DIFFUSERS_PREFIX)))[:3]
@@ -327,8 +288,10 @@ def read_lora(path: str | os.PathLike[str], layers: dict[str, bool], xl: bool = 
     )
 
 
-def kohya_factors(file: Path, tensors: dict[str, torch.Tensor], layers: dict[str, bool], xl: bool) -> Factors:
-    by_name = {name: layer for layer, name in kohya_names(list(layers), xl).items()}
+def kohya_factors(
+    file: Path, tensors: dict[str, torch.Tensor], layers: dict[str, bool], backbone: Backbone
+) -> Factors:
+    by_name = {name: layer for layer, name in backbone.kohya_names(list(layers)).items()}
     names = sorted({key.split(".", 1)[0] for key in tensors})
     refuse_other_layers(file, [n for n in names if n not in by_name])
     factors = {}
@@ -412,7 +375,6 @@ def import_lora(
     gives its residual file back exactly; another needs ``token`` and ``class_word``. proj_out layers the
     LoRA leaves out get zero residuals of rank 1 (no change)."""
     from persres.io import architecture
-    from persres.pipeline import load_unet_skeleton
     from persres.residuals import find_proj_outs
 
     target = Path(out) / RESIDUALS_FILE
@@ -420,10 +382,10 @@ def import_lora(
     check_apart(out, "out", [("path", path), ("base", base)])
     if target.exists() and not overwrite:
         raise ConfigError(f"`out` {out} already holds {target.name}; pass `overwrite` to replace it")
-    unet = load_unet_skeleton(base)
+    backbone = backbone_for_base(base)
+    unet = backbone.skeleton(base)
     proj_outs = find_proj_outs(unet)
-    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    lora = read_lora(path, {name: isinstance(m, torch.nn.Conv2d) for name, m in proj_outs.items()}, xl)
+    lora = read_lora(path, {name: isinstance(m, torch.nn.Conv2d) for name, m in proj_outs.items()}, backbone)
     metadata = lora.residual_metadata() or new_metadata(lora, base, token, class_word, architecture(unet))
     if token or class_word:
         metadata.update({k: v for k, v in (("token", token), ("class_word", class_word)) if v})

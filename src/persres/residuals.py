@@ -19,9 +19,9 @@ from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from persres.backbones import Backbone, backbone_of_denoiser
 from persres.config import ResidualConfig
 from persres.errors import ConfigError, ModelError
 
@@ -136,13 +136,10 @@ def find_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
 
 
 def find_proj_outs(unet: nn.Module) -> dict[str, nn.Linear | nn.Conv2d]:
-    """The ``proj_out`` of every transformer block, keyed by module path; found by type, not by name."""
+    """The layers that get residuals, keyed by module path, as the denoiser's backbone names them (the
+    ``proj_out`` of every transformer block of a U-Net); unwrapped when they already have residuals."""
     found: dict[str, nn.Linear | nn.Conv2d] = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, Transformer2DModel):
-            continue
-        path = f"{name}.proj_out" if name else "proj_out"
-        proj = module.proj_out
+    for path, proj in backbone_of_denoiser(unet).residual_targets(unet).items():
         if isinstance(proj, ResidualProjOut):
             proj = proj.base
         if not _is_pointwise(proj):
@@ -150,12 +147,7 @@ def find_proj_outs(unet: nn.Module) -> dict[str, nn.Linear | nn.Conv2d]:
                 f"{path} is a {type(proj).__name__}; personalized residuals need a Linear or a 1x1 Conv2d "
                 "proj_out (Stable Diffusion 1.x/2.x U-Nets)"
             )
-        found[path] = proj
-    if not found:
-        raise ModelError(
-            f"no transformer blocks (Transformer2DModel) found in {type(unet).__name__}; "
-            "pass the U-Net of a Stable Diffusion 1.x/2.x pipeline"
-        )
+        found[path] = proj  # type: ignore[assignment]  # a Linear or a 1x1 Conv2d, checked just above
     return found
 
 
@@ -182,7 +174,9 @@ def add_residuals(
     targets = find_proj_outs(unet)
     if ranks is not None:
         _check_same_layers(set(ranks), set(targets))
-    chosen = {path: _rank_of(path, proj, config, ranks) for path, proj in targets.items()}  # may raise
+    backbone = backbone_of_denoiser(unet)
+    # may raise
+    chosen = {path: _rank_of(backbone, path, proj, config, ranks) for path, proj in targets.items()}
     setattr(unet, GRAD_FLAGS, [(p, p.requires_grad) for p in unet.parameters()])
     unet.requires_grad_(False)
     wrapped: dict[str, ResidualProjOut] = {}
@@ -195,10 +189,14 @@ def add_residuals(
 
 
 def _rank_of(
-    path: str, proj: nn.Linear | nn.Conv2d, config: ResidualConfig, ranks: Mapping[str, int] | None
+    backbone: Backbone,
+    path: str,
+    proj: nn.Linear | nn.Conv2d,
+    config: ResidualConfig,
+    ranks: Mapping[str, int] | None,
 ) -> int:
     width = min(proj.weight.shape[0], proj.weight.shape[1])
-    rank = ranks[path] if ranks is not None else config.rank_for(width, path)
+    rank = ranks[path] if ranks is not None else backbone.default_rank(path, proj, config)
     if not 1 <= rank <= width:
         raise ConfigError(f"rank {rank} for layer {path} must be between 1 and its width {width}")
     return rank

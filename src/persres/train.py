@@ -26,6 +26,8 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres import __version__
+from persres.backbones import Backbone, backbone_of
+from persres.backbones.unet import SD
 from persres.checkpoint import Processes, TrainState, checkpoint_folder, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.conditioning import Conditioning, encode
@@ -35,7 +37,7 @@ from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.io import architecture
 from persres.methods import get_method, method_info, names_where
-from persres.pipeline import DTYPES, is_xl, load_pipeline, text_towers
+from persres.pipeline import DTYPES, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.tokens import check_identifier, check_token, text_length
@@ -145,7 +147,7 @@ def train_in(
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
-    if is_xl(pipe) and not method_info(config.method).works_on_sdxl:
+    if not backbone_of(pipe).works_for_every_method and not method_info(config.method).works_on_sdxl:
         on_xl = ", ".join(names_where(True, "works_on_sdxl"))
         raise ConfigError(
             f"`method` {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
@@ -250,12 +252,16 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
         text = loop.text
         if state.trainable.text_trainable:  # a learned token: the embedding changes every step
             text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
-        loss = denoising_loss(loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator)
+        backbone = backbone_of(loop.pipe)
+        loss = denoising_loss(
+            loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
+        )
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
             classes = loop.prior.batch(config.batch_size, state.generator, config.min_crop, config.flip)
             prior = denoising_loss(
-                loop.unet, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator
-            )
+                loop.unet, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
+                backbone,
+            )  # fmt: skip
             loss = loss + config.prior_weight * prior
     value = loss.item()
     if not math.isfinite(value):
@@ -323,27 +329,14 @@ def denoising_loss(
     text: Conditioning,
     pixels: torch.Tensor,
     generator: torch.Generator,
+    backbone: Backbone = SD,
 ) -> torch.Tensor:
-    """Latent diffusion's MSE between the U-Net's prediction and its target (epsilon or v)."""
-    vae, device = pipe.vae, text.hidden.device
-    with torch.no_grad():
-        posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-        latents = (posterior.mean + posterior.std * eps) * vae.config.scaling_factor  # (N, 4, h, w)
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    steps = torch.randint(
-        noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
-    steps = steps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, steps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, steps)
-    else:
-        target = noise
-    # a trained text side may be fp32; SDXL's VAE may be fp32 under an fp16 U-Net
-    noisy = noisy.to(getattr(getattr(pipe, "unet", None), "dtype", noisy.dtype))
-    condition = text.unet_kwargs(latents.shape[0], noisy.dtype)
-    prediction = unet(noisy, steps, **condition).sample
+    """Latent diffusion's MSE between the denoiser's prediction and its target. The backbone owns the
+    latents, the noise schedule, the target (epsilon or v for the U-Net family) and the denoiser call;
+    the loop passes its pipeline's."""
+    latents = backbone.latents(pipe, pixels, text.hidden.device, generator)
+    noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
+    prediction = backbone.predict(pipe, unet, noisy, steps, text)
     return F.mse_loss(prediction.float(), target.float())
 
 

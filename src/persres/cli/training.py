@@ -141,10 +141,10 @@ def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method
 
 
 def native_resolution(base: str) -> int:
-    """--resolution's default: 1024 for an SDXL base, 512 for SD 1.x/2.x."""
-    from persres.pipeline import pipeline_class
+    """--resolution's default: the base's backbone's (1024 for SDXL, 512 for SD 1.x/2.x)."""
+    from persres.backbones import backbone_for_base
 
-    return 1024 if pipeline_class(base).__name__ == "StableDiffusionXLPipeline" else TrainConfig.resolution
+    return backbone_for_base(base).default_resolution
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from persres.backbones import backbone_of_denoiser
 from persres.errors import ModelError
 
 RIDGE = 1e-3  # choice (the paper is silent): C + RIDGE * mean eigenvalue * I, so C^-1 exists
@@ -100,12 +101,8 @@ class RankOneEdit(nn.Module):
 
 
 def cross_attentions(unet: nn.Module) -> dict[str, Attention]:
-    """Every cross-attention layer of the U-Net, by module path."""
-    found = {
-        name: module
-        for name, module in unet.named_modules()
-        if isinstance(module, Attention) and module.is_cross_attention
-    }
+    """Every cross-attention layer of the U-Net, by module path, as its backbone names them."""
+    found = backbone_of_denoiser(unet).cross_attention_layers(unet)
     if not found:
         raise ModelError("this U-Net has no cross-attention layers for Perfusion to edit")
     return found
