@@ -2,10 +2,10 @@
 architecture, so training, sampling, LAG, export and the benchmark never test a pipeline's class or a
 model config's fields. One module per family; today ``unet.py`` (Stable Diffusion 1.x, 2.x and XL).
 
-A backbone owns:
 The package imports no torch until a backbone is asked for (``records`` is read by ``persres info``,
 which must start fast), hence the imports inside the pickers.
 
+A backbone owns:
 - loading: the pipeline class (``pipeline_class``), extra ``from_pretrained`` arguments and fixes after
   loading (SDXL's fp32 VAE under fp16), the (tokenizer, text encoder) pairs, the default training
   resolution, and a weightless ``skeleton`` of its denoiser for checks before loading;
