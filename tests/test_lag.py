@@ -15,7 +15,8 @@ from helpers import drop_model_max_length, randomize_residuals, run_unet, unet_i
 from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
-from persres.attention import CaptureCrossAttnProcessor, cross_attentions, swapped_processors
+from persres.attention import CaptureCrossAttnProcessor, swapped_processors
+from persres.backbones.unet import cross_attentions
 from persres.concepts import Concept, load_concepts, plan_prompts, word_spans
 from persres.errors import ConfigError
 from persres.lag import LagState, binarize, block_mask, localized

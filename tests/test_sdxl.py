@@ -16,7 +16,7 @@ from helpers import bench_argv, train_argv
 from PIL import Image
 from safetensors.torch import load_file
 
-from persres.attention import cross_attentions
+from persres.backbones.unet import cross_attentions
 from persres.cli import main
 from persres.concepts import load_concepts
 from persres.config import SampleSettings

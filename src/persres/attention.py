@@ -62,15 +62,6 @@ class CaptureCrossAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def cross_attentions(block: nn.Module, prefix: str) -> dict[str, Attention]:
-    """The cross-attention layers (``attn2``) inside ``block``, keyed by full module path."""
-    return {
-        f"{prefix}.{name}": module
-        for name, module in block.named_modules()
-        if isinstance(module, Attention) and module.is_cross_attention
-    }
-
-
 @contextlib.contextmanager
 def swapped_processors(unet: nn.Module, processors: Mapping[str, object]) -> Iterator[None]:
     """Install ``processors`` (keyed by attention module path) for the block's duration.

@@ -26,7 +26,6 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from persres.attention import cross_attentions
 from persres.backbones.folder import not_available_message, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
 from persres.config import ResidualConfig, TrainConfig
@@ -265,3 +264,12 @@ SDXL = UNetBackbone(xl=True)
 def backbone_of_unet(denoiser: nn.Module) -> UNetBackbone:
     """SDXL for a U-Net with its added conditioning, else SD 1.x/2.x."""
     return SDXL if is_xl_config(getattr(denoiser, "config", None)) else SD
+
+
+def cross_attentions(block: nn.Module, prefix: str) -> dict[str, Attention]:
+    """The cross-attention layers (``attn2``) inside ``block``, keyed by full module path."""
+    return {
+        f"{prefix}.{name}": module
+        for name, module in block.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention
+    }
