@@ -27,7 +27,7 @@ def write_residual_file(folder: Path) -> Path:
 import torch
 from diffusers import UNet2DConditionModel
 from persres import add_residuals, find_residuals, save_residuals
-from persres.reference_configs import SD15_UNET
+from persres.testing.reference_configs import SD15_UNET
 with torch.device("meta"):
     unet = UNet2DConditionModel(**SD15_UNET)
 add_residuals(unet)

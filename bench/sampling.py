@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 
 from persres import add_residuals
 from persres.lag import LagState, localized
-from persres.reference_configs import SD15_UNET
+from persres.testing.reference_configs import SD15_UNET
 
 
 def build(device: str, dtype: torch.dtype) -> UNet2DConditionModel:

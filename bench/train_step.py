@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from persres import add_residuals
-from persres.reference_configs import SD15_UNET, SDXL_UNET
 from persres.residuals import residuals_disabled
+from persres.testing.reference_configs import SD15_UNET, SDXL_UNET
 
 METHODS = ("floor", "residual", "lora")
 MODELS = {"sd15": ("SD 1.5", SD15_UNET, METHODS), "sdxl": ("SDXL base 1.0", SDXL_UNET, METHODS[:2])}

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from helpers import make_dataset
 from PIL import Image
 
-from persres.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline, save_tiny_sdxl_pipeline
+from persres.testing.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline, save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")

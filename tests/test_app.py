@@ -301,7 +301,7 @@ def test_class_word_suggestions_come_from_the_configured_clip(
     from persres.app.train_page import suggest_class
     from persres.evaluate import Scorers
     from persres.macro import load_nouns, suggest_classes
-    from persres.tiny import save_tiny_clip
+    from persres.testing.tiny import save_tiny_clip
 
     monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))
     clip = save_tiny_clip(tmp_path / "clip")

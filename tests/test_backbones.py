@@ -19,9 +19,9 @@ from persres.backbones import Backbone, backbone_for_base, backbone_of, backbone
 from persres.backbones.unet import SD, SDXL, UNetBackbone
 from persres.config import ResidualConfig
 from persres.errors import ModelError
-from persres.reference_configs import SD15_UNET, SD21_UNET, SDXL_UNET
 from persres.residuals import find_proj_outs
-from persres.tiny import save_tiny_pipeline, tiny_pipeline, tiny_sdxl_pipeline
+from persres.testing.reference_configs import SD15_UNET, SD21_UNET, SDXL_UNET
+from persres.testing.tiny import save_tiny_pipeline, tiny_pipeline, tiny_sdxl_pipeline
 
 ARCHITECTURE_TESTS = re.compile(r"addition_embed_type|text_time|StableDiffusionXLPipeline|is_xl")
 MAY_NAME_ARCHITECTURES = {"reference_configs.py", "tiny.py"}  # published configs and test fixtures

@@ -21,7 +21,7 @@ from PIL import Image
 from persres import __version__, load_residuals
 from persres.cli import build_parser, main
 from persres.config import ResidualConfig, TrainConfig
-from persres.tiny import save_tiny_pipeline
+from persres.testing.tiny import save_tiny_pipeline
 
 TRAIN = ["--class-word", "dog", "--steps", "3", "--batch-size", "2", "--resolution", "16", "--device", "cpu"]
 SAMPLE = ["--steps", "3", "--device", "cpu"]
@@ -495,7 +495,7 @@ def test_commands_print_no_third_party_noise(
 ) -> None:
     """A fresh process (transformers warns once per process) runs sample and evaluate as a user would:
     neither transformers' torchvision fallback nor its load report of the other CLIP tower shows."""
-    from persres.tiny import save_tiny_clip, save_tiny_dino
+    from persres.testing.tiny import save_tiny_clip, save_tiny_dino
 
     clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
     samples = tmp_path / "samples"

@@ -11,7 +11,7 @@ import pytest
 
 import persres
 from persres import ResidualConfig, add_residuals, save_residuals
-from persres.tiny import tiny_unet
+from persres.testing.tiny import tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from persres.concepts import Concept, concept_columns, plan_prompts
 from persres.errors import ConfigError
-from persres.tiny import word_tokenizer
+from persres.testing.tiny import word_tokenizer
 
 
 def test_two_concepts_of_one_class_each_get_their_own_class_word() -> None:

@@ -23,7 +23,7 @@ from persres.evaluate import (
     prompts_for,
     strip_identifier,
 )
-from persres.tiny import save_tiny_clip, save_tiny_dino
+from persres.testing.tiny import save_tiny_clip, save_tiny_dino
 
 
 @pytest.fixture(scope="module")

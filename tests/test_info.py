@@ -16,7 +16,7 @@ import persres
 from persres import ResidualConfig, add_residuals, read_residual_file, save_residuals
 from persres.config import TrainConfig
 from persres.info import describe
-from persres.tiny import tiny_unet
+from persres.testing.tiny import tiny_unet
 from persres.train import run_metadata, train
 
 

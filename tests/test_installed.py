@@ -25,7 +25,7 @@ import pytest
 
 from persres import ResidualConfig, add_residuals, save_residuals
 from persres.info import describe
-from persres.tiny import tiny_unet
+from persres.testing.tiny import tiny_unet
 from persres.toymodels import TOY_BASE, TOY_MODELS_ENV, TOY_ORACLE
 
 CHECKOUT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from persres import (
 from persres.cli import main
 from persres.errors import OutputExistsError, ResidualFileError
 from persres.info import describe
-from persres.tiny import tiny_unet
+from persres.testing.tiny import tiny_unet
 
 
 def test_round_trip_restores_factors_output_and_metadata(unet: nn.Module, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from persres.cli import main
 from persres.errors import ConfigError
 from persres.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
 from persres.macro import Suggestion, choose, noun_embeddings, suggest_classes
-from persres.tiny import save_tiny_clip
+from persres.testing.tiny import save_tiny_clip
 from persres.words import load_nouns, real_words
 
 NOUNS = ["dog", "cat", "cup", "car", "chair", "beach", "snow", "forest", "city", "ball", "studio", "grass"]

@@ -20,7 +20,7 @@ from persres.config import METHOD_OPTIONS
 from persres.errors import ConfigError
 from persres.methods import all_methods, get_method
 from persres.methods.protocol import RESULT, Recipe
-from persres.tiny import save_tiny_pipeline
+from persres.testing.tiny import save_tiny_pipeline
 
 
 def test_registry_names_match_the_methods() -> None:

@@ -19,7 +19,7 @@ from persres.methods.custom_diffusion import CUSTOM_DIFFUSION, EMBEDDING, MODIFI
 from persres.methods.patches import unpatch
 from persres.methods.protocol import Trainable
 from persres.pipeline import load_pipeline
-from persres.tiny import BASIC_WORDS, tiny_pipeline
+from persres.testing.tiny import BASIC_WORDS, tiny_pipeline
 
 METADATA = {"base_model": "tiny", "token": "sks", "class_word": "dog", "step": "6"}
 PROMPT = f"photo of a {MODIFIER} dog"

@@ -21,8 +21,8 @@ from persres import (
     unmerge_residuals,
 )
 from persres.errors import ConfigError
-from persres.reference_configs import SD15_UNET, SD21_UNET
 from persres.residuals import find_proj_outs
+from persres.testing.reference_configs import SD15_UNET, SD21_UNET
 
 
 def test_parameter_count_is_sum_of_2_m_r(unet: nn.Module) -> None:

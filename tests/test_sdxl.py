@@ -24,9 +24,9 @@ from persres.io import read_residual_file
 from persres.lag import LagState, binarize, block_score, localized
 from persres.lora_files import kohya_names
 from persres.pipeline import load_pipeline
-from persres.reference_configs import SDXL_UNET
 from persres.residuals import add_residuals, count_parameters, residuals_disabled
 from persres.sampling import sample
+from persres.testing.reference_configs import SDXL_UNET
 
 SETTINGS = SampleSettings(steps=2, guidance=7.5, num_images=1, seed=0, height=16, width=16)
 

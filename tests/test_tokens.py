@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from persres.errors import ConfigError
-from persres.tiny import word_tokenizer
+from persres.testing.tiny import word_tokenizer
 from persres.tokens import check_identifier, check_token, suggest_tokens
 from persres.words import real_words
 

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from persres.tiny import word_tokenizer
+from persres.testing.tiny import word_tokenizer
 from persres.toyworld.scenes import SIZE, vocabulary
 
 MAX_TOKENS = 24  # the longest toy prompt is 16 tokens with start and end

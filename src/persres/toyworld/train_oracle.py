@@ -25,7 +25,7 @@ from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
 from persres.evaluate import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from persres.files import write_json
-from persres.tiny import word_tokenizer
+from persres.testing.tiny import word_tokenizer
 from persres.toyworld.judge import HEADS, IGNORE, Judge, labels_of, read_images, save_judge, to_tensor
 from persres.toyworld.scenes import (
     CLASSES,
