@@ -20,7 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from persres import add_residuals
-from persres.lag import LagState, localized
+from persres.core.lag import LagState, localized
 from persres.testing.reference_configs import SD15_UNET
 
 

@@ -41,12 +41,12 @@ from typing import Any
 import torch
 from toybench import md_table
 
+from persres.core.pipeline import load_pipeline
 from persres.evaluate import Scorers
 from persres.files import write_json
 from persres.measure import size_on_disk
 from persres.methods import METHODS, RESIDUALS, get_method
 from persres.methods.residuals import RESULT
-from persres.pipeline import load_pipeline
 from persres.sampling import Sample
 from persres.toyworld.experiment import (
     ToySettings,

@@ -25,9 +25,9 @@ import torch
 from toybench import md_table, parse_fresh, toy_parser
 
 from persres.config import ResidualConfig
+from persres.core.pipeline import load_pipeline
 from persres.evaluate import Scorers
 from persres.files import write_json
-from persres.pipeline import load_pipeline
 from persres.toyworld.experiment import (
     ToySettings,
     personalize,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from persres import add_residuals
-from persres.residuals import residuals_disabled
+from persres.core.residuals import residuals_disabled
 from persres.testing.reference_configs import SD15_UNET, SDXL_UNET
 
 METHODS = ("floor", "residual", "lora")

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from persres.config import TrainConfig
+from persres.core.residuals import find_residuals
 from persres.files import write_json
-from persres.residuals import find_residuals
 from persres.results import merge_results
 
 

@@ -18,8 +18,8 @@ import persres
 from persres.backbones import Backbone, backbone_for_base, backbone_of, backbone_of_denoiser
 from persres.backbones.unet import SD, SDXL, UNetBackbone
 from persres.config import ResidualConfig
+from persres.core.residuals import find_proj_outs
 from persres.errors import ModelError
-from persres.residuals import find_proj_outs
 from persres.testing.reference_configs import SD15_UNET, SD21_UNET, SDXL_UNET
 from persres.testing.tiny import save_tiny_pipeline, tiny_pipeline, tiny_sdxl_pipeline
 

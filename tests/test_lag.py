@@ -15,13 +15,13 @@ from helpers import drop_model_max_length, randomize_residuals, run_unet, unet_i
 from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
-from persres.attention import CaptureCrossAttnProcessor, swapped_processors
 from persres.backbones.unet import cross_attentions
 from persres.concepts import Concept, load_concepts, plan_prompts, word_spans
+from persres.core.attention import CaptureCrossAttnProcessor, swapped_processors
+from persres.core.lag import LagState, binarize, block_mask, localized
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import ResidualConfig, ResidualProjOut, find_residuals
 from persres.errors import ConfigError
-from persres.lag import LagState, binarize, block_mask, localized
-from persres.pipeline import load_pipeline
-from persres.residuals import ResidualConfig, ResidualProjOut, find_residuals
 from persres.sampling import SampleSettings, sample
 
 SETTINGS = SampleSettings(steps=3, guidance=7.5, height=16, width=16, seed=0)
@@ -119,7 +119,7 @@ def test_empty_mask_gives_the_base_model_and_full_mask_gives_normal_sampling(
         base_out = run_unet(pipe.unet, inputs)
     full_out = run_unet(pipe.unet, inputs)
     for mask, expected in ((zeros, base_out), (ones, full_out)):
-        monkeypatch.setattr("persres.lag.binarize", mask)
+        monkeypatch.setattr("persres.core.lag.binarize", mask)
         with localized(pipe.unet, LagState(torch.ones(1, 1, 7))):
             torch.testing.assert_close(run_unet(pipe.unet, inputs), expected, atol=1e-5, rtol=1e-5)
         # whole images: equal up to the 8-bit rounding of attention computed without SDPA
@@ -307,7 +307,7 @@ def test_lag_without_classifier_free_guidance(
         batches.append(batch)
         return binarize(score, batch)
 
-    monkeypatch.setattr("persres.lag.binarize", spy)
+    monkeypatch.setattr("persres.core.lag.binarize", spy)
     [normal, lag] = sample(pipe, prompts, concepts, settings, "both", save_masks=True, progress=False)
     assert batches and set(batches) == {1}  # no unconditional half
     for blocks in lag.masks.values():
@@ -325,7 +325,7 @@ def test_lag_without_classifier_free_guidance(
         base_out = run_unet(pipe.unet, inputs)
     full_out = run_unet(pipe.unet, inputs)
     for value, expected_out, expected in ((0.0, base_out, base), (1.0, full_out, pixels([normal])[0])):
-        monkeypatch.setattr("persres.lag.binarize", filled(value))
+        monkeypatch.setattr("persres.core.lag.binarize", filled(value))
         with localized(pipe.unet, LagState(torch.ones(1, 1, 7))):  # one U-Net pass, batch 1
             torch.testing.assert_close(run_unet(pipe.unet, inputs), expected_out, atol=1e-5, rtol=1e-5)
         image = pixels(sample(pipe, prompts, concepts, settings, "lag", progress=False))[0]

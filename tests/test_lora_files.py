@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from persres.cli import main
+from persres.core.residuals import find_proj_outs
 from persres.io import load_residuals, read_residual_file, write_residual_file
-from persres.residuals import find_proj_outs
 
 PROMPT = "a photo of a sks dog"
 

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from persres.cli import main
 from persres.config import ResidualConfig
+from persres.core.residuals import add_residuals
 from persres.io import save_residuals, write_residual_file
 from persres.lora_files import ADAPTER_METADATA, PERSRES_METADATA, export_lora
-from persres.residuals import add_residuals
 
 
 def residual_file(base: Path, out: Path) -> Path:

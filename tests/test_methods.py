@@ -138,7 +138,7 @@ def test_a_special_token_is_refused_as_identifier_by_every_method(
 
 @pytest.mark.parametrize("method", ["textual-inversion", "perfusion", "custom-diffusion"])
 def test_a_method_that_adds_its_token_refuses_one_the_vocabulary_has(method: str, conv_base: Path) -> None:
-    from persres.pipeline import load_pipeline
+    from persres.core.pipeline import load_pipeline
 
     pipe = load_pipeline(str(conv_base))
     config = replace(tiny_config(conv_base, Path("unused")), method=method, token="<dog>")

@@ -13,12 +13,12 @@ from diffusers import StableDiffusionPipeline
 from helpers import tiny_config, unet_inputs
 from safetensors.torch import load_file, save_file
 
+from persres.core.pipeline import load_pipeline
 from persres.errors import ConfigError, InputError
 from persres.methods.concept_json import CONCEPT_FILE
 from persres.methods.custom_diffusion import CUSTOM_DIFFUSION, EMBEDDING, MODIFIER, TOKEN_PARAM, WEIGHTS
 from persres.methods.patches import unpatch
 from persres.methods.protocol import Trainable
-from persres.pipeline import load_pipeline
 from persres.testing.tiny import BASIC_WORDS, tiny_pipeline
 
 METADATA = {"base_model": "tiny", "token": "sks", "class_word": "dog", "step": "6"}

@@ -12,10 +12,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from helpers import tiny_config, unet_inputs
 from safetensors.torch import load_file, save_file
 
+from persres.core.pipeline import load_pipeline
 from persres.errors import InputError
 from persres.methods.concept_json import CONCEPT_FILE
 from persres.methods.dreambooth import DREAMBOOTH
-from persres.pipeline import load_pipeline
 
 METADATA = {"base_model": "tiny", "token": "sks", "class_word": "dog", "step": "6"}
 

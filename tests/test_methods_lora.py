@@ -11,10 +11,10 @@ import torch
 from helpers import run_unet, tiny_config, unet_inputs
 from safetensors.torch import load_file, save_file
 
+from persres.core.pipeline import load_pipeline
 from persres.errors import InputError
 from persres.methods.lora import TARGETS, WEIGHTS, LoRA
 from persres.methods.protocol import RESULT, Trainable
-from persres.pipeline import load_pipeline
 
 METHOD = LoRA()
 

@@ -13,12 +13,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from helpers import tiny_config, unet_inputs
 
+from persres.core.pipeline import load_pipeline
 from persres.errors import ConfigError
 from persres.methods import METHODS as CATALOG
 from persres.methods import get_method
 from persres.methods.patches import unpatch
 from persres.methods.protocol import Trainable
-from persres.pipeline import load_pipeline
 
 METHODS = sorted(CATALOG)
 PROMPT = "a photo of a dog"  # no learned token: the base encodes it exactly as before

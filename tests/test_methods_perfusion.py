@@ -13,11 +13,11 @@ from helpers import tiny_config, train_argv, unet_inputs
 from safetensors.torch import save_file
 
 from persres.cli import main
+from persres.core.pipeline import load_pipeline
 from persres.errors import InputError
 from persres.methods.perfusion import SAMPLE_GATE, TOKEN_PARAM, WEIGHTS, Perfusion, PerfusionTrainable
 from persres.methods.protocol import RESULT
 from persres.methods.rank_one import RankOneEdit, cross_attentions, remove_edits
-from persres.pipeline import load_pipeline
 
 METHOD = Perfusion()
 TOKEN = "<sks>"

@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from persres.concepts import load_concepts
 from persres.config import ResidualConfig
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import find_residuals, residual_parameters
 from persres.errors import ResidualFileError
 from persres.io import read_residual_file
 from persres.methods.protocol import Trainable
 from persres.methods.residuals import Residuals
-from persres.pipeline import load_pipeline
-from persres.residuals import find_residuals, residual_parameters
 
 METHOD = Residuals()
 METADATA = {"token": "sks", "class_word": "dog", "base_model": "tiny", "step": "4"}
@@ -95,6 +95,6 @@ def test_mis_shaped_state_is_refused_naming_file_and_layer(conv_base: Path, tmp_
         torch.zeros(a.shape[0], a.shape[1] + 1),
         torch.zeros(b.shape[0] + 1, b.shape[1]),
     )
-    save_file(tensors, str(file), metadata={"format": "persres.residuals", "format_version": "1"})
+    save_file(tensors, str(file), metadata={"format": "persres.core.residuals", "format_version": "1"})
     with pytest.raises(ResidualFileError, match=rf"{file}: layer {layer} has rank"):
         METHOD.load_state(trainable, file)

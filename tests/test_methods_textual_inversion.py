@@ -11,11 +11,11 @@ import torch
 from helpers import tiny_config
 from safetensors.torch import save_file
 
+from persres.core.pipeline import load_pipeline
 from persres.errors import ConfigError, InputError
 from persres.methods.patches import unpatch
 from persres.methods.protocol import RESULT, Trainable
 from persres.methods.textual_inversion import WEIGHTS, TextualInversion, placeholder
-from persres.pipeline import load_pipeline
 
 METHOD = TextualInversion()
 TOKEN = "<sks>"

@@ -20,8 +20,8 @@ from persres import (
     residuals_disabled,
     unmerge_residuals,
 )
+from persres.core.residuals import find_proj_outs
 from persres.errors import ConfigError
-from persres.residuals import find_proj_outs
 from persres.testing.reference_configs import SD15_UNET, SD21_UNET
 
 

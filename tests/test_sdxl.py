@@ -20,11 +20,11 @@ from persres.backbones.unet import cross_attentions
 from persres.cli import main
 from persres.concepts import load_concepts
 from persres.config import SampleSettings
+from persres.core.lag import LagState, binarize, block_score, localized
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import add_residuals, count_parameters, residuals_disabled
 from persres.io import read_residual_file
-from persres.lag import LagState, binarize, block_score, localized
 from persres.lora_files import kohya_names
-from persres.pipeline import load_pipeline
-from persres.residuals import add_residuals, count_parameters, residuals_disabled
 from persres.sampling import sample
 from persres.testing.reference_configs import SDXL_UNET
 
@@ -125,9 +125,8 @@ def test_lag_on_sdxl_masks_0_and_1_give_base_and_normal(
     columns = torch.zeros(1, 1, 7)
     columns[0, 0, 2] = 1
     for value, expected in ((0.0, base_out), (1.0, full_out)):
-        monkeypatch.setattr(
-            "persres.lag.binarize", lambda score, batch, v=value: torch.full((batch, *score.shape[1:]), v)
-        )
+        fill = lambda score, batch, v=value: torch.full((batch, *score.shape[1:]), v)  # noqa: E731
+        monkeypatch.setattr("persres.core.lag.binarize", fill)
         with localized(pipe.unet, LagState(columns)):
             torch.testing.assert_close(run_xl_unet(pipe.unet, inputs), expected, atol=1e-5, rtol=1e-5)
 
@@ -147,8 +146,8 @@ def test_a_block_of_several_layers_sums_their_scores(xl_base: Path, monkeypatch:
         summed.append(score)
         return binarize(score, batch)
 
-    monkeypatch.setattr("persres.lag.block_score", score_spy)
-    monkeypatch.setattr("persres.lag.binarize", binarize_spy)
+    monkeypatch.setattr("persres.core.lag.block_score", score_spy)
+    monkeypatch.setattr("persres.core.lag.binarize", binarize_spy)
     columns = torch.zeros(1, 1, 7)
     columns[0, 0, 2] = 1
     with localized(pipe.unet, LagState(columns)):

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
+from persres.core.tokens import check_identifier, check_token, suggest_tokens
 from persres.errors import ConfigError
 from persres.testing.tiny import word_tokenizer
-from persres.tokens import check_identifier, check_token, suggest_tokens
 from persres.words import real_words
 
 

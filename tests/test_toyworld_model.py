@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from persres.pipeline import load_pipeline
+from persres.core.pipeline import load_pipeline
 from persres.toyworld.experiment import ToySettings, personalize, reference_photos, sample_variants
 from persres.toyworld.judge import load_judge, read_images
 from persres.toyworld.prompts import concept_prompts

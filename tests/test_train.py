@@ -22,12 +22,12 @@ from PIL import Image
 
 from persres import ResidualConfig, add_residuals, read_residual_file
 from persres.cli import main
-from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
+from persres.core.conditioning import Conditioning, encode
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import residual_parameters
 from persres.data import ConceptImages
 from persres.errors import ConfigError, InputError, OutputExistsError, TrainingDivergedError
-from persres.pipeline import load_pipeline
-from persres.residuals import residual_parameters
 from persres.train import denoising_loss, train
 
 

@@ -21,15 +21,15 @@ _quiet.install()  # before transformers is imported anywhere: drop its torchvisi
 _EXPORTS = {
     "ResidualConfig": "persres.config",
     "TrainConfig": "persres.config",
-    "ResidualProjOut": "persres.residuals",
-    "add_residuals": "persres.residuals",
-    "count_parameters": "persres.residuals",
-    "find_residuals": "persres.residuals",
-    "fold_residuals": "persres.residuals",
-    "merge_residuals": "persres.residuals",
-    "remove_residuals": "persres.residuals",
-    "residuals_disabled": "persres.residuals",
-    "unmerge_residuals": "persres.residuals",
+    "ResidualProjOut": "persres.core.residuals",
+    "add_residuals": "persres.core.residuals",
+    "count_parameters": "persres.core.residuals",
+    "find_residuals": "persres.core.residuals",
+    "fold_residuals": "persres.core.residuals",
+    "merge_residuals": "persres.core.residuals",
+    "remove_residuals": "persres.core.residuals",
+    "residuals_disabled": "persres.core.residuals",
+    "unmerge_residuals": "persres.core.residuals",
     "load_residuals": "persres.io",
     "read_residual_file": "persres.io",
     "save_residuals": "persres.io",
@@ -38,7 +38,7 @@ _EXPORTS = {
     "sample": "persres.sampling",
     "Concept": "persres.concepts",
     "load_concepts": "persres.concepts",
-    "load_pipeline": "persres.pipeline",
+    "load_pipeline": "persres.core.pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -46,9 +46,8 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from persres.concepts import Concept, load_concepts
     from persres.config import ResidualConfig, TrainConfig
-    from persres.io import load_residuals, read_residual_file, save_residuals
-    from persres.pipeline import load_pipeline
-    from persres.residuals import (
+    from persres.core.pipeline import load_pipeline
+    from persres.core.residuals import (
         ResidualProjOut,
         add_residuals,
         count_parameters,
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
         residuals_disabled,
         unmerge_residuals,
     )
+    from persres.io import load_residuals, read_residual_file, save_residuals
     from persres.sampling import SampleSettings, sample
     from persres.train import train
 

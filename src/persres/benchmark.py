@@ -42,6 +42,8 @@ from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark'
 from persres.categories import prompt_category
 from persres.cc101 import ConceptEntry, check_prompts, load_dataset
 from persres.config import DEFAULT_TOKEN, TrainConfig
+from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
+from persres.core.tokens import text_length
 from persres.errors import ConfigError, InputError
 from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import check_apart, write_json
@@ -49,12 +51,10 @@ from persres.macro import load_nouns, suggest_classes
 from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.methods import METHODS, get_method
 from persres.outputs import write_samples
-from persres.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
 from persres.result_rows import row_method
 from persres.results import means, merge_results, pick, read_result, read_settings
 from persres.runfolder import SAMPLES, find_run
 from persres.sampling import sample
-from persres.tokens import text_length
 from persres.train import TrainResult, train
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from torch import nn
 from persres.backbones import backbone_of_denoiser
 from persres.backbones.records import describe
 from persres.config import ResidualConfig
+from persres.core.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
 from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
 from persres.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
-from persres.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
 from persres.runfolder import residual_file
 
 # The largest change |A B| a residual may make to any weight. Stable Diffusion's proj_out weights are of

@@ -374,8 +374,8 @@ def import_lora(
     """Write the LoRA in ``path`` as ``out/residuals.safetensors`` for ``base``. A file persres exported
     gives its residual file back exactly; another needs ``token`` and ``class_word``. proj_out layers the
     LoRA leaves out get zero residuals of rank 1 (no change)."""
+    from persres.core.residuals import find_proj_outs
     from persres.io import architecture
-    from persres.residuals import find_proj_outs
 
     target = Path(out) / RESIDUALS_FILE
     check_writable(out, "out")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import fold_residuals
 from persres.errors import OutputExistsError
 from persres.files import atomic_dir, check_apart, check_writable
 from persres.io import load_residuals, read_residual_file
-from persres.pipeline import load_pipeline
-from persres.residuals import fold_residuals
 from persres.runs import read_from
 
 

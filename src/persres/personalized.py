@@ -13,11 +13,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from persres.concepts import Concept, ResidualSource, concept_of, load_concepts, plan_prompts, read_files
+from persres.core.pipeline import load_pipeline, resolve_device
 from persres.errors import ConfigError, quote
 from persres.files import check_apart, check_writable
 from persres.methods import get_method
 from persres.outputs import write_samples
-from persres.pipeline import load_pipeline, resolve_device
 from persres.runs import Run, peer_runs, read_from
 from persres.sampling import Sampler, SampleSettings, sample
 

@@ -26,11 +26,11 @@ from persres.concepts import (
     plan_prompts,
 )
 from persres.config import SampleSettings
+from persres.core.lag import LagState, localized
+from persres.core.pipeline import text_towers
+from persres.core.tokens import check_token, text_length
 from persres.errors import ConfigError, quote
-from persres.lag import LagState, localized
-from persres.pipeline import text_towers
 from persres.quiet import message_hidden
-from persres.tokens import check_token, text_length
 
 log = logging.getLogger(__name__)
 

@@ -30,17 +30,17 @@ from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
 from persres.checkpoint import Processes, TrainState, checkpoint_folder, list_checkpoints, save_checkpoint
 from persres.concepts import Concept, check_prompt_length, plan_prompts
-from persres.conditioning import Conditioning, encode
 from persres.config import TrainConfig
+from persres.core.conditioning import Conditioning, encode
+from persres.core.pipeline import DTYPES, load_pipeline, text_towers
+from persres.core.tokens import check_identifier, check_token, text_length
 from persres.data import ConceptImages
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.io import architecture
 from persres.methods import get_method, method_info, names_where
-from persres.pipeline import DTYPES, load_pipeline, text_towers
 from persres.prior import class_prompt, prior_images
 from persres.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
-from persres.tokens import check_identifier, check_token, text_length
 from persres.trainlog import LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation

@@ -16,9 +16,9 @@ from diffusers import StableDiffusionPipeline
 
 from persres.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
 from persres.config import TrainConfig
+from persres.core.pipeline import resolve_device
 from persres.errors import ConfigError
 from persres.methods.protocol import Method, Trainable
-from persres.pipeline import resolve_device
 from persres.runfolder import CONFIG_FILE, LOGS
 from persres.runs import read_config
 

@@ -60,8 +60,8 @@ def run_suggest_class(args: argparse.Namespace) -> int:
 
 
 def run_suggest_token(args: argparse.Namespace) -> int:
-    from persres.pipeline import load_tokenizer
-    from persres.tokens import suggest_tokens
+    from persres.core.pipeline import load_tokenizer
+    from persres.core.tokens import suggest_tokens
     from persres.words import real_words
 
     tokenizer = load_tokenizer(args.base)

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from persres.concepts import Concept
+from persres.core.tokens import check_token
 from persres.errors import ConfigError, InputError, quote
 from persres.files import atomic_dir
 from persres.methods.catalog import METHODS
@@ -49,7 +50,6 @@ from persres.methods.new_token import add_token, learned_row, placeholder, word_
 from persres.methods.patches import Patches, patching
 from persres.methods.protocol import RESULT, Trainable
 from persres.quiet import warnings_hidden
-from persres.tokens import check_token
 
 if TYPE_CHECKING:
     from persres.config import TrainConfig

@@ -15,9 +15,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from persres.core.tokens import check_token
 from persres.errors import ConfigError, quote
 from persres.methods.patches import Patches
-from persres.tokens import check_token
 
 
 def placeholder(token: str) -> str:

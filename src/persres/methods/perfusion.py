@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from persres.core.tokens import text_length
 from persres.errors import ConfigError, InputError, quote
 from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import (
@@ -55,7 +56,6 @@ from persres.methods.rank_one import (
     inverse_covariance,
     remove_edits,
 )
-from persres.tokens import text_length
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

@@ -1,6 +1,6 @@
 """Personalized residuals (Ham et al., CVPR 2024), the method of this project, behind the protocol.
 
-Everything is delegated: ``persres.residuals`` adds and finds the residuals, ``persres.io`` writes and
+Everything is delegated: ``persres.core.residuals`` adds and finds the residuals, ``persres.io`` writes and
 reads the residual file (its format unchanged: checkpoints and results alike), ``persres.concepts``
 loads a result for sampling.
 """
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from persres.concepts import load_concepts
+from persres.core.residuals import add_residuals, remove_residuals, residual_parameters
 from persres.errors import ConfigError
 from persres.io import load_residuals, save_residuals
 from persres.methods.catalog import METHODS
 from persres.methods.patches import patching
 from persres.methods.protocol import Trainable
-from persres.residuals import add_residuals, remove_residuals, residual_parameters
 from persres.runfolder import RESIDUALS_FILE
 
 if TYPE_CHECKING:

@@ -22,12 +22,12 @@ from PIL import Image
 
 from persres.concepts import PromptPlan, load_concepts
 from persres.config import InitMode
+from persres.core.pipeline import load_pipeline
+from persres.core.residuals import find_residuals, remove_residuals
 from persres.evaluate import Scorers, evaluate_folder
 from persres.methods import DEFAULT_METHOD, METHODS, get_method, method_info
 from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
-from persres.pipeline import load_pipeline
-from persres.residuals import find_residuals, remove_residuals
 from persres.sampling import Sample, Sampler, SampleSettings, generate, sample
 from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt

@@ -27,8 +27,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from persres.core.tokens import text_length
 from persres.files import atomic_dir, write_json
-from persres.tokens import text_length
 from persres.toyworld.model import (
     assemble,
     deterministic_posterior,

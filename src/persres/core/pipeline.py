@@ -20,8 +20,8 @@ from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
 from persres.backbones import PIPELINE_NAMES, backbone_for_base, backbone_of, by_pipeline
 from persres.backbones.folder import check_local_folder, looks_like_path, not_available_message
+from persres.core.tokens import text_length
 from persres.errors import ConfigError, ModelError, quote
-from persres.tokens import text_length
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from persres.attention import CaptureCrossAttnProcessor, swapped_processors
 from persres.backbones import backbone_of_denoiser
+from persres.core.attention import CaptureCrossAttnProcessor, swapped_processors
+from persres.core.residuals import ResidualProjOut, find_residuals
 from persres.errors import ConfigError
-from persres.residuals import ResidualProjOut, find_residuals
 
 
 def block_mask(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
