@@ -149,7 +149,7 @@ LOCK = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 
 
 
 def make_run(runs: Path, name: str) -> Path:
-    from persres.runfolder import write_marker
+    from persres.formats.runfolder import write_marker
 
     folder = runs / name
     (folder / "logs").mkdir(parents=True)
@@ -170,7 +170,7 @@ def damage_cases() -> list[tuple[str, str, bytes]]:
 
 def expect_damaged(path: Path) -> bool:
     """What the library's reader says of the file: damaged (it refuses it), or still good."""
-    from persres.runs import read_config
+    from persres.formats.runs import read_config
 
     if path.name != "config.json":
         return True  # every damage of a loss log or a lock is damage

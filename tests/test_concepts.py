@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from persres.concepts import Concept, concept_columns, plan_prompts
 from persres.errors import ConfigError
+from persres.formats.concepts import Concept, concept_columns, plan_prompts
 from persres.testing.tiny import word_tokenizer
 
 

@@ -15,7 +15,7 @@ from helpers import randomize_residuals, tiny_config
 import persres
 from persres import ResidualConfig, add_residuals, read_residual_file, save_residuals
 from persres.config import TrainConfig
-from persres.info import describe
+from persres.formats.info import describe
 from persres.testing.tiny import tiny_unet
 from persres.train import run_metadata, train
 
@@ -75,7 +75,7 @@ def test_describe_a_trained_run_as_before(conv_base: Path, photos: Path, tmp_pat
 def test_describe_imports_no_torch(train_like_file: Path) -> None:
     code = (
         "import json, sys\n"
-        "from persres.info import describe\n"
+        "from persres.formats.info import describe\n"
         f"info = describe({str(train_like_file)!r})\n"
         "heavy = sorted({'torch', 'diffusers', 'transformers', 'safetensors'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from persres import ResidualConfig, add_residuals, save_residuals
-from persres.info import describe
+from persres.formats.info import describe
 from persres.testing.tiny import tiny_unet
 from persres.toymodels import TOY_BASE, TOY_MODELS_ENV, TOY_ORACLE
 

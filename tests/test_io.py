@@ -23,7 +23,7 @@ from persres import (
 )
 from persres.cli import main
 from persres.errors import OutputExistsError, ResidualFileError
-from persres.info import describe
+from persres.formats.info import describe
 from persres.testing.tiny import tiny_unet
 
 

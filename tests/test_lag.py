@@ -16,12 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from persres import add_residuals, remove_residuals, residuals_disabled, save_residuals
 from persres.backbones.unet import cross_attentions
-from persres.concepts import Concept, load_concepts, plan_prompts, word_spans
 from persres.core.attention import CaptureCrossAttnProcessor, swapped_processors
 from persres.core.lag import LagState, binarize, block_mask, localized
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import ResidualConfig, ResidualProjOut, find_residuals
 from persres.errors import ConfigError
+from persres.formats.concepts import Concept, load_concepts, plan_prompts, word_spans
 from persres.sampling import SampleSettings, sample
 
 SETTINGS = SampleSettings(steps=3, guidance=7.5, height=16, width=16, seed=0)

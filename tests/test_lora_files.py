@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from persres.cli import main
 from persres.core.residuals import find_proj_outs
-from persres.io import load_residuals, read_residual_file, write_residual_file
+from persres.formats.io import load_residuals, read_residual_file, write_residual_file
 
 PROMPT = "a photo of a sks dog"
 
@@ -153,7 +153,7 @@ def test_scale_is_folded_into_the_up_factors(runs: dict, tmp_path: Path) -> None
 def test_the_library_refuses_a_non_finite_or_absurd_scale(runs: dict, tmp_path: Path, scale: float) -> None:
     """export --scale nan wrote non-finite factors; the CLI checks it when parsed, the library here."""
     from persres.errors import ConfigError
-    from persres.lora_files import export_lora
+    from persres.formats.lora_files import export_lora
 
     _, run = runs["conv"]
     with pytest.raises(ConfigError, match=r"`scale` must be a finite number in \[-100, 100\]"):

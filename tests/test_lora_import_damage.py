@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from persres.cli import main
 from persres.config import ResidualConfig
 from persres.core.residuals import add_residuals
-from persres.io import save_residuals, write_residual_file
-from persres.lora_files import ADAPTER_METADATA, PERSRES_METADATA, export_lora
+from persres.formats.io import save_residuals, write_residual_file
+from persres.formats.lora_files import ADAPTER_METADATA, PERSRES_METADATA, export_lora
 
 
 def residual_file(base: Path, out: Path) -> Path:

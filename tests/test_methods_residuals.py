@@ -9,12 +9,12 @@ import torch
 from helpers import run_unet, tiny_config, unet_inputs
 from safetensors.torch import load_file, save_file
 
-from persres.concepts import load_concepts
 from persres.config import ResidualConfig
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, residual_parameters
 from persres.errors import ResidualFileError
-from persres.io import read_residual_file
+from persres.formats.concepts import load_concepts
+from persres.formats.io import read_residual_file
 from persres.methods.protocol import Trainable
 from persres.methods.residuals import Residuals
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from persres.app.runstore import run_info
 from persres.cli import main
-from persres.runs import read_run
+from persres.formats.runs import read_run
 
 DATA = Path(__file__).parent / "data" / "run-before-backbones"
 SAMPLE = ["--base", "tiny-conv", "--prompt", "a V* dog", "--steps", "2", "--device", "cpu"]

@@ -20,9 +20,9 @@ from persres.cli.evaluation import benchmark_config_of
 from persres.cli.training import train_config_of
 from persres.config import TrainConfig
 from persres.errors import ConfigError
+from persres.formats.runs import read_run
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
-from persres.runs import read_run
 
 BASE, IMAGES, CLASS, REASON = "models/sd15", "photos/dog", "dog", "dataset.json class_prompt"
 BEFORE = Path(__file__).parent / "data" / "runs-before-recipes"  # config.json of each method, main 35bdc7a

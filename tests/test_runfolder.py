@@ -13,7 +13,7 @@ import pytest
 
 import persres
 from persres.errors import OutputExistsError, RunLockedError
-from persres.runfolder import LOCK, MARKER, RUN_NAMES, RunFolder, find_run, release_lock, take_lock
+from persres.formats.runfolder import LOCK, MARKER, RUN_NAMES, RunFolder, find_run, release_lock, take_lock
 
 
 def marked_run(out: Path, files: object) -> Path:
@@ -228,4 +228,4 @@ def test_only_the_run_folder_module_names_a_run_folders_files() -> None:
         for node in code_strings(ast.parse(path.read_text(encoding="utf-8"))):
             if node.value in RUN_FOLDER_LITERALS and (name, node.value) not in NOT_A_RUN_FOLDER:
                 found.append(f"{name}:{node.lineno}: {node.value!r}")
-    assert not found, "use persres.runfolder's names: " + "; ".join(found)
+    assert not found, "use persres.formats.runfolder's names: " + "; ".join(found)

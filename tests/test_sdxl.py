@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 from persres.backbones.unet import cross_attentions
 from persres.cli import main
-from persres.concepts import load_concepts
 from persres.config import SampleSettings
 from persres.core.lag import LagState, binarize, block_score, localized
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import add_residuals, count_parameters, residuals_disabled
-from persres.io import read_residual_file
-from persres.lora_files import kohya_names
+from persres.formats.concepts import load_concepts
+from persres.formats.io import read_residual_file
+from persres.formats.lora_files import kohya_names
 from persres.sampling import sample
 from persres.testing.reference_configs import SDXL_UNET
 
@@ -71,7 +71,7 @@ def test_published_sdxl_unet_has_11_proj_out_and_the_counted_parameters(
     expected = sum(2 * m * round(0.05 * m) for m in widths.values())  # A (m x r) and B (r x m) per block
     assert count_parameters(residuals) == expected
     # persres info reads the count from a file of that layout (factors written as zeros, off the meta device)
-    from persres.io import write_residual_file
+    from persres.formats.io import write_residual_file
 
     factors = {
         p: (torch.zeros(m, round(0.05 * m)), torch.zeros(round(0.05 * m), m)) for p, m in widths.items()

@@ -30,21 +30,20 @@ _EXPORTS = {
     "remove_residuals": "persres.core.residuals",
     "residuals_disabled": "persres.core.residuals",
     "unmerge_residuals": "persres.core.residuals",
-    "load_residuals": "persres.io",
-    "read_residual_file": "persres.io",
-    "save_residuals": "persres.io",
+    "load_residuals": "persres.formats.io",
+    "read_residual_file": "persres.formats.io",
+    "save_residuals": "persres.formats.io",
     "train": "persres.train",
     "SampleSettings": "persres.sampling",
     "sample": "persres.sampling",
-    "Concept": "persres.concepts",
-    "load_concepts": "persres.concepts",
+    "Concept": "persres.formats.concepts",
+    "load_concepts": "persres.formats.concepts",
     "load_pipeline": "persres.core.pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from persres.concepts import Concept, load_concepts
     from persres.config import ResidualConfig, TrainConfig
     from persres.core.pipeline import load_pipeline
     from persres.core.residuals import (
@@ -58,7 +57,8 @@ if TYPE_CHECKING:
         residuals_disabled,
         unmerge_residuals,
     )
-    from persres.io import load_residuals, read_residual_file, save_residuals
+    from persres.formats.concepts import Concept, load_concepts
+    from persres.formats.io import load_residuals, read_residual_file, save_residuals
     from persres.sampling import SampleSettings, sample
     from persres.train import train
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from persres.concepts import Concept, plan_prompts, word_spans
 from persres.errors import ConfigError, InputError, quote
+from persres.formats.concepts import Concept, plan_prompts, word_spans
 
 MODIFIER = "<new1>"
 

@@ -33,8 +33,14 @@ from persres import readback
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, PersresError
 from persres.files import write_json
+from persres.formats.runfolder import (
+    CHECKPOINTS,
+    STATE_FILE,
+    Checkpoint,
+    damaged_checkpoint,
+    list_checkpoints,
+)
 from persres.methods.protocol import Method, Trainable
-from persres.runfolder import CHECKPOINTS, STATE_FILE, Checkpoint, damaged_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
 

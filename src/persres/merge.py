@@ -12,8 +12,8 @@ from persres.core.pipeline import load_pipeline
 from persres.core.residuals import fold_residuals
 from persres.errors import OutputExistsError
 from persres.files import atomic_dir, check_apart, check_writable
-from persres.io import load_residuals, read_residual_file
-from persres.runs import read_from
+from persres.formats.io import load_residuals, read_residual_file
+from persres.formats.runs import read_from
 
 
 def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:

@@ -12,13 +12,20 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from persres.concepts import Concept, ResidualSource, concept_of, load_concepts, plan_prompts, read_files
 from persres.core.pipeline import load_pipeline, resolve_device
 from persres.errors import ConfigError, quote
 from persres.files import check_apart, check_writable
+from persres.formats.concepts import (
+    Concept,
+    ResidualSource,
+    concept_of,
+    load_concepts,
+    plan_prompts,
+    read_files,
+)
+from persres.formats.runs import Run, peer_runs, read_from
 from persres.methods import get_method
 from persres.outputs import write_samples
-from persres.runs import Run, peer_runs, read_from
 from persres.sampling import Sampler, SampleSettings, sample
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -18,18 +18,18 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from persres.concepts import (
+from persres.config import SampleSettings
+from persres.core.lag import LagState, localized
+from persres.core.pipeline import text_towers
+from persres.core.tokens import check_token, text_length
+from persres.errors import ConfigError, quote
+from persres.formats.concepts import (
     Concept,
     PromptPlan,
     check_prompt_length,
     concept_columns,
     plan_prompts,
 )
-from persres.config import SampleSettings
-from persres.core.lag import LagState, localized
-from persres.core.pipeline import text_towers
-from persres.core.tokens import check_token, text_length
-from persres.errors import ConfigError, quote
 from persres.quiet import message_hidden
 
 log = logging.getLogger(__name__)

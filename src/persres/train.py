@@ -29,7 +29,6 @@ from persres import __version__
 from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
 from persres.checkpoint import Processes, TrainState, checkpoint_folder, list_checkpoints, save_checkpoint
-from persres.concepts import Concept, check_prompt_length, plan_prompts
 from persres.config import TrainConfig
 from persres.core.conditioning import Conditioning, encode
 from persres.core.pipeline import DTYPES, load_pipeline, text_towers
@@ -37,10 +36,11 @@ from persres.core.tokens import check_identifier, check_token, text_length
 from persres.data import ConceptImages
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
-from persres.io import architecture
+from persres.formats.concepts import Concept, check_prompt_length, plan_prompts
+from persres.formats.io import architecture
+from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.methods import get_method, method_info, names_where
 from persres.prior import class_prompt, prior_images
-from persres.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.trainlog import LossLog, check_tracker, tracker_config
 from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation
@@ -80,7 +80,7 @@ class Loop:
     noise_scheduler: DDPMScheduler
     accelerator: Accelerator
     log: LossLog | None  # the main process's
-    folder: RunFolder  # names are recorded in its marker before they are created (persres.runfolder)
+    folder: RunFolder  # names are recorded in its marker before they are created (persres.formats.runfolder)
 
 
 def train(
@@ -102,7 +102,7 @@ def train(
     benchmark runner's case: one concept per process).
     """
     check_writable(out, "out")
-    folder = RunFolder.check(Path(out), config.images, resume, overwrite, config.base)  # persres.runfolder
+    folder = RunFolder.check(Path(out), config.images, resume, overwrite, config.base)
     try:
         return train_in(folder, config, device, callback, progress, distributed)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:

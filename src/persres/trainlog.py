@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from persres.config import TrainConfig
 from persres.errors import ConfigError
 from persres.files import atomic_path, write_text
-from persres.runfolder import LOSS_COLUMNS, LOSS_PNG, LossRow, damaged_log, loss_log, read_loss_log
+from persres.formats.runfolder import LOSS_COLUMNS, LOSS_PNG, LossRow, damaged_log, loss_log, read_loss_log
 
 log = logging.getLogger(__name__)
 

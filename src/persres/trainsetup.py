@@ -18,9 +18,9 @@ from persres.checkpoint import Processes, TrainState, list_checkpoints, load_che
 from persres.config import TrainConfig
 from persres.core.pipeline import resolve_device
 from persres.errors import ConfigError
+from persres.formats.runfolder import CONFIG_FILE, LOGS
+from persres.formats.runs import read_config
 from persres.methods.protocol import Method, Trainable
-from persres.runfolder import CONFIG_FILE, LOGS
-from persres.runs import read_config
 
 log = logging.getLogger(__name__)
 

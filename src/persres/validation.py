@@ -15,11 +15,11 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from persres.concepts import Concept
 from persres.config import TrainConfig
 from persres.files import atomic_dir
+from persres.formats.concepts import Concept
+from persres.formats.runfolder import GRID, VALIDATION
 from persres.outputs import save_png, side_by_side, write_samples
-from persres.runfolder import GRID, VALIDATION
 from persres.sampling import SampleSettings, sample
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from persres.app.runstore import losses, new_run, photo_folder, run_config, run_
 from persres.config import DEFAULT_TOKEN, ResidualConfig, SampleSettings, TrainConfig
 from persres.errors import ConfigError
 from persres.files import write_json
+from persres.formats.runfolder import EXPORTS, REQUEST, RESIDUALS_FILE, SAMPLES
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples
-from persres.runfolder import EXPORTS, REQUEST, RESIDUALS_FILE, SAMPLES
 from persres.sampling import Sample, Sampler
 from persres.toymodels import TOY_BASE, locate_toy_model
 
@@ -230,7 +230,7 @@ def sample_runs(
 
 def export_run(runs: Path, name: str, fmt: str) -> Path:
     """The run as a LoRA file in ``RUN/exports/`` (rewritten on each request)."""
-    from persres.lora_files import export_lora
+    from persres.formats.lora_files import export_lora
 
     folder = run_folder(runs, name)
     (folder / EXPORTS).mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ import pandas as pd
 from persres.app import jobs, runstore
 from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
 from persres.errors import PersresError
-from persres.runfolder import RESIDUALS_FILE, loss_plot
+from persres.formats.runfolder import RESIDUALS_FILE, loss_plot
 
 
 def runs_tab(settings: AppSettings) -> Any:

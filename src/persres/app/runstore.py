@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from persres.config import TrainConfig
 from persres.errors import InputError, PersresError, quote
-from persres.runfolder import (
+from persres.formats.runfolder import (
     CONFIG_FILE,
     MARKER,
     REQUEST,
@@ -30,10 +30,10 @@ from persres.runfolder import (
     loss_log,
     read_loss_log,
 )
-from persres.runfolder import (
+from persres.formats.runfolder import (
     validation_grids as validation_rounds,
 )
-from persres.runs import read_config
+from persres.formats.runs import read_config
 
 T = TypeVar("T")
 

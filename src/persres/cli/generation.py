@@ -131,7 +131,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from persres.info import describe  # reads the file's header only: no torch
+    from persres.formats.info import describe  # reads the file's header only: no torch
 
     print(json.dumps(describe(args.file), indent=2))
     return 0

@@ -42,8 +42,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from persres.io import read_residual_file
-    from persres.lora_files import export_lora
+    from persres.formats.io import read_residual_file
+    from persres.formats.lora_files import export_lora
 
     out = export_lora(args.source, args.format, args.out, args.scale, args.overwrite)
     metadata = read_residual_file(args.source).metadata
@@ -53,7 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from persres.lora_files import import_lora
+    from persres.formats.lora_files import import_lora
 
     out = import_lora(args.file, args.base, args.out, args.token, args.class_word, args.overwrite)
     print(f"residuals written to {out}")

@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from persres.concepts import Concept
 from persres.errors import ConfigError, InputError, quote
 from persres.files import write_json
-from persres.io import architecture_mismatch
+from persres.formats.concepts import Concept
+from persres.formats.io import architecture_mismatch
 
 CONCEPT_FILE = "persres_concept.json"
 FORMAT = "persres-concept"

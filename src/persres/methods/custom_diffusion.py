@@ -39,10 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from persres.concepts import Concept
 from persres.core.tokens import check_token
 from persres.errors import ConfigError, InputError, quote
 from persres.files import atomic_dir
+from persres.formats.concepts import Concept
 from persres.methods.catalog import METHODS
 from persres.methods.concept_json import read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from persres.concepts import Concept
 from persres.errors import InputError, ModelError, first_line
 from persres.files import atomic_dir
+from persres.formats.concepts import Concept
 from persres.methods.catalog import METHODS
 from persres.methods.concept_json import CONCEPT_FILE, read_concept, write_concept
 from persres.methods.named_tensors import NamedTensorState

@@ -31,8 +31,8 @@ from persres.methods.patches import patching
 from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
-    from persres.concepts import Concept
     from persres.config import TrainConfig
+    from persres.formats.concepts import Concept
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "default"  # the name unet.add_adapter gives its adapter

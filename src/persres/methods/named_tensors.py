@@ -14,9 +14,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from persres.concepts import Concept
 from persres.errors import ConfigError, InputError
 from persres.files import atomic_path
+from persres.formats.concepts import Concept
 from persres.methods.concept_json import check_base
 from persres.methods.protocol import Trainable
 

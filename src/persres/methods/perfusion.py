@@ -60,8 +60,8 @@ from persres.methods.rank_one import (
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from persres.concepts import Concept
     from persres.config import TrainConfig
+    from persres.formats.concepts import Concept
 
 WEIGHTS = "perfusion.safetensors"
 TOKEN_PARAM = "text_encoder.token_embedding.delta"

@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from persres.formats.runfolder import RESULT  # noqa: F401  (re-exported: where a peer method saves its result)
 from persres.methods.catalog import Recipe
-from persres.runfolder import RESULT  # noqa: F401  (re-exported: where a peer method saves its result)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from persres.concepts import Concept
     from persres.config import TrainConfig
+    from persres.formats.concepts import Concept
 
 
 @dataclass(frozen=True)

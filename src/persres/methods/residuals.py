@@ -1,8 +1,8 @@
 """Personalized residuals (Ham et al., CVPR 2024), the method of this project, behind the protocol.
 
-Everything is delegated: ``persres.core.residuals`` adds and finds the residuals, ``persres.io`` writes and
-reads the residual file (its format unchanged: checkpoints and results alike), ``persres.concepts``
-loads a result for sampling.
+Everything is delegated: ``persres.core.residuals`` adds and finds the residuals,
+``persres.formats.io`` writes and reads the residual file (its format unchanged: checkpoints and results
+alike), ``persres.formats.concepts`` loads a result for sampling.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from persres.concepts import load_concepts
 from persres.core.residuals import add_residuals, remove_residuals, residual_parameters
 from persres.errors import ConfigError
-from persres.io import load_residuals, save_residuals
+from persres.formats.concepts import load_concepts
+from persres.formats.io import load_residuals, save_residuals
+from persres.formats.runfolder import RESIDUALS_FILE
 from persres.methods.catalog import METHODS
 from persres.methods.patches import patching
 from persres.methods.protocol import Trainable
-from persres.runfolder import RESIDUALS_FILE
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from persres.concepts import Concept
     from persres.config import TrainConfig
+    from persres.formats.concepts import Concept
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from persres.methods.protocol import RESULT, Trainable
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from persres.concepts import Concept
     from persres.config import TrainConfig
+    from persres.formats.concepts import Concept
 
 WEIGHTS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 

@@ -20,11 +20,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from persres.concepts import PromptPlan, load_concepts
 from persres.config import InitMode
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
 from persres.evaluate import Scorers, evaluate_folder
+from persres.formats.concepts import PromptPlan, load_concepts
 from persres.methods import DEFAULT_METHOD, METHODS, get_method, method_info
 from persres.methods.recipes import Overrides, train_config
 from persres.outputs import write_samples

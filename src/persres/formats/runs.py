@@ -11,8 +11,8 @@ from pathlib import Path
 from persres import readback
 from persres.config import TrainConfig
 from persres.errors import InputError
+from persres.formats.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT, result_name
 from persres.methods.catalog import METHODS
-from persres.runfolder import CONFIG_FILE, RESIDUALS_FILE, RESULT, result_name
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Layout of ``residuals.safetensors``: for each wrapped layer two fp32 tensors,
 e.g. ``down_blocks.0.attentions.0.proj_out.A``. Metadata (all strings): ``format``,
 ``format_version`` and whatever the caller adds (base model, token, class word, configs as JSON).
 Any missing, extra or mis-shaped tensor is an error that names it; the header's rules (format,
-metadata, factor pairs, dtypes, shapes) live in ``persres.header``, and reading also refuses factors
+metadata, factor pairs, dtypes, shapes) live in ``persres.formats.header``, and reading also refuses factors
 that are not finite (a diverged run) or whose product is absurd (``check_factors``).
 """
 
@@ -29,8 +29,8 @@ from persres.config import ResidualConfig
 from persres.core.residuals import add_residuals, find_proj_outs, find_residuals, residual_parameters
 from persres.errors import ConfigError, ResidualFileError
 from persres.files import atomic_path
-from persres.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
-from persres.runfolder import residual_file
+from persres.formats.header import FORMAT_NAME, FORMAT_VERSION, read_residual_header
+from persres.formats.runfolder import residual_file
 
 # The largest change |A B| a residual may make to any weight. Stable Diffusion's proj_out weights are of
 # order 0.1 (below 10 in every release), and training moves them by a fraction of that; a change of 1e4
@@ -106,7 +106,7 @@ def family(recorded: str | None) -> str:
 
 
 def read_residual_file(path: str | os.PathLike[str]) -> ResidualFile:
-    """Read and check a residual file without a model: its header (``persres.header``), then the
+    """Read and check a residual file without a model: its header (``persres.formats.header``), then the
     factors, which must be finite; they load as fp32 whatever float type they were saved in."""
     header = read_residual_header(residual_file(path))
     try:

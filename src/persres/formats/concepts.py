@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from persres.config import ResidualConfig
 from persres.core.residuals import add_residuals, find_proj_outs, find_residuals
 from persres.errors import ConfigError, quote
-from persres.io import ResidualFile, check_architecture, check_fits, read_residual_file
+from persres.formats.io import ResidualFile, check_architecture, check_fits, read_residual_file
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from persres import __version__, readback
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError, OutputExistsError, ResidualFileError, RunLockedError
 from persres.files import check_apart, write_json
-from persres.header import FORMAT_NAME, read_safetensors_header
+from persres.formats.header import FORMAT_NAME, read_safetensors_header
 from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def is_earlier_run(out: Path) -> bool:
 
 
 def is_residual_file(path: Path) -> bool:
-    """Reads only the safetensors header (by persres.header: no torch, no safetensors for ``info``)."""
+    """Reads only the safetensors header (by ``header``: no torch, no safetensors for ``info``)."""
     if not path.is_file():
         return False
     try:

@@ -44,16 +44,16 @@ from persres.backbones import Backbone, backbone_for_base, backbone_of_record
 from persres.backbones.unet import KOHYA_PREFIX, SD, SDXL
 from persres.errors import ConfigError, InputError, ResidualFileError, quote
 from persres.files import atomic_path, check_apart, check_writable
-from persres.header import ResidualHeader, check_metadata
-from persres.io import (
+from persres.formats.header import ResidualHeader, check_metadata
+from persres.formats.io import (
     ResidualFile,
     check_architecture,
     check_factors,
     read_residual_file,
     write_residual_file,
 )
+from persres.formats.runfolder import RESIDUALS_FILE
 from persres.methods.catalog import METHODS
-from persres.runfolder import RESIDUALS_FILE
 
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_PREFIX = "unet."
@@ -125,7 +125,7 @@ def export_lora(
         ranges.SCALE.check(scale)  # the table --scale is parsed with: NaN, infinity, past +-100 refused
     except ValueError as exc:
         raise ConfigError(f"`scale` {exc}") from None
-    from persres.runs import read_from
+    from persres.formats.runs import read_from
 
     target = check_lora_out(out, overwrite)
     check_apart(target, "out", [("source", read_from(source))], folder=False)
@@ -154,7 +154,7 @@ def check_lora_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
 
 def read_exportable(source: str | os.PathLike[str]) -> ResidualFile:
     """A residual file, or a residuals run's; another method's run is named with where its result is."""
-    from persres.runs import read_run
+    from persres.formats.runs import read_run
 
     run = read_run(source)
     if run is not None and not METHODS[run.method].trains_residuals:
@@ -375,7 +375,7 @@ def import_lora(
     gives its residual file back exactly; another needs ``token`` and ``class_word``. proj_out layers the
     LoRA leaves out get zero residuals of rank 1 (no change)."""
     from persres.core.residuals import find_proj_outs
-    from persres.io import architecture
+    from persres.formats.io import architecture
 
     target = Path(out) / RESIDUALS_FILE
     check_writable(out, "out")

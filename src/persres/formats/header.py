@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 FACTORS = ("A", "B")
 JSON_FIELDS = ("architecture", "rank_config", "train_config")  # JSON objects, as train writes them
 INTEGER_FIELDS = ("format_version", "step")
-PROJ_OUT_KINDS = ("conv", "linear", "conv/linear")  # persres.io.architecture: the kinds of proj_out found
+PROJ_OUT_KINDS = ("conv", "linear", "conv/linear")  # the kinds of proj_out io.architecture finds
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -67,7 +67,7 @@ class ResidualHeader:
 
 def read_residual_header(path: str | os.PathLike[str]) -> ResidualHeader:
     """Read and check a residual file's header: format, version, metadata, factor pairs and shapes. A run
-    folder is found by ``persres.runfolder.residual_file`` first (this module knows files, not runs)."""
+    folder is found by ``runfolder.residual_file`` first (this module knows files, not runs)."""
     file = Path(path)
     metadata, tensors = read_safetensors_header(file)
     header = ResidualHeader(file, metadata, tensors)
@@ -170,7 +170,7 @@ def _count(text: str) -> bool:
 
 def _json_field_problem(key: str, text: str) -> str | None:
     """What is wrong with a JSON field: not standard JSON, not an object, or not what persres writes
-    there (``persres.io.architecture``, a ``ResidualConfig``, a ``TrainConfig``'s settings)."""
+    there (``persres.formats.io.architecture``, a ``ResidualConfig``, a ``TrainConfig``'s settings)."""
     try:
         value = readback.loads(text)
     except ValueError as exc:

@@ -1,6 +1,6 @@
 """``persres info``: what a residual file holds, read from its header without importing torch.
 
-Standard library only (through ``persres.header``), so the command answers at once; the file is
+Standard library only (through ``persres.formats.header``), so the command answers at once; the file is
 checked by the same rules ``read_residual_file`` applies (tensor values, e.g. NaN, are not read).
 """
 
@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any
 
-from persres.header import read_residual_header
-from persres.runfolder import residual_file
+from persres.formats.header import read_residual_header
+from persres.formats.runfolder import residual_file
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
