@@ -24,7 +24,7 @@ from toybench import md_row, parse_fresh, toy_parser
 from persres.benchmark import BenchmarkConfig, run_benchmark
 from persres.config import TrainConfig
 from persres.files import write_text
-from persres.sampling import SampleSettings
+from persres.inference.sampling import SampleSettings
 from persres.toyworld.dataset import concept_name, toy_nouns, write_cc101
 from persres.toyworld.experiment import ToySettings, reference_photos
 from persres.toyworld.judge import Judge, load_judge, read_images

@@ -44,10 +44,10 @@ from toybench import md_table
 from persres.core.pipeline import load_pipeline
 from persres.evaluate import Scorers
 from persres.files import write_json
+from persres.inference.sampling import Sample
 from persres.measure import size_on_disk
 from persres.methods import METHODS, RESIDUALS, get_method
 from persres.methods.residuals import RESULT
-from persres.sampling import Sample
 from persres.toyworld.experiment import (
     ToySettings,
     base_samples,

@@ -273,7 +273,7 @@ def test_mask_overlays_tint_only_where_lag_applied_the_residuals() -> None:
     import torch
 
     from persres.app.masks import overlays
-    from persres.sampling import Sample
+    from persres.inference.sampling import Sample
 
     image = Image.new("RGB", (8, 8), (10, 200, 10))
     half = torch.zeros(1, 1, 16)  # a 4x4 block: the residual applied in the top half only

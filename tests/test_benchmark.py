@@ -29,10 +29,10 @@ from persres.cli import main
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ConfigError, InputError
 from persres.files import write_json
+from persres.inference.sampling import SampleSettings
 from persres.methods import get_method
 from persres.report import write_report
 from persres.results import merge_results
-from persres.sampling import SampleSettings
 
 
 def mini_config(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> BenchmarkConfig:

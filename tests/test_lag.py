@@ -22,7 +22,7 @@ from persres.core.pipeline import load_pipeline
 from persres.core.residuals import ResidualConfig, ResidualProjOut, find_residuals
 from persres.errors import ConfigError
 from persres.formats.concepts import Concept, load_concepts, plan_prompts, word_spans
-from persres.sampling import SampleSettings, sample
+from persres.inference.sampling import SampleSettings, sample
 
 SETTINGS = SampleSettings(steps=3, guidance=7.5, height=16, width=16, seed=0)
 

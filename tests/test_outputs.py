@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import persres.outputs as outputs
+import persres.inference.outputs as outputs
 from persres.errors import OutputExistsError
-from persres.outputs import block_shape, strip, write_samples
-from persres.sampling import Sample, SampleSettings
+from persres.inference.outputs import block_shape, strip, write_samples
+from persres.inference.sampling import Sample, SampleSettings
 
 
 def samples() -> list[Sample]:

@@ -25,7 +25,7 @@ from persres.core.residuals import add_residuals, count_parameters, residuals_di
 from persres.formats.concepts import load_concepts
 from persres.formats.io import read_residual_file
 from persres.formats.lora_files import kohya_names
-from persres.sampling import sample
+from persres.inference.sampling import sample
 from persres.testing.reference_configs import SDXL_UNET
 
 SETTINGS = SampleSettings(steps=2, guidance=7.5, num_images=1, seed=0, height=16, width=16)

@@ -34,8 +34,8 @@ _EXPORTS = {
     "read_residual_file": "persres.formats.io",
     "save_residuals": "persres.formats.io",
     "train": "persres.train",
-    "SampleSettings": "persres.sampling",
-    "sample": "persres.sampling",
+    "SampleSettings": "persres.inference.sampling",
+    "sample": "persres.inference.sampling",
     "Concept": "persres.formats.concepts",
     "load_concepts": "persres.formats.concepts",
     "load_pipeline": "persres.core.pipeline",
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     )
     from persres.formats.concepts import Concept, load_concepts
     from persres.formats.io import load_residuals, read_residual_file, save_residuals
-    from persres.sampling import SampleSettings, sample
+    from persres.inference.sampling import SampleSettings, sample
     from persres.train import train
 
 

@@ -48,13 +48,13 @@ from persres.errors import ConfigError, InputError
 from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
 from persres.files import check_apart, write_json
 from persres.formats.runfolder import SAMPLES, find_run
+from persres.inference.outputs import write_samples
+from persres.inference.sampling import sample
 from persres.macro import load_nouns, suggest_classes
 from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.methods import METHODS, get_method
-from persres.outputs import write_samples
 from persres.result_rows import row_method
 from persres.results import means, merge_results, pick, read_result, read_settings
-from persres.sampling import sample
 from persres.train import TrainResult, train
 
 log = logging.getLogger(__name__)

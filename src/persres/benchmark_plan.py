@@ -20,9 +20,9 @@ from typing import Any
 from persres.cc101 import ConceptEntry
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
+from persres.inference.sampling import SampleSettings
 from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info, names_where
 from persres.methods.recipes import RECIPE_FIELDS, Overrides, run_settings, train_config
-from persres.sampling import SampleSettings
 
 SAMPLER_CHOICES = ("normal", "lag", "auto")
 CLASS_SOURCES = ("dataset", "nearest", "balanced")

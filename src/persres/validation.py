@@ -19,8 +19,8 @@ from persres.config import TrainConfig
 from persres.files import atomic_dir
 from persres.formats.concepts import Concept
 from persres.formats.runfolder import GRID, VALIDATION
-from persres.outputs import save_png, side_by_side, write_samples
-from persres.sampling import SampleSettings, sample
+from persres.inference.outputs import save_png, side_by_side, write_samples
+from persres.inference.sampling import SampleSettings, sample
 
 log = logging.getLogger(__name__)
 

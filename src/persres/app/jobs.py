@@ -20,10 +20,10 @@ from persres.config import DEFAULT_TOKEN, ResidualConfig, SampleSettings, TrainC
 from persres.errors import ConfigError
 from persres.files import write_json
 from persres.formats.runfolder import EXPORTS, REQUEST, RESIDUALS_FILE, SAMPLES
+from persres.inference.outputs import write_samples
+from persres.inference.sampling import Sample, Sampler
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
-from persres.outputs import write_samples
-from persres.sampling import Sample, Sampler
 from persres.toymodels import TOY_BASE, locate_toy_model
 
 MACHINE = threading.Lock()
@@ -206,8 +206,8 @@ def sample_runs(
     device: str = "auto",
 ) -> list[Sample]:
     """Sample ``prompt`` with the runs' concepts (V* or V1*, V2*), the same noise for normal and LAG."""
-    from persres.personalized import load_personalized
-    from persres.sampling import sample
+    from persres.inference.personalized import load_personalized
+    from persres.inference.sampling import sample
 
     if not 1 <= len(names) <= 2:
         raise ConfigError(f"choose one or two runs to sample, got {len(names)}")

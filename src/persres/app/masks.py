@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from persres.outputs import block_shape
-from persres.sampling import Sample
+from persres.inference.outputs import block_shape
+from persres.inference.sampling import Sample
 
 TINTS = ((255, 40, 40), (40, 120, 255))  # V1* red, V2* blue
 ALPHA = 0.55  # the tint's strength where the mask is 1

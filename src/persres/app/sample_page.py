@@ -16,8 +16,8 @@ from persres.app.figures import enlarged
 from persres.app.masks import overlays
 from persres.categories import prompt_category, sampler_for
 from persres.config import MAX_STEPS
+from persres.inference.sampling import Sample
 from persres.ranges import SEED, STEPS, integer
-from persres.sampling import Sample
 
 MASK_STEP = integer(0, MAX_STEPS - 1)  # the slider's step index; shown up to the sampling's last step
 

@@ -111,7 +111,7 @@ def settings_of(args: argparse.Namespace, num_images: int) -> SampleSettings:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from persres.personalized import sample_to_folder
+    from persres.inference.personalized import sample_to_folder
 
     settings = settings_of(args, args.num_images)
     written = sample_to_folder(
@@ -138,7 +138,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from persres.merge import merge_to_folder
+    from persres.inference.merge import merge_to_folder
 
     print(f"merged pipeline written to {merge_to_folder(args.base, args.residuals, args.out)}")
     return 0

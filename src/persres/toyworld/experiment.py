@@ -25,10 +25,10 @@ from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
 from persres.evaluate import Scorers, evaluate_folder
 from persres.formats.concepts import PromptPlan, load_concepts
+from persres.inference.outputs import write_samples
+from persres.inference.sampling import Sample, Sampler, SampleSettings, generate, sample
 from persres.methods import DEFAULT_METHOD, METHODS, get_method, method_info
 from persres.methods.recipes import Overrides, train_config
-from persres.outputs import write_samples
-from persres.sampling import Sample, Sampler, SampleSettings, generate, sample
 from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt
 from persres.toyworld.quality import border_change, check

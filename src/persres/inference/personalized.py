@@ -24,9 +24,9 @@ from persres.formats.concepts import (
     read_files,
 )
 from persres.formats.runs import Run, peer_runs, read_from
+from persres.inference.outputs import write_samples
+from persres.inference.sampling import Sampler, SampleSettings, sample
 from persres.methods import get_method
-from persres.outputs import write_samples
-from persres.sampling import Sampler, SampleSettings, sample
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

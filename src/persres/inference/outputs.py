@@ -22,7 +22,7 @@ from PIL import Image
 
 from persres.errors import OutputExistsError
 from persres.files import atomic_path, write_json
-from persres.sampling import Sample, SampleSettings
+from persres.inference.sampling import Sample, SampleSettings
 
 CELL = 48  # mask strip cell height in px
 GAP = 2
