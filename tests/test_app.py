@@ -246,7 +246,7 @@ def test_cli_warns_when_serving_beyond_localhost_without_auth(
 @pytest.mark.slow
 def test_an_interrupted_run_is_resumed_from_the_runs_page(served: Served, tmp_path: Path) -> None:
     from persres.app import jobs
-    from persres.train import train
+    from persres.training.train import train
 
     job = jobs.start_training(
         served.runs, "halted", toy_photos(tmp_path), str(SHIPPED_BASE), "cat", "sks", 12, 5e-3, "0.05", "cpu"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from persres.cli import main
 from persres.errors import InputError
-from persres.train import train
+from persres.training.train import train
 
 STEP2 = Path("checkpoints") / "step-000002"
 

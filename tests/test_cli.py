@@ -251,7 +251,8 @@ def test_report_to_a_tracker_that_is_not_installed_fails_before_training(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("persres.trainlog.installed", lambda package: False)  # whatever this venv holds
+    # whatever this venv holds
+    monkeypatch.setattr("persres.training.trainlog.installed", lambda package: False)
     out = tmp_path / "run"
     argv = ["train", "--base", str(conv_base), "--images", str(photos), "--out", str(out), *TRAIN]
     argv.append("--report-to")

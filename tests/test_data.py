@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from persres.data import ConceptImages, list_images
 from persres.errors import InputError
+from persres.training.data import ConceptImages, list_images
 
 
 def test_non_image_files_missing_and_empty_folders(tmp_path: Path) -> None:

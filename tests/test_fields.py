@@ -114,7 +114,7 @@ def test_for_command_line_replaces_settings_by_flags() -> None:
 
 def test_cli_log_lines_name_flags() -> None:
     record = logging.LogRecord(
-        "persres.trainsetup", logging.WARNING, "", 0, "`resume`: no checkpoint in %s", ("run",), None
+        "persres.training.trainsetup", logging.WARNING, "", 0, "`resume`: no checkpoint in %s", ("run",), None
     )
     assert FlagNames().filter(record)
     assert record.getMessage() == "--resume: no checkpoint in run"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from persres.data import ConceptImages
 from persres.errors import InputError
 from persres.images import load_rgb
+from persres.training.data import ConceptImages
 
 
 def test_modes_become_rgb_with_the_right_colours(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from persres import ResidualConfig, add_residuals, read_residual_file, save_resi
 from persres.config import TrainConfig
 from persres.formats.info import describe
 from persres.testing.tiny import tiny_unet
-from persres.train import run_metadata, train
+from persres.training.train import run_metadata, train
 
 
 def described_with_torch(path: Path) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from persres import prior
 from persres.config import SampleSettings
-from persres.data import MAX_IMAGES, ConceptImages
 from persres.errors import ConfigError, InputError
+from persres.training import prior
+from persres.training.data import MAX_IMAGES, ConceptImages
 
 FAST = SampleSettings(steps=2, guidance=7.5)
 

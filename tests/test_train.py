@@ -26,9 +26,9 @@ from persres.config import TrainConfig
 from persres.core.conditioning import Conditioning, encode
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import residual_parameters
-from persres.data import ConceptImages
 from persres.errors import ConfigError, InputError, OutputExistsError, TrainingDivergedError
-from persres.train import denoising_loss, train
+from persres.training.data import ConceptImages
+from persres.training.train import denoising_loss, train
 
 
 def factors(path: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +123,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         calls.append(1)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr("persres.train.denoising_loss", nan_on_third_step)
+    monkeypatch.setattr("persres.training.train.denoising_loss", nan_on_third_step)
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 3.*step-000002 \(step 2\)"):
         train(tiny_config(conv_base, photos), out, progress=False)
     assert not (out / "residuals.safetensors").exists()
@@ -223,7 +223,7 @@ def kill_after(config: TrainConfig, out: Path, step: int) -> None:
     script = (
         "import json, os, signal, sys\n"
         "from persres.config import TrainConfig\n"
-        "from persres.train import train\n"
+        "from persres.training.train import train\n"
         "def kill(step, loss):\n"
         f"    if step == {step}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -593,7 +593,7 @@ def test_a_batch_that_does_not_fit_says_so_and_leaves_nothing_behind(
     def too_big(*args: object, **kwargs: object) -> torch.Tensor:
         raise failure
 
-    monkeypatch.setattr("persres.train.denoising_loss", too_big)
+    monkeypatch.setattr("persres.training.train.denoising_loss", too_big)
     run = tmp_path / "run"
     assert main(train_argv(conv_base, photos, run, "--batch-size", "3")) == 2
     err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
@@ -612,6 +612,6 @@ def test_a_resumed_run_that_does_not_fit_keeps_its_folder(
     def too_big(*args: object, **kwargs: object) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("persres.train.denoising_loss", too_big)
+    monkeypatch.setattr("persres.training.train.denoising_loss", too_big)
     assert main(train_argv(conv_base, photos, run, "--steps", "4", "--resume")) == 2
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

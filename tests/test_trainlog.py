@@ -10,7 +10,7 @@ import pytest
 
 from persres.config import TrainConfig
 from persres.errors import ConfigError, InputError
-from persres.trainlog import ALPHA, COLUMNS, LossLog, check_tracker, tracker_config
+from persres.training.trainlog import ALPHA, COLUMNS, LossLog, check_tracker, tracker_config
 
 LOSSES = [0.9, 0.5, 0.7, 0.4, 0.45, 0.3, 0.35, 0.2]
 
@@ -106,7 +106,7 @@ def test_plot_is_a_png(tmp_path: Path) -> None:
 
 
 def test_a_tracker_that_is_not_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("persres.trainlog.installed", lambda package: False)
+    monkeypatch.setattr("persres.training.trainlog.installed", lambda package: False)
     for name in ("tensorboard", "wandb"):
         with pytest.raises(ConfigError, match=f"`report_to` {name} .* pip install {name}"):
             check_tracker(name)

@@ -33,7 +33,7 @@ _EXPORTS = {
     "load_residuals": "persres.formats.io",
     "read_residual_file": "persres.formats.io",
     "save_residuals": "persres.formats.io",
-    "train": "persres.train",
+    "train": "persres.training.train",
     "SampleSettings": "persres.inference.sampling",
     "sample": "persres.inference.sampling",
     "Concept": "persres.formats.concepts",
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from persres.formats.concepts import Concept, load_concepts
     from persres.formats.io import load_residuals, read_residual_file, save_residuals
     from persres.inference.sampling import SampleSettings, sample
-    from persres.train import train
+    from persres.training.train import train
 
 
 def __getattr__(name: str) -> Any:

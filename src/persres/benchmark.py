@@ -55,7 +55,7 @@ from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.methods import METHODS, get_method
 from persres.result_rows import row_method
 from persres.results import means, merge_results, pick, read_result, read_settings
-from persres.train import TrainResult, train
+from persres.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

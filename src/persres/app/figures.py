@@ -18,7 +18,7 @@ def enlarged(image: Image.Image) -> Image.Image:
 
 def loss_image(rows: list[tuple[int, float]], steps: int) -> Image.Image:
     """Loss against the step, the x axis spanning the whole run so the curve grows to the right."""
-    # Figure + Agg canvas directly, as persres.trainlog: no pyplot global state in a server
+    # Figure + Agg canvas directly, as persres.training.trainlog: no pyplot global state in a server
     figure = Figure(figsize=(7, 2.6), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

@@ -120,7 +120,7 @@ class TrainingJob:
         self.thread = threading.Thread(target=self.work, name=f"persres-train-{out.name}", daemon=True)
 
     def work(self) -> None:
-        from persres.train import train  # torch and diffusers load with the first job, not the page
+        from persres.training.train import train  # torch and diffusers load with the first job, not the page
 
         with MACHINE:
             try:

@@ -1,5 +1,5 @@
-"""``persres train``: parse the run's settings into a ``TrainConfig`` and call ``persres.train.train``.
-Defaults come from ``TrainConfig`` itself."""
+"""``persres train``: parse the run's settings into a ``TrainConfig`` and call the training loop
+(``persres.training.train.train``). Defaults come from ``TrainConfig`` itself."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def native_resolution(base: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from persres.files import check_writable
-    from persres.train import train
+    from persres.training.train import train
 
     check_writable(args.out, "out")  # before anything reads the base model (e.g. its default resolution)
 

@@ -67,12 +67,12 @@ LOCK = ".persres.lock"
 CONFIG_FILE = "config.json"
 RESIDUALS_FILE = "residuals.safetensors"  # the residuals method's result (a residual file)
 RESULT = "result"  # the folder in which a peer method saves its result
-CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNN/, written by persres.checkpoint
+CHECKPOINTS = "checkpoints"  # checkpoints/step-NNNNNN/, written by persres.training.checkpoint
 STATE_FILE = "state.json"  # in each checkpoint: its step and the run's settings
-VALIDATION = "validation"  # validation/step-NNNNNN/, written by persres.validation
+VALIDATION = "validation"  # validation/step-NNNNNN/, written by persres.training.validation
 GRID = "grid.png"  # in each validation folder: its images side by side
 LOGS = "logs"
-LOSS_CSV = "loss.csv"  # logs/loss.csv, written by persres.trainlog
+LOSS_CSV = "loss.csv"  # logs/loss.csv, written by persres.training.trainlog
 LOSS_PNG = "loss.png"
 SAMPLES = "samples"  # what the app's Sample page (and a benchmark's variant) drew with the run
 REQUEST = "app-request.json"  # the app's settings of a run, for resuming before config.json exists
@@ -499,7 +499,7 @@ NO_CURVE = "restore it, or delete it (no loss curve)"
 
 @dataclass(frozen=True)
 class LossRow:
-    """One row of ``logs/loss.csv`` (persres.trainlog says what the columns mean)."""
+    """One row of ``logs/loss.csv`` (persres.training.trainlog says what the columns mean)."""
 
     step: int
     loss: float

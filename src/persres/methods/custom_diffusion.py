@@ -16,7 +16,7 @@ a forward hook on the token embedding (``new_token.learned_row``), so every othe
 as the base has it. The processors and the hook are patches with inverses (``persres.methods.patches``).
 
 Regularisation: the paper retrieves 200 real images of the class from LAION (the README's
-``--real_prior``, clip-retrieval); persres draws 200 with the base model instead (``persres.prior``,
+``--real_prior``, clip-retrieval); persres draws 200 with the base model instead (``persres.training.prior``,
 the script's behaviour without ``--real_prior``). The script's scale augmentation (random zoom with a
 masked loss and "a far away"/"zoomed in" prompt prefixes) is not in persres' shared loop.
 

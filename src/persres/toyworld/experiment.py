@@ -1,7 +1,7 @@
 """Personalize toy concepts and score base / normal / LAG images from the same noise.
 
 One function per step: ``reference_photos`` draws a held-out instance's photos, ``personalize``
-trains a method (residuals by default) on them with ``persres.train``, ``sample_variants`` draws
+trains a method (residuals by default) on them with ``persres.training.train``, ``sample_variants`` draws
 every prompt with the base model (class word only), then with the residuals (normal and LAG,
 ``persres.sample``); ``method_samples`` does the same for any method's result and ``words_samples``
 gives the base model the concept in words. ``score_concept`` reads every image with the judge and
@@ -33,7 +33,7 @@ from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt
 from persres.toyworld.quality import border_change, check
 from persres.toyworld.scenes import random_scene, render
-from persres.train import TrainResult, train
+from persres.training.train import TrainResult, train
 
 VARIANTS = ("base", "normal", "lag")
 

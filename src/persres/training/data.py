@@ -29,7 +29,7 @@ def list_images(folder: str | os.PathLike[str], limit: int | None = MAX_IMAGES) 
     """The image files of ``folder``, sorted; hidden files and sub-folders are skipped.
 
     ``limit``: the most a folder may hold; None for persres' own folders of class images for prior
-    preservation (``persres.prior``, 100-200 of them), never for the concept's photos."""
+    preservation (``persres.training.prior``, 100-200 of them), never for the concept's photos."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(

@@ -28,22 +28,34 @@ from tqdm.auto import tqdm
 from persres import __version__
 from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
-from persres.checkpoint import Processes, TrainState, checkpoint_folder, list_checkpoints, save_checkpoint
 from persres.config import TrainConfig
 from persres.core.conditioning import Conditioning, encode
 from persres.core.pipeline import DTYPES, load_pipeline, text_towers
 from persres.core.tokens import check_identifier, check_token, text_length
-from persres.data import ConceptImages
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.formats.concepts import Concept, check_prompt_length, plan_prompts
 from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.methods import get_method, method_info, names_where
-from persres.prior import class_prompt, prior_images
-from persres.trainlog import LossLog, check_tracker, tracker_config
-from persres.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
-from persres.validation import drop_later, validation_due, validation_folder, write_final, write_validation
+from persres.training.checkpoint import (
+    Processes,
+    TrainState,
+    checkpoint_folder,
+    list_checkpoints,
+    save_checkpoint,
+)
+from persres.training.data import ConceptImages
+from persres.training.prior import class_prompt, prior_images
+from persres.training.trainlog import LossLog, check_tracker, tracker_config
+from persres.training.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
+from persres.training.validation import (
+    drop_later,
+    validation_due,
+    validation_folder,
+    write_final,
+    write_validation,
+)
 from persres.words import real_words
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,13 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from diffusers import StableDiffusionPipeline
 
-from persres.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
 from persres.config import TrainConfig
 from persres.core.pipeline import resolve_device
 from persres.errors import ConfigError
 from persres.formats.runfolder import CONFIG_FILE, LOGS
 from persres.formats.runs import read_config
 from persres.methods.protocol import Method, Trainable
+from persres.training.checkpoint import Processes, TrainState, list_checkpoints, load_checkpoint
 
 log = logging.getLogger(__name__)
 

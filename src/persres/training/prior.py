@@ -31,13 +31,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from persres.checkpoint import Processes
 from persres.config import MAX_PRIOR_IMAGES, SampleSettings, TrainConfig
 from persres.core.pipeline import load_pipeline, looks_like_path
-from persres.data import ConceptImages, list_images
 from persres.errors import ConfigError, ModelError, quote
 from persres.files import atomic_path, cache_folder, write_json
 from persres.methods.catalog import METHODS
+from persres.training.checkpoint import Processes
+from persres.training.data import ConceptImages, list_images
 
 log = logging.getLogger(__name__)
 
