@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from toybench import md_row, parse_fresh, toy_parser
 
-from persres.benchmark import BenchmarkConfig, run_benchmark
 from persres.config import TrainConfig
+from persres.evaluation.benchmark import BenchmarkConfig, run_benchmark
 from persres.files import write_text
 from persres.inference.sampling import SampleSettings
 from persres.toyworld.dataset import concept_name, toy_nouns, write_cc101

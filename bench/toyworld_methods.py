@@ -42,10 +42,10 @@ import torch
 from toybench import md_table
 
 from persres.core.pipeline import load_pipeline
-from persres.evaluate import Scorers
+from persres.evaluation.evaluate import Scorers
+from persres.evaluation.measure import size_on_disk
 from persres.files import write_json
 from persres.inference.sampling import Sample
-from persres.measure import size_on_disk
 from persres.methods import METHODS, RESIDUALS, get_method
 from persres.methods.residuals import RESULT
 from persres.toyworld.experiment import (

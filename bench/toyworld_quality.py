@@ -26,7 +26,7 @@ from toybench import md_table, parse_fresh, toy_parser
 
 from persres.config import ResidualConfig
 from persres.core.pipeline import load_pipeline
-from persres.evaluate import Scorers
+from persres.evaluation.evaluate import Scorers
 from persres.files import write_json
 from persres.toyworld.experiment import (
     ToySettings,

@@ -14,8 +14,8 @@ from PIL import Image
 
 from persres.config import TrainConfig
 from persres.core.residuals import find_residuals
+from persres.evaluation.results import merge_results
 from persres.files import write_json
-from persres.results import merge_results
 
 
 def unet_inputs(

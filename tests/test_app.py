@@ -299,8 +299,8 @@ def test_class_word_suggestions_come_from_the_configured_clip(
     pytest.importorskip("gradio")
     from persres.app.common import AppSettings
     from persres.app.train_page import suggest_class
-    from persres.evaluate import Scorers
-    from persres.macro import load_nouns, suggest_classes
+    from persres.evaluation.evaluate import Scorers
+    from persres.evaluation.macro import load_nouns, suggest_classes
     from persres.testing.tiny import save_tiny_clip
 
     monkeypatch.setenv("PERSRES_CACHE", str(tmp_path / "cache"))

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from helpers import CONCEPTS, bench_argv, finished_benchmark
 
-from persres.benchmark import (
+from persres.cli import main
+from persres.config import ResidualConfig, TrainConfig
+from persres.errors import ConfigError, InputError
+from persres.evaluation.benchmark import (
     BenchmarkConfig,
     Variant,
     check_same_settings,
@@ -23,16 +26,13 @@ from persres.benchmark import (
     settings_of,
     variant_train_config,
 )
-from persres.categories import auto_sampler, prompt_category
-from persres.cc101 import load_dataset
-from persres.cli import main
-from persres.config import ResidualConfig, TrainConfig
-from persres.errors import ConfigError, InputError
+from persres.evaluation.categories import auto_sampler, prompt_category
+from persres.evaluation.cc101 import load_dataset
+from persres.evaluation.report import write_report
+from persres.evaluation.results import merge_results
 from persres.files import write_json
 from persres.inference.sampling import SampleSettings
 from persres.methods import get_method
-from persres.report import write_report
-from persres.results import merge_results
 
 
 def mini_config(dataset: Path, base: Path, out: Path, scorers: tuple[str, str]) -> BenchmarkConfig:
@@ -108,7 +108,7 @@ def test_benchmark_resume_and_report(
 ) -> None:
     out = tmp_path / "bench"
     config = mini_config(dataset, conv_base, out, scorer_models)
-    import persres.benchmark as bench
+    import persres.evaluation.benchmark as bench
 
     real_score = bench.score_samples
     calls: list[str] = []
@@ -471,7 +471,7 @@ def test_methods_are_compared_on_the_same_prompts_and_seeds(
     page = write_report(out).read_text()
     assert "textual-inversion: normal sampling only" in page and "peak resident set size" in page
 
-    import persres.benchmark as bench
+    import persres.evaluation.benchmark as bench
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
     monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("a finished variant was trained again"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from persres.categories import prompt_category
+from persres.evaluation.categories import prompt_category
 
 
 def test_multi_word_class_words_do_not_decide_the_category() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from persres.cc101 import load_dataset
 from persres.errors import InputError
+from persres.evaluation.cc101 import load_dataset
 
 
 def make_dataset(root: Path, prompt_lines: str, data_dir: str = "./images/pet_dog") -> Path:

@@ -14,7 +14,7 @@ from transformers import CLIPModel, ViTModel
 
 from persres.cli import main
 from persres.errors import ConfigError, InputError, ModelError
-from persres.evaluate import (
+from persres.evaluation.evaluate import (
     CLIP_MEAN,
     CLIP_STD,
     Scorers,
@@ -132,7 +132,7 @@ def test_scores_equal_an_independent_computation(
 
 
 def test_text_alignment_is_clamped_at_zero(scorers: Scorers) -> None:
-    from persres.evaluate import text_alignment
+    from persres.evaluation.evaluate import text_alignment
 
     a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), dim=-1)
     b = torch.nn.functional.normalize(torch.tensor([[-1.0, 0.2], [1.0, 1.0]]), dim=-1)

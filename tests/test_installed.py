@@ -107,7 +107,8 @@ def test_every_file_the_package_reads_is_installed(installed: Installed) -> None
 
 def test_the_installed_copy_is_the_one_imported(installed: Installed) -> None:
     done = installed.run(
-        "-c", "import persres, persres.macro as m; print(persres.__file__); print(len(m.load_nouns()))"
+        "-c",
+        "import persres, persres.evaluation.macro as m; print(persres.__file__); print(len(m.load_nouns()))",
     )
     assert done.returncode == 0, done.stderr
     imported, nouns = done.stdout.split()

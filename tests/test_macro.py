@@ -18,8 +18,8 @@ from transformers import CLIPModel
 from persres import read_residual_file
 from persres.cli import main
 from persres.errors import ConfigError
-from persres.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
-from persres.macro import Suggestion, choose, noun_embeddings, suggest_classes
+from persres.evaluation.evaluate import CLIP_MEAN, CLIP_STD, Scorers, preprocess
+from persres.evaluation.macro import Suggestion, choose, noun_embeddings, suggest_classes
 from persres.testing.tiny import save_tiny_clip
 from persres.words import load_nouns, real_words
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from persres.app.jobs import Recipe, make_config
-from persres.benchmark_plan import plan_variants, variant_train_config
-from persres.cc101 import ConceptEntry
 from persres.cli import build_parser
 from persres.cli.evaluation import benchmark_config_of
 from persres.cli.training import train_config_of
 from persres.config import TrainConfig
 from persres.errors import ConfigError
+from persres.evaluation.benchmark_plan import plan_variants, variant_train_config
+from persres.evaluation.cc101 import ConceptEntry
 from persres.formats.runs import read_run
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config

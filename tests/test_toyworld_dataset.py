@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from persres.cc101 import load_dataset
+from persres.evaluation.cc101 import load_dataset
 from persres.toyworld.dataset import toy_nouns, write_cc101
 from persres.toyworld.experiment import reference_photos
 from persres.toyworld.model import toy_tokenizer

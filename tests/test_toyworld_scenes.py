@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persres.categories import CATEGORIES
+from persres.evaluation.categories import CATEGORIES
 from persres.toyworld.model import MAX_TOKENS, toy_tokenizer
 from persres.toyworld.prompts import Expectation, concept_prompts
 from persres.toyworld.quality import border_change, check, means, paired_differences

@@ -1,7 +1,7 @@
 """Silence one known false alarm of transformers, for every entry point of persres.
 
 transformers 5 warns at import that ``CLIPImageProcessor`` "requires torchvision" and falls back to
-the PIL processor. persres never uses an image processor of transformers (``persres.evaluate``
+the PIL processor. persres never uses an image processor of transformers (``persres.evaluation.evaluate``
 preprocesses images itself) and deliberately does not depend on torchvision, so the warning says
 nothing to a persres user. Only that message is dropped; every other warning is still shown.
 Standard library only: installing the filter must not import transformers.

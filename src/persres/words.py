@@ -3,7 +3,8 @@
 ``assets/WORDNET_LICENSE.txt``) and the other one-word lemmas, standard library only.
 
 Training checks its identifier against ``real_words`` (an identifier that is a word carries its meaning
-into every prompt); the macro class (``persres.macro``) ranks the nouns against the concept's photos.
+into every prompt); the macro class (``persres.evaluation.macro``) ranks the nouns against the
+concept's photos.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from persres.app.common import HEAVY, LIGHT, AppSettings, refused
 from persres.app.fields import number_field, slider_field
 from persres.app.figures import enlarged
 from persres.app.masks import overlays
-from persres.categories import prompt_category, sampler_for
 from persres.config import MAX_STEPS
+from persres.evaluation.categories import prompt_category, sampler_for
 from persres.inference.sampling import Sample
 from persres.ranges import SEED, STEPS, integer
 

@@ -102,8 +102,8 @@ def suggest_class(settings: AppSettings, files: list[str] | None) -> Any:
     import tempfile
 
     from persres.app.photos import keep_photos
-    from persres.evaluate import Scorers
-    from persres.macro import load_nouns, suggest_classes
+    from persres.evaluation.evaluate import Scorers
+    from persres.evaluation.macro import load_nouns, suggest_classes
 
     with tempfile.TemporaryDirectory(dir=settings.runs) as tmp:
         keep_photos(files or [], Path(tmp) / "photos")

@@ -15,7 +15,7 @@ from persres.methods.catalog import DEFAULT_METHOD, METHODS, names_where
 from persres.methods.recipes import RECIPE_FIELDS, Overrides, train_config
 
 if TYPE_CHECKING:
-    from persres.benchmark_plan import BenchmarkConfig
+    from persres.evaluation.benchmark_plan import BenchmarkConfig
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -94,7 +94,7 @@ def add_benchmark(commands: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from persres.evaluate import Scorers, evaluate_folder
+    from persres.evaluation.evaluate import Scorers, evaluate_folder
     from persres.files import check_apart, check_writable, write_json
 
     if args.out:
@@ -112,7 +112,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from persres.benchmark import run_benchmark
+    from persres.evaluation.benchmark import run_benchmark
     from persres.files import check_writable
 
     check_writable(args.out, "out")  # before anything reads the base model (e.g. its default resolution)
@@ -124,8 +124,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 def benchmark_config_of(args: argparse.Namespace) -> BenchmarkConfig:
     """The benchmark ``persres benchmark`` was asked for. Its training template is the default method's
     recipe, each of steps, batch size and lr replaced where given (and then shared by every method)."""
-    from persres.benchmark import BenchmarkConfig
     from persres.config import ResidualConfig
+    from persres.evaluation.benchmark import BenchmarkConfig
 
     methods = tuple(args.method or [DEFAULT_METHOD])
     if args.rank is not None and not any(METHODS[m].trains_residuals for m in methods):
@@ -167,7 +167,7 @@ def benchmark_config_of(args: argparse.Namespace) -> BenchmarkConfig:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from persres.report import write_report
+    from persres.evaluation.report import write_report
 
     print(f"report: {write_report(args.results, args.out)}")
     return 0

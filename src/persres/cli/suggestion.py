@@ -41,8 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_suggest_class(args: argparse.Namespace) -> int:
-    from persres.evaluate import Scorers
-    from persres.macro import load_nouns, suggest_classes
+    from persres.evaluation.evaluate import Scorers
+    from persres.evaluation.macro import load_nouns, suggest_classes
 
     nouns = load_nouns(args.nouns) if args.nouns else None
     scorers = Scorers.load(args.clip, None, args.device)

@@ -208,8 +208,8 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
 
 def auto_class_word(args: argparse.Namespace) -> tuple[str, str]:
     """``--class-word auto``: the macro class chosen by CLIP among WordNet (or --nouns) nouns, and why."""
-    from persres.evaluate import Scorers
-    from persres.macro import load_nouns, suggest_classes
+    from persres.evaluation.evaluate import Scorers
+    from persres.evaluation.macro import load_nouns, suggest_classes
 
     scorers = Scorers.load(args.clip, None, args.device)
     listed = load_nouns(args.nouns) if args.nouns else None

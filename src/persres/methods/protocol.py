@@ -4,7 +4,7 @@ Following PEFT's tuners and k-diffusion's samplers: each method is one small mod
 trains, its authors' default recipe (in ``persres.methods.catalog``, readable without torch, with the
 source of each number), how it saves (in the format the field's own tools load) and how it loads for
 sampling. The loop, data, checkpoints, the loss log, sampling and scoring exist once
-(``persres.training.train``, ``persres.inference.sampling``, ``persres.benchmark``).
+(``persres.training.train``, ``persres.inference.sampling``, ``persres.evaluation.benchmark``).
 
 A method's life in a run:
 1. ``prepare(pipe, config, generator)``: freeze the base, add what it trains (adapters, a token), and

@@ -20,7 +20,7 @@ import torch
 
 from persres.cli import quiet_third_party
 from persres.core.pipeline import load_pipeline
-from persres.evaluate import Scorers
+from persres.evaluation.evaluate import Scorers
 from persres.files import write_json
 from persres.toyworld.experiment import ToySettings, reference_photos, sample_variants, score_concept
 from persres.toyworld.judge import load_judge

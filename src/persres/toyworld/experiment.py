@@ -5,8 +5,8 @@ trains a method (residuals by default) on them with ``persres.training.train``, 
 every prompt with the base model (class word only), then with the residuals (normal and LAG,
 ``persres.sample``); ``method_samples`` does the same for any method's result and ``words_samples``
 gives the base model the concept in words. ``score_concept`` reads every image with the judge and
-the oracle CLIP/DINO scorers (through ``persres.evaluate``). The demo, ``bench/toyworld_quality.py``
-and ``bench/toyworld_methods.py`` are made of these.
+the oracle CLIP/DINO scorers (through ``persres.evaluation.evaluate``). The demo,
+``bench/toyworld_quality.py`` and ``bench/toyworld_methods.py`` are made of these.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image
 from persres.config import InitMode
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
-from persres.evaluate import Scorers, evaluate_folder
+from persres.evaluation.evaluate import Scorers, evaluate_folder
 from persres.formats.concepts import PromptPlan, load_concepts
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import Sample, Sampler, SampleSettings, generate, sample

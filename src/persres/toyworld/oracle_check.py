@@ -1,7 +1,7 @@
 """How right the oracle is on real generator scenes it never saw (fresh seeds).
 
 - judge: per head, the share of scenes read right.
-- CLIP (through ``persres.evaluate.Scorers``, the ``persres evaluate`` path): for each scene and
+- CLIP (through ``persres.evaluation.evaluate.Scorers``, the ``persres evaluate`` path): for each scene and
   each attribute (class, colour (not of sketches), pattern, background), is the true caption the
   best match among captions that differ only in that attribute?
 - DINO: does each scene's nearest other scene (CLS cosine) show the same instance (class, colour,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from persres.evaluate import Scorers
+from persres.evaluation.evaluate import Scorers
 from persres.toyworld.backgrounds import BACKGROUNDS
 from persres.toyworld.judge import load_judge
 from persres.toyworld.scenes import CLASSES, COLOURS, PATTERNS, Scene, caption, random_scene, render

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from persres.categories import Category, prompt_category
+from persres.evaluation.categories import Category, prompt_category
 from persres.toyworld.scenes import CLASSES, COLOURS, PLACES, SECOND_OBJECTS
 
 Instance = tuple[str, str, str]  # (class, colour, pattern)

@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from persres.categories import CATEGORIES
+from persres.evaluation.categories import CATEGORIES
+from persres.evaluation.report import STYLE, figure, inline_png, table
 from persres.files import write_text
-from persres.report import STYLE, figure, inline_png, table
 from persres.toyworld.experiment import VARIANTS
 from persres.toyworld.quality import means
 

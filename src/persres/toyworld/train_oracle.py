@@ -6,7 +6,7 @@ Three models, all saved as safetensors: the judge (direct labels, ``judge.py``);
 (``clip/``: text and vision towers trained contrastively on scenes and their captions) and a
 DINO-style ViT (``dino/``: a ``ViTModel`` whose CLS token was trained to tell instances apart), both
 loaded by ``persres evaluate --clip/--dino`` exactly like the real scorers, through the same
-preprocessing (``persres.evaluate.preprocess``). Held-out instances are never shown to any of them.
+preprocessing (``persres.evaluation.evaluate.preprocess``). Held-out instances are never shown to any of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from persres.evaluate import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
+from persres.evaluation.evaluate import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, preprocess
 from persres.files import write_json
 from persres.testing.tiny import word_tokenizer
 from persres.toyworld.judge import HEADS, IGNORE, Judge, labels_of, read_images, save_judge, to_tensor

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from persres.cc101 import ConceptEntry
 from persres.config import DEFAULT_CLIP, DEFAULT_DINO, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
+from persres.evaluation.cc101 import ConceptEntry
 from persres.inference.sampling import SampleSettings
 from persres.methods.catalog import DEFAULT_METHOD, METHODS, method_info, names_where
 from persres.methods.recipes import RECIPE_FIELDS, Overrides, run_settings, train_config

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from persres import readback
-from persres.categories import CATEGORIES, sampler_for
 from persres.errors import InputError, quote
-from persres.files import write_json, write_text
-from persres.result_rows import (
+from persres.evaluation.categories import CATEGORIES, sampler_for
+from persres.evaluation.result_rows import (
     COSTS,
     CSV_FIELDS,
     METRICS,
@@ -27,6 +26,7 @@ from persres.result_rows import (
     row_problem,
     value_problem,
 )
+from persres.files import write_json, write_text
 
 REDO = "delete it and rerun persres benchmark with the same `out` and settings to redo that variant"
 

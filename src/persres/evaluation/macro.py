@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from persres.errors import ConfigError, quote
-from persres.evaluate import Scorers, image_files, unit
+from persres.evaluation.evaluate import Scorers, image_files, unit
 from persres.files import atomic_path, cache_folder
 from persres.images import load_rgb
 from persres.words import Noun, load_nouns

@@ -32,9 +32,9 @@ from persres.config import DEFAULT_CLIP, DEFAULT_DINO
 from persres.core.pipeline import resolve_device
 from persres.core.tokens import text_length
 from persres.errors import ConfigError, InputError, ModelError
+from persres.evaluation.results import METRICS
 from persres.images import load_rgb
 from persres.quiet import warnings_hidden
-from persres.results import METRICS
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -35,7 +35,7 @@ CSV_FIELDS = (
     "trainable_parameters",  # the columns from here on are missing in rows written before them
     "file_size_bytes",
     "peak_memory_bytes",
-    "peak_memory_source",  # cuda-max-allocated, or process-peak-rss on the CPU (persres.measure)
+    "peak_memory_source",  # cuda-max-allocated, or process-peak-rss on the CPU (persres.evaluation.measure)
 )
 COSTS = ("trainable_parameters", "file_size_bytes", "peak_memory_bytes")
 RESIDUALS_ROW = "personalized-residuals"  # residuals' rows' method; the others' rows name the method

@@ -18,12 +18,12 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from persres.categories import CATEGORIES  # noqa: E402
 from persres.errors import InputError, OutputExistsError  # noqa: E402
+from persres.evaluation.categories import CATEGORIES  # noqa: E402
+from persres.evaluation.results import RESIDUALS_ROW, read_result, read_results_csv  # noqa: E402
 from persres.files import check_writable, write_text  # noqa: E402
 from persres.formats.runfolder import SAMPLES  # noqa: E402
 from persres.images import load_rgb  # noqa: E402
-from persres.results import RESIDUALS_ROW, read_result, read_results_csv  # noqa: E402
 
 THUMB = 96
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}img{max-width:100%}

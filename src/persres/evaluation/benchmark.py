@@ -3,7 +3,7 @@ rank, for residuals), train, sample every prompt from the same seeds (residuals:
 sampling from the same noise; the other methods: normal sampling only), and score the images.
 
 Layout of ``out``: ``runs/{concept}/rank-{r}/`` (residuals) or ``runs/{concept}/{method}/`` (the
-other methods; see ``persres.benchmark_plan``) holds the training run, the samples and
+other methods; see ``persres.evaluation.benchmark_plan``) holds the training run, the samples and
 ``result.json``, which is written last and atomically: a variant with a ``result.json`` is done and
 is skipped by a rerun, one without is redone (training resumes from its checkpoint). A damaged
 ``result.json`` (not JSON, or lacking a field) of a variant the rerun covers is logged and the variant
@@ -28,7 +28,11 @@ from typing import Any
 
 from accelerate import PartialState
 
-from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
+from persres.config import DEFAULT_TOKEN, TrainConfig
+from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
+from persres.core.tokens import text_length
+from persres.errors import ConfigError, InputError
+from persres.evaluation.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
     CLASS_SOURCES,
     SAMPLER_CHOICES,
     BenchmarkConfig,
@@ -39,22 +43,18 @@ from persres.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark'
     variant_folder,
     variant_train_config,
 )
-from persres.categories import prompt_category
-from persres.cc101 import ConceptEntry, check_prompts, load_dataset
-from persres.config import DEFAULT_TOKEN, TrainConfig
-from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
-from persres.core.tokens import text_length
-from persres.errors import ConfigError, InputError
-from persres.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
+from persres.evaluation.categories import prompt_category
+from persres.evaluation.cc101 import ConceptEntry, check_prompts, load_dataset
+from persres.evaluation.evaluate import Scorers, evaluate_images, image_files, read_sidecar, strip_identifier
+from persres.evaluation.macro import load_nouns, suggest_classes
+from persres.evaluation.measure import peak_memory, reset_peak_memory, size_on_disk
+from persres.evaluation.result_rows import row_method
+from persres.evaluation.results import means, merge_results, pick, read_result, read_settings
 from persres.files import check_apart, write_json
 from persres.formats.runfolder import SAMPLES, find_run
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import sample
-from persres.macro import load_nouns, suggest_classes
-from persres.measure import peak_memory, reset_peak_memory, size_on_disk
 from persres.methods import METHODS, get_method
-from persres.result_rows import row_method
-from persres.results import means, merge_results, pick, read_result, read_settings
 from persres.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def train_variant(
     train_config: TrainConfig, out: Path, device: str, progress: bool
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train (or resume) one variant's run; what it cost: trainable parameters, the result's bytes on
-    disk, seconds and peak memory (see ``persres.measure`` for what the peak covers)."""
+    disk, seconds and peak memory (see ``persres.evaluation.measure`` for what the peak covers)."""
     target = resolve_device(device)
     reset_peak_memory(target)
     started = time.perf_counter()
