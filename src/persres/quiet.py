@@ -61,3 +61,14 @@ def message_hidden(logger: str, text: str) -> Iterator[None]:
         yield
     finally:
         target.removeFilter(drop)
+
+
+def quiet_third_party() -> None:
+    """Library progress bars (weight loading and saving) stay out of the user's terminal; their
+    warnings are shown, except the known false alarm filtered above. Imports diffusers: call it only
+    where a command is about to load a model, never at ``import persres``."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

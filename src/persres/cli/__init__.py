@@ -19,6 +19,7 @@ from persres import __version__
 from persres.cli import app, evaluation, generation, sharing, suggestion, training
 from persres.cli.flags import FlagNames, for_command_line
 from persres.errors import PersresError
+from persres.quiet import quiet_third_party
 
 LIGHT_COMMANDS = {"info", "report"}  # read files only: no torch, diffusers or transformers
 
@@ -82,16 +83,6 @@ def run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"persres {args.command}: interrupted; a training run continues with --resume", file=sys.stderr)
         return 130
-
-
-def quiet_third_party() -> None:
-    """Library progress bars (weight loading and saving) stay out of the user's terminal; their
-    warnings are shown, except the known false alarm filtered in ``persres.quiet``."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from persres.cli import quiet_third_party
 from persres.core.pipeline import load_pipeline
 from persres.evaluation.evaluate import Scorers
 from persres.files import write_json
+from persres.quiet import quiet_third_party
 from persres.toyworld.experiment import ToySettings, reference_photos, sample_variants, score_concept
 from persres.toyworld.judge import load_judge
 from persres.toyworld.prompts import Instance, concept_prompts
