@@ -40,7 +40,7 @@ def test_round_trip_restores_factors_output_and_metadata(unet: nn.Module, tmp_pa
     metadata = load_residuals(unet, path)
     assert metadata["token"] == "sks" and metadata["class_word"] == "dog"
     assert metadata["rank_config"] == '{"rank": 0.05}'
-    assert metadata["format"] == "persres.core.residuals" and metadata["format_version"] == "1"
+    assert metadata["format"] == "persres.residuals" and metadata["format_version"] == "1"
     for path_, wrapper in find_residuals(unet).items():
         assert torch.equal(wrapper.A, saved[path_][0]) and torch.equal(wrapper.B, saved[path_][1])
     assert torch.equal(run_unet(unet, inputs), expected)
@@ -100,7 +100,7 @@ def test_missing_and_extra_layers_are_named(tmp_path: Path) -> None:
 
 
 def test_a_factor_missing_or_an_unknown_tensor_is_named(tmp_path: Path) -> None:
-    meta = {"format": "persres.core.residuals", "format_version": "1"}
+    meta = {"format": "persres.residuals", "format_version": "1"}
     save_file({"x.proj_out.A": torch.zeros(4, 1)}, str(tmp_path / "half.safetensors"), metadata=meta)
     with pytest.raises(ResidualFileError, match=r"x.proj_out lacks factor\(s\) \['B'\]"):
         read_residual_file(tmp_path / "half.safetensors")
@@ -120,7 +120,7 @@ def test_not_safetensors_wrong_format_and_newer_version_are_refused(tmp_path: Pa
     save_file(
         {"w.A": torch.zeros(2, 1), "w.B": torch.zeros(1, 2)},
         str(tmp_path / "new.safetensors"),
-        metadata={"format": "persres.core.residuals", "format_version": "99"},
+        metadata={"format": "persres.residuals", "format_version": "99"},
     )
     with pytest.raises(ResidualFileError, match="format version 99"):
         read_residual_file(tmp_path / "new.safetensors")

@@ -95,6 +95,6 @@ def test_mis_shaped_state_is_refused_naming_file_and_layer(conv_base: Path, tmp_
         torch.zeros(a.shape[0], a.shape[1] + 1),
         torch.zeros(b.shape[0] + 1, b.shape[1]),
     )
-    save_file(tensors, str(file), metadata={"format": "persres.core.residuals", "format_version": "1"})
+    save_file(tensors, str(file), metadata={"format": "persres.residuals", "format_version": "1"})
     with pytest.raises(ResidualFileError, match=rf"{file}: layer {layer} has rank"):
         METHOD.load_state(trainable, file)

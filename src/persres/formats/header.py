@@ -6,7 +6,7 @@ The JSON maps each tensor name to ``{"dtype": "F32", "shape": [m, r], "data_offs
 ``persres info`` answer without importing torch, and the rules here are the ones
 ``io.read_residual_file`` applies before it loads any tensor: they live once.
 
-A residual file: metadata ``format`` = ``persres.core.residuals``, ``format_version`` = 1, JSON where JSON
+A residual file: metadata ``format`` = ``persres.residuals``, ``format_version`` = 1, JSON where JSON
 is written (``architecture``, ``rank_config``, ``train_config``), an integer ``step``; tensors
 ``{module path}.A`` (m, r) and ``{module path}.B`` (r, m), in pairs, floating point, rank r >= 1.
 """
@@ -26,7 +26,7 @@ from persres.backbones.records import architecture_problem as added_conditioning
 from persres.config import ResidualConfig, TrainConfig, typed_values
 from persres.errors import ConfigError, ResidualFileError, quote
 
-FORMAT_NAME = "persres.core.residuals"
+FORMAT_NAME = "persres.residuals"  # the file format's name, not a module: never changes
 FORMAT_VERSION = 1
 FACTORS = ("A", "B")
 JSON_FIELDS = ("architecture", "rank_config", "train_config")  # JSON objects, as train writes them
