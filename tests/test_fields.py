@@ -59,7 +59,7 @@ def docstring_nodes(tree: ast.Module) -> Iterator[ast.Constant]:
 
 def test_the_walk_sees_the_library() -> None:
     modules = {module for module, _, _ in library_strings()}
-    assert {"config.py", "train.py", "runfolder.py", "app/common.py"} <= modules
+    assert {"config.py", "training/train.py", "formats/runfolder.py", "app/common.py"} <= modules
     assert not any(module.startswith(FRONT_ENDS) for module in modules)
 
 
