@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -359,3 +360,17 @@ def test_emptied_number_fields_are_named() -> None:
         make_config("b", Path("p"), "dog", "sks", 10, None, "0.05", TOY_RECIPE)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="rank 'x'"):
         make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "x", TOY_RECIPE)
+
+
+@pytest.mark.parametrize("run", ["residuals-run", "lora-run"])
+def test_a_finished_run_of_any_method_is_listed_as_finished(run: str, tmp_path: Path) -> None:
+    """The status asks the run folder where the method's result is (a LoRA run has no residual file)."""
+    folder = tmp_path / run
+    shutil.copytree(Path(__file__).parent / "data" / "run-before-backbones" / run, folder)
+    assert runstore.run_info(folder).status == "finished"
+    result = next(p for p in folder.iterdir() if p.name in ("residuals.safetensors", "result"))
+    if result.is_dir():
+        shutil.rmtree(result)
+    else:
+        result.unlink()
+    assert runstore.run_info(folder).status == "interrupted"

@@ -13,7 +13,10 @@ import pandas as pd
 from persres.app import jobs, runstore
 from persres.app.common import HEAVY, LIGHT, AppSettings, follow, refused, refused_stream
 from persres.errors import PersresError
+from persres.formats.lora_files import FORMATS
 from persres.formats.runfolder import RESIDUALS_FILE, loss_plot
+
+RESIDUAL_FILE = "residuals"  # the download choice of the run's own residual file, beside the LoRA formats
 
 
 def runs_tab(settings: AppSettings) -> Any:
@@ -26,7 +29,7 @@ def runs_tab(settings: AppSettings) -> Any:
     grids = gr.Gallery(label="validation images", columns=4, height=200)
     with gr.Row():
         again = gr.Button("resume an interrupted run")
-        fmt = gr.Radio(["residuals", "kohya", "diffusers"], value="kohya", label="download as")
+        fmt = gr.Radio([RESIDUAL_FILE, *FORMATS], value="kohya", label="download as")
         fetch = gr.Button("download")
     status = gr.Markdown()
     resumed = gr.Image(label="loss", type="pil", format="png", height=260)
@@ -87,7 +90,7 @@ def show_run(settings: AppSettings, name: str | None) -> tuple[Any, Any, Any]:
 def fetch_file(settings: AppSettings, name: str | None, fmt: str) -> str:
     folder = runstore.run_folder(settings.runs, name or "")
     runstore.run_config(folder)  # its settings travel with the file: a damaged config.json is refused
-    if fmt == "residuals":
+    if fmt == RESIDUAL_FILE:
         path = folder / RESIDUALS_FILE
         if not path.is_file():
             raise gr.Error(f"run {name} has no residual file yet: resume it first", print_exception=False)

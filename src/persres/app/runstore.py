@@ -25,10 +25,10 @@ from persres.formats.runfolder import (
     CONFIG_FILE,
     MARKER,
     REQUEST,
-    RESIDUALS_FILE,
     lock_held,
     loss_log,
     read_loss_log,
+    result_name,
 )
 from persres.formats.runfolder import (
     validation_grids as validation_rounds,
@@ -136,9 +136,10 @@ def damage_named(path: Path, read: Callable[[Path], T]) -> T:
         raise InputError(f"{path} is damaged or unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def status(folder: Path) -> str:
-    """finished, training (a live process holds the lock, as ``train`` judges it) or interrupted."""
-    if (folder / RESIDUALS_FILE).is_file():
+def status(folder: Path, method: str) -> str:
+    """finished (the method's result is there), training (a live process holds the lock, as ``train``
+    judges it) or interrupted."""
+    if (folder / result_name(method)).exists():
         return "finished"
     return "training" if lock_held(folder) else "interrupted"
 
@@ -149,7 +150,7 @@ def run_info(folder: Path) -> RunInfo:
     last = rows[-1] if rows else None
     return RunInfo(
         folder.name,
-        status(folder),
+        status(folder, config.method),
         config.class_word,
         config.token,
         last[0] if last else 0,
