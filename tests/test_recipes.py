@@ -4,14 +4,17 @@ version before it load unchanged. Without torch: nothing here loads a model."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import persres
 from persres.app.jobs import Recipe, make_config
 from persres.cli import build_parser
 from persres.cli.evaluation import benchmark_config_of
@@ -122,3 +125,31 @@ def test_the_recipes_are_read_without_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout.replace("'", '"')) == []
+
+
+def method_name_tests(tree: ast.Module) -> Iterator[int]:
+    """Lines of ``tree`` that compare something with a method's name (``==``, ``!=``, ``in``)."""
+    names = set(METHODS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            constants = [c for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)]
+            if any(c.value in names for c in constants if isinstance(c.value, str)):
+                yield node.lineno
+
+
+def test_no_module_outside_methods_tests_a_method_by_name() -> None:
+    """Issue 20: the catalog's capabilities answer what a method does; its name is never compared."""
+    package = Path(persres.__file__).parent
+    found = [
+        f"{path.relative_to(package).as_posix()}:{line}"
+        for path in sorted(package.rglob("*.py"))
+        if "methods" not in path.relative_to(package).parts
+        for line in method_name_tests(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not found, "ask persres.methods.catalog's capabilities instead: " + ", ".join(found)
+
+
+def test_the_method_name_check_sees_a_comparison() -> None:
+    tree = ast.parse(f"if config.method == {DEFAULT_METHOD!r}:\n    pass\nok = method in ('x', 'lora')\n")
+    assert list(method_name_tests(tree)) == [1, 3]
