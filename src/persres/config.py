@@ -125,6 +125,9 @@ class TrainConfig:
     lora_rank: int = 4  # --method lora: rank of each adapter (diffusers' DreamBooth-LoRA default)
     prior_images: int = 0  # methods with prior preservation: class images drawn by the base model
     prior_weight: float = 1.0  # weight of the prior-preservation loss (DreamBooth: 1)
+    # the trainers' data options, off by default so the paper's recipe stays as it is:
+    captions: bool = False  # NAME.txt beside a photo is its prompt, V* the identifier (training/captions.py)
+    buckets: bool = False  # aspect-ratio buckets instead of square crops (training/buckets.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):

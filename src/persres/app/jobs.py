@@ -77,6 +77,7 @@ def make_config(
     lr: float,
     rank: str | float,
     recipe: Recipe,
+    buckets: bool = False,
 ) -> TrainConfig:
     if not class_word.strip():
         raise ConfigError("class word is empty: say what the concept is, e.g. dog")
@@ -97,6 +98,7 @@ def make_config(
         flip=recipe.flip,
         checkpoint_every=max(1, steps // 4),
         validation_prompts=(VALIDATION_PROMPT.format(class_word.strip()),),
+        buckets=buckets,
     )
 
 
@@ -173,10 +175,12 @@ def start_training(
     lr: float,
     rank: str | float,
     device: str = "auto",
+    buckets: bool = False,
 ) -> TrainingJob:
     """Check the settings and photos, make the run's folder and keep its photos; the job to run."""
     recipe = recipe_for(base)
-    make_config(base, Path("."), class_word, token, steps, lr, rank, recipe)  # bad settings: nothing written
+    # bad settings: nothing written
+    make_config(base, Path("."), class_word, token, steps, lr, rank, recipe, buckets)
     out = new_run(runs, name or f"{token.strip() or 'sks'}-{class_word}")
     try:
         photos = photo_folder(runs, out)
@@ -184,7 +188,7 @@ def start_training(
     except BaseException:
         out.rmdir()
         raise
-    config = make_config(base, photos, class_word, token, steps, lr, rank, recipe)
+    config = make_config(base, photos, class_word, token, steps, lr, rank, recipe, buckets)
     write_json(out / REQUEST, config.to_dict())
     return TrainingJob(config, out, resume=False, device=device)
 

@@ -58,6 +58,11 @@ def train_tab(settings: AppSettings) -> None:
             steps = number_field("steps", STEPS, recipe.steps, elem_id="steps")
             lr = number_field("learning rate", LEARNING_RATE, recipe.lr)
             rank = gr.Textbox(label="rank (0.05 = 5% of each layer; 16 = fixed)", value=str(recipe.rank))
+            buckets = gr.Checkbox(
+                label="keep each photo's aspect ratio (buckets) instead of square crops",
+                value=False,
+                elem_id="buckets",
+            )
     start = gr.Button("Train", variant="primary", elem_id="train")
     state = gr.Markdown(elem_id="train-status")
     curve = gr.Image(label="loss", type="pil", format="png", height=260, elem_id="loss")
@@ -69,7 +74,7 @@ def train_tab(settings: AppSettings) -> None:
         **LIGHT,
         api_name="example",
     )
-    asked = [photos, class_word, token, name, steps, lr, rank]
+    asked = [photos, class_word, token, name, steps, lr, rank, buckets]
     handler = refused_stream(functools.partial(train, settings), asked)
     start.click(handler, asked, [state, curve], **HEAVY, api_name="train")
 
@@ -122,9 +127,12 @@ def train(
     steps: int,
     lr: float,
     rank: str,
+    buckets: bool = False,
     progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple[str, Image.Image]]:
-    """``steps`` and ``lr`` come checked by their fields; ``rank`` is checked before anything is kept."""
+    """``steps`` and ``lr`` come checked by their fields; ``rank`` is checked before anything is kept.
+    ``buckets``: aspect-ratio buckets (the uploads keep their shape, shrunk to 1024 px at most). Caption
+    files are not offered here: the app keeps uploads under names of its own and reads only photos."""
     job = jobs.start_training(
         settings.runs,
         name,
@@ -136,5 +144,6 @@ def train(
         lr,
         rank,
         settings.device,
+        buckets=bool(buckets),
     )
     yield from follow(job, progress)

@@ -12,8 +12,9 @@ A backbone owns:
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
 - LAG: which attention layers give the maps of a residual's block (``attention_layers``), and every
   text-reading attention layer for the methods that edit keys and values (``cross_attention_layers``);
-- training: a prompt's conditioning (``encode``), the latents of a batch, noise, timesteps and target
-  (``noised``) and the denoiser call (``predict``); the loop only takes the MSE;
+- training: a prompt's conditioning (``encode``), one batch's from one per image (``join_conditioning``,
+  for `captions` and `buckets`: each image's prompt, the batch's pixel size), the latents of a batch,
+  noise, timesteps and target (``noised``) and the denoiser call (``predict``); the loop only takes the MSE;
 - files: the architecture record written into residual files, kohya's layer names and model version.
 
 What a transformer family (Flux) will need, and where it fits without touching the training loop:
@@ -26,7 +27,9 @@ What a transformer family (Flux) will need, and where it fits without touching t
   image-query -> text-key slice of the joint softmax itself and hands (B, heads, HW, T) to the same
   ``lag`` hooks; the single blocks see text and image in one sequence, so their slice is taken the same way.
 - conditioning: the T5 sequence, the pooled CLIP embedding, text position ids and the guidance embedding;
-  ``encode`` returns its own conditioning object (``Conditioning`` here is the U-Net's).
+  ``encode`` returns its own conditioning object (``Conditioning`` here is the U-Net's);
+  ``join_conditioning`` concatenates the per-image sequences and pooled embeddings along the batch (the
+  text ids are shared) and may ignore the size: the image ids come from the latents' shape.
 - training: flow matching, velocity target (noise - latents) at shifted sigmas; packed 2x2 latents with
   image position ids. ``latents`` (VAE shift and scale, packing), ``noised`` (its timestep sampler and
   target) and ``predict`` (the transformer call with ids and guidance) carry all of it.
@@ -37,7 +40,7 @@ What a transformer family (Flux) will need, and where it fits without touching t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from persres.errors import ModelError
@@ -78,6 +81,7 @@ class Backbone(Protocol):
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]: ...
 
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Any: ...
+    def join_conditioning(self, conditions: Sequence[Any], size: tuple[int, int]) -> Any: ...
     def latents(
         self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
     ) -> torch.Tensor: ...

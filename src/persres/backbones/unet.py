@@ -9,14 +9,15 @@ encoders' hidden states side by side (1, T, D1 + D2), the second encoder's poole
 ``text_embeds`` and six ``time_ids`` (original height and width, crop top and left, target height and
 width). Training images here are random square crops resized to the training resolution R, so the ids
 are (R, R, 0, 0, R, R): what diffusers' SDXL DreamBooth script computes for photos already at R with a
-centre crop. Sampling goes through the diffusers pipeline, which builds the same ids itself.
+centre crop. With `buckets` a batch of H x W images says (H, W, 0, 0, H, W) (``join_conditioning``).
+Sampling goes through the diffusers pipeline, which builds the same ids itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,16 @@ class UNetBackbone:
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=hidden.dtype, device=device)
         return Conditioning(hidden, pooled, time_ids)
 
+    def join_conditioning(self, conditions: Sequence[Conditioning], size: tuple[int, int]) -> Conditioning:
+        """One batch's conditioning from each image's (``encode``'s, (1, ...) each), for a batch of
+        ``size`` (H, W) pixels: SDXL's size ids say (H, W, 0, 0, H, W), as ``encode``'s say (R, R, 0, 0,
+        R, R) for the square crops (see the module's notes)."""
+        hidden = torch.cat([c.hidden for c in conditions])  # (B, T, D)
+        if not self.xl:
+            return Conditioning(hidden)
+        pooled = torch.cat([c.pooled for c in conditions if c.pooled is not None])  # (B, P); encode gives one
+        return Conditioning(hidden, pooled, size_ids(size, len(conditions), hidden))
+
     def latents(
         self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
     ) -> torch.Tensor:
@@ -251,6 +262,11 @@ class UNetBackbone:
         if conv:
             return "sd_v1"
         return "sd_v2_v" if base and prediction_type(base) == "v_prediction" else "sd_v2"
+
+
+def size_ids(size: tuple[int, int], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """SDXL's six size ids for images of ``size`` (H, W) pixels, neither cropped nor rescaled: (batch, 6)."""
+    return torch.tensor([[*size, 0, 0, *size]] * batch, dtype=like.dtype, device=like.device)
 
 
 def is_unet(denoiser: object) -> bool:

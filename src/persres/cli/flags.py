@@ -49,6 +49,8 @@ FLAGS: dict[str, str] = {
     "gradient_checkpointing": "--gradient-checkpointing",
     "checkpoint_every": "--checkpoint-every",
     "flip": "--no-flip",  # the flag turns the flip off
+    "captions": "--captions",
+    "buckets": "--buckets",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",

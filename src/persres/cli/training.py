@@ -81,6 +81,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="steps between checkpoints",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="NAME.txt beside a photo NAME.jpg is its prompt, with V* (or [trigger]) for the identifier; "
+        "photos without one use the method's prompt (default off: one prompt for all)",
+    )
+    p.add_argument(
+        "--buckets",
+        action="store_true",
+        help="aspect-ratio buckets of about --resolution^2 pixels instead of square crops (default off)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument(
@@ -200,6 +211,8 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         flip=not args.no_flip,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
+        captions=args.captions,
+        buckets=args.buckets,
         validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every,
         report_to=args.report_to,

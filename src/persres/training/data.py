@@ -4,7 +4,9 @@ Images are opened by ``persres.images.load_rgb`` (any mode, EXIF orientation, bo
 Augmentation (our choice, the paper is silent): a random
 square crop covering at least ``min_crop`` of the shorter side, resized to the training
 resolution, and a random horizontal flip, all drawn from one ``torch.Generator`` so a resumed
-run draws the same batches.
+run draws the same batches. That is the paper's recipe; caption files beside the photos (`captions`,
+``captions.py``) and aspect-ratio buckets instead of square crops (`buckets`, ``buckets.py``) are
+options, put together with each image's prompt by ``batches.py``.
 """
 
 from __future__ import annotations
@@ -20,28 +22,38 @@ from PIL import Image
 
 from persres.errors import InputError
 from persres.images import load_rgb
+from persres.training.captions import check_pairs, is_caption
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 50
 
 
-def list_images(folder: str | os.PathLike[str], limit: int | None = MAX_IMAGES) -> list[Path]:
+def list_images(
+    folder: str | os.PathLike[str], limit: int | None = MAX_IMAGES, captions: bool = False
+) -> list[Path]:
     """The image files of ``folder``, sorted; hidden files and sub-folders are skipped.
 
     ``limit``: the most a folder may hold; None for persres' own folders of class images for prior
-    preservation (``persres.training.prior``, 100-200 of them), never for the concept's photos."""
+    preservation (``persres.training.prior``, 100-200 of them), never for the concept's photos.
+    ``captions``: the folder may also hold a caption file beside each photo (``persres.training.captions``),
+    never listed as a photo."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(
             f"image folder {folder} not found; pass `images` with a folder of 1-{MAX_IMAGES} photos"
         )
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    texts = [p for p in files if is_caption(p)] if captions else []
+    files = [p for p in files if p not in texts]
     strangers = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if strangers:
+        captions_there = any(is_caption(Path(name)) for name in strangers)
+        hint = "; caption files beside the photos are read with `captions`" if captions_there else ""
         raise InputError(
             f"{folder} holds files that are not images: {strangers[:5]}; keep only "
-            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files there"
+            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files there{hint}"
         )
+    check_pairs(folder, files, texts)
     if not files:
         raise InputError(f"image folder {folder} is empty; put 1-{MAX_IMAGES} photos of the concept in it")
     if limit is not None and len(files) > limit:
@@ -74,9 +86,13 @@ class ConceptImages:
 
     @classmethod
     def from_folder(
-        cls, folder: str | os.PathLike[str], resolution: int, limit: int | None = MAX_IMAGES
+        cls,
+        folder: str | os.PathLike[str],
+        resolution: int,
+        limit: int | None = MAX_IMAGES,
+        captions: bool = False,
     ) -> ConceptImages:
-        return cls.from_paths(list_images(folder, limit), resolution)
+        return cls.from_paths(list_images(folder, limit, captions), resolution)
 
     @classmethod
     def from_paths(cls, paths: list[Path], resolution: int) -> ConceptImages:
@@ -85,8 +101,14 @@ class ConceptImages:
 
     def batch(self, size: int, generator: torch.Generator, min_crop: float, flip: bool) -> torch.Tensor:
         """(size, 3, R, R): random images, each randomly cropped and flipped."""
+        return self.draw(size, generator, min_crop, flip)[0]
+
+    def draw(
+        self, size: int, generator: torch.Generator, min_crop: float, flip: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """``batch``'s images, and the photo each came from."""
         picks = torch.randint(len(self.tensors), (size,), generator=generator).tolist()
-        return torch.stack([self._augment(self.tensors[i], generator, min_crop, flip) for i in picks])
+        return torch.stack([self._augment(self.tensors[i], generator, min_crop, flip) for i in picks]), picks
 
     def _augment(
         self, image: torch.Tensor, generator: torch.Generator, min_crop: float, flip: bool

@@ -34,10 +34,12 @@ from persres.core.pipeline import DTYPES, load_pipeline, text_towers
 from persres.core.tokens import check_identifier, check_token, text_length
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
-from persres.formats.concepts import Concept, check_prompt_length, plan_prompts
+from persres.formats.concepts import Concept, PromptPlan, check_prompt_length, plan_prompts
 from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.methods import get_method, method_info, names_where
+from persres.training.batches import TrainingData, batch_conditioning
+from persres.training.captions import read_captions
 from persres.training.checkpoint import (
     Processes,
     TrainState,
@@ -93,6 +95,8 @@ class Loop:
     accelerator: Accelerator
     log: LossLog | None  # the main process's
     folder: RunFolder  # names are recorded in its marker before they are created (persres.formats.runfolder)
+    data: TrainingData | None = None  # with `captions` or `buckets`: each image's prompt, one size a batch
+    texts: dict[str, Conditioning] | None = None  # with `captions` or `buckets`: each prompt's encoding
 
 
 def train(
@@ -155,7 +159,9 @@ def train_in(
     method = get_method(config.method)
     concept = [Concept(method.identifier(config), config.class_word)]
     validation = plan_prompts(list(config.validation_prompts), concept, allow_empty=True)
-    images = ConceptImages.from_folder(config.images, config.resolution)  # fail on bad images before loading
+    # fail on bad images and captions before loading
+    images = ConceptImages.from_folder(config.images, config.resolution, captions=config.captions)
+    captions = read_captions(images.paths, concept[0].token, config.class_word) if config.captions else None
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
@@ -175,13 +181,18 @@ def train_in(
         check_prompt_length(
             pipe.tokenizer, plan, concept, text_length(pipe.tokenizer, pipe.text_encoder.config)
         )
+    data = None
+    if config.captions or config.buckets:  # off, the paper's recipe: one prompt, square crops
+        check_captions(pipe, images, captions, concept)
+        step = bucket_step(pipe) if config.buckets else None
+        data = TrainingData.of(images, method.training_prompt(config), captions, step)
     prior = prior_images(config, processes, accelerator.device, progress)
     processes.barrier()  # every process has checked --out before the main one changes it
     if processes.is_main:
         folder.claim()  # lock; for --overwrite remove the earlier run's files; write the run marker
     state = make_state(config, pipe, method, trainable, processes)
     start = restore_or_start(out, resume, state)
-    loop = prepare_loop(folder, pipe, state, images, prior, accelerator, start, distributed)
+    loop = prepare_loop(folder, pipe, state, images, prior, accelerator, start, distributed, data)
     try:
         loss = run_steps(loop, start, callback, progress)
         path = finish(loop)
@@ -199,9 +210,10 @@ def prepare_loop(
     accelerator: Accelerator,
     start: int,
     distributed: bool,
+    data: TrainingData | None = None,
 ) -> Loop:
     """Open the loss log (a damaged one fails here, before anything is written), write config.json,
-    start the tracker and hand the model to accelerate."""
+    start the tracker and hand the model to accelerate. ``data``: with `captions` or `buckets`."""
     config, loss_log, out = state.config, None, folder.path
     if state.processes.is_main:
         folder.record(out / LOGS / LOSS_CSV)
@@ -223,10 +235,39 @@ def prepare_loop(
             pipe, class_prompt(config.class_word), accelerator.device, config.resolution
         ).detach()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    texts = None
+    if data is not None and not state.trainable.text_trainable:  # each distinct prompt encoded once
+        device = accelerator.device
+        texts = {p: encode(pipe, p, device, config.resolution).detach() for p in dict.fromkeys(data.prompts)}
     return Loop(
         config, out, pipe, unet, optimizer, state, images, prior, prior_text, prompt, text, noise_scheduler,
-        accelerator, loss_log, folder,
+        accelerator, loss_log, folder, data, texts,
     )  # fmt: skip
+
+
+def bucket_step(pipe: StableDiffusionPipeline) -> int:
+    """The multiple of the buckets' sides: 8 latent pixels (every denoiser persres trains takes latents
+    whose sides are multiples of 8), 64 px for a VAE that downsamples by 8."""
+    return 8 * int(pipe.vae_scale_factor)
+
+
+def check_captions(
+    pipe: StableDiffusionPipeline,
+    images: ConceptImages,
+    captions: list[str | None] | None,
+    concept: list[Concept],
+) -> None:
+    """Refuse a caption whose identifier the text encoder would cut off (as a validation prompt is)."""
+    if captions is None:
+        return
+    limit = text_length(pipe.tokenizer, pipe.text_encoder.config)
+    for path, caption in zip(images.paths, captions, strict=True):
+        if caption is None:
+            continue
+        try:
+            check_prompt_length(pipe.tokenizer, PromptPlan(caption, caption, (True,)), concept, limit)
+        except ConfigError as exc:
+            raise ConfigError(f"caption of {path.name}: {exc}") from None
 
 
 def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: bool) -> float | None:
@@ -259,12 +300,19 @@ def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: b
 def train_step(loop: Loop, done: int) -> torch.Tensor:
     """One optimizer step; the loss, detached. Stops the run when the loss or the factors diverge."""
     config, state = loop.config, loop.state
-    pixels = loop.images.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+    drawn = None
+    if loop.data is None:
+        pixels = loop.images.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+    else:
+        drawn = loop.data.draw(config.batch_size, state.generator, config.min_crop, config.flip)
+        pixels = drawn.pixels
     with loop.accelerator.autocast():
         text = loop.text
-        if state.trainable.text_trainable:  # a learned token: the embedding changes every step
-            text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         backbone = backbone_of(loop.pipe)
+        if drawn is not None:  # each image's own prompt (`captions`), the batch's size (`buckets`)
+            text = batch_conditioning(drawn, lambda prompt: prompt_text(loop, prompt), backbone)
+        elif state.trainable.text_trainable:  # a learned token: the embedding changes every step
+            text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(
             loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
         )
@@ -285,6 +333,13 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     if not torch.stack([torch.isfinite(p).all() for p in state.trainable.params.values()]).all():  # one sync
         raise diverged(loop.out, done, value, what=f"the {state.method.name} parameters")
     return loss.detach()
+
+
+def prompt_text(loop: Loop, prompt: str) -> Conditioning:
+    """A training prompt's conditioning: encoded once, or every step when the method trains the text side."""
+    if loop.state.trainable.text_trainable or loop.texts is None:
+        return encode(loop.pipe, prompt, loop.accelerator.device, loop.config.resolution)
+    return loop.texts[prompt]
 
 
 def record(loop: Loop, done: int, loss: torch.Tensor) -> float | None:

@@ -1,0 +1,63 @@
+"""Training batches with their prompts, for the runs that use `captions` or `buckets` (both off by
+default: the loop then draws ``ConceptImages.batch`` with the method's one prompt, as the paper does).
+
+``TrainingData.draw`` gives the images and each image's prompt: its caption (``captions``), else the
+method's prompt. ``batch_conditioning`` makes one conditioning of the batch from each distinct prompt's
+(encoded once, or every step when the method trains the text side), joined by the base's backbone,
+which also conditions on the batch's size where its family does (SDXL's size ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from persres.backbones import Backbone
+from persres.training.buckets import Buckets
+from persres.training.data import ConceptImages
+
+
+@dataclass(frozen=True)
+class Drawn:
+    pixels: torch.Tensor  # (B, 3, H, W), one size
+    prompts: tuple[str, ...]  # each image's
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The photos, each photo's prompt, and (with ``buckets``) each photo's bucket."""
+
+    images: ConceptImages
+    prompts: tuple[str, ...]  # per photo
+    buckets: Buckets | None = None  # None: square crops at the training resolution
+
+    @classmethod
+    def of(
+        cls, images: ConceptImages, prompt: str, captions: list[str | None] | None, step: int | None
+    ) -> TrainingData:
+        """``captions``: per photo (None where it has none), or None without `captions`; ``step``: the
+        bucket sides' multiple, or None without `buckets`."""
+        prompts = tuple(prompt if c is None else c for c in captions or [None] * len(images.paths))
+        buckets = None
+        if step is not None:
+            shapes = [(int(t.shape[1]), int(t.shape[2])) for t in images.tensors]
+            buckets = Buckets.assign(shapes, images.resolution, step)
+        return cls(images, prompts, buckets)
+
+    def draw(self, size: int, generator: torch.Generator, min_crop: float, flip: bool) -> Drawn:
+        if self.buckets is None:
+            pixels, picks = self.images.draw(size, generator, min_crop, flip)
+        else:
+            pixels, picks = self.buckets.batch(self.images.tensors, size, generator, min_crop, flip)
+        return Drawn(pixels, tuple(self.prompts[i] for i in picks))
+
+
+def batch_conditioning(drawn: Drawn, encoded: Callable[[str], Any], backbone: Backbone) -> Any:
+    """The batch's conditioning: each image's prompt's (``encoded``, asked once per distinct prompt),
+    joined by the backbone for the batch's (H, W)."""
+    once = {prompt: encoded(prompt) for prompt in dict.fromkeys(drawn.prompts)}
+    height, width = drawn.pixels.shape[-2:]
+    return backbone.join_conditioning([once[p] for p in drawn.prompts], (int(height), int(width)))
