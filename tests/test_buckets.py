@@ -38,7 +38,7 @@ def test_bucket_sizes_are_kohya_s() -> None:
             assert h % step == 0 and w % step == 0 and h * w <= resolution**2
             assert resolution // 2 <= min(h, w) and max(h, w) <= 2 * resolution
     assert bucket_sizes(32, 16) == [(16, 48), (16, 64), (32, 32), (48, 16), (64, 16)]
-    with pytest.raises(ConfigError, match="`buckets` need a `resolution` of at least 64"):
+    with pytest.raises(ConfigError, match="`buckets` needs a `resolution` of at least 64"):
         bucket_sizes(32, 64)
 
 

@@ -35,7 +35,7 @@ def bucket_sizes(resolution: int, step: int) -> list[Size]:
     2 resolution] (rounded to ``step``), the square one included; sorted."""
     if resolution < step:
         raise ConfigError(
-            f"`buckets` need a `resolution` of at least {step} for this base (bucket sides are multiples "
+            f"`buckets` needs a `resolution` of at least {step} for this base (bucket sides are multiples "
             f"of {step} px), got {resolution}; raise `resolution` or turn `buckets` off"
         )
     area = resolution * resolution
