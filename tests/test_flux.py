@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from helpers import train_argv
 from PIL import Image
+from safetensors import safe_open
 from transformers import T5Tokenizer
 
 from persres.backbones import (
@@ -351,3 +352,39 @@ def test_a_flux_dev_file_is_refused_on_a_base_without_guidance_naming_both(
     err = capsys.readouterr().err.strip()
     assert "made for Flux.1 (transformer, text width 32, guidance-distilled)" in err
     assert "this base model is Flux.1 (transformer, text width 32, no guidance embedding)" in err
+
+
+def test_flux_merge_and_kohya_export_give_the_residual_models_image(
+    flux_run: Path, flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Not built for Flux on purpose: what the protocol gives already (merge, kohya names), measured."""
+    assert main(sample_argv(flux_base, flux_run, tmp_path / "ours")) == 0
+    [png] = (tmp_path / "ours").glob("*.png")
+    ours = np.asarray(Image.open(png), dtype=np.int16)
+
+    def image(pipe: FluxPipeline) -> np.ndarray:
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
+                   generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+        return np.asarray(out, dtype=np.int16)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(flux_base), "--residuals", str(flux_run), "--out", str(merged)]) == 0
+    assert np.abs(ours - image(FluxPipeline.from_pretrained(merged))).max() <= 1
+    file = tmp_path / "flux-kohya.safetensors"
+    assert main(["export", str(flux_run), "--format", "kohya", "--out", str(file)]) == 0
+    with safe_open(str(file), "pt") as handle:
+        keys = {key.split(".")[0] for key in handle.keys()}
+        assert handle.metadata()["ss_base_model_version"] == "flux1"
+    assert keys == {f"lora_unet_double_blocks_{i}_img_attn_proj" for i in range(2)} | {
+        f"lora_unet_single_blocks_{i}_linear2" for i in range(2)
+    }
+    pipe = FluxPipeline.from_pretrained(flux_base)
+    pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
+    assert np.abs(ours - image(pipe)).max() <= 1  # 1/255 per pixel
+    capsys.readouterr()
+    refused = tmp_path / "flux-diffusers.safetensors"
+    assert main(["export", str(flux_run), "--format", "diffusers", "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--format diffusers is not yet available for Flux.1" in err and len(err.splitlines()) == 1
+    assert not refused.exists()

@@ -19,7 +19,8 @@ A backbone owns:
   training noise schedule (``training_scheduler``), a prompt's conditioning (``encode``), the latents of a
   batch, noise, timesteps and target (``noised``) and the denoiser call (``predict``); the loop only takes
   the MSE;
-- files: the architecture record written into residual files, kohya's layer names and model version.
+- files: the architecture record written into residual files, kohya's layer names and model version,
+  and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written).
 
 Flux (``flux.py``) answers all of it except LAG, which is not yet available there: its
 ``attention_layers`` refuses in one line. Its joint attention runs over [text, image] tokens with SDPA,
@@ -100,6 +101,8 @@ class Backbone(Protocol):
     def architecture(self, denoiser: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, Any]: ...
     def kohya_names(self, layers: list[str]) -> dict[str, str]: ...
     def kohya_model_version(self, conv: bool, base: str | None) -> str: ...
+    @property
+    def diffusers_lora_prefix(self) -> str | None: ...
 
 
 def rank_default_for(base: str) -> float | int:

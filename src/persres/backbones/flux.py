@@ -281,6 +281,12 @@ class FluxBackbone:
     def kohya_model_version(self, conv: bool, base: str | None) -> str:
         return KOHYA_VERSION
 
+    @property
+    def diffusers_lora_prefix(self) -> str | None:
+        """None: diffusers-format LoRA files (``transformer.`` keys) are not written for Flux yet; the
+        kohya file (original names) is, and diffusers' Flux pipeline loads it."""
+        return None
+
 
 FLUX = FluxBackbone()
 

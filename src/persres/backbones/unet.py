@@ -281,6 +281,12 @@ class UNetBackbone:
         return "sd_v2_v" if base and prediction_type(base) == "v_prediction" else "sd_v2"
 
 
+    @property
+    def diffusers_lora_prefix(self) -> str | None:
+        """Keys of a diffusers-format LoRA file start with the component's name: ``unet.``."""
+        return "unet."
+
+
 def is_unet(denoiser: object) -> bool:
     return isinstance(denoiser, UNet2DConditionModel)
 
