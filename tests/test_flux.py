@@ -292,6 +292,8 @@ def test_sampling_a_flux_run_and_lag_refused(
     base = plain("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     assert ours.shape == (16, 16, 3) and np.abs(ours - np.asarray(base, dtype=np.int16)).max() > 1
+    [sidecar] = images.glob("*.json")
+    assert json.loads(sidecar.read_text())["scheduler"] == "FlowMatchEulerDiscrete"
     capsys.readouterr()
     for sampler in ("lag", "both"):
         out = tmp_path / sampler
@@ -354,7 +356,7 @@ def test_a_flux_dev_file_is_refused_on_a_base_without_guidance_naming_both(
     assert "this base model is Flux.1 (transformer, text width 32, no guidance embedding)" in err
 
 
-def test_flux_merge_and_kohya_export_give_the_residual_models_image(
+def test_flux_merge_kohya_export_and_import_give_the_residual_model_back(
     flux_run: Path, flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Not built for Flux on purpose: what the protocol gives already (merge, kohya names), measured."""
@@ -388,3 +390,8 @@ def test_flux_merge_and_kohya_export_give_the_residual_models_image(
     err = capsys.readouterr().err.strip()
     assert "--format diffusers is not yet available for Flux.1" in err and len(err.splitlines()) == 1
     assert not refused.exists()
+    back = tmp_path / "back"
+    assert main(["import", str(file), "--base", str(flux_base), "--out", str(back)]) == 0
+    original, imported = read_residual_file(flux_run), read_residual_file(back)
+    assert imported.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(imported.tensors[k], original.tensors[k]) for k in original.tensors)

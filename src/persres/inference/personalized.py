@@ -81,7 +81,7 @@ def sample_to_folder(
         "concepts": [
             {"placeholder": placeholder(g, len(concepts)), **asdict(c)} for g, c in enumerate(concepts)
         ],
-        "scheduler": "DDIM",
+        "scheduler": type(pipe.scheduler).__name__.removesuffix("Scheduler"),  # DDIM; FlowMatchEulerDiscrete
     }
     return write_samples(out, samples, settings, extra)
 
