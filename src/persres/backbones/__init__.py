@@ -23,8 +23,12 @@ A backbone owns:
   and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written).
 
 Flux (``flux.py``) answers all of it except LAG, which is not yet available there: its
-``attention_layers`` refuses in one line. Its joint attention runs over [text, image] tokens with SDPA,
-which returns no probabilities, so LAG on Flux needs its own capture of the image-query -> text-key slice.
+``attention_layers`` refuses in one line. What LAG on Flux needs, and where it fits: joint attention over
+[text, image] tokens with SDPA, which returns no probabilities. Because the maps are the backbone's
+business, its ``attention_layers`` (with its own capture processor) computes the image-query -> text-key
+slice of the joint softmax itself and hands (B, heads, HW, T) to the same ``lag`` hooks; the single blocks
+see text and image in one sequence, so their slice is taken the same way, and their ``proj_out`` residual
+must be masked on the image positions only (the text positions come first in the sequence).
 """
 
 from __future__ import annotations
