@@ -15,7 +15,13 @@ from diffusers import StableDiffusionPipeline
 from helpers import make_dataset
 from PIL import Image
 
-from persres.testing.tiny import save_tiny_clip, save_tiny_dino, save_tiny_pipeline, save_tiny_sdxl_pipeline
+from persres.testing.tiny import (
+    save_tiny_clip,
+    save_tiny_dino,
+    save_tiny_flux_pipeline,
+    save_tiny_pipeline,
+    save_tiny_sdxl_pipeline,
+)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +40,12 @@ def linear_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def xl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Stable Diffusion XL layout: two text encoders, text_time conditioning, 2-layer blocks."""
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("base") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def flux_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Flux.1-dev layout: 2 double- and 2 single-stream blocks, CLIP + T5, 16-channel VAE, guidance."""
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("base") / "tiny-flux")
 
 
 @pytest.fixture(params=["conv", "linear"])

@@ -23,7 +23,10 @@ from persres.errors import ModelError
 from persres.testing.reference_configs import SD15_UNET, SD21_UNET, SDXL_UNET
 from persres.testing.tiny import save_tiny_pipeline, tiny_pipeline, tiny_sdxl_pipeline
 
-ARCHITECTURE_TESTS = re.compile(r"addition_embed_type|text_time|StableDiffusionXLPipeline|is_xl")
+ARCHITECTURE_TESTS = re.compile(
+    r"addition_embed_type|text_time|StableDiffusionXLPipeline|is_xl|FluxPipeline|FluxTransformer|"
+    r"guidance_embeds|joint_attention_dim|is_flux"
+)
 MAY_NAME_ARCHITECTURES = {"testing"}  # published configs and test fixtures
 
 
@@ -86,9 +89,9 @@ def test_a_base_folder_gets_its_backbone_without_loading_weights(tmp_path: Path)
 
 
 def test_a_base_of_an_unknown_architecture_is_refused_in_one_line_naming_it(tmp_path: Path) -> None:
-    folder = tmp_path / "flux"
+    folder = tmp_path / "sd3"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(ModelError) as caught:
         backbone_for_base(str(folder))
     assert str(folder) in str(caught.value) and "\n" not in str(caught.value)

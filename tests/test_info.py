@@ -16,6 +16,7 @@ import persres
 from persres import ResidualConfig, add_residuals, read_residual_file, save_residuals
 from persres.config import TrainConfig
 from persres.formats.info import describe
+from persres.formats.io import family
 from persres.testing.tiny import tiny_unet
 from persres.training.train import run_metadata, train
 
@@ -31,6 +32,9 @@ def described_with_torch(path: Path) -> dict[str, Any]:
         "file": str(loaded.path),
         "format_version": int(loaded.metadata["format_version"]),
         "base_model": loaded.metadata.get("base_model"),
+        "architecture": family(loaded.metadata["architecture"])
+        if "architecture" in loaded.metadata
+        else None,
         "token": loaded.metadata.get("token"),
         "class_word": loaded.metadata.get("class_word"),
         "rank_config": loaded.json_field("rank_config"),

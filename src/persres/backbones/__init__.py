@@ -1,41 +1,35 @@
 """Base models behind one protocol: a ``Backbone`` answers every question whose answer depends on the
 architecture, so training, sampling, LAG, export and the benchmark never test a pipeline's class or a
-model config's fields. One module per family; today ``unet.py`` (Stable Diffusion 1.x, 2.x and XL).
+model config's fields. One module per family: ``unet.py`` (Stable Diffusion 1.x, 2.x and XL) and
+``flux.py`` (Flux.1, an MMDiT transformer).
 
 The package imports no torch until a backbone is asked for (``records`` is read by ``persres info``,
 which must start fast), hence the imports inside the pickers.
 
 A backbone owns:
-- loading: the pipeline class (``pipeline_class``), extra ``from_pretrained`` arguments and fixes after
-  loading (SDXL's fp32 VAE under fp16), the (tokenizer, text encoder) pairs, the default training
-  resolution, and a weightless ``skeleton`` of its denoiser for checks before loading;
+- loading: the pipeline class (``pipeline_class``), its denoiser (``denoiser``: ``pipe.unet`` or
+  ``pipe.transformer``), extra ``from_pretrained`` arguments and fixes after loading (SDXL's fp32 VAE
+  under fp16), the scheduler persres samples with (``sampling_scheduler``: DDIM for the U-Nets, the
+  shipped flow-matching Euler for Flux), the (tokenizer, text encoder) pairs, the default training
+  resolution and `rank`, and a weightless ``skeleton`` of its denoiser for checks before loading;
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
 - LAG: which attention layers give the maps of a residual's block (``attention_layers``), and every
   text-reading attention layer for the methods that edit keys and values (``cross_attention_layers``);
-- training: a prompt's conditioning (``encode``), one batch's from one per image (``join_conditioning``,
-  for `captions` and `buckets`: each image's prompt, the batch's pixel size), the latents of a batch,
-  noise, timesteps and target (``noised``) and the denoiser call (``predict``); the loop only takes the MSE;
-- files: the architecture record written into residual files, kohya's layer names and model version.
+- training: which methods train on it (``method_capability``, a capability of the method catalog), the
+  training noise schedule (``training_scheduler``), a prompt's conditioning (``encode``), one batch's
+  from one per image (``join_conditioning``, for `captions` and `buckets`: each image's prompt, the
+  batch's pixel size), the latents of a batch, noise, timesteps and target (``noised``) and the denoiser
+  call (``predict``); the loop only takes the MSE;
+- files: the architecture record written into residual files, kohya's layer names and model version,
+  and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written).
 
-What a transformer family (Flux) will need, and where it fits without touching the training loop:
-- no U-Net: its denoiser is ``pipe.transformer``; ``skeleton`` builds a ``FluxTransformer2DModel``.
-- residual targets: ``transformer_blocks.i.attn.to_out.0`` (joint blocks) and
-  ``single_transformer_blocks.i.proj_out``; both Linear, so ``ResidualProjOut`` wraps them as is, and
-  their widths and default rank come from ``residual_targets``/``default_rank``.
-- LAG: joint attention over [text, image] tokens and SDPA that returns no probabilities. Because the maps
-  are the backbone's business, its ``attention_layers`` (with its own capture processor) computes the
-  image-query -> text-key slice of the joint softmax itself and hands (B, heads, HW, T) to the same
-  ``lag`` hooks; the single blocks see text and image in one sequence, so their slice is taken the same way.
-- conditioning: the T5 sequence, the pooled CLIP embedding, text position ids and the guidance embedding;
-  ``encode`` returns its own conditioning object (``Conditioning`` here is the U-Net's);
-  ``join_conditioning`` concatenates the per-image sequences and pooled embeddings along the batch (the
-  text ids are shared) and may ignore the size: the image ids come from the latents' shape.
-- training: flow matching, velocity target (noise - latents) at shifted sigmas; packed 2x2 latents with
-  image position ids. ``latents`` (VAE shift and scale, packing), ``noised`` (its timestep sampler and
-  target) and ``predict`` (the transformer call with ids and guidance) carry all of it.
-- files: kohya / BFL names ``double_blocks.i.img_attn.proj`` and ``single_blocks.i.linear2`` from
-  ``kohya_names``; its architecture record and ``kohya_model_version`` ("flux1").
-- loading: ``FluxPipeline``; ``default_resolution`` 1024.
+Flux (``flux.py``) answers all of it except LAG, which is not yet available there: its
+``attention_layers`` refuses in one line. What LAG on Flux needs, and where it fits: joint attention over
+[text, image] tokens with SDPA, which returns no probabilities. Because the maps are the backbone's
+business, its ``attention_layers`` (with its own capture processor) computes the image-query -> text-key
+slice of the joint softmax itself and hands (B, heads, HW, T) to the same ``lag`` hooks; the single blocks
+see text and image in one sequence, so their slice is taken the same way, and their ``proj_out`` residual
+must be masked on the image positions only (the text positions come first in the sequence).
 """
 
 from __future__ import annotations
@@ -53,8 +47,21 @@ if TYPE_CHECKING:
     from persres.config import ResidualConfig
 
 # pipeline class name (model_index.json's ``_class_name``) -> the family that loads it
-PIPELINE_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-SUPPORTED = f"{', '.join(PIPELINE_NAMES)} (Stable Diffusion 1.x/2.x and XL)"
+PIPELINE_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline")
+SUPPORTED = f"{', '.join(PIPELINE_NAMES)} (Stable Diffusion 1.x/2.x and XL, Flux.1)"
+# pipeline class name -> the `rank` residuals train with when none is given, where it is not the paper's
+# 0.05 of each layer's width (``ResidualConfig.rank``): readable without torch, because every front end
+# builds its TrainConfig before loading a model. Each backbone's ``rank_default`` says the same, with why.
+RANK_DEFAULTS: dict[str, float | int] = {"FluxPipeline": 21}
+
+
+class Condition(Protocol):
+    """What a backbone's ``encode`` returns: its own conditioning of one prompt, whose text sequence
+    (``hidden``, (1, T, D)) is on the training device."""
+
+    @property
+    def hidden(self) -> torch.Tensor: ...
+    def detach(self) -> Condition: ...
 
 
 class Backbone(Protocol):
@@ -67,10 +74,15 @@ class Backbone(Protocol):
     @property
     def default_resolution(self) -> int: ...
     @property
-    def works_for_every_method(self) -> bool: ...
+    def rank_default(self) -> float | int: ...
+    @property
+    def method_capability(self) -> str | None: ...
 
+    def denoiser(self, pipe: Any) -> nn.Module: ...
     def load_kwargs(self, as_shipped: bool) -> dict[str, Any]: ...
     def after_load(self, pipe: Any, dtype: torch.dtype) -> None: ...
+    def sampling_scheduler(self, pipe: Any) -> Any: ...
+    def training_scheduler(self, pipe: Any) -> Any: ...
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]: ...
     def skeleton(self, base: str) -> nn.Module: ...
 
@@ -80,8 +92,8 @@ class Backbone(Protocol):
     def attention_layers(self, denoiser: nn.Module, target: str) -> dict[str, Attention]: ...
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]: ...
 
-    def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Any: ...
-    def join_conditioning(self, conditions: Sequence[Any], size: tuple[int, int]) -> Any: ...
+    def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Condition: ...
+    def join_conditioning(self, conditions: Sequence[Any], size: tuple[int, int]) -> Condition: ...
     def latents(
         self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
     ) -> torch.Tensor: ...
@@ -95,26 +107,51 @@ class Backbone(Protocol):
     def architecture(self, denoiser: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, Any]: ...
     def kohya_names(self, layers: list[str]) -> dict[str, str]: ...
     def kohya_model_version(self, conv: bool, base: str | None) -> str: ...
+    @property
+    def diffusers_lora_prefix(self) -> str | None: ...
+
+
+def rank_default_for(base: str) -> float | int:
+    """The `rank` residuals train with on ``base`` when none is given: its family's (``RANK_DEFAULTS``),
+    read from its model_index.json without loading anything; the paper's 0.05 when it cannot be read."""
+    from persres.backbones.folder import pipeline_class_name
+    from persres.config import ResidualConfig
+
+    return RANK_DEFAULTS.get(pipeline_class_name(base) or "", ResidualConfig.rank)
 
 
 def by_pipeline() -> dict[str, Backbone]:
     """Every backbone, keyed by the name of the pipeline class that loads it."""
+    from persres.backbones.flux import FLUX
     from persres.backbones.unet import SD, SDXL
 
-    return {b.pipeline_class.__name__: b for b in (SD, SDXL)}
+    return {b.pipeline_class.__name__: b for b in (SD, SDXL, FLUX)}
 
 
 def backbone_of(pipe: object) -> Backbone:
-    """The backbone of a loaded pipeline, by its class; one without the family's denoiser is refused."""
-    from persres.backbones.unet import is_unet
-
+    """The backbone of a loaded pipeline, by its class; one without the family's denoiser is refused
+    (by the backbone's ``denoiser``)."""
     backbone = by_pipeline().get(type(pipe).__name__)
-    known = backbone is not None and type(pipe) is backbone.pipeline_class
-    if backbone is None or not known or not is_unet(getattr(pipe, "unet", None)):
-        base = getattr(pipe, "name_or_path", None) or "this pipeline"
-        lacks = " without a U-Net" if known else ""
-        raise ModelError(f"`base` {base} is a {type(pipe).__name__}{lacks}; persres supports {SUPPORTED}")
+    if backbone is None or type(pipe) is not backbone.pipeline_class:
+        raise ModelError(f"`base` {base_name(pipe)} is a {type(pipe).__name__}; persres supports {SUPPORTED}")
+    backbone.denoiser(pipe)
     return backbone
+
+
+def denoiser_of(pipe: object) -> nn.Module:
+    """The denoiser of a loaded pipeline (its U-Net or transformer), as its backbone finds it."""
+    return backbone_of(pipe).denoiser(pipe)
+
+
+def base_name(pipe: object) -> str:
+    return getattr(pipe, "name_or_path", None) or "this pipeline"
+
+
+def without_denoiser(pipe: object, what: str) -> ModelError:
+    """The refusal of a pipeline of a known class that lacks its family's denoiser (``what``)."""
+    return ModelError(
+        f"`base` {base_name(pipe)} is a {type(pipe).__name__} without {what}; persres supports {SUPPORTED}"
+    )
 
 
 def backbone_for_base(base: str) -> Backbone:
@@ -131,21 +168,27 @@ def backbone_for_base(base: str) -> Backbone:
 
 
 def backbone_of_denoiser(denoiser: nn.Module) -> Backbone:
-    """The backbone of a denoiser (a U-Net), from its type and config."""
+    """The backbone of a denoiser (a U-Net or a Flux transformer), from its type and config."""
+    from persres.backbones.flux import FLUX, is_flux_transformer
     from persres.backbones.unet import backbone_of_unet, is_unet
 
+    if is_flux_transformer(denoiser):
+        return FLUX
     if not is_unet(denoiser):
         raise ModelError(
             f"no transformer blocks (Transformer2DModel) found in {type(denoiser).__name__}; "
-            "pass the U-Net of a Stable Diffusion 1.x/2.x pipeline"
+            "pass the U-Net of a Stable Diffusion pipeline or the transformer of a Flux pipeline"
         )
     return backbone_of_unet(denoiser)
 
 
 def backbone_of_record(architecture: object) -> Backbone:
     """The backbone a residual file was made for, from the architecture it records (SD 1.x/2.x when it
-    records no added conditioning)."""
-    from persres.backbones.records import is_xl_config
+    records neither Flux's denoiser nor SDXL's added conditioning)."""
+    from persres.backbones.flux import FLUX
+    from persres.backbones.records import is_flux_record, is_xl_config
     from persres.backbones.unet import SD, SDXL
 
+    if is_flux_record(architecture):
+        return FLUX
     return SDXL if isinstance(architecture, dict) and is_xl_config(architecture) else SD

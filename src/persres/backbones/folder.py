@@ -29,6 +29,28 @@ def read_model_index(base: str, supported: Collection[str]) -> dict[str, Any]:
         raise ModelError(not_available_message(base, exc)) from None
 
 
+def pipeline_class_name(base: str) -> str | None:
+    """The pipeline class ``model_index.json`` names, from a local folder or the hub cache, without diffusers
+    (no network, no check): None when it cannot be read here (loading the base says why, later)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(base).expanduser() / "model_index.json"
+    if local.is_file():
+        file: object = local
+    else:
+        try:
+            file = try_to_load_from_cache(base, "model_index.json")
+        except ValueError:  # not a hub id
+            return None
+    if not isinstance(file, (str, Path)):
+        return None
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def prediction_type(base: str) -> str | None:
     """The base's scheduler prediction type, from a local folder or the hub cache (no network)."""
     from huggingface_hub import try_to_load_from_cache
@@ -57,12 +79,13 @@ def check_local_folder(base: str, supported: Collection[str]) -> None:
     folder = Path(base).expanduser()
     if folder.is_file():
         raise ModelError(
-            f"`base` {base} is a single file; persres loads diffusers folders (model_index.json, unet/, "
-            "vae/, ...): convert single-file checkpoints with diffusers' conversion scripts first"
+            f"`base` {base} is a single file; persres loads diffusers folders (model_index.json, unet/ "
+            "or transformer/, vae/, ...): convert single-file checkpoints with diffusers' conversion "
+            "scripts first"
         )
     if not folder.is_dir():
         raise ModelError(
-            f"`base` {base}: no such folder; pass a diffusers Stable Diffusion folder or a hub id"
+            f"`base` {base}: no such folder; pass a diffusers Stable Diffusion or Flux folder or a hub id"
         )
     index = folder / "model_index.json"
     if not index.is_file():
@@ -74,7 +97,7 @@ def check_local_folder(base: str, supported: Collection[str]) -> None:
     if not any(f'"{name}"' in text for name in supported):
         raise ModelError(
             f"`base` {base}: {index} does not describe a {' or '.join(supported)}; persres supports "
-            "Stable Diffusion 1.x/2.x and XL"
+            "Stable Diffusion 1.x/2.x and XL, and Flux.1"
         )
 
 

@@ -22,11 +22,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from persres.backbones import without_denoiser
 from persres.backbones.folder import not_available_message, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
 from persres.config import ResidualConfig, TrainConfig
@@ -83,11 +90,23 @@ class UNetBackbone:
         return XL_RESOLUTION if self.xl else TrainConfig.resolution
 
     @property
-    def works_for_every_method(self) -> bool:
-        """SD 1.x/2.x runs every method; on SDXL only the methods marked ``works_on_sdxl``."""
-        return not self.xl
+    def rank_default(self) -> float | int:
+        """The paper's rule, 5% of each layer's width (16/32/64 for SD's 320/640/1280 channels)."""
+        return ResidualConfig.rank
+
+    @property
+    def method_capability(self) -> str | None:
+        """SD 1.x/2.x runs every method (None); SDXL only the methods marked ``works_on_sdxl``."""
+        return "works_on_sdxl" if self.xl else None
 
     # -- loading -------------------------------------------------------------------------------
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """``pipe.unet``; a pipeline without one is refused."""
+        unet = getattr(pipe, "unet", None)
+        if not is_unet(unet):
+            raise without_denoiser(pipe, "a U-Net")
+        return unet
+
     def load_kwargs(self, as_shipped: bool) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments: SD 1.x/2.x drop the safety checker (not needed to train
         or sample here) unless the pipeline is loaded as shipped; SDXL has none."""
@@ -101,6 +120,15 @@ class UNetBackbone:
         if self.xl and dtype == torch.float16:
             pipe.vae.to(torch.float32)
             log.info("SDXL: the VAE stays in fp32 (the stock SDXL VAE overflows in fp16)")
+
+    def sampling_scheduler(self, pipe: Any) -> DDIMScheduler:
+        """DDIM from the pipeline's scheduler config, without clipping: latents are not in [-1, 1], and a
+        config without ``clip_sample`` would wash DDIM's images out."""
+        return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+
+    def training_scheduler(self, pipe: Any) -> DDPMScheduler:
+        """DDPM's noise schedule from the pipeline's scheduler config (its betas and prediction type)."""
+        return DDPMScheduler.from_config(pipe.scheduler.config)
 
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
@@ -262,6 +290,11 @@ class UNetBackbone:
         if conv:
             return "sd_v1"
         return "sd_v2_v" if base and prediction_type(base) == "v_prediction" else "sd_v2"
+
+    @property
+    def diffusers_lora_prefix(self) -> str | None:
+        """Keys of a diffusers-format LoRA file start with the component's name: ``unet.``."""
+        return "unet."
 
 
 def size_ids(size: tuple[int, int], batch: int, like: torch.Tensor) -> torch.Tensor:

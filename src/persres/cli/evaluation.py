@@ -124,7 +124,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 def benchmark_config_of(args: argparse.Namespace) -> BenchmarkConfig:
     """The benchmark ``persres benchmark`` was asked for. Its training template is the default method's
     recipe, each of steps, batch size and lr replaced where given (and then shared by every method)."""
-    from persres.config import ResidualConfig
+    from persres.backbones import rank_default_for
     from persres.evaluation.benchmark import BenchmarkConfig
 
     methods = tuple(args.method or [DEFAULT_METHOD])
@@ -150,7 +150,7 @@ def benchmark_config_of(args: argparse.Namespace) -> BenchmarkConfig:
         dataset=args.dataset,
         base=args.base,
         out=args.out,
-        ranks=tuple(args.rank or [ResidualConfig().rank]),
+        ranks=tuple(args.rank or [rank_default_for(args.base)]),
         samplers=tuple(args.sampler or (["normal", "lag", "auto"] if lag else ["normal"])),
         images_per_prompt=args.images_per_prompt,
         max_prompts=args.max_prompts,

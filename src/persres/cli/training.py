@@ -62,7 +62,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rank",
         type=rank,
-        help="residuals: fraction of each layer's width (default 0.05) or fixed rank (16); "
+        help="residuals: fraction of each layer's width (0.05) or fixed rank (16); default: the base's "
+        "(0.05 on Stable Diffusion, 21 on Flux.1); "
         f"lora: the adapters' rank (default {DEFAULTS['lora_rank']})",
     )
     p.add_argument("--init", choices=["zero", "random"], help="residuals: factor init (default zero)")
@@ -152,7 +153,7 @@ def add_recipe(p: argparse.ArgumentParser, by_method: bool = False, every_method
 
 
 def native_resolution(base: str) -> int:
-    """--resolution's default: the base's backbone's (1024 for SDXL, 512 for SD 1.x/2.x)."""
+    """--resolution's default: the base's backbone's (1024 for SDXL and Flux, 512 for SD 1.x/2.x)."""
     from persres.backbones import backbone_for_base
 
     return backbone_for_base(base).default_resolution

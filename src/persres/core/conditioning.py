@@ -1,7 +1,9 @@
 """What the denoiser is conditioned on in training: asked of the pipeline's backbone.
 
-The U-Net family's ``Conditioning`` (text sequence; SDXL adds the pooled embedding and size ids) lives in
-``persres.backbones.unet`` with the reasons for its values; it is re-exported here for callers.
+Each family has its own conditioning object (``persres.backbones.Condition``): the U-Nets'
+``Conditioning`` (text sequence; SDXL adds the pooled embedding and size ids, ``persres.backbones.unet``)
+and Flux's ``FluxConditioning`` (T5 sequence, pooled CLIP embedding, text ids, ``persres.backbones.flux``).
+``Conditioning`` is re-exported here for callers.
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from typing import Any
 
 import torch
 
-from persres.backbones import backbone_of
+from persres.backbones import Condition, backbone_of
 from persres.backbones.unet import Conditioning
 
-__all__ = ["Conditioning", "encode"]
+__all__ = ["Condition", "Conditioning", "encode"]
 
 
-def encode(pipe: Any, prompt: str, device: torch.device, resolution: int) -> Conditioning:
+def encode(pipe: Any, prompt: str, device: torch.device, resolution: int) -> Condition:
     """The prompt's conditioning, with gradients where the text side is trainable (no ``no_grad``)."""
-    conditioning: Conditioning = backbone_of(pipe).encode(pipe, prompt, device, resolution)
-    return conditioning
+    return backbone_of(pipe).encode(pipe, prompt, device, resolution)

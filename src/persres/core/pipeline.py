@@ -1,4 +1,5 @@
-"""Load a Stable Diffusion 1.x/2.x or XL base model from a local diffusers folder or a hub id, frozen.
+"""Load a Stable Diffusion 1.x/2.x or XL or a Flux.1 base model from a local diffusers folder or a hub id,
+frozen.
 
 The pipeline class comes from the model's ``model_index.json`` through its backbone
 (``persres.backbones``); a pipeline no backbone knows is refused.
@@ -15,7 +16,6 @@ import os
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
 from persres.backbones import PIPELINE_NAMES, backbone_for_base, backbone_of, by_pipeline
@@ -51,11 +51,11 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     as_shipped: bool = False,
 ) -> Any:
-    """The base pipeline (SD 1.x/2.x or XL, from its model_index.json) with every pretrained weight
-    frozen, DDIM as its scheduler and without the safety checker (not needed to train or sample here).
-    ``as_shipped`` keeps the pipeline's own scheduler and safety checker, for writing a merged pipeline
-    that behaves like the base. The backbone fixes what its family needs after loading (SDXL's VAE
-    stays in fp32 under fp16)."""
+    """The base pipeline (SD 1.x/2.x or XL, or Flux.1, from its model_index.json) with every pretrained
+    weight frozen, the scheduler its backbone samples with (DDIM for the U-Nets) and without the safety
+    checker (not needed to train or sample here). ``as_shipped`` keeps the pipeline's own scheduler and
+    safety checker, for writing a merged pipeline that behaves like the base. The backbone fixes what its
+    family needs after loading (SDXL's VAE stays in fp32 under fp16)."""
     backbone = backbone_for_base(base)
     extra = backbone.load_kwargs(as_shipped)
     try:
@@ -70,10 +70,9 @@ def load_pipeline(
     for tokenizer, encoder in text_towers(pipe):
         tokenizer.model_max_length = text_length(tokenizer, encoder.config)
     if not as_shipped:
-        # latents are not in [-1, 1]: a config without clip_sample would wash DDIM's images out
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        pipe.scheduler = backbone.sampling_scheduler(pipe)
     backbone.after_load(pipe, dtype)
-    for model in (pipe.unet, pipe.vae, *(encoder for _, encoder in text_towers(pipe))):
+    for model in (backbone.denoiser(pipe), pipe.vae, *(encoder for _, encoder in text_towers(pipe))):
         model.requires_grad_(False)
         model.eval()
     pipe.set_progress_bar_config(disable=True)
@@ -81,7 +80,7 @@ def load_pipeline(
 
 
 def text_towers(pipe: object) -> list[tuple[Any, Any]]:
-    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL (CLIP, CLIP) and Flux (CLIP, T5)."""
     return backbone_of(pipe).text_towers(pipe)
 
 
@@ -91,8 +90,8 @@ def pipeline_class(base: str) -> type[Any]:
 
 
 def load_unet_skeleton(base: str) -> torch.nn.Module:
-    """The base model's U-Net built from its config on the meta device: its layers' names, kinds and
-    shapes, without reading or allocating a weight."""
+    """The base model's denoiser (U-Net or transformer) built from its config on the meta device: its
+    layers' names, kinds and shapes, without reading or allocating a weight."""
     return backbone_for_base(base).skeleton(base)
 
 

@@ -10,12 +10,14 @@ import json
 import os
 from typing import Any
 
+from persres.backbones.records import describe as describe_architecture
 from persres.formats.header import read_residual_header
 from persres.formats.runfolder import residual_file
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Provenance, per-layer widths and ranks, and the parameter count of a residual file."""
+    """Provenance, the base's architecture (e.g. "SD 1.x (proj_out conv, text width 768)"; None in files
+    that record none), per-layer widths and ranks, and the parameter count of a residual file."""
     header = read_residual_header(residual_file(path))
     metadata = header.metadata
     layers = [
@@ -26,6 +28,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "file": str(header.path),
         "format_version": int(metadata["format_version"]),
         "base_model": metadata.get("base_model"),
+        "architecture": describe_architecture(metadata["architecture"])
+        if "architecture" in metadata
+        else None,
         "token": metadata.get("token"),
         "class_word": metadata.get("class_word"),
         "rank_config": json.loads(metadata["rank_config"]) if "rank_config" in metadata else None,

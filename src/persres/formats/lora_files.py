@@ -131,8 +131,14 @@ def export_lora(
     check_apart(target, "out", [("source", read_from(source))], folder=False)
     loaded = read_exportable(source)
     conv = is_conv(loaded)
+    backbone = backbone_of_file(loaded)
+    if fmt == "diffusers" and backbone.diffusers_lora_prefix is None:
+        raise ConfigError(
+            f"`fmt` diffusers is not yet available for {backbone.name} residual files ({loaded.path}); use "
+            "`fmt` kohya, which diffusers' load_lora_weights reads too"
+        )
     if fmt == "kohya":
-        names = backbone_of_file(loaded).kohya_names(list(loaded.layers()))
+        names = backbone.kohya_names(list(loaded.layers()))
         tensors, header = kohya_tensors(loaded.layers(), names, conv, scale), kohya_metadata(loaded)
     else:
         tensors, header = diffusers_tensors(loaded.layers(), conv, scale), diffusers_metadata(loaded)

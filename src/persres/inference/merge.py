@@ -1,4 +1,4 @@
-"""``persres merge``: fold residuals into the U-Net's weights and write a plain diffusers pipeline."""
+"""``persres merge``: fold residuals into the denoiser's weights and write a plain diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from persres.backbones import denoiser_of
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import fold_residuals
 from persres.errors import OutputExistsError
@@ -17,7 +18,7 @@ from persres.formats.runs import read_from
 
 
 def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write a full diffusers pipeline whose U-Net has the residuals folded into its weights.
+    """Write a full diffusers pipeline whose denoiser has the residuals folded into its weights.
 
     The result loads with plain ``StableDiffusionPipeline.from_pretrained``; prompts still use the
     identifier token (recorded in ``persres_merge.json``).
@@ -29,8 +30,9 @@ def merge_to_folder(base: str, residuals: str | os.PathLike[str], out: str | os.
     check_apart(out, "out", [("base", base), ("residuals", read_from(residuals))])
     read_residual_file(residuals)  # a bad file fails before the model is loaded
     pipe = load_pipeline(base, torch.float32, "cpu", as_shipped=True)
-    metadata = load_residuals(pipe.unet, residuals)
-    fold_residuals(pipe.unet)
+    denoiser = denoiser_of(pipe)
+    metadata = load_residuals(denoiser, residuals)
+    fold_residuals(denoiser)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         note = {

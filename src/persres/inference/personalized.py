@@ -1,4 +1,4 @@
-"""A base pipeline with residual files loaded into its U-Net, and sampling it into a folder: the
+"""A base pipeline with residual files loaded into its denoiser, and sampling it into a folder: the
 library call behind ``persres sample``. Each residual file is read once, and checked (with the
 prompts) before the model is loaded."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from persres.backbones import backbone_of, denoiser_of
 from persres.core.pipeline import load_pipeline, resolve_device
 from persres.errors import ConfigError, quote
 from persres.files import check_apart, check_writable
@@ -26,7 +27,7 @@ from persres.formats.concepts import (
 from persres.formats.runs import Run, peer_runs, read_from
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import Sampler, SampleSettings, sample
-from persres.methods import get_method
+from persres.methods import check_runs_on, get_method
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,11 +44,11 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
 def load_personalized(
     base: str, residuals: Sequence[ResidualSource], device: str = "auto", precision: str = "auto"
 ) -> tuple[StableDiffusionPipeline, list[Concept]]:
-    """The base pipeline with one or more residual files loaded into its U-Net, and their concepts."""
+    """The base pipeline with one or more residual files loaded into its denoiser, and their concepts."""
     files = read_files(residuals)  # a bad file fails before the model is loaded
     target = resolve_device(device)
     pipe = load_pipeline(base, sampling_dtype(precision, target), target)
-    return pipe, load_concepts(pipe.unet, files)
+    return pipe, load_concepts(denoiser_of(pipe), files)
 
 
 def sample_to_folder(
@@ -80,7 +81,7 @@ def sample_to_folder(
         "concepts": [
             {"placeholder": placeholder(g, len(concepts)), **asdict(c)} for g, c in enumerate(concepts)
         ],
-        "scheduler": "DDIM",
+        "scheduler": type(pipe.scheduler).__name__.removesuffix("Scheduler"),  # DDIM; FlowMatchEulerDiscrete
     }
     return write_samples(out, samples, settings, extra)
 
@@ -103,6 +104,7 @@ def load_peer(
         )
     target = resolve_device(device)
     pipe = load_pipeline(base, sampling_dtype(precision, target), target)
+    check_runs_on(run.method, backbone_of(pipe), base)
     return pipe, [get_method(run.method).load(pipe, run.result)]
 
 

@@ -18,9 +18,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from persres.backbones import backbone_of, denoiser_of
 from persres.config import SampleSettings
 from persres.core.lag import LagState, localized
 from persres.core.pipeline import text_towers
+from persres.core.residuals import find_residuals
 from persres.core.tokens import check_token, text_length
 from persres.errors import ConfigError, quote
 from persres.formats.concepts import (
@@ -61,7 +63,8 @@ def sample(
     save_masks: bool = False,
     progress: bool = True,
 ) -> list[Sample]:
-    """Generate ``settings.num_images`` images per prompt with the concepts loaded in ``pipe.unet``.
+    """Generate ``settings.num_images`` images per prompt with the concepts loaded in the pipeline's
+    denoiser (its U-Net or transformer).
 
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
     """
@@ -76,6 +79,8 @@ def sample(
         for tokenizer, limit in towers:
             check_prompt_length(tokenizer, plan, concepts, limit)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
+    if "lag" in kinds:
+        check_localizable(pipe)
     columns = {plan.prompt: prompt_columns(towers, plan, concepts, "lag" in kinds) for plan in plans}
     samples = []
     with tqdm(
@@ -88,6 +93,15 @@ def sample(
                     samples.append(generate(pipe, plan, settings.seed + j, settings, state))
                     bar.update()
     return samples
+
+
+def check_localizable(pipe: StableDiffusionPipeline) -> None:
+    """Ask the backbone for the attention layers of every residual before any image is drawn: a base
+    without LAG (Flux, for now) refuses here in one line."""
+    backbone = backbone_of(pipe)
+    denoiser = backbone.denoiser(pipe)
+    for target in find_residuals(denoiser):
+        backbone.attention_layers(denoiser, target)
 
 
 def prompt_columns(
@@ -107,7 +121,7 @@ def generate(
 ) -> Sample:
     """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
     generator = torch.Generator().manual_seed(seed)
-    scope = localized(pipe.unet, lag) if lag is not None else contextlib.nullcontext()
+    scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
     # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
     with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
         result = pipe(

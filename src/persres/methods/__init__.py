@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from persres.errors import ConfigError
 from persres.methods.catalog import DEFAULT_METHOD, METHODS, MethodInfo, method_info, names_where
 
 if TYPE_CHECKING:
+    from persres.backbones import Backbone
     from persres.methods.protocol import Method
 
 RESIDUALS = DEFAULT_METHOD  # the method persres is about; LAG and several concepts per image are its own
@@ -22,6 +24,7 @@ __all__ = [
     "RESIDUALS",
     "MethodInfo",
     "all_methods",
+    "check_runs_on",
     "get_method",
     "method_info",
     "names_where",
@@ -39,3 +42,16 @@ def get_method(name: str) -> Method:
 
 def all_methods() -> dict[str, Method]:
     return {name: get_method(name) for name in METHODS}
+
+
+def check_runs_on(method: str, backbone: Backbone, base: str) -> None:
+    """Refuse a method that does not run on the base's family: the backbone names the capability a method
+    needs there (``works_on_sdxl``, ``works_on_flux``; none on SD 1.x/2.x)."""
+    capability = backbone.method_capability
+    if capability is None or getattr(method_info(method), capability):
+        return
+    able = ", ".join(names_where(True, capability))
+    raise ConfigError(
+        f"`method` {method} supports Stable Diffusion 1.x/2.x here; on {backbone.name} ({base}) persres "
+        f"trains {able} (`method` {able})"
+    )

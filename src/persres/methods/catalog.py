@@ -4,8 +4,8 @@ a benchmark or drawing the app's page never loads a model library; ``persres.met
 imports the implementation (``MethodInfo.implementation``) on first use.
 
 Front ends ask a method what it can do (``trains_residuals``, ``samples_with_lag``, ``works_on_sdxl``,
-``takes_prior_images``) instead of testing its name, and turn a recipe into a training configuration
-with ``persres.methods.recipes.train_config`` only.
+``works_on_flux``, ``takes_prior_images``) instead of testing its name, and turn a recipe into a training
+configuration with ``persres.methods.recipes.train_config`` only.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class MethodInfo:
         benchmark sweeps is its residuals', several concepts go in one image, ``export`` converts it.
     samples_with_lag: localized attention guidance (LAG) gates what it trained while sampling.
     works_on_sdxl: it trains on an SDXL base too (the others: SD 1.x/2.x).
+    works_on_flux: it trains on a Flux.1 base too.
     """
 
     name: str
@@ -50,6 +51,7 @@ class MethodInfo:
     trains_residuals: bool = False
     samples_with_lag: bool = False
     works_on_sdxl: bool = False
+    works_on_flux: bool = False
 
     @property
     def takes_prior_images(self) -> bool:
@@ -73,6 +75,7 @@ _METHODS = (
         trains_residuals=True,
         samples_with_lag=True,
         works_on_sdxl=True,
+        works_on_flux=True,
     ),
     MethodInfo(
         name="lora",

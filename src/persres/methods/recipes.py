@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from persres.backbones import rank_default_for
 from persres.config import InitMode, ResidualConfig, TrainConfig
 from persres.errors import ConfigError
 from persres.methods.catalog import MethodInfo, method_info
@@ -69,13 +70,14 @@ def train_config(
     clash = sorted(set(run) & {*OWN_FIELDS, *CONCEPT_FIELDS})
     if clash:
         raise TypeError(f"train_config sets {', '.join(clash)} itself: pass them as arguments or overrides")
-    own = recipe_settings(info, overrides)
+    own = recipe_settings(info, overrides, base)
     return TrainConfig(base=base, images=images, class_word=class_word, **own, **run)
 
 
-def recipe_settings(info: MethodInfo, overrides: Overrides) -> dict[str, Any]:
+def recipe_settings(info: MethodInfo, overrides: Overrides, base: str) -> dict[str, Any]:
     """The ``TrainConfig`` settings of the method: its recipe, each overridden where given, and the
-    settings only it takes; those it ignores keep ``TrainConfig``'s defaults."""
+    settings only it takes; those it ignores keep ``TrainConfig``'s defaults. Residuals without a `rank`
+    take the base family's (the paper's 0.05 of each layer's width; 21 on Flux.1)."""
     recipe = info.recipe
     own: dict[str, Any] = {"method": info.name}
     prior = ("prior_images", "prior_weight") if info.takes_prior_images else ()  # the others: unused defaults
@@ -84,7 +86,7 @@ def recipe_settings(info: MethodInfo, overrides: Overrides) -> dict[str, Any]:
         own[name] = getattr(recipe, name) if given is None else given
     if info.trains_residuals:
         default = ResidualConfig()
-        rank = default.rank if overrides.rank is None else overrides.rank
+        rank = rank_default_for(base) if overrides.rank is None else overrides.rank
         own["residual"] = ResidualConfig(rank=rank, init=overrides.init or default.init)
     elif overrides.rank is not None:  # the rank of the method's adapters (LoRA)
         if isinstance(overrides.rank, bool) or not isinstance(overrides.rank, int):

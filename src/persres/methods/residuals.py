@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from persres.backbones import denoiser_of
 from persres.core.residuals import add_residuals, remove_residuals, residual_parameters
 from persres.errors import ConfigError
 from persres.formats.concepts import load_concepts
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ResidualTrainable(Trainable):
-    """The residual factors, and the U-Net they live in (the residual file records its architecture)."""
+    """The residual factors, and the denoiser they live in (the residual file records its architecture)."""
 
-    unet: nn.Module | None = field(default=None, compare=False, repr=False)
+    denoiser: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 class Residuals:
@@ -56,32 +57,34 @@ class Residuals:
         with patching(pipe, self.name, "prepare") as patches:
             patches.requires_grad(pipe.vae, False)
             patches.requires_grad(pipe.text_encoder, False)
-            add_residuals(pipe.unet, config.residual, generator=generator)  # freezes the U-Net
-            patches.add(partial(remove_residuals, pipe.unet))  # the base's modules and flags back
-            return ResidualTrainable(residual_parameters(pipe.unet), unet=pipe.unet)
+            denoiser = denoiser_of(pipe)
+            add_residuals(denoiser, config.residual, generator=generator)  # freezes the denoiser
+            patches.add(partial(remove_residuals, denoiser))  # the base's modules and flags back
+            return ResidualTrainable(residual_parameters(denoiser), denoiser=denoiser)
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         pass
 
     def save_state(self, trainable: Trainable, path: Path, metadata: dict[str, str]) -> None:
-        save_residuals(unet_of(trainable), path, overwrite=True, **metadata)
+        save_residuals(denoiser_in(trainable), path, overwrite=True, **metadata)
 
     def load_state(self, trainable: Trainable, path: Path) -> None:
-        load_residuals(unet_of(trainable), path)
+        load_residuals(denoiser_in(trainable), path)
 
     def save(
         self, pipe: StableDiffusionPipeline, trainable: Trainable, out: Path, metadata: dict[str, str]
     ) -> Path:
-        return save_residuals(pipe.unet, out / RESIDUALS_FILE, overwrite=True, **metadata)
+        return save_residuals(denoiser_of(pipe), out / RESIDUALS_FILE, overwrite=True, **metadata)
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
         with patching(pipe, self.name, "load") as patches:
-            (concept,) = load_concepts(pipe.unet, [path])
-            patches.add(partial(remove_residuals, pipe.unet))
+            denoiser = denoiser_of(pipe)
+            (concept,) = load_concepts(denoiser, [path])
+            patches.add(partial(remove_residuals, denoiser))
             return concept
 
 
-def unet_of(trainable: Trainable) -> nn.Module:
-    if not isinstance(trainable, ResidualTrainable) or trainable.unet is None:
+def denoiser_in(trainable: Trainable) -> nn.Module:
+    if not isinstance(trainable, ResidualTrainable) or trainable.denoiser is None:
         raise ConfigError("the residuals method needs the Trainable its prepare() returned")
-    return trainable.unet
+    return trainable.denoiser

@@ -1,4 +1,5 @@
-"""Published U-Net configs of Stable Diffusion 1.5, 2.1 and XL base 1.0 (diffusers ``unet/config.json``).
+"""Published U-Net configs of Stable Diffusion 1.5, 2.1 and XL base 1.0 (diffusers ``unet/config.json``),
+and Flux.1-dev's transformer config (``transformer/config.json``).
 
 Building a U-Net from these gives the real architecture with random weights: nothing is
 downloaded. Used by the benchmarks and by tests that count parameters on the meta device.
@@ -67,4 +68,19 @@ SDXL_UNET: dict[str, Any] = {
     "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
+}
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json: 19 double-stream and 38 single-stream blocks, width
+# 3072 (24 heads x 128), T5-XXL text (4096), CLIP-L pooled (768), guidance-distilled
+FLUX_DEV_TRANSFORMER: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
 }

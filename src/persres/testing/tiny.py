@@ -1,6 +1,6 @@
-"""Tiny, randomly initialised Stable Diffusion pipelines built from configs.
+"""Tiny, randomly initialised Stable Diffusion and Flux pipelines built from configs.
 
-Nothing is downloaded: the same diffusers/transformers classes as Stable Diffusion, a few
+Nothing is downloaded: the same diffusers/transformers classes as Stable Diffusion and Flux.1, a few
 thousand parameters each, saved as a normal diffusers folder that every persres command loads
 through ``--base`` like a real checkpoint. Used by the tests. Images it
 makes are noise: it has never been trained.
@@ -9,6 +9,7 @@ makes are noise: it has never been trained.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -28,6 +32,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
     ViTConfig,
     ViTModel,
 )
@@ -274,4 +281,107 @@ def save_tiny_dino(folder: str | os.PathLike[str], seed: int = 0) -> Path:
     )
     folder = Path(folder)
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+METASPACE = "\u2581"  # SentencePiece's word-start mark, which T5's tokenizer puts before each word
+# Flux.1's VAE latents: shift_factor and scaling_factor of black-forest-labs/FLUX.1-dev's vae/config.json
+FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611
+# Flux.1-dev's scheduler/scheduler_config.json
+FLUX_SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def t5_word_tokenizer(words: Iterable[str], max_length: int = 512) -> T5Tokenizer:
+    """A T5 (SentencePiece Unigram) tokenizer built in memory in which each given word is one token
+    (``▁word``); other words fall back to letters, digits and punctuation. Special tokens as T5's:
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (no sentinel tokens)."""
+    words = sorted({w.lower() for w in words})
+    pieces = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (METASPACE, -2.0)]
+    vocab += [(f"{METASPACE}{word}", -1.0) for word in words]
+    vocab += [(piece, -5.0) for piece in pieces]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_flux_transformer(guidance: bool = True) -> FluxTransformer2DModel:
+    """Flux.1's layout at toy size: 2 double-stream and 2 single-stream blocks, width 32 (2 heads of 16;
+    the rope axes sum to the head width), 64 input channels (16 latent channels packed 2x2), a guidance
+    embedding as Flux.1-dev (``guidance=False``: as schnell)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the T5 width
+        pooled_projection_dim=32,  # the CLIP width
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def tiny_flux_vae() -> AutoencoderKL:
+    """16 latent channels as Flux.1's VAE, with its shift and scale, no quant convs; downsamples by 2."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=16,
+        norm_num_groups=8,
+        layers_per_block=1,
+        shift_factor=FLUX_VAE_SHIFT,
+        scaling_factor=FLUX_VAE_SCALE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_flux_pipeline(
+    seed: int = 0, words: Iterable[str] = BASIC_WORDS, guidance: bool = True
+) -> FluxPipeline:
+    """A complete, random Flux.1 pipeline: CLIP text encoder (pooled embedding) and tokenizer, a 2-layer T5
+    encoder and T5 tokenizer (the sequence), 16-channel VAE, transformer, Flux.1-dev's flow-matching Euler
+    scheduler."""
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    tokenizer_2 = t5_word_tokenizer(words)
+    t5 = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's T5-XXL
+        dropout_rate=0.0,
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=tiny_flux_vae(),
+        text_encoder=CLIPTextModel(tiny_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=tokenizer_2,
+        transformer=tiny_flux_transformer(guidance),
+    )
+
+
+def save_tiny_flux_pipeline(folder: str | os.PathLike[str], seed: int = 0, guidance: bool = True) -> Path:
+    """Write a tiny random Flux pipeline as a diffusers folder (safetensors) and return its path."""
+    folder = Path(folder)
+    tiny_flux_pipeline(seed, guidance=guidance).save_pretrained(folder, safe_serialization=True)
     return folder

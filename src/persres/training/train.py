@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from persres import __version__
 from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
 from persres.config import TrainConfig
-from persres.core.conditioning import Conditioning, encode
+from persres.core.conditioning import Condition, encode
 from persres.core.pipeline import DTYPES, load_pipeline, text_towers
 from persres.core.tokens import check_identifier, check_token, text_length
 from persres.errors import ConfigError, TrainingDivergedError, first_line
@@ -37,7 +37,7 @@ from persres.files import check_writable, write_json
 from persres.formats.concepts import Concept, PromptPlan, check_prompt_length, plan_prompts
 from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
-from persres.methods import get_method, method_info, names_where
+from persres.methods import check_runs_on, get_method
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
 from persres.training.checkpoint import (
@@ -83,20 +83,20 @@ class Loop:
     config: TrainConfig
     out: Path
     pipe: StableDiffusionPipeline
-    unet: torch.nn.Module  # the forward pass's model: accelerate's wrapper of pipe.unet when distributed
+    denoiser: torch.nn.Module  # the forward pass's model (U-Net or transformer), wrapped when distributed
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of state.optimizer
     state: TrainState
     images: ConceptImages
     prior: ConceptImages | None  # class images, for the methods with prior preservation
-    prior_text: Conditioning | None  # "a photo of a {class}"
+    prior_text: Condition | None  # "a photo of a {class}"
     prompt: str  # the method's training prompt
-    text: Conditioning  # its encoding, once unless the method trains the text side
-    noise_scheduler: DDPMScheduler
+    text: Condition  # its encoding, once unless the method trains the text side
+    noise_scheduler: object  # the backbone's training schedule (DDPM for U-Nets, flow matching for Flux)
     accelerator: Accelerator
     log: LossLog | None  # the main process's
     folder: RunFolder  # names are recorded in its marker before they are created (persres.formats.runfolder)
     data: TrainingData | None = None  # with `captions` or `buckets`: each image's prompt, one size a batch
-    texts: dict[str, Conditioning] | None = None  # with `captions` or `buckets`: each prompt's encoding
+    texts: dict[str, Condition] | None = None  # with `captions` or `buckets`: each prompt's encoding
 
 
 def train(
@@ -165,12 +165,7 @@ def train_in(
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
     pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
-    if not backbone_of(pipe).works_for_every_method and not method_info(config.method).works_on_sdxl:
-        on_xl = ", ".join(names_where(True, "works_on_sdxl"))
-        raise ConfigError(
-            f"`method` {config.method} supports Stable Diffusion 1.x/2.x here; on SDXL ({config.base}) "
-            f"persres trains {on_xl} (`method` {on_xl})"
-        )
+    check_runs_on(config.method, backbone_of(pipe), config.base)
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)
     if not method.adds_token:  # an existing token (a learned one is added by prepare)
@@ -225,7 +220,9 @@ def prepare_loop(
         folder.record(out / LOGS / (PROJECT if config.report_to == "tensorboard" else config.report_to))
         kwargs = {"wandb": {"dir": str(out / LOGS)}}
         accelerator.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=kwargs)
-    unet = accelerator.prepare(pipe.unet) if distributed else pipe.unet
+    backbone = backbone_of(pipe)
+    denoiser = backbone.denoiser(pipe)
+    denoiser = accelerator.prepare(denoiser) if distributed else denoiser
     optimizer = accelerator.prepare(state.optimizer)
     prompt = state.method.training_prompt(config)
     text = encode(pipe, prompt, accelerator.device, config.resolution).detach()
@@ -234,14 +231,14 @@ def prepare_loop(
         prior_text = encode(
             pipe, class_prompt(config.class_word), accelerator.device, config.resolution
         ).detach()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = backbone.training_scheduler(pipe)
     texts = None
     if data is not None and not state.trainable.text_trainable:  # each distinct prompt encoded once
         device = accelerator.device
         texts = {p: encode(pipe, p, device, config.resolution).detach() for p in dict.fromkeys(data.prompts)}
     return Loop(
-        config, out, pipe, unet, optimizer, state, images, prior, prior_text, prompt, text, noise_scheduler,
-        accelerator, loss_log, folder, data, texts,
+        config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
+        noise_scheduler, accelerator, loss_log, folder, data, texts,
     )  # fmt: skip
 
 
@@ -314,12 +311,12 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
         elif state.trainable.text_trainable:  # a learned token: the embedding changes every step
             text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(
-            loop.unet, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
+            loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
         )
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
             classes = loop.prior.batch(config.batch_size, state.generator, config.min_crop, config.flip)
             prior = denoising_loss(
-                loop.unet, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
+                loop.denoiser, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
                 backbone,
             )  # fmt: skip
             loss = loss + config.prior_weight * prior
@@ -335,7 +332,7 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     return loss.detach()
 
 
-def prompt_text(loop: Loop, prompt: str) -> Conditioning:
+def prompt_text(loop: Loop, prompt: str) -> Condition:
     """A training prompt's conditioning: encoded once, or every step when the method trains the text side."""
     if loop.state.trainable.text_trainable or loop.texts is None:
         return encode(loop.pipe, prompt, loop.accelerator.device, loop.config.resolution)
@@ -370,7 +367,8 @@ def finish(loop: Loop) -> Path:
         if loop.config.validation_prompts:
             loop.folder.record(validation_folder(loop.out, loop.config.steps))
         # every result records its base architecture, which every method's load checks
-        metadata = {**run_metadata(loop.config), "architecture": architecture(loop.pipe.unet)}
+        denoiser = backbone_of(loop.pipe).denoiser(loop.pipe)
+        metadata = {**run_metadata(loop.config), "architecture": architecture(denoiser)}
         path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, metadata)
         log.info("%s written to %s", loop.state.method.name, path)
         write_final(loop.pipe, loop.config, loop.out)
@@ -390,20 +388,20 @@ def close(loop: Loop) -> None:
 
 
 def denoising_loss(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     pipe: StableDiffusionPipeline,
-    noise_scheduler: DDPMScheduler,
-    text: Conditioning,
+    noise_scheduler: object,
+    text: Condition,
     pixels: torch.Tensor,
     generator: torch.Generator,
     backbone: Backbone = SD,
 ) -> torch.Tensor:
     """Latent diffusion's MSE between the denoiser's prediction and its target. The backbone owns the
-    latents, the noise schedule, the target (epsilon or v for the U-Net family) and the denoiser call;
-    the loop passes its pipeline's."""
+    latents, the noise schedule, the target (epsilon or v for the U-Net family, the flow-matching velocity
+    for Flux) and the denoiser call; the loop passes its pipeline's."""
     latents = backbone.latents(pipe, pixels, text.hidden.device, generator)
     noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
-    prediction = backbone.predict(pipe, unet, noisy, steps, text)
+    prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
     return F.mse_loss(prediction.float(), target.float())
 
 

@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from diffusers import StableDiffusionPipeline
 
+from persres.backbones import denoiser_of
 from persres.config import TrainConfig
 from persres.core.pipeline import resolve_device
 from persres.errors import ConfigError
@@ -59,7 +60,7 @@ def make_state(
 ) -> TrainState:
     """AdamW over the method's trainable parameters and this process's generator, before any restore."""
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser_of(pipe).enable_gradient_checkpointing()
     params = list(trainable.params.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.adam_weight_decay)
     generator = torch.Generator().manual_seed(config.seed + processes.index)
