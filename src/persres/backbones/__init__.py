@@ -10,8 +10,10 @@ A backbone owns:
   loading (SDXL's fp32 VAE under fp16), the (tokenizer, text encoder) pairs, the default training
   resolution, and a weightless ``skeleton`` of its denoiser for checks before loading;
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
-- LAG: which attention layers give the maps of a residual's block (``attention_layers``), and every
-  text-reading attention layer for the methods that edit keys and values (``cross_attention_layers``);
+- LAG: which attention layers give the maps of a residual's block (``attention_layers``), the processor
+  that captures their text-column probabilities (``capture_processor``), the block's mask laid out on the
+  tokens its residual layer sees (``residual_mask``), and every text-reading attention layer for the
+  methods that edit keys and values (``cross_attention_layers``);
 - training: a prompt's conditioning (``encode``), the latents of a batch, noise, timesteps and target
   (``noised``) and the denoiser call (``predict``); the loop only takes the MSE;
 - files: the architecture record written into residual files, kohya's layer names and model version.
@@ -21,10 +23,11 @@ What a transformer family (Flux) will need, and where it fits without touching t
 - residual targets: ``transformer_blocks.i.attn.to_out.0`` (joint blocks) and
   ``single_transformer_blocks.i.proj_out``; both Linear, so ``ResidualProjOut`` wraps them as is, and
   their widths and default rank come from ``residual_targets``/``default_rank``.
-- LAG: joint attention over [text, image] tokens and SDPA that returns no probabilities. Because the maps
-  are the backbone's business, its ``attention_layers`` (with its own capture processor) computes the
-  image-query -> text-key slice of the joint softmax itself and hands (B, heads, HW, T) to the same
-  ``lag`` hooks; the single blocks see text and image in one sequence, so their slice is taken the same way.
+- LAG: joint attention over [text, image] tokens and SDPA that returns no probabilities; all of it is in
+  ``flux_attention.py`` (``attention_layers``, ``FluxCaptureProcessor``, ``residual_mask``): the capture
+  computes, beside the fused attention, the image-query -> requested-text-key slice of the joint softmax
+  and hands (B, heads, HW, K) with the K column indices to the same ``lag`` hooks; a single block's
+  ``proj_out`` sees [text, image], so its mask gets T leading zeros (text tokens untouched).
 - conditioning: the T5 sequence, the pooled CLIP embedding, text position ids and the guidance embedding;
   ``encode`` returns its own conditioning object (``Conditioning`` here is the U-Net's).
 - training: flow matching, velocity target (noise - latents) at shifted sigmas; packed 2x2 latents with
@@ -48,6 +51,15 @@ if TYPE_CHECKING:
     from torch import nn
 
     from persres.config import ResidualConfig
+
+
+class ProbsHook(Protocol):
+    """Where a capture processor hands each call's attention probabilities (B, heads, HW, K) of the image
+    queries: all T text columns (``keys`` None, the U-Net's case) or only the text positions ``keys`` (K,)
+    names, in that order (a joint attention over long text, Flux's)."""
+
+    def __call__(self, probs: torch.Tensor, keys: torch.Tensor | None = None) -> None: ...
+
 
 # pipeline class name (model_index.json's ``_class_name``) -> the family that loads it
 PIPELINE_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -75,6 +87,10 @@ class Backbone(Protocol):
     def default_rank(self, path: str, layer: nn.Linear | nn.Conv2d, config: ResidualConfig) -> int: ...
 
     def attention_layers(self, denoiser: nn.Module, target: str) -> dict[str, Attention]: ...
+    def capture_processor(self, hook: ProbsHook, keys: torch.Tensor, text_length: int) -> Any: ...
+    def residual_mask(
+        self, denoiser: nn.Module, target: str, mask: torch.Tensor, text_length: int
+    ) -> torch.Tensor: ...
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]: ...
 
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Any: ...
