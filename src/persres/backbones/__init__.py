@@ -13,8 +13,10 @@ A backbone owns:
   shipped flow-matching Euler for Flux), the (tokenizer, text encoder) pairs, the default training
   resolution and `rank`, and a weightless ``skeleton`` of its denoiser for checks before loading;
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
-- LAG: which attention layers give the maps of a residual's block (``attention_layers``), and every
-  text-reading attention layer for the methods that edit keys and values (``cross_attention_layers``);
+- LAG: which attention layers give the maps of a residual's block (``attention_layers``), the processor
+  that captures their text-column probabilities (``capture_processor``), the block's mask laid out on the
+  tokens its residual layer sees (``residual_mask``), and every text-reading attention layer for the
+  methods that edit keys and values (``cross_attention_layers``);
 - training: which methods train on it (``method_capability``, a capability of the method catalog), the
   training noise schedule (``training_scheduler``), a prompt's conditioning (``encode``), one batch's
   from one per image (``join_conditioning``, for `captions` and `buckets`: each image's prompt, the
@@ -23,13 +25,11 @@ A backbone owns:
 - files: the architecture record written into residual files, kohya's layer names and model version,
   and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written).
 
-Flux (``flux.py``) answers all of it except LAG, which is not yet available there: its
-``attention_layers`` refuses in one line. What LAG on Flux needs, and where it fits: joint attention over
-[text, image] tokens with SDPA, which returns no probabilities. Because the maps are the backbone's
-business, its ``attention_layers`` (with its own capture processor) computes the image-query -> text-key
-slice of the joint softmax itself and hands (B, heads, HW, T) to the same ``lag`` hooks; the single blocks
-see text and image in one sequence, so their slice is taken the same way, and their ``proj_out`` residual
-must be masked on the image positions only (the text positions come first in the sequence).
+Flux (``flux.py``) answers all of it; its LAG is in ``flux_attention.py``: joint attention over [text,
+image] tokens with SDPA returns no probabilities, so the capture processor computes, beside the fused
+attention, the image-query -> requested-text-key slice of the joint softmax and hands (B, heads, HW, K)
+with the K column indices to the same ``lag`` hooks; a single block's ``proj_out`` sees [text, image], so
+its mask gets T leading zeros (text tokens untouched).
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ if TYPE_CHECKING:
     from torch import nn
 
     from persres.config import ResidualConfig
+
+
+class ProbsHook(Protocol):
+    """Where a capture processor hands each call's attention probabilities (B, heads, HW, K) of the image
+    queries: all T text columns (``keys`` None, the U-Net's case) or only the text positions ``keys`` (K,)
+    names, in that order (a joint attention over long text, Flux's)."""
+
+    def __call__(self, probs: torch.Tensor, keys: torch.Tensor | None = None) -> None: ...
+
 
 # pipeline class name (model_index.json's ``_class_name``) -> the family that loads it
 PIPELINE_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline")
@@ -90,6 +99,10 @@ class Backbone(Protocol):
     def default_rank(self, path: str, layer: nn.Linear | nn.Conv2d, config: ResidualConfig) -> int: ...
 
     def attention_layers(self, denoiser: nn.Module, target: str) -> dict[str, Attention]: ...
+    def capture_processor(self, hook: ProbsHook, keys: torch.Tensor, text_length: int) -> Any: ...
+    def residual_mask(
+        self, denoiser: nn.Module, target: str, mask: torch.Tensor, text_length: int
+    ) -> torch.Tensor: ...
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]: ...
 
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Condition: ...

@@ -64,7 +64,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
-from persres.backbones import RANK_DEFAULTS, without_denoiser
+from persres.backbones import RANK_DEFAULTS, ProbsHook, flux_attention, without_denoiser
 from persres.backbones.folder import not_available_message
 from persres.backbones.records import FLUX_GUIDANCE, FLUX_RECORD, FLUX_TEXT_WIDTH
 from persres.config import ResidualConfig
@@ -190,10 +190,24 @@ class FluxBackbone:
 
     # -- attention -------------------------------------------------------------------------------
     def attention_layers(self, denoiser: nn.Module, target: str) -> dict[str, Attention]:
+        """Refused for now. The capture is ready (``capture_processor``, ``residual_mask``, tested in
+        tests/test_flux_lag.py), but LAG with every mask 1 must equal normal sampling, and a single block's
+        residual still acts on text tokens in training and normal sampling while LAG leaves them alone;
+        ``flux_attention.attention_layers`` is what this returns once both agree."""
         raise ModelError(
-            "localized sampling (LAG, `sampler` lag or both) is not yet available on Flux bases: their "
-            "joint attention needs its own capture of the image-to-text attention; use `sampler` normal"
+            "localized sampling (LAG, `sampler` lag or both) is not yet available on Flux bases; "
+            "use `sampler` normal"
         )
+
+    def capture_processor(self, hook: ProbsHook, keys: torch.Tensor, text_length: int) -> Any:
+        """The joint-attention processor that hands LAG the image queries' probabilities of ``keys``."""
+        return flux_attention.FluxCaptureProcessor(hook, keys, text_length)
+
+    def residual_mask(
+        self, denoiser: nn.Module, target: str, mask: torch.Tensor, text_length: int
+    ) -> torch.Tensor:
+        """A block's image mask laid out on its residual layer's tokens (text first in single blocks)."""
+        return flux_attention.residual_mask(denoiser, target, mask, text_length)
 
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]:
         raise ModelError(

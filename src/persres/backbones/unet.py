@@ -33,9 +33,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from persres.backbones import without_denoiser
+from persres.backbones import ProbsHook, without_denoiser
 from persres.backbones.folder import not_available_message, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
+from persres.backbones.unet_attention import CaptureCrossAttnProcessor
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ModelError
 
@@ -175,6 +176,18 @@ class UNetBackbone:
         every ``attn2`` of the transformer block that ``target`` (its ``proj_out``) closes."""
         block = target.removesuffix(".proj_out")
         return cross_attentions(denoiser.get_submodule(block), block)
+
+    def capture_processor(
+        self, hook: ProbsHook, keys: torch.Tensor, text_length: int
+    ) -> CaptureCrossAttnProcessor:
+        """The explicit-softmax ``attn2`` processor; it hands over all T (77) columns, ``keys`` unused."""
+        return CaptureCrossAttnProcessor(hook)
+
+    def residual_mask(
+        self, denoiser: nn.Module, target: str, mask: torch.Tensor, text_length: int
+    ) -> torch.Tensor:
+        """A block's ``proj_out`` sees its HW positions only: the mask (N, groups, HW) as it is."""
+        return mask
 
     def cross_attention_layers(self, denoiser: nn.Module) -> dict[str, Attention]:
         """Every cross-attention layer of the U-Net, by module path (text keys and values)."""

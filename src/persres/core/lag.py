@@ -10,20 +10,26 @@ own token and class word; a concept the prompt does not mention gets an empty ma
 several transformer layers (SDXL: up to 10 before one ``proj_out``) sums the scores of all its
 cross-attention layers before the median, as the paper sums over tokens: every layer's view of where
 the concept is counts, none decides alone (a single layer equals the paper's SD 1.x case exactly).
+
+The backbone says which attention layers give a block's maps (``attention_layers``), which processor
+captures them (``capture_processor``: all T text columns, or only the requested ones with their
+indices, as Flux's joint attention over 512 text positions does), and how the block's mask (N, groups,
+HW) lies on the tokens its residual layer sees (``residual_mask``: as is for a U-Net's ``proj_out``,
+with T leading zeros for a layer that also sees the text tokens, which stay untouched).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from persres.backbones import backbone_of_denoiser
-from persres.core.attention import CaptureCrossAttnProcessor, swapped_processors
+from persres.backbones import ProbsHook, backbone_of_denoiser
+from persres.core.attention import swapped_processors
 from persres.core.residuals import ResidualProjOut, find_residuals
 from persres.errors import ConfigError
 
@@ -53,6 +59,9 @@ def binarize(score: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([mask, mask]) if batch == 2 * score.shape[0] else mask
 
 
+MaskShape = Callable[[torch.Tensor], torch.Tensor]  # (B, groups, HW) -> over the residual layer's tokens
+
+
 @dataclass
 class LagState:
     """What the capture processors read and write, held by reference (``Attention.forward`` drops
@@ -70,32 +79,41 @@ class LagState:
         return kwargs
 
 
+def requested_keys(columns: torch.Tensor) -> torch.Tensor:
+    """The text positions (K,) that any prompt's concept reads, ascending: the only key columns a
+    capture needs to hand over."""
+    return columns.ne(0).flatten(0, 1).any(dim=0).nonzero().flatten()  # (N, groups, T) -> (K,)
+
+
 def mask_setters(
-    state: LagState, block: str, wrapper: ResidualProjOut, layers: int
-) -> list[CaptureCrossAttnProcessor]:
-    """Processors for the ``layers`` cross-attentions of one block, in the order they run: their
-    scores add up, and the last one's sum becomes ``wrapper``'s mask for this step."""
+    state: LagState, block: str, wrapper: ResidualProjOut, layers: int, shape: MaskShape
+) -> list[ProbsHook]:
+    """Hooks for the ``layers`` attention layers of one block, in the order they run: their scores add
+    up, and the last one's sum, laid on the tokens of the residual layer by ``shape``, becomes
+    ``wrapper``'s mask for this step. A hook given ``keys`` gets only those text columns."""
     total: list[torch.Tensor] = []
 
-    def hook(index: int, probs: torch.Tensor) -> None:
-        score = block_score(probs, state.columns)
+    def hook(index: int, probs: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        columns = state.columns if keys is None else state.columns[..., keys.to(state.columns.device)]
+        score = block_score(probs, columns)
         total[:] = [score] if index == 0 else [total[0] + score]
         if index < layers - 1:
             return
-        mask = binarize(total[0], probs.shape[0])
-        wrapper.mask = mask
+        mask = binarize(total[0], probs.shape[0])  # (B, groups, HW)
+        wrapper.mask = shape(mask)
         if state.record:
             count = state.columns.shape[0]
             state.records.setdefault(state.step, {})[block] = mask[-count:].cpu()
 
-    return [CaptureCrossAttnProcessor(functools.partial(hook, i)) for i in range(layers)]
+    return [functools.partial(hook, i) for i in range(layers)]
 
 
 @contextlib.contextmanager
 def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
-    """Sample with LAG inside this block: capture processors on every ``attn2`` feed the masks of
-    their block's ``proj_out`` (summed over a block's several layers, see the module's notes).
-    Processors and masks are restored on exit, also on error."""
+    """Sample with LAG inside this block: capture processors on the attention layers the backbone names
+    (every ``attn2`` of a U-Net block) feed the masks of their block's residual layer (summed over a
+    block's several layers, see the module's notes). Processors and masks are restored on exit, also
+    on error."""
     wrappers = find_residuals(unet)
     if not wrappers:
         raise ConfigError("localized sampling needs residuals in the U-Net; load a residual file first")
@@ -106,12 +124,16 @@ def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
     groups = {len(w.groups) for w in wrappers.values()}
     if groups != {state.columns.shape[1]}:
         raise ConfigError(f"{state.columns.shape[1]} concept(s) in the prompt plan but {groups} in the U-Net")
-    processors: dict[str, CaptureCrossAttnProcessor] = {}
+    processors: dict[str, object] = {}
     backbone = backbone_of_denoiser(unet)  # it knows which attention layers place each residual
+    text_length, keys = state.columns.shape[-1], requested_keys(state.columns)
     for path, wrapper in wrappers.items():
         block = path.removesuffix(".proj_out")
         layers = backbone.attention_layers(unet, path)  # in the order they run
-        processors.update(zip(layers, mask_setters(state, block, wrapper, len(layers)), strict=True))
+        shape = functools.partial(backbone.residual_mask, unet, path, text_length=text_length)
+        hooks = mask_setters(state, block, wrapper, len(layers), shape)
+        for layer, hook in zip(layers, hooks, strict=True):
+            processors[layer] = backbone.capture_processor(hook, keys, text_length)
     try:
         with swapped_processors(unet, processors):
             yield
