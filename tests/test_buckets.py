@@ -137,7 +137,7 @@ def test_sdxl_size_ids_say_the_bucket_s_size() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["conv_base", "xl_base"])
+@pytest.mark.parametrize("model", ["conv_base", "xl_base", "flux_base"])
 def test_captions_and_buckets_resumed_equal_uninterrupted(
     model: str, shapes: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
