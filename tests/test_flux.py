@@ -1,7 +1,7 @@
 """Flux.1: the published transformer's 57 residual targets and their parameter count, the backbone's parts
 (packing, flow matching, the transformer call) against diffusers' own, and on a tiny Flux pipeline loaded
 through from_pretrained (``flux_base`` in conftest): train, resume, validation, sample, info, and the
-refusals (peer methods, LAG, residual files of another family)."""
+refusals (peer methods, residual files of another family), LAG through the pipeline."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ from persres.backbones.flux import (
     unpack,
 )
 from persres.cli import main
-from persres.config import ResidualConfig
+from persres.config import ResidualConfig, SampleSettings
 from persres.core.pipeline import load_pipeline
-from persres.core.residuals import add_residuals, count_parameters, find_proj_outs
+from persres.core.residuals import add_residuals, count_parameters, find_proj_outs, residuals_disabled
 from persres.errors import ModelError
+from persres.formats.concepts import load_concepts
 from persres.formats.io import architecture, read_residual_file, write_residual_file
+from persres.inference.sampling import sample
 from persres.methods import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
 from persres.testing.reference_configs import FLUX_DEV_TRANSFORMER
@@ -280,7 +282,7 @@ def test_methods_that_do_not_run_on_flux_are_refused_by_name(
         assert "--method residuals" in err and len(err.splitlines()) == 1 and not out.exists()
 
 
-def test_sampling_a_flux_run_and_lag_refused(
+def test_sampling_a_flux_run_normal_and_lag(
     flux_run: Path, flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     images = tmp_path / "ours"
@@ -294,12 +296,36 @@ def test_sampling_a_flux_run_and_lag_refused(
     assert ours.shape == (16, 16, 3) and np.abs(ours - np.asarray(base, dtype=np.int16)).max() > 1
     [sidecar] = images.glob("*.json")
     assert json.loads(sidecar.read_text())["scheduler"] == "FlowMatchEulerDiscrete"
-    capsys.readouterr()
-    for sampler in ("lag", "both"):
-        out = tmp_path / sampler
-        assert main(sample_argv(flux_base, flux_run, out, "--sampler", sampler)) == 2
-        err = capsys.readouterr().err.strip()
-        assert "not yet available on Flux" in err and len(err.splitlines()) == 1 and not out.exists()
+    both = tmp_path / "both"
+    assert main(sample_argv(flux_base, flux_run, both, "--sampler", "both", "--save-masks")) == 0
+    kinds = sorted(json.loads(s.read_text())["sampler"] for s in both.glob("*.json"))
+    assert kinds == ["lag", "normal"]
+    [normal_png] = [p for p in both.glob("*.png") if p.stem.endswith("normal")]
+    assert np.array_equal(np.asarray(Image.open(normal_png), dtype=np.int16), ours)  # same noise, same image
+
+
+def test_lag_on_flux_masks_0_and_1_give_base_and_normal(
+    flux_run: Path, flux_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the pipeline, from the T5 positions of V* and the class word: every block's mask 0 draws
+    the base model's image and every mask 1 the normal one; the real masks are binary, per block."""
+    pipe = load_pipeline(str(flux_base))
+    concepts = load_concepts(pipe.transformer, [flux_run])
+    settings = SampleSettings(steps=2, height=16, width=16)
+    prompts = ["a photo of a V* dog on the beach"]
+    [normal, lag] = sample(pipe, prompts, concepts, settings, "both", save_masks=True, progress=False)
+    blocks = {block for masks in lag.masks.values() for block in masks}
+    assert len(blocks) == 4  # 2 double + 2 single blocks
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for masks in lag.masks.values() for m in masks.values())
+    with residuals_disabled(pipe.transformer):
+        [base] = sample(pipe, prompts, concepts, settings, "normal", progress=False)
+    pixels = {name: np.asarray(s.image, dtype=np.int16) for name, s in (("base", base), ("normal", normal))}
+    assert np.abs(pixels["normal"] - pixels["base"]).max() > 1
+    for value, expected in ((0.0, "base"), (1.0, "normal")):
+        fill = lambda score, batch, v=value: torch.full((batch, *score.shape[1:]), v)  # noqa: E731
+        monkeypatch.setattr("persres.core.lag.binarize", fill)
+        [image] = sample(pipe, prompts, concepts, settings, "lag", progress=False)
+        assert np.abs(np.asarray(image.image, dtype=np.int16) - pixels[expected]).max() <= 1, expected
 
 
 def test_sd_and_flux_residual_files_are_refused_by_each_other_naming_both(

@@ -5,11 +5,11 @@ config, saved and loaded with ``from_pretrained``. The residuals wrap the two ki
 (``transformer_blocks.i.attn.to_out.0``, ``single_transformer_blocks.i.proj_out``), and localized
 sampling is asked of ``FluxLag``: what the Flux backbone answers for LAG, one line per method.
 
-What "normal" means for text tokens: a single block's ``proj_out`` sees [text, image]. Unmasked
-(training, normal sampling) its residual applies to every token, text included, as a plain wrapped
-Linear does. LAG applies it to image tokens inside the mask only and leaves text tokens untouched, so
-LAG with every mask 1 is "residuals on every image token", which equals normal sampling exactly when
-the single blocks' text tokens get no residual (checked below, both ways).
+What happens to text tokens: a single block's ``proj_out`` sees [text, image]. Unmasked (training,
+normal sampling, merge, LoRA exports) its residual applies to every token, text included, as a plain
+wrapped Linear does. LAG applies it to image tokens inside the mask, and to the text tokens when the
+concept's mask in that block is not empty: every mask 1 is normal sampling, every mask 0 the base,
+exactly, and the text tokens matter downstream (checked below).
 """
 
 from __future__ import annotations
@@ -260,7 +260,9 @@ def test_a_blocks_mask_comes_from_the_identifier_and_class_columns(
         assert torch.equal(state.records[0][path], expected.view(1, 1, HW))  # the image positions
         assert wrapper.mask is not None
         leading = T if path.startswith("single_") else 0  # proj_out of a single block sees [text, image]
-        assert torch.equal(wrapper.mask, torch.cat([torch.zeros(leading), expected]).view(1, 1, -1))
+        assert torch.equal(wrapper.mask, torch.cat([torch.ones(leading), expected]).view(1, 1, -1))
+        shaped = flux.residual_mask(transformer, path, torch.zeros(1, 1, HW), T)  # an empty mask: no text
+        assert torch.equal(shaped, torch.zeros(1, 1, leading + HW))
 
 
 def test_masks_follow_each_prompts_own_columns_through_the_real_attention(
@@ -283,7 +285,7 @@ def test_masks_follow_each_prompts_own_columns_through_the_real_attention(
         assert (mask.sum(-1) == HW // 2).all()
 
 
-def test_empty_masks_give_the_base_and_full_masks_the_residuals_on_every_image_token(
+def test_empty_masks_give_the_base_and_full_masks_normal_sampling(
     transformer: FluxTransformer2DModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inputs = flux_inputs()
@@ -303,15 +305,11 @@ def test_empty_masks_give_the_base_and_full_masks_the_residuals_on_every_image_t
         monkeypatch.setattr("persres.core.lag.binarize", fill)
         with localized(transformer, LagState(columns)), recorded(singles) as seen:
             outputs[value] = run(transformer, inputs)
-        for wrapper, x, out in seen:  # text tokens untouched: the base layer's output, exactly
-            assert torch.equal(out[:, :T], wrapper.base(x)[:, :T])
+        for wrapper, x, out in seen:  # text tokens: the base layer's (mask 0) or the residual's (mask 1)
+            expected = wrapper.base(x) if value == 0.0 else out_unmasked(wrapper, x)
+            torch.testing.assert_close(out[:, :T], expected[:, :T], atol=1e-6, rtol=0)
     torch.testing.assert_close(outputs[0.0], base, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs[1.0], reference, atol=1e-5, rtol=1e-5)
-    for wrapper in singles:  # without single-block residuals, every mask 1 is normal sampling
-        wrapper.enabled = False
-    with localized(transformer, LagState(columns)):
-        full = run(transformer, inputs)
-    torch.testing.assert_close(full, run(transformer, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[1.0], normal, atol=1e-5, rtol=1e-5)
     assert all(w.mask is None for w in find_residuals(transformer).values())
     with residuals_disabled(transformer):
         torch.testing.assert_close(run(transformer, inputs), base, atol=0, rtol=0)
@@ -338,9 +336,10 @@ def test_two_concepts_each_in_its_own_mask(transformer: FluxTransformer2DModel) 
             differs.append(not torch.equal(mask[0, 0], mask[0, 1]))
             leading = T if path.startswith("single_") else 0
             x = torch.randn(1, leading + HW, wrapper.base.in_features, generator=g)
-            for concept in (0, 1):  # each concept's residual only inside its own mask, never on text
+            for concept in (0, 1):  # each concept's residual only inside its own mask (text: if not empty)
                 alone = only_concept(wrapper, x, concept)
-                outside = torch.cat([torch.ones(leading), 1 - mask[0, concept]]).bool()
+                absent = 1 - mask[0, concept].max()
+                outside = torch.cat([absent.expand(leading), 1 - mask[0, concept]]).bool()
                 assert alone[0, outside].abs().max() == 0 and alone.abs().max() > 0
     assert any(differs)
 
@@ -384,6 +383,16 @@ def only_concept(wrapper: ResidualProjOut, x: torch.Tensor, concept: int) -> tor
         alone = wrapper.residual(x)
         wrapper.A.copy_(saved)
     return alone
+
+
+def out_unmasked(wrapper: ResidualProjOut, x: torch.Tensor) -> torch.Tensor:
+    """The wrapper's output for ``x`` with no mask: its residual on every token."""
+    mask, wrapper.mask = wrapper.mask, None
+    try:
+        with torch.no_grad():
+            return wrapper(x)
+    finally:
+        wrapper.mask = mask
 
 
 @contextlib.contextmanager

@@ -154,6 +154,10 @@ class FluxBackbone:
         sequence."""
         return [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
 
+    def attended_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """T5 only: the joint attention holds its 512 positions first; CLIP gives the pooled embedding."""
+        return [(pipe.tokenizer_2, pipe.text_encoder_2)]
+
     def skeleton(self, base: str) -> nn.Module:
         """The base's transformer built from its config on the meta device: its layers' names, kinds and
         shapes, without reading or allocating a weight."""
@@ -190,14 +194,8 @@ class FluxBackbone:
 
     # -- attention -------------------------------------------------------------------------------
     def attention_layers(self, denoiser: nn.Module, target: str) -> dict[str, Attention]:
-        """Refused for now. The capture is ready (``capture_processor``, ``residual_mask``, tested in
-        tests/test_flux_lag.py), but LAG with every mask 1 must equal normal sampling, and a single block's
-        residual still acts on text tokens in training and normal sampling while LAG leaves them alone;
-        ``flux_attention.attention_layers`` is what this returns once both agree."""
-        raise ModelError(
-            "localized sampling (LAG, `sampler` lag or both) is not yet available on Flux bases; "
-            "use `sampler` normal"
-        )
+        """The block's own joint attention, which runs before its residual layer (``flux_attention``)."""
+        return dict(flux_attention.attention_layers(denoiser, target))
 
     def capture_processor(self, hook: ProbsHook, keys: torch.Tensor, text_length: int) -> Any:
         """The joint-attention processor that hands LAG the image queries' probabilities of ``keys``."""

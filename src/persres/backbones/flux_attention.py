@@ -19,8 +19,13 @@ the capture; a single block's ``proj_out`` after its attention.
 
 Where the mask applies (``residual_mask``): a double block's ``attn.to_out.0`` sees the image stream
 only, (B, HW, C): the mask as it is. A single block's ``proj_out`` sees [text, image], (B, T + HW, C):
-the mask gets T leading zeros, so LAG leaves the text tokens untouched (``image_tokens`` says which
-positions are image).
+the text tokens have no place in the picture, so they follow the concept as a whole: each concept's
+residual acts on them when its mask in that block is not empty, and not at all when it is
+(``image_tokens`` says which positions are image). Training, normal sampling, ``merge`` and the LoRA
+exports apply a single block's residual to every token it sees, text included, so this is what makes
+LAG with every mask 1 equal normal sampling and with every mask 0 the base model, exactly; leaving the
+text tokens always untouched would make LAG differ from normal sampling even where the concept fills
+the picture.
 
 What the Flux backbone calls (its protocol methods are one line each):
 - ``attention_layers(denoiser, target)`` -> ``attention_layers(denoiser, target)`` below;
@@ -36,7 +41,6 @@ capturing. The processors use diffusers' default attention backend (as a fresh `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
@@ -188,7 +192,11 @@ def image_tokens(denoiser: nn.Module, target: str, text_length: int) -> slice:
 
 
 def residual_mask(denoiser: nn.Module, target: str, mask: torch.Tensor, text_length: int) -> torch.Tensor:
-    """The block's mask (B, groups, HW) over the tokens the layer at ``target`` sees: zero where they are
-    text (a single block's T leading tokens), so LAG applies the residual to image tokens only."""
+    """The block's mask (B, groups, HW) over the tokens the layer at ``target`` sees: on a single block's
+    T leading text tokens, 1 for each concept whose mask is not empty and 0 for one whose mask is (see
+    the module's notes)."""
     leading = image_tokens(denoiser, target, text_length).start or 0
-    return F.pad(mask, (leading, 0))  # (B, groups, T + HW) or (B, groups, HW)
+    if not leading:
+        return mask  # (B, groups, HW)
+    present = mask.amax(dim=-1, keepdim=True)  # (B, groups, 1)
+    return torch.cat([present.expand(*mask.shape[:-1], leading), mask], dim=-1)  # (B, groups, T + HW)

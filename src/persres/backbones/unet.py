@@ -131,6 +131,10 @@ class UNetBackbone:
         """DDPM's noise schedule from the pipeline's scheduler config (its betas and prediction type)."""
         return DDPMScheduler.from_config(pipe.scheduler.config)
 
+    def attended_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """Every text tower: SDXL's two sequences sit side by side per position in the cross-attention."""
+        return self.text_towers(pipe)
+
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
         pairs = [(pipe.tokenizer, pipe.text_encoder)]

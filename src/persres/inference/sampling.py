@@ -71,10 +71,11 @@ def sample(
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
     plans = plan_prompts(prompts, concepts)
-    towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in text_towers(pipe)]
-    for tokenizer, _ in towers:  # a concept bound to a special token would be in every prompt's padding
+    for tokenizer, _ in text_towers(pipe):  # a concept bound to a special token would be in every padding
         for concept in concepts:
             check_token(tokenizer, concept.token, new=False)
+    attended = backbone_of(pipe).attended_towers(pipe)  # the positions LAG reads (Flux: T5's)
+    towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in attended]
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
         for tokenizer, limit in towers:
             check_prompt_length(tokenizer, plan, concepts, limit)
@@ -96,8 +97,8 @@ def sample(
 
 
 def check_localizable(pipe: StableDiffusionPipeline) -> None:
-    """Ask the backbone for the attention layers of every residual before any image is drawn: a base
-    without LAG (Flux, for now) refuses here in one line."""
+    """Ask the backbone for the attention layers of every residual before any image is drawn: a residual
+    on a layer LAG cannot place is refused here in one line."""
     backbone = backbone_of(pipe)
     denoiser = backbone.denoiser(pipe)
     for target in find_residuals(denoiser):
