@@ -15,8 +15,10 @@ result back into the image features. Here, found by block type and keyed by modu
   on its own), and the attention output is the one that carries the text; a choice, not measured.
 - single blocks: ``single_transformer_blocks.i.proj_out`` (15360 -> 3072), the block's last layer on the
   concatenated attention and MLP outputs, like the U-Net's ``proj_out``. It sees the text and the image
-  tokens alike ([text, image] in one sequence): in training the residual changes the text positions' features
-  as well, which later single blocks read; localised sampling must gate the image positions only.
+  tokens alike ([text, image] in one sequence): in training the residual changes the text positions'
+  features as well, which later single blocks read. LAG (``flux_attention``) gates the image positions
+  by the concept's mask and gives the text positions the residual when that mask is not empty, so that
+  every mask 1 is normal sampling and every mask 0 the base.
 
 57 layers on Flux.1; the model's own top-level ``proj_out`` (3072 -> 64, the output layer) is no block's.
 
@@ -26,8 +28,8 @@ base: 1,239,040 of SD 1.5's 859,520,964 U-Net parameters, 0.144%. Each unit of r
 19 x (3072 + 3072) + 38 x (15360 + 3072) = 817,152 parameters on Flux.1, so the same share is r = 21
 (17,160,192, 0.144%); r = 16 gives 13,074,432 (0.110%). The default on Flux (``rank_default``; every front
 end's TrainConfig takes it when no `rank` is given, ``persres.backbones.rank_default_for``) is therefore
-the fixed rank 21; `rank` still takes a fraction of
-each layer's width (0.05: the paper's rule) or any fixed rank. A choice from the paper's share; the toy
+the fixed rank 21; `rank` still takes a fraction of each layer's width (0.05: the paper's rule) or any
+fixed rank. A choice from the paper's share; the toy
 transformer world has not measured it yet.
 
 Training, as diffusers' reference trainer (examples/dreambooth/train_dreambooth_lora_flux.py, its defaults):
