@@ -109,33 +109,38 @@ def mask_setters(
 
 
 @contextlib.contextmanager
-def localized(unet: nn.Module, state: LagState) -> Iterator[None]:
+def localized(denoiser: nn.Module, state: LagState) -> Iterator[None]:
     """Sample with LAG inside this block: capture processors on the attention layers the backbone names
     (every ``attn2`` of a U-Net block) feed the masks of their block's residual layer (summed over a
     block's several layers, see the module's notes). Processors and masks are restored on exit, also
     on error."""
-    wrappers = find_residuals(unet)
+    wrappers = find_residuals(denoiser)
     if not wrappers:
-        raise ConfigError("localized sampling needs residuals in the U-Net; load a residual file first")
+        raise ConfigError(
+            "localized sampling needs residuals in the denoiser (U-Net or transformer); load a residual "
+            "file first"
+        )
     if any(w.merged for w in wrappers.values()):
         raise ConfigError(
-            "residuals are merged into the weights; unmerge_residuals(unet) before LAG sampling"
+            "residuals are merged into the weights; unmerge_residuals(denoiser) before LAG sampling"
         )
     groups = {len(w.groups) for w in wrappers.values()}
     if groups != {state.columns.shape[1]}:
-        raise ConfigError(f"{state.columns.shape[1]} concept(s) in the prompt plan but {groups} in the U-Net")
+        raise ConfigError(
+            f"{state.columns.shape[1]} concept(s) in the prompt plan but {groups} in the denoiser"
+        )
     processors: dict[str, object] = {}
-    backbone = backbone_of_denoiser(unet)  # it knows which attention layers place each residual
+    backbone = backbone_of_denoiser(denoiser)  # it knows which attention layers place each residual
     text_length, keys = state.columns.shape[-1], requested_keys(state.columns)
     for path, wrapper in wrappers.items():
         block = path.removesuffix(".proj_out")
-        layers = backbone.attention_layers(unet, path)  # in the order they run
-        shape = functools.partial(backbone.residual_mask, unet, path, text_length=text_length)
+        layers = backbone.attention_layers(denoiser, path)  # in the order they run
+        shape = functools.partial(backbone.residual_mask, denoiser, path, text_length=text_length)
         hooks = mask_setters(state, block, wrapper, len(layers), shape)
         for layer, hook in zip(layers, hooks, strict=True):
             processors[layer] = backbone.capture_processor(hook, keys, text_length)
     try:
-        with swapped_processors(unet, processors):
+        with swapped_processors(denoiser, processors):
             yield
     finally:
         for wrapper in wrappers.values():
