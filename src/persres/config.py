@@ -128,6 +128,8 @@ class TrainConfig:
     # the trainers' data options, off by default so the paper's recipe stays as it is:
     captions: bool = False  # NAME.txt beside a photo is its prompt, V* the identifier (training/captions.py)
     buckets: bool = False  # aspect-ratio buckets instead of square crops (training/buckets.py)
+    # memory: every training prompt encoded before the first step, then the text encoders dropped
+    release_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -182,6 +184,22 @@ class TrainConfig:
                     "`validation_every` needs at least one `validation_prompts` to sample; add one, "
                     "or drop `validation_every`"
                 )
+        if self.release_text_encoders:
+            self.check_release()
+
+    def check_release(self) -> None:
+        """`release_text_encoders` needs prompts that can be encoded once, and nothing sampled during
+        training (validation images are drawn through the pipeline's text encoders)."""
+        if METHODS[self.method].trains_text_side:
+            raise ConfigError(
+                f"`release_text_encoders` cannot be used with `method` {self.method}: it trains the text "
+                "side, so its prompts are encoded again every step; drop `release_text_encoders`"
+            )
+        if self.validation_prompts:
+            raise ConfigError(
+                "`release_text_encoders` samples no validation images (sampling needs the text encoders); "
+                "drop `validation_prompts` or `release_text_encoders`, and sample the result afterwards"
+            )
 
     @property
     def prompt(self) -> str:
@@ -204,7 +222,7 @@ class TrainConfig:
         """Settings that differ from ``other`` and would change the result of a resumed run.
         ``steps`` and ``checkpoint_every`` may change (a run can be extended), ``lr`` (a diverged run
         can continue more gently from its last good checkpoint), and what is only observed: validation
-        prompts and their frequency, and the tracker."""
+        prompts and their frequency, the tracker, and whether the text encoders are released."""
         free = {
             "steps",
             "checkpoint_every",
@@ -213,6 +231,7 @@ class TrainConfig:
             "report_to",
             "class_reason",
             "lr",
+            "release_text_encoders",  # the same losses with the encoders loaded or released (tested)
         }
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])

@@ -51,6 +51,7 @@ FLAGS: dict[str, str] = {
     "flip": "--no-flip",  # the flag turns the flip off
     "captions": "--captions",
     "buckets": "--buckets",
+    "release_text_encoders": "--release-text-encoders",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",

@@ -93,6 +93,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="aspect-ratio buckets of about --resolution^2 pixels instead of square crops (default off)",
     )
+    p.add_argument(
+        "--release-text-encoders",
+        action="store_true",
+        help="encode the training prompts once, then free the text encoders' memory (T5-XXL on Flux); "
+        "not with validation prompts or methods that train the text side (default off)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument(
@@ -214,6 +220,7 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         checkpoint_every=args.checkpoint_every,
         captions=args.captions,
         buckets=args.buckets,
+        release_text_encoders=args.release_text_encoders,
         validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every,
         report_to=args.report_to,

@@ -11,6 +11,7 @@ retrying for minutes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -82,6 +83,22 @@ def load_pipeline(
 def text_towers(pipe: object) -> list[tuple[Any, Any]]:
     """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL (CLIP, CLIP) and Flux (CLIP, T5)."""
     return backbone_of(pipe).text_towers(pipe)
+
+
+def release_text_encoders(pipe: Any) -> int:
+    """Drop the pipeline's text encoders (every tower's; the tokenizers stay) and free their memory; the
+    number of parameters released. Whatever needs a prompt encoded afterwards (sampling) fails, so a
+    caller encodes every prompt it needs first."""
+    encoders = [encoder for _, encoder in text_towers(pipe) if encoder is not None]
+    released = sum(p.numel() for encoder in encoders for p in encoder.parameters())
+    names = [name for name, part in pipe.components.items() if any(part is e for e in encoders)]
+    del encoders
+    for name in names:
+        setattr(pipe, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return released
 
 
 def pipeline_class(base: str) -> type[Any]:

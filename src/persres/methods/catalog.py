@@ -42,6 +42,8 @@ class MethodInfo:
     samples_with_lag: localized attention guidance (LAG) gates what it trained while sampling.
     works_on_sdxl: it trains on an SDXL base too (the others: SD 1.x/2.x).
     works_on_flux: it trains on a Flux.1 base too.
+    trains_text_side: it trains a token embedding or the text side, so its prompts are encoded again every
+        step and the text encoders cannot be released (`release_text_encoders`).
     """
 
     name: str
@@ -52,6 +54,7 @@ class MethodInfo:
     samples_with_lag: bool = False
     works_on_sdxl: bool = False
     works_on_flux: bool = False
+    trains_text_side: bool = False
 
     @property
     def takes_prior_images(self) -> bool:
@@ -138,6 +141,7 @@ _METHODS = (
             ),
         ),
         options=frozenset({"prior_images", "prior_weight"}),
+        trains_text_side=True,
     ),
     MethodInfo(
         name="textual-inversion",
@@ -155,6 +159,7 @@ _METHODS = (
                 "the script"
             ),
         ),
+        trains_text_side=True,
     ),
     MethodInfo(
         name="perfusion",
@@ -172,6 +177,7 @@ _METHODS = (
                 "the first author per its README)"
             ),
         ),
+        trains_text_side=True,
     ),
 )
 METHODS: dict[str, MethodInfo] = {info.name: info for info in _METHODS}  # the only list of the methods

@@ -30,7 +30,7 @@ from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
 from persres.config import TrainConfig
 from persres.core.conditioning import Condition, encode
-from persres.core.pipeline import DTYPES, load_pipeline, text_towers
+from persres.core.pipeline import DTYPES, load_pipeline, release_text_encoders, text_towers
 from persres.core.tokens import check_identifier, check_token, text_length
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
@@ -236,10 +236,20 @@ def prepare_loop(
     if data is not None and not state.trainable.text_trainable:  # each distinct prompt encoded once
         device = accelerator.device
         texts = {p: encode(pipe, p, device, config.resolution).detach() for p in dict.fromkeys(data.prompts)}
+    if config.release_text_encoders:  # every prompt the steps use is encoded above
+        release(pipe, state)
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
         noise_scheduler, accelerator, loss_log, folder, data, texts,
     )  # fmt: skip
+
+
+def release(pipe: StableDiffusionPipeline, state: TrainState) -> None:
+    """`release_text_encoders`: the text encoders dropped from the pipeline once the prompts are encoded."""
+    if state.trainable.text_trainable:  # refused by the config already (the method's capability)
+        raise ConfigError(f"`release_text_encoders` cannot be used with `method` {state.method.name}")
+    released = release_text_encoders(pipe)
+    log.info("text encoders released: %s parameters", f"{released:,}")
 
 
 def bucket_step(pipe: StableDiffusionPipeline) -> int:
