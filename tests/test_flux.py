@@ -463,3 +463,31 @@ def test_flux_diffusers_export_loads_every_layer_in_load_lora_weights_and_import
     err = capsys.readouterr().err.strip()
     assert "is not a Flux.1 LoRA in kohya (lora_unet_...) or diffusers (transformer....)" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "no" / "residuals.safetensors").exists()
+
+
+def test_flux_diffusers_export_keeps_each_layers_rank_and_the_scale(flux_base: Path, tmp_path: Path) -> None:
+    """Ranks 3, 7, 21 and 1 on the four layers and `scale` 0.5: diffusers' Flux loader gives each layer its
+    own rank at scale 1, and its change is exactly 0.5 A B."""
+    pipe = FluxPipeline.from_pretrained(flux_base)
+    generator = torch.Generator().manual_seed(0)
+    layers = find_proj_outs(pipe.transformer)
+    factors = {
+        name: (torch.randn(m.weight.shape[0], r, generator=generator), torch.randn(r, m.weight.shape[1],
+                                                                                   generator=generator))
+        for (name, m), r in zip(layers.items(), (3, 7, 21, 1), strict=True)
+    }  # fmt: skip
+    metadata = {"base_model": str(flux_base), "architecture": architecture(pipe.transformer), "token": "sks",
+                "class_word": "dog"}  # fmt: skip
+    residuals = write_residual_file(factors, tmp_path / "run" / "residuals.safetensors", metadata)
+    file = tmp_path / "half.safetensors"
+    argv = ["export", str(residuals), "--format", "diffusers", "--out", str(file), "--scale", "0.5"]
+    assert main(argv) == 0
+    pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
+    [adapter] = pipe.transformer.peft_config
+    injected = {name: m for name, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    ranks = {name: down.shape[0] for name, (_, down) in factors.items()}
+    assert {name: m.r[adapter] for name, m in injected.items()} == ranks  # every layer, its own rank
+    assert all(m.scaling[adapter] == 1.0 for m in injected.values())
+    for name, module in injected.items():
+        up, down = factors[name]
+        assert torch.equal(module.get_delta_weight(adapter), 0.5 * up @ down)
