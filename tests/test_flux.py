@@ -1,7 +1,8 @@
 """Flux.1: the published transformer's 57 residual targets and their parameter count, the backbone's parts
 (packing, flow matching, the transformer call) against diffusers' own, and on a tiny Flux pipeline loaded
 through from_pretrained (``flux_base`` in conftest): train, resume, validation, sample, info, and the
-refusals (peer methods, residual files of another family), LAG through the pipeline."""
+refusals (peer methods, residual files of another family), LAG through the pipeline, merge, and both
+LoRA exports (kohya, diffusers) loaded by FluxPipeline.load_lora_weights and imported back."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from helpers import train_argv
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import T5Tokenizer
 
 from persres.backbones import (
@@ -382,20 +386,26 @@ def test_a_flux_dev_file_is_refused_on_a_base_without_guidance_naming_both(
     assert "this base model is Flux.1 (transformer, text width 32, no guidance embedding)" in err
 
 
+def residual_image(flux_base: Path, run: Path, tmp_path: Path) -> np.ndarray:
+    """The residual model's image, sampled by persres (normal sampling), as integers."""
+    assert main(sample_argv(flux_base, run, tmp_path / "ours")) == 0
+    [png] = (tmp_path / "ours").glob("*.png")
+    return np.asarray(Image.open(png), dtype=np.int16)
+
+
+def image(pipe: FluxPipeline) -> np.ndarray:
+    """Plain diffusers' image of the prompt ``sample_argv`` samples, with its seed and size."""
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
+               generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    return np.asarray(out, dtype=np.int16)
+
+
 def test_flux_merge_kohya_export_and_import_give_the_residual_model_back(
     flux_run: Path, flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Not built for Flux on purpose: what the protocol gives already (merge, kohya names), measured."""
-    assert main(sample_argv(flux_base, flux_run, tmp_path / "ours")) == 0
-    [png] = (tmp_path / "ours").glob("*.png")
-    ours = np.asarray(Image.open(png), dtype=np.int16)
-
-    def image(pipe: FluxPipeline) -> np.ndarray:
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
-                   generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
-        return np.asarray(out, dtype=np.int16)
-
+    ours = residual_image(flux_base, flux_run, tmp_path)
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(flux_base), "--residuals", str(flux_run), "--out", str(merged)]) == 0
     assert np.abs(ours - image(FluxPipeline.from_pretrained(merged))).max() <= 1
@@ -410,14 +420,74 @@ def test_flux_merge_kohya_export_and_import_give_the_residual_model_back(
     pipe = FluxPipeline.from_pretrained(flux_base)
     pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
     assert np.abs(ours - image(pipe)).max() <= 1  # 1/255 per pixel
-    capsys.readouterr()
-    refused = tmp_path / "flux-diffusers.safetensors"
-    assert main(["export", str(flux_run), "--format", "diffusers", "--out", str(refused)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--format diffusers is not yet available for Flux.1" in err and len(err.splitlines()) == 1
-    assert not refused.exists()
     back = tmp_path / "back"
     assert main(["import", str(file), "--base", str(flux_base), "--out", str(back)]) == 0
     original, imported = read_residual_file(flux_run), read_residual_file(back)
     assert imported.tensors.keys() == original.tensors.keys()
     assert all(torch.equal(imported.tensors[k], original.tensors[k]) for k in original.tensors)
+
+
+def test_flux_diffusers_export_loads_every_layer_in_load_lora_weights_and_imports_back(
+    flux_run: Path, flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``transformer.`` keys in peft's naming with the adapter metadata: diffusers' Flux loader injects a
+    LoRA into every residual layer, at scale 1, with the file's factors, and nothing else."""
+    file = tmp_path / "flux-diffusers.safetensors"
+    assert main(["export", str(flux_run), "--format", "diffusers", "--out", str(file)]) == 0
+    with safe_open(str(file), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    layers = sorted(read_residual_file(flux_run).layers())
+    assert len(layers) == 4 and sorted(config["transformer.target_modules"]) == layers
+    assert set(tensors) == {f"transformer.{layer}.lora_{ab}.weight" for layer in layers for ab in "AB"}
+    pipe = FluxPipeline.from_pretrained(flux_base)
+    pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
+    injected = {name: m for name, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(injected) == layers  # one LoRA per residual layer: none dropped, none elsewhere
+    assert all(list(m.scaling.values()) == [1.0] for m in injected.values())
+    assert not any(isinstance(m, LoraLayer) for m in pipe.text_encoder.modules())
+    [adapter] = pipe.transformer.peft_config  # diffusers names it (default_0)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter)
+    assert {f"transformer.{key}" for key in loaded} == set(tensors)  # every tensor used, as it is
+    assert all(torch.equal(loaded[key], tensors[f"transformer.{key}"]) for key in loaded)
+    assert np.abs(residual_image(flux_base, flux_run, tmp_path) - image(pipe)).max() <= 1  # 1/255
+    back = tmp_path / "back"
+    assert main(["import", str(file), "--base", str(flux_base), "--out", str(back)]) == 0
+    original, imported = read_residual_file(flux_run), read_residual_file(back)
+    assert imported.tensors.keys() == original.tensors.keys() and imported.metadata == original.metadata
+    assert all(torch.equal(imported.tensors[k], original.tensors[k]) for k in original.tensors)
+    unet_keys = tmp_path / "unet-keys.safetensors"  # the U-Net's prefix: diffusers' Flux loader ignores it
+    save_file({key.replace("transformer.", "unet.", 1): t for key, t in tensors.items()}, str(unet_keys))
+    capsys.readouterr()
+    assert main(["import", str(unet_keys), "--base", str(flux_base), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a Flux.1 LoRA in kohya (lora_unet_...) or diffusers (transformer....)" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "no" / "residuals.safetensors").exists()
+
+
+def test_flux_diffusers_export_keeps_each_layers_rank_and_the_scale(flux_base: Path, tmp_path: Path) -> None:
+    """Ranks 3, 7, 21 and 1 on the four layers and `scale` 0.5: diffusers' Flux loader gives each layer its
+    own rank at scale 1, and its change is exactly 0.5 A B."""
+    pipe = FluxPipeline.from_pretrained(flux_base)
+    generator = torch.Generator().manual_seed(0)
+    layers = find_proj_outs(pipe.transformer)
+    factors = {
+        name: (torch.randn(m.weight.shape[0], r, generator=generator), torch.randn(r, m.weight.shape[1],
+                                                                                   generator=generator))
+        for (name, m), r in zip(layers.items(), (3, 7, 21, 1), strict=True)
+    }  # fmt: skip
+    metadata = {"base_model": str(flux_base), "architecture": architecture(pipe.transformer), "token": "sks",
+                "class_word": "dog"}  # fmt: skip
+    residuals = write_residual_file(factors, tmp_path / "run" / "residuals.safetensors", metadata)
+    file = tmp_path / "half.safetensors"
+    argv = ["export", str(residuals), "--format", "diffusers", "--out", str(file), "--scale", "0.5"]
+    assert main(argv) == 0
+    pipe.load_lora_weights(str(tmp_path), weight_name=file.name)
+    [adapter] = pipe.transformer.peft_config
+    injected = {name: m for name, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
+    ranks = {name: down.shape[0] for name, (_, down) in factors.items()}
+    assert {name: m.r[adapter] for name, m in injected.items()} == ranks  # every layer, its own rank
+    assert all(m.scaling[adapter] == 1.0 for m in injected.values())
+    for name, module in injected.items():
+        up, down = factors[name]
+        assert torch.equal(module.get_delta_weight(adapter), 0.5 * up @ down)

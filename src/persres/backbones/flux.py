@@ -307,9 +307,9 @@ class FluxBackbone:
 
     @property
     def diffusers_lora_prefix(self) -> str | None:
-        """None: diffusers-format LoRA files (``transformer.`` keys) are not written for Flux yet; the
-        kohya file (original names) is, and diffusers' Flux pipeline loads it."""
-        return None
+        """Keys of a diffusers-format LoRA file start with the component's name: ``transformer.``
+        (FluxLoraLoaderMixin's ``transformer_name``; it ignores ``unet.`` keys without a word)."""
+        return "transformer."
 
 
 FLUX = FluxBackbone()

@@ -9,11 +9,13 @@ ranks). Two formats:
   (0-dim), with kohya's ``ss_*`` metadata. For SD 1.x/2.x kohya names modules as diffusers does; for
   SDXL it uses the original (sgm) U-Net's names, e.g. ``lora_unet_input_blocks_4_1_proj_out`` for
   diffusers' ``down_blocks.1.attentions.0.proj_out`` (``kohya_names``).
-- **diffusers** (``pipe.load_lora_weights``): ``unet.<module path>.lora_A.weight`` (down) /
-  ``.lora_B.weight`` (up), with ``lora_adapter_metadata``: one flat JSON object whose keys carry the
+- **diffusers** (``pipe.load_lora_weights``): ``<component>.<module path>.lora_A.weight`` (down) /
+  ``.lora_B.weight`` (up), the component prefix as the backbone names it (``diffusers_lora_prefix``:
+  ``unet.`` for Stable Diffusion, ``transformer.`` for Flux, whose loader ignores keys of any other
+  component without a word), with ``lora_adapter_metadata``: one flat JSON object whose keys carry the
   component prefix (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``,
-  ``unet.target_modules``), so that every layer loads at scale 1 in diffusers (measured: 0.42.1; nested
-  under "unet" the object reads as empty).
+  ``unet.target_modules``; ``transformer.r``, ... on Flux), so that every layer loads at scale 1 in
+  diffusers (measured: 0.42.1; nested under "unet" the object reads as empty).
 
 A 1x1 ``Conv2d`` ``proj_out`` (SD 1.x) takes 4-D factors ``[r, m, 1, 1]`` / ``[m, r, 1, 1]``, a
 ``Linear`` (SD 2.x) 2-D ones. Both files carry persres' own metadata: the token, the class word, the
@@ -56,7 +58,6 @@ from persres.formats.runfolder import RESIDUALS_FILE
 from persres.methods.catalog import METHODS
 
 FORMATS = ("kohya", "diffusers")
-DIFFUSERS_PREFIX = "unet."
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PERSRES_METADATA = "persres_metadata"
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A up (m, r), B down (r, m))
@@ -132,20 +133,28 @@ def export_lora(
     loaded = read_exportable(source)
     conv = is_conv(loaded)
     backbone = backbone_of_file(loaded)
-    if fmt == "diffusers" and backbone.diffusers_lora_prefix is None:
-        raise ConfigError(
-            f"`fmt` diffusers is not yet available for {backbone.name} residual files ({loaded.path}); use "
-            "`fmt` kohya, which diffusers' load_lora_weights reads too"
-        )
-    if fmt == "kohya":
+    if fmt == "diffusers":
+        prefix = diffusers_prefix(backbone, loaded.path)
+        tensors = diffusers_tensors(loaded.layers(), prefix, conv, scale)
+        header = diffusers_metadata(loaded, prefix)
+    else:
         names = backbone.kohya_names(list(loaded.layers()))
         tensors, header = kohya_tensors(loaded.layers(), names, conv, scale), kohya_metadata(loaded)
-    else:
-        tensors, header = diffusers_tensors(loaded.layers(), conv, scale), diffusers_metadata(loaded)
     header.update(persres_header(loaded))
     with atomic_path(target, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return target
+
+
+def diffusers_prefix(backbone: Backbone, file: Path) -> str:
+    """The component prefix of the backbone's diffusers-format keys (``unet.``, ``transformer.``)."""
+    prefix = backbone.diffusers_lora_prefix
+    if prefix is None:
+        raise ConfigError(
+            f"`fmt` diffusers is not yet available for {backbone.name} residual files ({file}); use "
+            "`fmt` kohya, which diffusers' load_lora_weights reads too"
+        )
+    return prefix
 
 
 def check_lora_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -210,11 +219,12 @@ def kohya_tensors(
     return tensors
 
 
-def diffusers_tensors(layers: Factors, conv: bool, scale: float) -> dict[str, torch.Tensor]:
+def diffusers_tensors(layers: Factors, prefix: str, conv: bool, scale: float) -> dict[str, torch.Tensor]:
+    """``<prefix><module path>.lora_A.weight`` (down) and ``.lora_B.weight`` (up, times ``scale``)."""
     tensors = {}
     for layer, (up, down) in layers.items():
-        tensors[f"{DIFFUSERS_PREFIX}{layer}.lora_A.weight"] = shaped(down, conv)
-        tensors[f"{DIFFUSERS_PREFIX}{layer}.lora_B.weight"] = shaped(up * scale, conv)
+        tensors[f"{prefix}{layer}.lora_A.weight"] = shaped(down, conv)
+        tensors[f"{prefix}{layer}.lora_B.weight"] = shaped(up * scale, conv)
     return tensors
 
 
@@ -242,15 +252,16 @@ def kohya_metadata(loaded: ResidualFile) -> dict[str, str]:
     }
 
 
-def diffusers_metadata(loaded: ResidualFile) -> dict[str, str]:
+def diffusers_metadata(loaded: ResidualFile, prefix: str) -> dict[str, str]:
+    """The peft LoraConfig of the file, flat, each key after the component ``prefix`` (``unet.r``, ...)."""
     ranks = ranks_of(loaded)
     top = max(ranks.values())
     config = {
-        "unet.r": top,
-        "unet.lora_alpha": top,
-        "unet.rank_pattern": ranks,
-        "unet.alpha_pattern": ranks,  # alpha = rank per layer: every layer at scale 1
-        "unet.target_modules": sorted(ranks),
+        f"{prefix}r": top,
+        f"{prefix}lora_alpha": top,
+        f"{prefix}rank_pattern": ranks,
+        f"{prefix}alpha_pattern": ranks,  # alpha = rank per layer: every layer at scale 1
+        f"{prefix}target_modules": sorted(ranks),
     }
     return {"format": "pt", ADAPTER_METADATA: json.dumps(config, indent=2, sort_keys=True)}
 
@@ -283,13 +294,17 @@ def read_lora(
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{file} is not a readable safetensors file ({exc})") from None
+    prefix = backbone.diffusers_lora_prefix
     if tensors and all(key.startswith(KOHYA_PREFIX) for key in tensors):
         return LoraFile(file, "kohya", kohya_factors(file, tensors, layers, backbone), metadata)
-    if tensors and all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
-        return LoraFile(file, "diffusers", diffusers_factors(file, tensors, metadata, layers), metadata)
-    other = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, DIFFUSERS_PREFIX)))[:3]
+    if prefix and tensors and all(key.startswith(prefix) for key in tensors):
+        factors = diffusers_factors(file, tensors, metadata, layers, prefix)
+        return LoraFile(file, "diffusers", factors, metadata)
+    known = (KOHYA_PREFIX, prefix) if prefix else (KOHYA_PREFIX,)
+    other = sorted(k for k in tensors if not k.startswith(known))[:3]
+    diffusers = f" or diffusers ({prefix}...)" if prefix else ""
     raise InputError(
-        f"{file} is not a U-Net LoRA in kohya (lora_unet_...) or diffusers (unet....) format"
+        f"{file} is not a {backbone.name} LoRA in kohya (lora_unet_...){diffusers} format"
         + (f": e.g. {', '.join(other)}" if other else ": it holds no tensors")
     )
 
@@ -313,21 +328,22 @@ def kohya_factors(
 
 
 def diffusers_factors(
-    file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], layers: dict[str, bool]
-) -> Factors:
-    names = sorted({key[len(DIFFUSERS_PREFIX) :].rsplit(".", 2)[0] for key in tensors})
-    refuse_other_layers(file, [f"{DIFFUSERS_PREFIX}{n}" for n in names if n not in layers])
+    file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], layers: dict[str, bool],
+    prefix: str,
+) -> Factors:  # fmt: skip
+    names = sorted({key[len(prefix) :].rsplit(".", 2)[0] for key in tensors})
+    refuse_other_layers(file, [f"{prefix}{n}" for n in names if n not in layers])
     config = json_metadata(file, ADAPTER_METADATA, metadata.get(ADAPTER_METADATA) or "{}")
-    patterns = [config.get(f"unet.{key}", {}) for key in ("rank_pattern", "alpha_pattern")]
+    patterns = [config.get(f"{prefix}{key}", {}) for key in ("rank_pattern", "alpha_pattern")]
     if not all(isinstance(pattern, dict) for pattern in patterns):
         raise InputError(f"{file}: metadata {ADAPTER_METADATA} has a rank or alpha pattern, not an object")
     factors = {}
     for layer in names:
-        down = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_A.weight")
-        up = need(file, tensors, f"{DIFFUSERS_PREFIX}{layer}.lora_B.weight")
-        rank = patterns[0].get(layer, config.get("unet.r", down.shape[0] if down.dim() else 0))
+        down = need(file, tensors, f"{prefix}{layer}.lora_A.weight")
+        up = need(file, tensors, f"{prefix}{layer}.lora_B.weight")
+        rank = patterns[0].get(layer, config.get(f"{prefix}r", down.shape[0] if down.dim() else 0))
         rank = number(file, f"{ADAPTER_METADATA}: the rank of {layer}", rank, least=1)
-        alpha = patterns[1].get(layer, config.get("unet.lora_alpha", rank))
+        alpha = patterns[1].get(layer, config.get(f"{prefix}lora_alpha", rank))
         alpha = number(file, f"{ADAPTER_METADATA}: the alpha of {layer}", alpha)
         factors[layer] = as_factors(file, layer, up * (alpha / rank), down, layers)
     return factors
