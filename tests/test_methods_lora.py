@@ -11,12 +11,14 @@ import torch
 from helpers import run_unet, tiny_config, unet_inputs
 from safetensors.torch import load_file, save_file
 
+from persres.backbones.unet import SD
 from persres.core.pipeline import load_pipeline
 from persres.errors import InputError
-from persres.methods.lora import TARGETS, WEIGHTS, LoRA
+from persres.methods.lora import WEIGHTS, LoRA
 from persres.methods.protocol import RESULT, Trainable
 
 METHOD = LoRA()
+TARGETS = SD.lora_targets
 
 
 def prepared(base: Path, rank: int = 4, pipe: object = None) -> tuple[object, Trainable]:

@@ -24,7 +24,9 @@ A backbone owns:
   batch's pixel size), the latents of a batch, noise, timesteps and target (``noised``) and the denoiser
   call (``predict``); the loop only takes the MSE;
 - files: the architecture record written into residual files, kohya's layer names and model version,
-  and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written).
+  and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written);
+- the LoRA method: the layer names its adapters go on (``lora_targets``, peft ``target_modules``), as
+  diffusers' DreamBooth-LoRA script for the family sets them by default.
 
 Flux (``flux.py``) answers all of it; its LAG is in ``flux_attention.py``: joint attention over [text,
 image] tokens with SDPA returns no probabilities, so the capture processor computes, beside the fused
@@ -124,6 +126,8 @@ class Backbone(Protocol):
     def kohya_model_version(self, conv: bool, base: str | None) -> str: ...
     @property
     def diffusers_lora_prefix(self) -> str | None: ...
+    @property
+    def lora_targets(self) -> tuple[str, ...]: ...
 
 
 def rank_default_for(base: str) -> float | int:

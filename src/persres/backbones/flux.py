@@ -81,6 +81,25 @@ KOHYA_VERSION = "flux1"  # kohya's ss_base_model_version for Flux.1
 # diffusers' module path -> the original (BFL) name, which ComfyUI and kohya use
 DOUBLE_TARGET = re.compile(r"transformer_blocks\.(\d+)\.attn\.to_out\.0")
 SINGLE_TARGET = re.compile(r"single_transformer_blocks\.(\d+)\.proj_out")
+# The LoRA method's layers: diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, its
+# ``target_modules`` when ``--lora_layers`` is not given. peft matches each as a suffix of a module path:
+# in the double blocks both streams' attention projections (image: to_q/k/v, to_out.0; text: add_*_proj,
+# to_add_out) and both MLPs (ff, ff_context); in the single blocks only attn.to_q/k/v (they have no to_out
+# and their proj_mlp/proj_out are not in the list). On Flux.1: 19 x 12 + 38 x 3 = 342 layers.
+FLUX_LORA_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
 
 
 @dataclass(frozen=True)
@@ -310,6 +329,11 @@ class FluxBackbone:
         """Keys of a diffusers-format LoRA file start with the component's name: ``transformer.``
         (FluxLoraLoaderMixin's ``transformer_name``; it ignores ``unet.`` keys without a word)."""
         return "transformer."
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The layers diffusers' Flux DreamBooth-LoRA script adapts by default (``FLUX_LORA_TARGETS``)."""
+        return FLUX_LORA_TARGETS
 
 
 FLUX = FluxBackbone()

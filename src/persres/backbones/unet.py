@@ -43,6 +43,7 @@ from persres.errors import ModelError
 log = logging.getLogger(__name__)
 
 KOHYA_PREFIX = "lora_unet_"
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the LoRA method's layers (``lora_targets``)
 XL_RESOLUTION = 1024  # SDXL's native resolution (its training images and default sampling size)
 
 
@@ -312,6 +313,13 @@ class UNetBackbone:
     def diffusers_lora_prefix(self) -> str | None:
         """Keys of a diffusers-format LoRA file start with the component's name: ``unet.``."""
         return "unet."
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """``to_q, to_k, to_v, to_out.0`` of every attention layer (self- and cross-attention), as
+        diffusers' examples/dreambooth/train_dreambooth_lora.py (and ``_sdxl.py``) set ``target_modules``;
+        the script's ``add_k_proj``/``add_v_proj`` are absent from SD 1.x/2.x and XL U-Nets."""
+        return UNET_LORA_TARGETS
 
 
 def size_ids(size: tuple[int, int], batch: int, like: torch.Tensor) -> torch.Tensor:

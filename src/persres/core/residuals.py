@@ -137,11 +137,15 @@ def find_residuals(unet: nn.Module) -> dict[str, ResidualProjOut]:
 
 def find_proj_outs(unet: nn.Module) -> dict[str, nn.Linear | nn.Conv2d]:
     """The layers that get residuals, keyed by module path, as the denoiser's backbone names them (the
-    ``proj_out`` of every transformer block of a U-Net); unwrapped when they already have residuals."""
+    ``proj_out`` of every transformer block of a U-Net); unwrapped when they already have residuals or a
+    peft LoRA adapter (`method` lora adapts Flux's ``attn.to_out.0``, a residual target too)."""
     found: dict[str, nn.Linear | nn.Conv2d] = {}
     for path, proj in backbone_of_denoiser(unet).residual_targets(unet).items():
         if isinstance(proj, ResidualProjOut):
             proj = proj.base
+        base_layer = getattr(proj, "get_base_layer", None)  # peft's tuner layers give the layer they wrap
+        if callable(base_layer):
+            proj = base_layer()
         if not _is_pointwise(proj):
             raise ModelError(
                 f"{path} is a {type(proj).__name__}; personalized residuals need a Linear or a 1x1 Conv2d "

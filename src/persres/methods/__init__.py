@@ -47,11 +47,19 @@ def all_methods() -> dict[str, Method]:
 def check_runs_on(method: str, backbone: Backbone, base: str) -> None:
     """Refuse a method that does not run on the base's family: the backbone names the capability a method
     needs there (``works_on_sdxl``, ``works_on_flux``; none on SD 1.x/2.x)."""
+    from persres.backbones import by_pipeline
+
+    info = method_info(method)
     capability = backbone.method_capability
-    if capability is None or getattr(method_info(method), capability):
+    if capability is None or getattr(info, capability):
         return
     able = ", ".join(names_where(True, capability))
+    families = " and ".join(
+        other.name
+        for other in by_pipeline().values()
+        if other.method_capability is None or getattr(info, other.method_capability)
+    )
     raise ConfigError(
-        f"`method` {method} supports Stable Diffusion 1.x/2.x here; on {backbone.name} ({base}) persres "
+        f"`method` {method} supports {families} here; on {backbone.name} ({base}) persres "
         f"trains {able} (`method` {able})"
     )

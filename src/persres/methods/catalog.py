@@ -97,6 +97,7 @@ _METHODS = (
             ),
         ),
         options=frozenset({"rank"}),
+        works_on_flux=True,
     ),
     MethodInfo(
         name="dreambooth",

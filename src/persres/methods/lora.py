@@ -1,13 +1,15 @@
-"""LoRA (Hu et al. 2021) as diffusers' DreamBooth-LoRA trains Stable Diffusion 1.x.
+"""LoRA (Hu et al. 2021) as diffusers' DreamBooth-LoRA scripts train Stable Diffusion 1.x and Flux.1.
 
-peft adapters on ``to_q, to_k, to_v, to_out.0`` of every attention layer of the U-Net (self- and
-cross-attention), added through diffusers' own integration (``unet.add_adapter(LoraConfig(...))``),
-exactly as ``examples/dreambooth/train_dreambooth_lora.py`` does: rank r, ``lora_alpha = r`` (scale
-1), ``init_lora_weights="gaussian"`` (down factor N(0, 1/r^2), up factor zero, so training starts at
-the base model). The script also targets ``add_k_proj``/``add_v_proj``, which SD 1.x/2.x U-Nets lack.
+peft adapters on the layers the base's backbone names (``lora_targets``: on a U-Net ``to_q, to_k, to_v,
+to_out.0`` of every attention layer, as ``examples/dreambooth/train_dreambooth_lora.py``; on Flux the
+attention and MLP layers ``train_dreambooth_lora_flux.py`` adapts by default), added through diffusers'
+own integration (``denoiser.add_adapter(LoraConfig(...))``) as both scripts do: rank r, ``lora_alpha =
+r`` (scale 1), ``init_lora_weights="gaussian"`` (down factor N(0, 1/r^2), up factor zero, so training
+starts at the base model).
 
-The result is diffusers' LoRA file, ``pytorch_lora_weights.safetensors`` written by
-``StableDiffusionPipeline.save_lora_weights``, which ``pipe.load_lora_weights`` loads without persres;
+The result is diffusers' LoRA file, ``pytorch_lora_weights.safetensors`` written by the pipeline class's
+own ``save_lora_weights`` (``unet_lora_layers`` or ``transformer_lora_layers``, after the component the
+backbone's ``diffusers_lora_prefix`` names), which ``pipe.load_lora_weights`` loads without persres;
 persres' metadata (token, class word, base, method, step) rides in the safetensors header, which
 diffusers' loader ignores beside its own ``format`` and ``lora_adapter_metadata`` keys.
 """
@@ -18,12 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from persres.backbones import Backbone, backbone_of
 from persres.errors import ConfigError, InputError, ModelError, first_line, quote
 from persres.methods.catalog import METHODS
 from persres.methods.named_tensors import concept_in, load_named, read_metadata, save_named
@@ -31,11 +33,12 @@ from persres.methods.patches import patching
 from persres.methods.protocol import RESULT, Trainable
 
 if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
     from persres.config import TrainConfig
     from persres.formats.concepts import Concept
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-ADAPTER = "default"  # the name unet.add_adapter gives its adapter
+ADAPTER = "default"  # the name add_adapter gives its adapter
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 
 
@@ -54,23 +57,31 @@ class LoRA:
     def prepare(
         self, pipe: StableDiffusionPipeline, config: TrainConfig, generator: torch.Generator
     ) -> Trainable:
+        backbone = backbone_of(pipe)
         with patching(pipe, self.name, "prepare") as patches:
-            unet = pipe.unet
-            if getattr(unet, "peft_config", None):
-                raise ConfigError("this U-Net already has LoRA adapters; load a fresh base pipeline to train")
-            for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            denoiser = backbone.denoiser(pipe)
+            if getattr(denoiser, "peft_config", None):
+                raise ConfigError(
+                    f"this {type(denoiser).__name__} already has LoRA adapters; load a fresh base pipeline "
+                    "to train"
+                )
+            for _, encoder in backbone.text_towers(pipe):
+                if encoder is not None:  # released text encoders are None
+                    patches.requires_grad(encoder, False)
+            for model in (denoiser, pipe.vae):
                 patches.requires_grad(model, False)
             rank = config.lora_rank
-            check_rank(unet, rank)
+            targets = backbone.lora_targets
+            check_rank(denoiser, rank, targets)
             lora = LoraConfig(
-                r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGETS)
+                r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
             )
             try:
-                unet.add_adapter(lora)
+                denoiser.add_adapter(lora)
             except ValueError as exc:
-                raise ModelError(f"cannot add LoRA adapters to {type(unet).__name__}: {exc}") from None
-            patches.add(unet.unload_lora)  # peft's layers give back the base layers they wrap
-            return Trainable(initialised(lora_parameters(unet), rank, generator))
+                raise ModelError(f"cannot add LoRA adapters to {type(denoiser).__name__}: {exc}") from None
+            patches.add(denoiser.unload_lora)  # peft's layers give back the base layers they wrap
+            return Trainable(initialised(lora_parameters(denoiser), rank, generator))
 
     def after_step(self, pipe: StableDiffusionPipeline, trainable: Trainable) -> None:
         pass
@@ -89,26 +100,30 @@ class LoRA:
         def write(weights: dict[str, torch.Tensor], filename: str) -> None:
             save_named({k: v.float() for k, v in weights.items()}, Path(filename), header)
 
+        backbone = backbone_of(pipe)
+        layers = {f"{component(backbone)}_lora_layers": get_peft_model_state_dict(backbone.denoiser(pipe))}
         folder = out / RESULT
         folder.mkdir(parents=True, exist_ok=True)
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet), save_function=write
-        )
+        backbone.pipeline_class.save_lora_weights(folder, save_function=write, **layers)
         return folder / WEIGHTS
 
     def load(self, pipe: StableDiffusionPipeline, path: Path) -> Concept:
+        backbone = backbone_of(pipe)
         with patching(pipe, self.name, "load") as patches:
+            denoiser = backbone.denoiser(pipe)
             file = path / WEIGHTS if path.is_dir() else path
             if not file.is_file():
                 raise ConfigError(f"LoRA file {file} not found; pass the {WEIGHTS} of a training run")
             metadata = read_metadata(file)
-            concept = concept_in(file, metadata, pipe.unet)
-            check_fits(file, pipe.unet, metadata.get("base_model", "unknown"))
-            patches.add(pipe.unet.unload_lora)  # also what a failed load left (check_fits: U-Net layers only)
+            concept = concept_in(file, metadata, denoiser)
+            check_fits(file, denoiser, backbone, metadata.get("base_model", "unknown"))
+            patches.add(denoiser.unload_lora)  # also what a failed load left (check_fits: its layers only)
             try:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name)
             except (ValueError, KeyError, RuntimeError) as exc:
-                raise ConfigError(f"{file} does not fit this base model's U-Net: {first_line(exc)}") from None
+                raise ConfigError(
+                    f"{file} does not fit this base model's {what(backbone)}: {first_line(exc)}"
+                ) from None
             return concept
 
 
@@ -126,13 +141,27 @@ def initialised(
     return params
 
 
-def check_rank(unet: nn.Module, rank: int) -> None:
+def component(backbone: Backbone) -> str:
+    """The pipeline component a diffusers LoRA file holds, as ``save_lora_weights`` names its argument
+    (``unet``, ``transformer``): the backbone's ``diffusers_lora_prefix`` without its dot."""
+    prefix = backbone.diffusers_lora_prefix
+    if not prefix:
+        raise ModelError(f"{backbone.name} has no diffusers LoRA format; `method` lora cannot save on it")
+    return prefix.rstrip(".")
+
+
+def what(backbone: Backbone) -> str:
+    """The denoiser as messages name it: U-Net or transformer."""
+    return "U-Net" if component(backbone) == "unet" else component(backbone)
+
+
+def check_rank(denoiser: nn.Module, rank: int, targets: tuple[str, ...]) -> None:
     """A rank above a layer's smaller side adds parameters and file size (1.4 GB at rank 100,000) but no
     expressiveness: refused, naming the narrowest layer adapted."""
     sides = {
         name: min(module.in_features, module.out_features)
-        for name, module in unet.named_modules()
-        if isinstance(module, nn.Linear) and name.endswith(tuple(f".{t}" for t in TARGETS))
+        for name, module in denoiser.named_modules()
+        if isinstance(module, nn.Linear) and name.endswith(tuple(f".{t}" for t in targets))
     }
     if sides:
         layer = min(sides, key=lambda name: sides[name])
@@ -143,8 +172,8 @@ def check_rank(unet: nn.Module, rank: int) -> None:
             )
 
 
-def check_fits(file: Path, unet: nn.Module, base_model: str) -> None:
-    """Every layer of a LoRA file is in ``unet`` with the file's width, read from the file's header
+def check_fits(file: Path, denoiser: nn.Module, backbone: Backbone, base_model: str) -> None:
+    """Every layer of a LoRA file is in ``denoiser`` with the file's width, read from the file's header
     (diffusers would list every mismatched tensor over hundreds of lines)."""
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -152,26 +181,27 @@ def check_fits(file: Path, unet: nn.Module, base_model: str) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{file} is not a readable safetensors file ({first_line(exc)})") from None
     use = f"use the base model it was trained on ({quote(base_model)})"
+    prefix, name = backbone.diffusers_lora_prefix or "", what(backbone)
     for key, shape in sorted(shapes.items()):
-        layer, _, factor = key.removeprefix("unet.").rpartition(".lora_")
+        layer, _, factor = key.removeprefix(prefix).rpartition(".lora_")
         try:
-            weight = unet.get_submodule(layer).weight
+            weight = denoiser.get_submodule(layer).weight
         except AttributeError:
-            raise InputError(f"{file}: layer {layer} is not in this base model's U-Net; {use}") from None
+            raise InputError(f"{file}: layer {layer} is not in this base model's {name}; {use}") from None
         down = factor.startswith("A")
         wide, own = (shape[-1], weight.shape[1]) if down else (shape[0], weight.shape[0])
         if len(shape) != 2 or wide != own:
             raise InputError(
                 f"{file}: layer {layer} is {wide} wide in the file ({key} {shape}), {own} in this base "
-                f"model's U-Net; {use}"
+                f"model's {name}; {use}"
             )
 
 
-def lora_parameters(unet: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapters' factors keyed as in diffusers' LoRA file without its ``unet.`` prefix, e.g.
+def lora_parameters(denoiser: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' factors keyed as in diffusers' LoRA file without its component prefix, e.g.
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``."""
     return {
         name.replace(f".{ADAPTER}.", "."): param
-        for name, param in unet.named_parameters()
+        for name, param in denoiser.named_parameters()
         if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
     }
