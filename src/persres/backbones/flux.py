@@ -82,10 +82,12 @@ KOHYA_VERSION = "flux1"  # kohya's ss_base_model_version for Flux.1
 DOUBLE_TARGET = re.compile(r"transformer_blocks\.(\d+)\.attn\.to_out\.0")
 SINGLE_TARGET = re.compile(r"single_transformer_blocks\.(\d+)\.proj_out")
 # The LoRA method's layers: diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, its
-# ``target_modules`` when ``--lora_layers`` is not given. peft matches each as a suffix of a module path:
-# in the double blocks both streams' attention projections (image: to_q/k/v, to_out.0; text: add_*_proj,
-# to_add_out) and both MLPs (ff, ff_context); in the single blocks only attn.to_q/k/v (they have no to_out
-# and their proj_mlp/proj_out are not in the list). On Flux.1: 19 x 12 + 38 x 3 = 342 layers.
+# ``target_modules`` when ``--lora_layers`` is not given (the list since huggingface/diffusers#9646, which
+# added ``--lora_layers`` and the MLP layers to the attention-only default). peft matches each as a
+# suffix of a module path: in the double blocks both streams' attention projections (image: to_q/k/v,
+# to_out.0; text: add_*_proj, to_add_out) and both MLPs (ff, ff_context); in the single blocks only
+# attn.to_q/k/v (they have no to_out, and proj_mlp/proj_out are not in the list). On Flux.1:
+# 19 x 12 + 38 x 3 = 342 layers.
 FLUX_LORA_TARGETS = (
     "attn.to_k",
     "attn.to_q",
