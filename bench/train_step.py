@@ -1,20 +1,30 @@
-"""One residual training step vs the floor and vs a LoRA step, on the SD 1.5 (or SDXL) U-Net architecture.
+"""One residual training step vs the floor and vs a LoRA step, on the SD 1.5 (or SDXL) U-Net architecture,
+or on the Flux.1-dev transformer at full width and reduced depth.
 
-The U-Net is built from its published config with random weights (nothing is downloaded).
+The denoiser is built from its published config with random weights (nothing is downloaded).
 Measured side by side in one run, interleaved, median of --repeats:
 
 - floor:    forward + backward of the frozen U-Net with respect to its input (no adapter beats it)
-- residual: forward + backward + AdamW step of personalized residuals (rank 0.05 m_i)
+- residual: forward + backward + AdamW step of personalized residuals at the base's default rank
+            (0.05 m_i on SD; the fixed rank 21 on Flux)
 - lora:     the same with a peft LoRA at rank 4 on to_q, to_k, to_v, to_out.0 (DreamBooth-LoRA's target)
 
 Peak memory: CUDA's max_memory_allocated per method; on the CPU each method runs once more in
 a child process that polls its resident memory during the step, above the model's own.
 
-    python bench/train_step.py [--model sd15|sdxl] [--device cpu|cuda] [--latent-size 32] [--batch-size 1]
-                               [--repeats 3] [--no-memory]
+    python bench/train_step.py [--model sd15|sdxl|flux] [--device cpu|cuda] [--latent-size 32]
+                               [--batch-size 1] [--repeats 3] [--no-memory]
 
 ``--model sdxl`` (2.6B parameters, 10 GB in fp32) keeps one U-Net: the floor runs it with the residuals
 bypassed (``residuals_disabled``), and the LoRA comparison is left out (no room for copies on a CPU).
+
+``--model flux``: the Flux.1-dev transformer (width 3072, T5 width 4096, guidance embedding) with
+FLUX_BLOCKS double- and single-stream blocks (the published model has 19 and 38: the same 1:2 mix), called
+as the Flux backbone calls it in training (``FluxBackbone.predict``: 16-channel latents packed 2x2 with
+image ids, timestep / 1000, guidance 1.0), FLUX_TEXT_TOKENS T5 positions with zero text ids and a pooled
+CLIP embedding; 32x32 latents give 256 image tokens. One transformer, shared as on SDXL; no LoRA row (not
+built for Flux yet). It also prints the parameter arithmetic of the full published transformer, built on
+the meta device, and the estimated bf16 memory of training it on a GPU.
 """
 
 from __future__ import annotations
@@ -32,27 +42,71 @@ from collections.abc import Callable
 import psutil
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from torch import nn
 
 from persres import add_residuals
-from persres.core.residuals import residuals_disabled
-from persres.testing.reference_configs import SD15_UNET, SDXL_UNET
+from persres.backbones import backbone_of_denoiser
+from persres.backbones.flux import DEFAULT_RANK, FLUX, FluxConditioning
+from persres.config import ResidualConfig
+from persres.core.residuals import count_parameters, residuals_disabled
+from persres.testing.reference_configs import FLUX_DEV_TRANSFORMER, SD15_UNET, SDXL_UNET
 
 METHODS = ("floor", "residual", "lora")
-MODELS = {"sd15": ("SD 1.5", SD15_UNET, METHODS), "sdxl": ("SDXL base 1.0", SDXL_UNET, METHODS[:2])}
+MODELS = {
+    "sd15": ("SD 1.5 U-Net", SD15_UNET, METHODS),
+    "sdxl": ("SDXL base 1.0 U-Net", SDXL_UNET, METHODS[:2]),
+    "flux": ("Flux.1-dev transformer", FLUX_DEV_TRANSFORMER, METHODS[:2]),  # no LoRA for Flux yet
+}
+SHARED = ("sdxl", "flux")  # one denoiser for every method (no room for copies on a CPU)
+FLUX_BLOCKS = {"num_layers": 2, "num_single_layers": 4}  # of 19 and 38 in the published model
+FLUX_TEXT_TOKENS = 64  # T5 positions (512 in training); 64 keeps a CPU step within seconds
+GIB = 2**30
+TEXT_ENCODERS = 4_885_371_136  # Flux.1's T5-XXL encoder + CLIP-L text model, parameters
+FLUX_RANKS: dict[str, float | int] = {f"rank {DEFAULT_RANK} (default)": DEFAULT_RANK, "rank 0.05 m": 0.05}
 Step = Callable[[], None]
-Batch = tuple[torch.Tensor, torch.Tensor, dict[str, object], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor, dict[str, object] | FluxConditioning, torch.Tensor]
 
 
-def build_unet(model: str, device: str, dtype: torch.dtype) -> UNet2DConditionModel:
+def build_unet(model: str, device: str, dtype: torch.dtype) -> nn.Module:
+    """The denoiser with random weights, frozen: the U-Net, or the Flux transformer at FLUX_BLOCKS."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MODELS[model][1]).to(device, dtype)
+    if model == "flux":
+        unet: nn.Module = FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **FLUX_BLOCKS})
+    else:
+        unet = UNet2DConditionModel(**MODELS[model][1])
+    unet = unet.to(device, dtype)
     unet.requires_grad_(False)
     return unet
 
 
+def predict(unet: nn.Module, latents: torch.Tensor, steps: torch.Tensor, text: object) -> torch.Tensor:
+    """The denoiser's output for ``latents``; Flux as its backbone calls it in training (packed, ids)."""
+    if isinstance(text, FluxConditioning):
+        return FLUX.predict(argparse.Namespace(transformer=unet), unet, latents, steps, text)
+    assert isinstance(text, dict)
+    return unet(latents, steps, **text).sample
+
+
+def flux_inputs(args: argparse.Namespace, dtype: torch.dtype) -> Batch:
+    """16-channel latents, timesteps in [0, 1000), T5 sequence + pooled CLIP + zero text ids, target."""
+    g = torch.Generator().manual_seed(0)
+    size, n, config = args.latent_size, args.batch_size, FLUX_DEV_TRANSFORMER
+    latents = torch.randn(n, 16, size, size, generator=g).to(args.device, dtype)
+    hidden = torch.randn(1, FLUX_TEXT_TOKENS, config["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, config["pooled_projection_dim"], generator=g)
+    condition = FluxConditioning(
+        hidden.to(args.device, dtype), pooled.to(args.device, dtype), torch.zeros(FLUX_TEXT_TOKENS, 3)
+    )
+    steps = (torch.rand(n, generator=g) * 1000).to(args.device)
+    target = torch.randn(latents.shape, generator=g).to(args.device, dtype)
+    return latents, steps, condition, target
+
+
 def inputs(args: argparse.Namespace, dtype: torch.dtype) -> Batch:
     """Latents, timesteps, the U-Net's conditioning (SDXL: also the pooled text and size ids), target."""
+    if args.model == "flux":
+        return flux_inputs(args, dtype)
     g = torch.Generator().manual_seed(0)
     size, n, config = args.latent_size, args.batch_size, MODELS[args.model][1]
     latents = torch.randn(n, 4, size, size, generator=g).to(args.device, dtype)
@@ -70,7 +124,7 @@ def inputs(args: argparse.Namespace, dtype: torch.dtype) -> Batch:
     return latents, steps, condition, target
 
 
-def make_step(method: str, unet: UNet2DConditionModel, batch: Batch) -> tuple[Step, int]:
+def make_step(method: str, unet: nn.Module, batch: Batch) -> tuple[Step, int]:
     """A closure running one step of ``method``, and its trainable parameter count."""
     latents, steps, text, target = batch
     if method == "floor":
@@ -78,15 +132,16 @@ def make_step(method: str, unet: UNet2DConditionModel, batch: Batch) -> tuple[St
         def floor() -> None:  # the base model: residuals bypassed where the U-Net is shared
             x = latents.clone().requires_grad_(True)
             with residuals_disabled(unet):
-                F.mse_loss(unet(x, steps, **text).sample.float(), target.float()).backward()
+                F.mse_loss(predict(unet, x, steps, text).float(), target.float()).backward()
 
         return floor, 0
     if method == "residual":
-        params = [p for w in add_residuals(unet).values() for p in (w.A, w.B)]
+        config = ResidualConfig(rank=backbone_of_denoiser(unet).rank_default)
+        params = [p for w in add_residuals(unet, config).values() for p in (w.A, w.B)]
     else:
         from peft import LoraConfig
 
-        unet.add_adapter(
+        unet.add_adapter(  # type: ignore[operator]
             LoraConfig(
                 r=4,
                 lora_alpha=4,
@@ -98,7 +153,7 @@ def make_step(method: str, unet: UNet2DConditionModel, batch: Batch) -> tuple[St
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def train_step() -> None:
-        loss = F.mse_loss(unet(latents, steps, **text).sample.float(), target.float())
+        loss = F.mse_loss(predict(unet, latents, steps, text).float(), target.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -172,11 +227,42 @@ def memory_child(args: argparse.Namespace) -> None:
     print((peak[0] - before) / 2**20)
 
 
+def meta_flux() -> nn.Module:
+    """The full published Flux.1-dev transformer on the meta device (no weight allocated)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+
+
+def flux_arithmetic() -> dict[str, int]:
+    """Print the full published transformer's residual layers and parameters (counted on the meta device)
+    and the bf16 GPU memory of training them (estimated: weights, gradients and AdamW state only)."""
+    base = sum(p.numel() for p in meta_flux().parameters())
+    counts = {"base": base, "text_encoders": TEXT_ENCODERS}
+    for label, rank in FLUX_RANKS.items():
+        residuals = add_residuals(meta_flux(), ResidualConfig(rank=rank))
+        counts[label], counts["layers"] = count_parameters(residuals), len(residuals)
+    layers = counts["layers"]
+    print(f"\nFull Flux.1-dev transformer (meta device): {base:,} parameters, {layers} residual layers")
+    print("GPU memory in bf16, ESTIMATED from parameter counts (activations and CUDA context not included):")
+    print(f"  base transformer, 2 bytes/param: {base * 2 / GIB:.2f} GiB ({base * 1 / GIB:.2f} GiB if 8-bit)")
+    text = TEXT_ENCODERS * 2 / GIB
+    print(f"  T5-XXL + CLIP-L, 2 bytes/param (freed by --release-text-encoders): {text:.2f} GiB")
+    for label in FLUX_RANKS:
+        n = counts[label]
+        print(
+            f"  residuals at {label}: {n:,} params ({n / base:.3%} of the base); fp32 factors, gradients "
+            f"and AdamW's two moments, 16 bytes/param: {n * 16 / GIB:.2f} GiB"
+        )
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=list(MODELS), default="sd15", help="U-Net architecture")
+    parser.add_argument("--model", choices=list(MODELS), default="sd15", help="denoiser architecture")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--latent-size", type=int, default=None, help="latent side (default 64 on GPU, 32 on CPU)"
@@ -197,14 +283,19 @@ def main() -> None:
     dtype = torch.float16 if args.fp16 else torch.float32
     name, _, methods = MODELS[args.model]
     print(
-        f"{name} U-Net (random weights), {args.device}, {dtype}, "
+        f"{name} (random weights), {args.device}, {dtype}, "
         f"latents {args.latent_size}x{args.latent_size} ({args.latent_size * 8} px), "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads"
     )
+    if args.model == "flux":
+        print(
+            f"  {FLUX_BLOCKS['num_layers']} double + {FLUX_BLOCKS['num_single_layers']} single blocks, "
+            f"{(args.latent_size // 2) ** 2} image tokens, {FLUX_TEXT_TOKENS} text tokens, guidance 1.0"
+        )
     base = build_unet(args.model, args.device, dtype)
     batch = inputs(args, dtype)
     steps, counts = {}, {}
-    shared = args.model == "sdxl"  # SD 1.5: copies of the same weights, so every step sees identical inputs
+    shared = args.model in SHARED  # SD 1.5: copies of the same weights, so every step sees identical inputs
     for method in methods:
         unet = base if method == "floor" or shared else copy.deepcopy(base)
         steps[method], counts[method] = make_step(method, unet, batch)
@@ -224,8 +315,12 @@ def main() -> None:
     if "lora" in median:
         print(f"residual / lora  = {median['residual'] / median['lora']:.3f}")
     print(f"residual parameters = {counts['residual']:,}")
+    for method in methods:
+        print(f"{method} single steps: {min(times[method]):.3f}-{max(times[method]):.3f} s")
+    full = flux_arithmetic() if args.model == "flux" else {}
     if args.json:
-        print(json.dumps({"median_s": median, "params": counts, "peak_mib": memory, "times": times}))
+        figures = {"median_s": median, "params": counts, "peak_mib": memory, "times": times, "full": full}
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":
