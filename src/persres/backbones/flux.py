@@ -54,7 +54,6 @@ Sampling keeps the pipeline's own flow-matching Euler scheduler.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,8 +66,9 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from torch import nn
 
 from persres.backbones import RANK_DEFAULTS, ProbsHook, flux_attention, without_denoiser
-from persres.backbones.folder import not_available_message
+from persres.backbones.folder import meta_component
 from persres.backbones.records import FLUX_GUIDANCE, FLUX_RECORD, FLUX_TEXT_WIDTH
+from persres.backbones.vae import posterior_sample
 from persres.config import ResidualConfig
 from persres.errors import ModelError
 
@@ -184,14 +184,7 @@ class FluxBackbone:
     def skeleton(self, base: str) -> nn.Module:
         """The base's transformer built from its config on the meta device: its layers' names, kinds and
         shapes, without reading or allocating a weight."""
-        from accelerate import init_empty_weights
-
-        try:
-            config = FluxTransformer2DModel.load_config(os.path.expanduser(base), subfolder="transformer")
-        except (OSError, ValueError) as exc:
-            raise ModelError(not_available_message(base, exc)) from None
-        with init_empty_weights():
-            return FluxTransformer2DModel.from_config(config)
+        return meta_component(FluxTransformer2DModel, base, "transformer")
 
     # -- residual targets ----------------------------------------------------------------------
     def residual_targets(self, denoiser: nn.Module) -> dict[str, nn.Module]:
@@ -258,13 +251,9 @@ class FluxBackbone:
         self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
     ) -> torch.Tensor:
         """A sample of the VAE posterior of ``pixels`` (N, 3, H, W), shifted and scaled: (N, 16, h, w)."""
-        vae = pipe.vae
-        shift = vae.config.shift_factor or 0.0
-        with torch.no_grad():
-            posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-            sample = posterior.mean + posterior.std * eps  # (N, 16, h, w)
-            return (sample - shift) * vae.config.scaling_factor
+        config = pipe.vae.config
+        sample = posterior_sample(pipe.vae, pixels, device, generator)  # (N, 16, h, w)
+        return (sample - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def noised(
         self, scheduler: Any, latents: torch.Tensor, generator: torch.Generator

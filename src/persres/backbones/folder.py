@@ -116,3 +116,16 @@ def not_available_message(base: str, exc: BaseException) -> str:
         else "check the hub id and your network, or pass a local diffusers folder"
     )
     return f"cannot load base model {quote(base)}: {first_line}. {hint}"
+
+
+def meta_component(model_class: Any, base: str, subfolder: str) -> Any:
+    """``base``'s component in ``subfolder`` built by ``model_class`` from its config on the meta device:
+    its layers' names, kinds and shapes, without reading or allocating a weight."""
+    from accelerate import init_empty_weights
+
+    try:
+        config = model_class.load_config(os.path.expanduser(base), subfolder=subfolder)
+    except (OSError, ValueError) as exc:
+        raise ModelError(not_available_message(base, exc)) from None
+    with init_empty_weights():
+        return model_class.from_config(config)

@@ -16,7 +16,6 @@ Sampling goes through the diffusers pipeline, which builds the same ids itself.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,10 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from persres.backbones import ProbsHook, without_denoiser
-from persres.backbones.folder import not_available_message, prediction_type
+from persres.backbones.folder import meta_component, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
 from persres.backbones.unet_attention import CaptureCrossAttnProcessor
+from persres.backbones.vae import posterior_sample
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ModelError
 
@@ -146,14 +146,7 @@ class UNetBackbone:
     def skeleton(self, base: str) -> nn.Module:
         """The base's U-Net built from its config on the meta device: its layers' names, kinds and
         shapes, without reading or allocating a weight."""
-        from accelerate import init_empty_weights
-
-        try:
-            config = UNet2DConditionModel.load_config(os.path.expanduser(base), subfolder="unet")
-        except (OSError, ValueError) as exc:
-            raise ModelError(not_available_message(base, exc)) from None
-        with init_empty_weights():
-            return UNet2DConditionModel.from_config(config)
+        return meta_component(UNet2DConditionModel, base, "unet")
 
     # -- residual targets ----------------------------------------------------------------------
     def residual_targets(self, denoiser: nn.Module) -> dict[str, nn.Module]:
@@ -227,11 +220,7 @@ class UNetBackbone:
         self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
     ) -> torch.Tensor:
         """A sample of the VAE posterior of ``pixels`` (N, 3, H, W), scaled, on ``device``: (N, 4, h, w)."""
-        vae = pipe.vae
-        with torch.no_grad():
-            posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
-            return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor  # (N, 4, h, w)
+        return posterior_sample(pipe.vae, pixels, device, generator) * pipe.vae.config.scaling_factor
 
     def noised(
         self, scheduler: Any, latents: torch.Tensor, generator: torch.Generator

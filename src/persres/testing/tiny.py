@@ -12,6 +12,7 @@ import os
 import string
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -120,16 +121,18 @@ def tiny_text_config(tokenizer: CLIPTokenizer, **changes: object) -> CLIPTextCon
     return CLIPTextConfig(**settings)
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(latent_channels: int = 4, **changes: Any) -> AutoencoderKL:
+    """Two blocks of 16 and 32 channels, downsampling by 2; ``changes`` for a family's own VAE settings."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(16, 32),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         layers_per_block=1,
+        **changes,
     )
 
 
@@ -330,15 +333,8 @@ def tiny_flux_transformer(guidance: bool = True) -> FluxTransformer2DModel:
 
 def tiny_flux_vae() -> AutoencoderKL:
     """16 latent channels as Flux.1's VAE, with its shift and scale, no quant convs; downsamples by 2."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=16,
-        norm_num_groups=8,
-        layers_per_block=1,
+    return tiny_vae(
+        16,
         shift_factor=FLUX_VAE_SHIFT,
         scaling_factor=FLUX_VAE_SCALE,
         use_quant_conv=False,
