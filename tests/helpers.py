@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def tiny_config(base: Path, photos: Path, **changes: object) -> TrainConfig:
         lr=1e-2,
     )
     return replace(config, **changes)
+
+
+def interrupt_at(stop: int) -> Callable[[int, float], None]:
+    """A training callback that stops the run with Ctrl-C at step ``stop``, as a user would."""
+
+    def callback(step: int, loss: float) -> None:
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return callback
 
 
 def train_argv(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import interrupt_at, tiny_config
 from PIL import Image
 
 from persres import read_residual_file
@@ -148,12 +148,8 @@ def test_captions_and_buckets_resumed_equal_uninterrupted(
     )
     whole = train(config, tmp_path / "whole", progress=False)
 
-    def crash_after_five(step: int, loss: float) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "split", progress=False, callback=crash_after_five)
+        train(config, tmp_path / "split", progress=False, callback=interrupt_at(5))
     resumed = train(config, tmp_path / "split", resume=True, progress=False)
     expected, got = read_residual_file(whole.residuals).tensors, read_residual_file(resumed.residuals).tensors
     assert expected.keys() == got.keys()

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from helpers import tiny_config, train_argv
+from helpers import interrupt_at, tiny_config, train_argv
 from PIL import Image
 
 from persres import ResidualConfig, add_residuals, read_residual_file
@@ -79,12 +79,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(
     config = tiny_config(request.getfixturevalue(model), photos)
     whole = train(config, tmp_path / "whole", progress=False)
 
-    def crash_after_five(step: int, loss: float) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "split", progress=False, callback=crash_after_five)
+        train(config, tmp_path / "split", progress=False, callback=interrupt_at(5))
     assert not (tmp_path / "split" / "residuals.safetensors").exists()
     with pytest.raises(OutputExistsError, match="`resume`"):
         train(config, tmp_path / "split", progress=False)
