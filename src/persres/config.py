@@ -24,6 +24,8 @@ InitMode = Literal["zero", "random"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = ("none", "tensorboard", "wandb")
+QuantizeBase = Literal["no", "int8"]  # the frozen denoiser's weights: as loaded, or int8 (core/quantize.py)
+QUANTIZE_BASE = ("no", "int8")
 DEFAULT_TOKEN = "sks"
 MAX_TRAIN_SEED = 2**63 - 1  # torch generators take seeds below 2**64; each process adds its index
 # The personalization methods and the method-specific settings each one takes (persres.methods.catalog,
@@ -130,6 +132,7 @@ class TrainConfig:
     buckets: bool = False  # aspect-ratio buckets instead of square crops (training/buckets.py)
     # memory: every training prompt encoded before the first step, then the text encoders dropped
     release_text_encoders: bool = False
+    quantize_base: QuantizeBase = "no"  # int8: the frozen denoiser's linear weights in 8 bits (torchao)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -168,6 +171,9 @@ class TrainConfig:
             raise ConfigError(
                 f"`report_to` must be one of {', '.join(REPORT_TO)}, got {quote(str(self.report_to))}"
             )
+        if self.quantize_base not in QUANTIZE_BASE:
+            got = quote(str(self.quantize_base))
+            raise ConfigError(f"`quantize_base` must be one of {', '.join(QUANTIZE_BASE)}, got {got}")
         if self.method not in METHODS:
             raise ConfigError(f"`method` {quote(self.method)} is not one of {', '.join(METHODS)}")
         if self.lora_rank < 1 or self.prior_images < 0:
@@ -186,6 +192,13 @@ class TrainConfig:
                 )
         if self.release_text_encoders:
             self.check_release()
+        if self.quantize_base != "no" and not METHODS[self.method].trains_on_8bit_base:
+            able = ", ".join(name for name, info in METHODS.items() if info.trains_on_8bit_base)
+            raise ConfigError(
+                f"`method` {self.method} cannot train on a base with 8-bit weights (`quantize_base` "
+                f"{self.quantize_base}): it changes or copies the base's own weights; use `quantize_base` "
+                f"no, or one of {able}"
+            )
 
     def check_release(self) -> None:
         """`release_text_encoders` needs prompts that can be encoded once, and nothing sampled during

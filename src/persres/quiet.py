@@ -1,10 +1,15 @@
-"""Silence one known false alarm of transformers, for every entry point of persres.
+"""Silence the known false alarms of persres' libraries, for every entry point of persres.
 
-transformers 5 warns at import that ``CLIPImageProcessor`` "requires torchvision" and falls back to
-the PIL processor. persres never uses an image processor of transformers (``persres.evaluation.evaluate``
-preprocesses images itself) and deliberately does not depend on torchvision, so the warning says
-nothing to a persres user. Only that message is dropped; every other warning is still shown.
-Standard library only: installing the filter must not import transformers.
+Each is one message of one logger, dropped because it says nothing to a persres user; every other
+warning is still shown. Standard library only: installing the filters must not import the libraries.
+
+- transformers 5 warns at import that ``CLIPImageProcessor`` "requires torchvision" and falls back to
+  the PIL processor. persres never uses an image processor of transformers (``persres.evaluation.evaluate``
+  preprocesses images itself) and deliberately does not depend on torchvision.
+- torchao (the 8-bit base, ``persres.core.quantize``) is imported by diffusers whenever it is installed,
+  and then: diffusers cannot list torchao's pickled tensor classes (persres reads only safetensors, never
+  a pickle); torchao finds no Triton and cannot load its CUDA kernel libraries on a CPU (its int8
+  weight-only layers need neither); torch deprecates the way torchao registers its Enums.
 """
 
 from __future__ import annotations
@@ -13,20 +18,21 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
-EMITTER = "transformers.utils.import_utils"  # the logger that emits it (transformers 5.x)
-
-
-class DropTorchvisionFallback(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return TORCHVISION_FALLBACK not in record.getMessage()
+FALSE_ALARMS = (  # (logger, a piece of the message)
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    ("torchao.kernel.intmm", "Detected no triton"),
+    ("torchao", "Failed to load"),
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
+)
 
 
 def install() -> None:
-    """Idempotent: the filter is added to the emitting logger once."""
-    emitter = logging.getLogger(EMITTER)
-    if not any(isinstance(f, DropTorchvisionFallback) for f in emitter.filters):
-        emitter.addFilter(DropTorchvisionFallback())
+    """Idempotent: each filter is added to its logger once."""
+    for name, text in FALSE_ALARMS:
+        emitter = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.text == text for f in emitter.filters):
+            emitter.addFilter(DropMessage(text))
 
 
 @contextlib.contextmanager

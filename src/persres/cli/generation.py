@@ -8,7 +8,7 @@ import json
 from dataclasses import fields
 
 from persres.cli.options import COUNT, GUIDANCE, PIXELS, SEED, STEPS, add_device
-from persres.config import SampleSettings
+from persres.config import QUANTIZE_BASE, SampleSettings
 
 DEFAULTS = {f.name: f.default for f in fields(SampleSettings)}
 
@@ -77,6 +77,13 @@ def add_sample(commands: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16",
     )
+    p.add_argument(
+        "--quantize-base",
+        choices=QUANTIZE_BASE,
+        default="no",
+        help="int8: the base's linear weights in 8 bits (torchao); residuals, LoRA and textual-inversion "
+        "runs (default no)",
+    )
     p.set_defaults(handler=run_sample)
 
 
@@ -124,6 +131,7 @@ def run_sample(args: argparse.Namespace) -> int:
         args.save_masks,
         args.device,
         args.precision,
+        args.quantize_base,
     )
     for path in written:
         print(path)

@@ -21,6 +21,8 @@ from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
 
 from persres.backbones import PIPELINE_NAMES, backbone_for_base, backbone_of, by_pipeline
 from persres.backbones.folder import check_local_folder, looks_like_path, not_available_message
+from persres.config import QuantizeBase
+from persres.core.quantize import quantize_denoiser
 from persres.core.tokens import text_length
 from persres.errors import ConfigError, ModelError, quote
 
@@ -51,12 +53,14 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     as_shipped: bool = False,
+    quantize: QuantizeBase = "no",
 ) -> Any:
     """The base pipeline (SD 1.x/2.x or XL, or Flux.1, from its model_index.json) with every pretrained
     weight frozen, the scheduler its backbone samples with (DDIM for the U-Nets) and without the safety
     checker (not needed to train or sample here). ``as_shipped`` keeps the pipeline's own scheduler and
     safety checker, for writing a merged pipeline that behaves like the base. The backbone fixes what its
-    family needs after loading (SDXL's VAE stays in fp32 under fp16)."""
+    family needs after loading (SDXL's VAE stays in fp32 under fp16). ``quantize`` int8 gives the denoiser's
+linear layers 8-bit weights before the pipeline moves to ``device`` (``persres.core.quantize``)."""
     backbone = backbone_for_base(base)
     extra = backbone.load_kwargs(as_shipped)
     try:
@@ -77,6 +81,7 @@ def load_pipeline(
         model.requires_grad_(False)
         model.eval()
     pipe.set_progress_bar_config(disable=True)
+    quantize_denoiser(backbone.denoiser(pipe), quantize)
     return pipe.to(device)
 
 

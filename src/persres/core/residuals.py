@@ -23,6 +23,7 @@ from torch import nn
 
 from persres.backbones import Backbone, backbone_of_denoiser
 from persres.config import ResidualConfig
+from persres.core.quantize import is_quantized
 from persres.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ class ResidualProjOut(nn.Module):
         if self.merged:
             return
         weight = self.base.weight
+        if is_quantized(weight):
+            raise ConfigError(
+                "residuals cannot be merged into a base with 8-bit weights (`quantize_base`); "
+                "merge into the base as shipped (persres merge), or sample without merging"
+            )
         self._weight_before_merge = weight.detach().clone()
         weight.add_(self.delta_weight().to(weight.dtype))
 

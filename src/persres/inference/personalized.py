@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from persres.backbones import backbone_of, denoiser_of
+from persres.config import QuantizeBase
 from persres.core.pipeline import load_pipeline, resolve_device
 from persres.errors import ConfigError, quote
 from persres.files import check_apart, check_writable
@@ -28,6 +29,7 @@ from persres.formats.runs import Run, peer_runs, read_from
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import Sampler, SampleSettings, sample
 from persres.methods import check_runs_on, get_method
+from persres.methods.catalog import METHODS
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,12 +44,17 @@ def sampling_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_personalized(
-    base: str, residuals: Sequence[ResidualSource], device: str = "auto", precision: str = "auto"
+    base: str,
+    residuals: Sequence[ResidualSource],
+    device: str = "auto",
+    precision: str = "auto",
+    quantize: QuantizeBase = "no",
 ) -> tuple[StableDiffusionPipeline, list[Concept]]:
-    """The base pipeline with one or more residual files loaded into its denoiser, and their concepts."""
+    """The base pipeline with one or more residual files loaded into its denoiser, and their concepts.
+    ``quantize`` int8: the base's linear weights in 8 bits (``persres.core.quantize``)."""
     files = read_files(residuals)  # a bad file fails before the model is loaded
     target = resolve_device(device)
-    pipe = load_pipeline(base, sampling_dtype(precision, target), target)
+    pipe = load_pipeline(base, sampling_dtype(precision, target), target, quantize=quantize)
     return pipe, load_concepts(denoiser_of(pipe), files)
 
 
@@ -61,6 +68,7 @@ def sample_to_folder(
     save_masks: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    quantize: QuantizeBase = "no",
 ) -> list[Path]:
     """Sample every prompt with the residuals and write PNGs with JSON sidecars into ``out``."""
     check_writable(out, "out")
@@ -70,11 +78,11 @@ def sample_to_folder(
         raise ConfigError("`save_masks` shows LAG's masks; use it with `sampler` lag or both")
     peers = peer_runs(list(residuals))
     if peers:
-        pipe, concepts = load_peer(base, peers, list(residuals), sampler, device, precision)
+        pipe, concepts = load_peer(base, peers, list(residuals), sampler, device, precision, quantize)
     else:
         files = read_files(residuals)
         plan_prompts(prompts, [concept_of(f) for f in files])  # placeholder errors before loading the model
-        pipe, concepts = load_personalized(base, files, device, precision)
+        pipe, concepts = load_personalized(base, files, device, precision, quantize)
     samples = sample(pipe, prompts, concepts, settings, sampler, save_masks)
     extra = {
         "base": base,
@@ -87,7 +95,13 @@ def sample_to_folder(
 
 
 def load_peer(
-    base: str, peers: list[Run], sources: list[ResidualSource], sampler: str, device: str, precision: str
+    base: str,
+    peers: list[Run],
+    sources: list[ResidualSource],
+    sampler: str,
+    device: str,
+    precision: str,
+    quantize: QuantizeBase = "no",
 ) -> tuple[StableDiffusionPipeline, list[Concept]]:
     """The base pipeline with a peer method's result loaded (normal sampling, one concept: LAG and
     several concepts per image are what personalized residuals bring)."""
@@ -102,8 +116,13 @@ def load_peer(
             f"`sampler` {sampler} applies to residuals only; {run.folder} is a {run.method} run, which "
             "samples with `sampler` normal"
         )
+    if quantize != "no" and not METHODS[run.method].trains_on_8bit_base:
+        raise ConfigError(
+            f"{run.folder} is a {run.method} run, whose result replaces or edits the base's weights: it "
+            f"cannot be sampled on a base with 8-bit weights; use `quantize_base` no"
+        )
     target = resolve_device(device)
-    pipe = load_pipeline(base, sampling_dtype(precision, target), target)
+    pipe = load_pipeline(base, sampling_dtype(precision, target), target, quantize=quantize)
     check_runs_on(run.method, backbone_of(pipe), base)
     return pipe, [get_method(run.method).load(pipe, run.result)]
 

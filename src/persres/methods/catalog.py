@@ -4,8 +4,8 @@ a benchmark or drawing the app's page never loads a model library; ``persres.met
 imports the implementation (``MethodInfo.implementation``) on first use.
 
 Front ends ask a method what it can do (``trains_residuals``, ``samples_with_lag``, ``works_on_sdxl``,
-``works_on_flux``, ``takes_prior_images``) instead of testing its name, and turn a recipe into a training
-configuration with ``persres.methods.recipes.train_config`` only.
+``works_on_flux``, ``trains_on_8bit_base``, ``takes_prior_images``) instead of testing its name, and turn
+a recipe into a training configuration with ``persres.methods.recipes.train_config`` only.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class MethodInfo:
     works_on_flux: it trains on a Flux.1 base too.
     trains_text_side: it trains a token embedding or the text side, so its prompts are encoded again every
         step and the text encoders cannot be released (`release_text_encoders`).
+    trains_on_8bit_base: what it trains sits beside the base's weights (residuals, adapters, an embedding),
+        so the frozen base may hold 8-bit weights (`quantize_base`); the others change or read the base's
+        own weights (DreamBooth fine-tunes them, Custom Diffusion and Perfusion copy and edit K and V).
     """
 
     name: str
@@ -55,6 +58,7 @@ class MethodInfo:
     works_on_sdxl: bool = False
     works_on_flux: bool = False
     trains_text_side: bool = False
+    trains_on_8bit_base: bool = False
 
     @property
     def takes_prior_images(self) -> bool:
@@ -79,6 +83,7 @@ _METHODS = (
         samples_with_lag=True,
         works_on_sdxl=True,
         works_on_flux=True,
+        trains_on_8bit_base=True,
     ),
     MethodInfo(
         name="lora",
@@ -98,6 +103,7 @@ _METHODS = (
         ),
         options=frozenset({"rank"}),
         works_on_flux=True,
+        trains_on_8bit_base=True,
     ),
     MethodInfo(
         name="dreambooth",
@@ -161,6 +167,7 @@ _METHODS = (
             ),
         ),
         trains_text_side=True,
+        trains_on_8bit_base=True,
     ),
     MethodInfo(
         name="perfusion",

@@ -16,6 +16,7 @@ diffusers' loader ignores beside its own ``format`` and ``lora_adapter_metadata`
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,9 @@ class LoRA:
                 r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)
             )
             try:
-                denoiser.add_adapter(lora)
+                with warnings.catch_warnings():  # an 8-bit base (`quantize_base`): nothing merges in training
+                    warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated without")
+                    denoiser.add_adapter(lora)
             except ValueError as exc:
                 raise ModelError(f"cannot add LoRA adapters to {type(denoiser).__name__}: {exc}") from None
             patches.add(denoiser.unload_lora)  # peft's layers give back the base layers they wrap

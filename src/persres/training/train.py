@@ -164,7 +164,9 @@ def train_in(
     captions = read_captions(images.paths, concept[0].token, config.class_word) if config.captions else None
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
-    pipe = load_pipeline(config.base, DTYPES[config.mixed_precision], accelerator.device)
+    pipe = load_pipeline(
+        config.base, DTYPES[config.mixed_precision], accelerator.device, quantize=config.quantize_base
+    )
     check_runs_on(config.method, backbone_of(pipe), config.base)
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)
