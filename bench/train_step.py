@@ -7,24 +7,27 @@ Measured side by side in one run, interleaved, median of --repeats:
 - floor:    forward + backward of the frozen U-Net with respect to its input (no adapter beats it)
 - residual: forward + backward + AdamW step of personalized residuals at the base's default rank
             (0.05 m_i on SD; the fixed rank 21 on Flux)
-- lora:     the same with a peft LoRA at rank 4 on to_q, to_k, to_v, to_out.0 (DreamBooth-LoRA's target)
+- lora:     the same with a peft LoRA at rank 4 on the backbone's LoRA targets (the U-Net: to_q, to_k,
+            to_v, to_out.0, DreamBooth-LoRA's; Flux: diffusers' Flux DreamBooth-LoRA default layers)
+- residual-int8: the residual step on the base with 8-bit linear weights (``quantize_base`` int8, torchao)
 
-Peak memory: CUDA's max_memory_allocated per method; on the CPU each method runs once more in
-a child process that polls its resident memory during the step, above the model's own.
+Memory, per method: the model's weights (their tensors' bytes, counted: int8 values and scales for
+residual-int8) and one step's peak above the model, CUDA's max_memory_allocated, or on the CPU the
+resident set of a child process that builds the model alone and polls its memory during one step.
 
     python bench/train_step.py [--model sd15|sdxl|flux] [--device cpu|cuda] [--latent-size 32]
                                [--batch-size 1] [--repeats 3] [--no-memory]
 
 ``--model sdxl`` (2.6B parameters, 10 GB in fp32) keeps one U-Net: the floor runs it with the residuals
-bypassed (``residuals_disabled``), and the LoRA comparison is left out (no room for copies on a CPU).
+bypassed (``residuals_disabled``); LoRA and residual-int8 are left out (no room for copies on a CPU).
 
 ``--model flux``: the Flux.1-dev transformer (width 3072, T5 width 4096, guidance embedding) with
 FLUX_BLOCKS double- and single-stream blocks (the published model has 19 and 38: the same 1:2 mix), called
 as the Flux backbone calls it in training (``FluxBackbone.predict``: 16-channel latents packed 2x2 with
 image ids, timestep / 1000, guidance 1.0), FLUX_TEXT_TOKENS T5 positions with zero text ids and a pooled
-CLIP embedding; 32x32 latents give 256 image tokens. One transformer, shared as on SDXL; no LoRA row (not
-built for Flux yet). It also prints the parameter arithmetic of the full published transformer, built on
-the meta device, and the estimated bf16 memory of training it on a GPU.
+CLIP embedding; 32x32 latents give 256 image tokens. The floor and the residual share one transformer, as
+on SDXL; LoRA and residual-int8 get copies. It also prints the parameter arithmetic of the full published
+transformer, built on the meta device, and the estimated bf16 memory of training it on a GPU.
 """
 
 from __future__ import annotations
@@ -49,16 +52,17 @@ from persres import add_residuals
 from persres.backbones import backbone_of_denoiser
 from persres.backbones.flux import DEFAULT_RANK, FLUX, FluxConditioning
 from persres.config import ResidualConfig
+from persres.core.quantize import is_quantized, quantize_denoiser
 from persres.core.residuals import count_parameters, residuals_disabled
 from persres.testing.reference_configs import FLUX_DEV_TRANSFORMER, SD15_UNET, SDXL_UNET
 
-METHODS = ("floor", "residual", "lora")
+METHODS = ("floor", "residual", "lora", "residual-int8")
 MODELS = {
     "sd15": ("SD 1.5 U-Net", SD15_UNET, METHODS),
     "sdxl": ("SDXL base 1.0 U-Net", SDXL_UNET, METHODS[:2]),
-    "flux": ("Flux.1-dev transformer", FLUX_DEV_TRANSFORMER, METHODS[:2]),  # no LoRA for Flux yet
+    "flux": ("Flux.1-dev transformer", FLUX_DEV_TRANSFORMER, METHODS),
 }
-SHARED = ("sdxl", "flux")  # one denoiser for every method (no room for copies on a CPU)
+SHARED = ("sdxl", "flux")  # the floor and the residual share one denoiser (no room for more copies)
 FLUX_BLOCKS = {"num_layers": 2, "num_single_layers": 4}  # of 19 and 38 in the published model
 FLUX_TEXT_TOKENS = 64  # T5 positions (512 in training); 64 keeps a CPU step within seconds
 GIB = 2**30
@@ -135,7 +139,9 @@ def make_step(method: str, unet: nn.Module, batch: Batch) -> tuple[Step, int]:
                 F.mse_loss(predict(unet, x, steps, text).float(), target.float()).backward()
 
         return floor, 0
-    if method == "residual":
+    if method in ("residual", "residual-int8"):
+        if method == "residual-int8":
+            quantize_denoiser(unet, "int8")
         config = ResidualConfig(rank=backbone_of_denoiser(unet).rank_default)
         params = [p for w in add_residuals(unet, config).values() for p in (w.A, w.B)]
     else:
@@ -146,7 +152,7 @@ def make_step(method: str, unet: nn.Module, batch: Batch) -> tuple[Step, int]:
                 r=4,
                 lora_alpha=4,
                 init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                target_modules=list(backbone_of_denoiser(unet).lora_targets),
             )
         )
         params = [p for p in unet.parameters() if p.requires_grad]
@@ -171,8 +177,17 @@ def timed(step: Step, device: str) -> float:
     return time.perf_counter() - start
 
 
+def weights_mib(model: nn.Module) -> float:
+    """The bytes of the model's parameters and buffers: an int8 weight counts its values and scales."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        parts = [tensor.qdata, tensor.scale] if is_quantized(tensor) else [tensor]
+        total += sum(part.numel() * part.element_size() for part in parts)
+    return total / 2**20
+
+
 def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
-    """Peak memory of one step of ``method`` above the model's own weights, in MiB."""
+    """One step's peak memory for ``method`` above the model's own, in MiB."""
     if args.device == "cuda":
         dtype = torch.float16 if args.fp16 else torch.float32
         unet = build_unet(args.model, args.device, dtype)
@@ -200,16 +215,15 @@ def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
         "--device",
         "cpu",
     ]
-    return float(
-        subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    )
+    out = subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return float(out)
 
 
 def memory_child(args: argparse.Namespace) -> None:
     """Poll the resident set every 2 ms during one step (the build's transient peak would hide it)."""
+    process = psutil.Process()
     unet = build_unet(args.model, "cpu", torch.float32)
     step, _ = make_step(args.memory_child, unet, inputs(args, torch.float32))
-    process = psutil.Process()
     before = process.memory_info().rss
     peak = [before]
     done = threading.Event()
@@ -296,9 +310,12 @@ def main() -> None:
     batch = inputs(args, dtype)
     steps, counts = {}, {}
     shared = args.model in SHARED  # SD 1.5: copies of the same weights, so every step sees identical inputs
+    # copies first, of the bare base: then no method's adapter is in another's model
+    alone = ("floor", "residual") if shared else ("floor",)
+    models = {m: base if m in alone else copy.deepcopy(base) for m in methods}
     for method in methods:
-        unet = base if method == "floor" or shared else copy.deepcopy(base)
-        steps[method], counts[method] = make_step(method, unet, batch)
+        steps[method], counts[method] = make_step(method, models[method], batch)
+    weights = {m: weights_mib(models[m]) for m in methods}
     for method in methods:
         timed(steps[method], args.device)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -306,20 +323,28 @@ def main() -> None:
         for method in methods:
             times[method].append(timed(steps[method], args.device))
     median = {m: statistics.median(t) for m, t in times.items()}
-    del steps, base
+    del steps, base, models
     memory = {m: float("nan") if args.no_memory else peak_memory_mb(m, args) for m in methods}
-    print(f"{'method':<10}{'median s/step':>15}{'trainable params':>18}{'peak MiB':>12}")
+    header = f"{'method':<14}{'median s/step':>15}{'trainable params':>18}{'weights MiB':>13}"
+    print(f"{header}{'step peak MiB':>15}")
     for method in methods:
-        print(f"{method:<10}{median[method]:>15.3f}{counts[method]:>18,}{memory[method]:>12.0f}")
+        row = f"{method:<14}{median[method]:>15.3f}{counts[method]:>18,}{weights[method]:>13.0f}"
+        print(f"{row}{memory[method]:>15.0f}")
     print(f"residual / floor = {median['residual'] / median['floor']:.3f}  (target <= 1.10)")
     if "lora" in median:
         print(f"residual / lora  = {median['residual'] / median['lora']:.3f}")
+    if "residual-int8" in median:
+        print(f"residual-int8 / residual = {median['residual-int8'] / median['residual']:.3f}")
+        print(f"weights int8 / full = {weights['residual-int8'] / weights['residual']:.3f}")
     print(f"residual parameters = {counts['residual']:,}")
     for method in methods:
         print(f"{method} single steps: {min(times[method]):.3f}-{max(times[method]):.3f} s")
     full = flux_arithmetic() if args.model == "flux" else {}
     if args.json:
-        figures = {"median_s": median, "params": counts, "peak_mib": memory, "times": times, "full": full}
+        figures = {
+            "median_s": median, "params": counts, "weights_mib": weights, "peak_mib": memory, "times": times,
+            "full": full,
+        }  # fmt: skip
         print(json.dumps(figures))
 
 
