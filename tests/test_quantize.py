@@ -200,3 +200,28 @@ def test_a_dreambooth_run_is_not_sampled_on_an_int8_base(
     assert main([*argv, "--out", str(tmp_path / "out"), "--quantize-base", "int8"]) == 2
     assert "cannot be sampled on a base with 8-bit weights" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_int8_layer_keeps_no_full_precision_weight_for_its_backward_pass() -> None:
+    """torchao's own linear would leave a cast (out, in) copy of each weight in the autograd graph."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.GELU(), torch.nn.Linear(128, 96))
+    quantize_denoiser(layers, "int8")
+    full = [layer.weight.dequantize(torch.float32) for layer in (layers[0], layers[2])]
+    x = torch.randn(2, 96, requires_grad=True)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layers(x)
+    assert saved and not {(128, 96), (96, 128)} & set(saved)  # only activations, no weight
+    y.square().sum().backward()
+    x_full = x.detach().clone().requires_grad_(True)
+    plain = torch.nn.functional.linear(x_full, full[0], layers[0].bias)
+    torch.nn.functional.linear(
+        torch.nn.functional.gelu(plain), full[1], layers[2].bias
+    ).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_full.grad, atol=1e-6, rtol=1e-5)  # the same gradient, recast
