@@ -52,6 +52,7 @@ FLAGS: dict[str, str] = {
     "captions": "--captions",
     "buckets": "--buckets",
     "release_text_encoders": "--release-text-encoders",
+    "cache_latents": "--cache-latents",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",
