@@ -6,7 +6,9 @@ square crop covering at least ``min_crop`` of the shorter side, resized to the t
 resolution, and a random horizontal flip, all drawn from one ``torch.Generator`` so a resumed
 run draws the same batches. That is the paper's recipe; caption files beside the photos (`captions`,
 ``captions.py``) and aspect-ratio buckets instead of square crops (`buckets`, ``buckets.py``) are
-options, put together with each image's prompt by ``batches.py``.
+options, put together with each image's prompt by ``batches.py``. With cached latents
+(`cache_latents`, ``latent_cache.py``) each photo has one fixed crop, and ``choose`` makes a batch's draws
+without cropping.
 """
 
 from __future__ import annotations

@@ -270,7 +270,9 @@ def cache_latents(
         return backbone.posterior(pipe, pixels, device)
 
     with accelerator.autocast():
-        return LatentCache.encode(images, posterior, flip, None if data is None else data.buckets)
+        cache = LatentCache.encode(images, posterior, flip, None if data is None else data.buckets)
+    log.info("latents cached: %d photos%s", len(cache.photos), " and their mirrors" if flip else "")
+    return cache
 
 
 def release(pipe: StableDiffusionPipeline, state: TrainState) -> None:
