@@ -133,6 +133,9 @@ class TrainConfig:
     # memory: every training prompt encoded before the first step, then the text encoders dropped
     release_text_encoders: bool = False
     quantize_base: QuantizeBase = "no"  # int8: the frozen denoiser's linear weights in 8 bits (torchao)
+    # compute: each photo encoded by the VAE once before the first step, at a fixed (centred) crop
+    # (training/latent_cache.py); needs `min_crop` 1
+    cache_latents: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -199,6 +202,12 @@ class TrainConfig:
                 f"{self.quantize_base}): it changes or copies the base's own weights; use `quantize_base` "
                 f"no, or one of {able}"
             )
+        if self.cache_latents and self.min_crop < 1.0:
+            raise ConfigError(
+                f"`cache_latents` encodes each photo once, at one fixed crop, but `min_crop` {self.min_crop} "
+                "crops the photos anew every step; set `min_crop` 1 (each photo's centred crop) or drop "
+                "`cache_latents`"
+            )
 
     def check_release(self) -> None:
         """`release_text_encoders` needs prompts that can be encoded once, and nothing sampled during
@@ -235,7 +244,8 @@ class TrainConfig:
         """Settings that differ from ``other`` and would change the result of a resumed run.
         ``steps`` and ``checkpoint_every`` may change (a run can be extended), ``lr`` (a diverged run
         can continue more gently from its last good checkpoint), and what is only observed: validation
-        prompts and their frequency, the tracker, and whether the text encoders are released."""
+        prompts and their frequency, the tracker, and whether the text encoders are released.
+        `cache_latents` may not: it fixes the crop of a photo that is not square."""
         free = {
             "steps",
             "checkpoint_every",

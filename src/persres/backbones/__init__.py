@@ -21,8 +21,10 @@ A backbone owns:
 - training: which methods train on it (``method_capability``, a capability of the method catalog), the
   training noise schedule (``training_scheduler``), a prompt's conditioning (``encode``), one batch's
   from one per image (``join_conditioning``, for `captions` and `buckets`: each image's prompt, the
-  batch's pixel size), the latents of a batch, noise, timesteps and target (``noised``) and the denoiser
-  call (``predict``); the loop only takes the MSE;
+  batch's pixel size), a batch's VAE posterior (``posterior``, kept for every photo with
+  `cache_latents`) and a sample of it in the denoiser's latent space (``latents``: scaled, shifted),
+  noise, timesteps and target (``noised``) and the denoiser call (``predict``); the loop only takes the
+  MSE;
 - files: the architecture record written into residual files, kohya's layer names and model version,
   and the component prefix of diffusers-format LoRA files (``diffusers_lora_prefix``; None: not written);
 - the LoRA method: the layer names its adapters go on (``lora_targets``, peft ``target_modules``), as
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
     from torch import nn
 
+    from persres.backbones.vae import Posterior
     from persres.config import ResidualConfig
 
 
@@ -111,9 +114,8 @@ class Backbone(Protocol):
 
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Condition: ...
     def join_conditioning(self, conditions: Sequence[Any], size: tuple[int, int]) -> Condition: ...
-    def latents(
-        self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
-    ) -> torch.Tensor: ...
+    def posterior(self, pipe: Any, pixels: torch.Tensor, device: torch.device) -> Posterior: ...
+    def latents(self, pipe: Any, posterior: Posterior, generator: torch.Generator) -> torch.Tensor: ...
     def noised(
         self, scheduler: Any, latents: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

@@ -68,7 +68,7 @@ from torch import nn
 from persres.backbones import RANK_DEFAULTS, ProbsHook, flux_attention, without_denoiser
 from persres.backbones.folder import meta_component
 from persres.backbones.records import FLUX_GUIDANCE, FLUX_RECORD, FLUX_TEXT_WIDTH
-from persres.backbones.vae import posterior_sample
+from persres.backbones.vae import Posterior, encode_posterior
 from persres.config import ResidualConfig
 from persres.errors import ModelError
 
@@ -247,13 +247,14 @@ class FluxBackbone:
         pooled = torch.cat([c.pooled for c in conditions])  # (B, P)
         return FluxConditioning(hidden, pooled, conditions[0].text_ids)
 
-    def latents(
-        self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
-    ) -> torch.Tensor:
-        """A sample of the VAE posterior of ``pixels`` (N, 3, H, W), shifted and scaled: (N, 16, h, w)."""
+    def posterior(self, pipe: Any, pixels: torch.Tensor, device: torch.device) -> Posterior:
+        """The VAE posterior of ``pixels`` (N, 3, H, W) on ``device``, unshifted: (N, 16, h, w) each."""
+        return encode_posterior(pipe.vae, pixels, device)
+
+    def latents(self, pipe: Any, posterior: Posterior, generator: torch.Generator) -> torch.Tensor:
+        """A sample of ``posterior``, shifted and scaled: (N, 16, h, w)."""
         config = pipe.vae.config
-        sample = posterior_sample(pipe.vae, pixels, device, generator)  # (N, 16, h, w)
-        return (sample - (config.shift_factor or 0.0)) * config.scaling_factor
+        return (posterior.sample(generator) - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def noised(
         self, scheduler: Any, latents: torch.Tensor, generator: torch.Generator

@@ -36,7 +36,7 @@ from persres.backbones import ProbsHook, without_denoiser
 from persres.backbones.folder import meta_component, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
 from persres.backbones.unet_attention import CaptureCrossAttnProcessor
-from persres.backbones.vae import posterior_sample
+from persres.backbones.vae import Posterior, encode_posterior
 from persres.config import ResidualConfig, TrainConfig
 from persres.errors import ModelError
 
@@ -216,11 +216,13 @@ class UNetBackbone:
         pooled = torch.cat([c.pooled for c in conditions if c.pooled is not None])  # (B, P); encode gives one
         return Conditioning(hidden, pooled, size_ids(size, len(conditions), hidden))
 
-    def latents(
-        self, pipe: Any, pixels: torch.Tensor, device: torch.device, generator: torch.Generator
-    ) -> torch.Tensor:
-        """A sample of the VAE posterior of ``pixels`` (N, 3, H, W), scaled, on ``device``: (N, 4, h, w)."""
-        return posterior_sample(pipe.vae, pixels, device, generator) * pipe.vae.config.scaling_factor
+    def posterior(self, pipe: Any, pixels: torch.Tensor, device: torch.device) -> Posterior:
+        """The VAE posterior of ``pixels`` (N, 3, H, W) on ``device``, unscaled: (N, 4, h, w) each."""
+        return encode_posterior(pipe.vae, pixels, device)
+
+    def latents(self, pipe: Any, posterior: Posterior, generator: torch.Generator) -> torch.Tensor:
+        """A sample of ``posterior``, scaled: (N, 4, h, w)."""
+        return posterior.sample(generator) * pipe.vae.config.scaling_factor
 
     def noised(
         self, scheduler: Any, latents: torch.Tensor, generator: torch.Generator

@@ -53,6 +53,7 @@ FLAGS: dict[str, str] = {
     "buckets": "--buckets",
     "release_text_encoders": "--release-text-encoders",
     "quantize_base": "--quantize-base",
+    "cache_latents": "--cache-latents",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",

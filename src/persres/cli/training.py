@@ -106,6 +106,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="int8: the frozen base's linear weights in 8 bits (torchao), the residuals in full precision; "
         "about half the memory of a bf16 Flux transformer (default no)",
     )
+    p.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode each photo by the VAE once before the first step instead of every step; each photo "
+        "then keeps one centred crop (no random crop; the flip stays) (default off)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument(
@@ -229,6 +235,8 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         buckets=args.buckets,
         release_text_encoders=args.release_text_encoders,
         quantize_base=args.quantize_base,
+        cache_latents=args.cache_latents,
+        **({"min_crop": 1.0} if args.cache_latents else {}),  # cached latents take fixed crops
         validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every,
         report_to=args.report_to,

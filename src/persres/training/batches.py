@@ -4,7 +4,8 @@ default: the loop then draws ``ConceptImages.batch`` with the method's one promp
 ``TrainingData.draw`` gives the images and each image's prompt: its caption (``captions``), else the
 method's prompt. ``batch_conditioning`` makes one conditioning of the batch from each distinct prompt's
 (encoded once, or every step when the method trains the text side), joined by the base's backbone,
-which also conditions on the batch's size where its family does (SDXL's size ids).
+which also conditions on the batch's size where its family does (SDXL's size ids). With
+`cache_latents` a batch is of the photos' cached posteriors (``latent_cache.py``), chosen alike.
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ from typing import Any
 import torch
 
 from persres.backbones import Backbone
-from persres.training.buckets import Buckets
+from persres.backbones.vae import Posterior
+from persres.training.buckets import Buckets, Size
 from persres.training.data import ConceptImages
+from persres.training.latent_cache import LatentCache
 
 
 @dataclass(frozen=True)
 class Drawn:
-    pixels: torch.Tensor  # (B, 3, H, W), one size
+    pixels: torch.Tensor | Posterior  # (B, 3, H, W), one size; with `cache_latents`, their posteriors
     prompts: tuple[str, ...]  # each image's
+    cached_size: Size | None = None  # with `cache_latents`: the images' (H, W) pixels
+
+    @property
+    def size(self) -> Size:
+        """The batch's (H, W) pixels."""
+        if self.cached_size is not None:
+            return self.cached_size
+        assert isinstance(self.pixels, torch.Tensor)  # a posterior comes with its size
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,19 @@ class TrainingData:
             buckets = Buckets.assign(shapes, images.resolution, step)
         return cls(images, prompts, buckets)
 
-    def draw(self, size: int, generator: torch.Generator, min_crop: float, flip: bool) -> Drawn:
+    def draw(
+        self,
+        size: int,
+        generator: torch.Generator,
+        min_crop: float,
+        flip: bool,
+        cache: LatentCache | None = None,
+    ) -> Drawn:
+        """A batch and its prompts; with ``cache`` (`cache_latents`, built from these photos and buckets
+        with `flip`) the cached posteriors, chosen with the same draws."""
+        if cache is not None:
+            posterior, picks = cache.draw(size, generator)
+            return Drawn(posterior, tuple(self.prompts[i] for i in picks), cache.sizes[picks[0]])
         if self.buckets is None:
             pixels, picks = self.images.draw(size, generator, min_crop, flip)
         else:
@@ -59,5 +83,4 @@ def batch_conditioning(drawn: Drawn, encoded: Callable[[str], Any], backbone: Ba
     """The batch's conditioning: each image's prompt's (``encoded``, asked once per distinct prompt),
     joined by the backbone for the batch's (H, W)."""
     once = {prompt: encoded(prompt) for prompt in dict.fromkeys(drawn.prompts)}
-    height, width = drawn.pixels.shape[-2:]
-    return backbone.join_conditioning([once[p] for p in drawn.prompts], (int(height), int(width)))
+    return backbone.join_conditioning([once[p] for p in drawn.prompts], drawn.size)

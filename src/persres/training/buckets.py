@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from persres.errors import ConfigError
+from persres.training.data import Draws, augment_draws, flipped
 
 Size = tuple[int, int]  # (height, width) in pixels
 
@@ -94,15 +95,25 @@ class Buckets:
         images = [window(tensors[i], bucket, generator, min_crop, flip) for i in picks]
         return torch.stack(images), picks
 
+    def choose(self, size: int, generator: torch.Generator, flip: bool) -> tuple[list[int], list[bool]]:
+        """``batch``'s photos and whether each is flipped, from the very draws ``batch`` makes, without
+        the images: the choice of a batch of fixed windows (cached latents, ``latent_cache.py``)."""
+        picks = self.picks(size, generator)
+        return picks, [flipped(augment_draws(generator), flip) for _ in picks]
+
 
 def window(
     image: torch.Tensor, bucket: Size, generator: torch.Generator, min_crop: float, flip: bool
 ) -> torch.Tensor:
     """(3, h, w) of the bucket's shape from ``image`` (3, H, W): a random window of the bucket's ratio
     covering at least ``min_crop`` of the largest one, resized to the bucket, maybe flipped."""
+    return window_at(image, bucket, augment_draws(generator), min_crop, flip)
+
+
+def window_at(image: torch.Tensor, bucket: Size, draws: Draws, min_crop: float, flip: bool) -> torch.Tensor:
+    """``window`` placed by ``draws`` (``CENTRED``: the largest window, centred, as cached latents take)."""
     _, height, width = image.shape
     target_h, target_w = bucket
-    draws = torch.rand(4, generator=generator).tolist()  # always four draws: the stream stays aligned
     if width * target_h >= height * target_w:  # the photo is wider than its bucket: the window is as tall
         largest_h, largest_w = height, height * target_w / target_h
     else:
@@ -117,6 +128,6 @@ def window(
         crop = F.interpolate(crop[None], size=bucket, mode="bilinear", antialias=True, align_corners=False)[
             0
         ]  # (3, h, w)
-    if flip and draws[3] < 0.5:
+    if flipped(draws, flip):
         crop = crop.flip(-1)
     return crop

@@ -6,7 +6,9 @@ square crop covering at least ``min_crop`` of the shorter side, resized to the t
 resolution, and a random horizontal flip, all drawn from one ``torch.Generator`` so a resumed
 run draws the same batches. That is the paper's recipe; caption files beside the photos (`captions`,
 ``captions.py``) and aspect-ratio buckets instead of square crops (`buckets`, ``buckets.py``) are
-options, put together with each image's prompt by ``batches.py``.
+options, put together with each image's prompt by ``batches.py``. With cached latents
+(`cache_latents`, ``latent_cache.py``) each photo has one fixed crop, and ``choose`` makes a batch's draws
+without cropping.
 """
 
 from __future__ import annotations
@@ -107,14 +109,19 @@ class ConceptImages:
         self, size: int, generator: torch.Generator, min_crop: float, flip: bool
     ) -> tuple[torch.Tensor, list[int]]:
         """``batch``'s images, and the photo each came from."""
-        picks = torch.randint(len(self.tensors), (size,), generator=generator).tolist()
-        return torch.stack([self._augment(self.tensors[i], generator, min_crop, flip) for i in picks]), picks
+        picks = draw_picks(len(self.tensors), size, generator)
+        crops = [self.square(self.tensors[i], augment_draws(generator), min_crop, flip) for i in picks]
+        return torch.stack(crops), picks
 
-    def _augment(
-        self, image: torch.Tensor, generator: torch.Generator, min_crop: float, flip: bool
-    ) -> torch.Tensor:
+    def choose(self, size: int, generator: torch.Generator, flip: bool) -> tuple[list[int], list[bool]]:
+        """``draw``'s photos and whether each is flipped, from the very draws ``draw`` makes, without the
+        images: the choice of a batch of fixed crops (cached latents, ``latent_cache.py``)."""
+        picks = draw_picks(len(self.tensors), size, generator)
+        return picks, [flipped(augment_draws(generator), flip) for _ in picks]
+
+    def square(self, image: torch.Tensor, draws: Draws, min_crop: float, flip: bool) -> torch.Tensor:
+        """(3, R, R): the square of ``image`` (3, H, W) that ``draws`` place, resized, maybe flipped."""
         _, height, width = image.shape
-        draws = torch.rand(4, generator=generator).tolist()  # always four draws: the stream stays aligned
         side = round(min(height, width) * (min_crop + (1.0 - min_crop) * draws[0]))
         top = int(draws[1] * (height - side + 1))
         left = int(draws[2] * (width - side + 1))
@@ -127,6 +134,25 @@ class ConceptImages:
                 antialias=True,
                 align_corners=False,
             )[0]
-        if flip and draws[3] < 0.5:
+        if flipped(draws, flip):
             crop = crop.flip(-1)
         return crop
+
+
+Draws = list[float]  # one image's augmentation: crop size, top, left, flip; each in [0, 1)
+CENTRED: Draws = [1.0, 0.5, 0.5, 1.0]  # the largest crop, centred, not flipped: a cached photo's
+
+
+def augment_draws(generator: torch.Generator) -> Draws:
+    """One image's four draws: always four, whatever the settings, so the stream stays aligned."""
+    return torch.rand(4, generator=generator).tolist()
+
+
+def flipped(draws: Draws, flip: bool) -> bool:
+    """Whether an image with these ``draws`` is flipped, `flip` being on or off."""
+    return flip and draws[3] < 0.5
+
+
+def draw_picks(count: int, size: int, generator: torch.Generator) -> list[int]:
+    """``size`` photos of ``count``, with replacement."""
+    return torch.randint(count, (size,), generator=generator).tolist()

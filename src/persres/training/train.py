@@ -4,8 +4,10 @@ Paper recipe: frozen base, residuals on every ``proj_out``, plain denoising MSE 
 V* {class}", no regularisation images, 150 steps, batch 4, lr 1e-3. Runs through ``accelerate``
 (mixed precision, several GPUs with ``accelerate launch``). All randomness (batches, crops, noise,
 timesteps) comes from one CPU generator per process whose state is checkpointed, so an interrupted
-and resumed run ends where an uninterrupted one does. Each step's loss goes to ``OUT/logs/loss.csv``
-(``trainlog.py``); validation images to ``OUT/validation/step-NNNNNN/`` (``validation.py``).
+and resumed run ends where an uninterrupted one does. With `cache_latents` the photos' VAE posteriors
+are encoded before the first step (``latent_cache.py``) and each step samples them. Each step's loss
+goes to ``OUT/logs/loss.csv`` (``trainlog.py``); validation images to ``OUT/validation/step-NNNNNN/``
+(``validation.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from persres import __version__
 from persres.backbones import Backbone, backbone_of
 from persres.backbones.unet import SD
+from persres.backbones.vae import Posterior
 from persres.config import TrainConfig
 from persres.core.conditioning import Condition, encode
 from persres.core.pipeline import DTYPES, load_pipeline, release_text_encoders, text_towers
@@ -48,6 +51,7 @@ from persres.training.checkpoint import (
     save_checkpoint,
 )
 from persres.training.data import ConceptImages
+from persres.training.latent_cache import LatentCache
 from persres.training.prior import class_prompt, prior_images
 from persres.training.trainlog import LossLog, check_tracker, tracker_config
 from persres.training.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
@@ -97,6 +101,8 @@ class Loop:
     folder: RunFolder  # names are recorded in its marker before they are created (persres.formats.runfolder)
     data: TrainingData | None = None  # with `captions` or `buckets`: each image's prompt, one size a batch
     texts: dict[str, Condition] | None = None  # with `captions` or `buckets`: each prompt's encoding
+    latents: LatentCache | None = None  # with `cache_latents`: the photos' VAE posteriors
+    prior_latents: LatentCache | None = None  # with `cache_latents` and prior images: theirs
 
 
 def train(
@@ -240,10 +246,35 @@ def prepare_loop(
         texts = {p: encode(pipe, p, device, config.resolution).detach() for p in dict.fromkeys(data.prompts)}
     if config.release_text_encoders:  # every prompt the steps use is encoded above
         release(pipe, state)
+    latents = prior_latents = None
+    if config.cache_latents:
+        latents = cache_latents(pipe, images, config.flip, accelerator, data)
+        prior_latents = None if prior is None else cache_latents(pipe, prior, config.flip, accelerator)
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
-        noise_scheduler, accelerator, loss_log, folder, data, texts,
+        noise_scheduler, accelerator, loss_log, folder, data, texts, latents, prior_latents,
     )  # fmt: skip
+
+
+def cache_latents(
+    pipe: StableDiffusionPipeline,
+    images: ConceptImages,
+    flip: bool,
+    accelerator: Accelerator,
+    data: TrainingData | None = None,
+) -> LatentCache:
+    """`cache_latents`: each photo's VAE posterior (and its mirror's with `flip`), encoded as a step would
+    encode it (under the run's autocast), at its fixed crop (its bucket's with `buckets`). The VAE stays
+    whole: its decoder draws the validation images and a saved pipeline holds its encoder."""
+    backbone, device = backbone_of(pipe), accelerator.device
+
+    def posterior(pixels: torch.Tensor) -> Posterior:
+        return backbone.posterior(pipe, pixels, device)
+
+    with accelerator.autocast():
+        cache = LatentCache.encode(images, posterior, flip, None if data is None else data.buckets)
+    log.info("latents cached: %d photos%s", len(cache.photos), " and their mirrors" if flip else "")
+    return cache
 
 
 def release(pipe: StableDiffusionPipeline, state: TrainState) -> None:
@@ -311,9 +342,9 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     config, state = loop.config, loop.state
     drawn = None
     if loop.data is None:
-        pixels = loop.images.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+        pixels = concept_batch(loop.images, loop.latents, config, state.generator)
     else:
-        drawn = loop.data.draw(config.batch_size, state.generator, config.min_crop, config.flip)
+        drawn = loop.data.draw(config.batch_size, state.generator, config.min_crop, config.flip, loop.latents)
         pixels = drawn.pixels
     with loop.accelerator.autocast():
         text = loop.text
@@ -326,7 +357,7 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
             loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
         )
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
-            classes = loop.prior.batch(config.batch_size, state.generator, config.min_crop, config.flip)
+            classes = concept_batch(loop.prior, loop.prior_latents, config, state.generator)
             prior = denoising_loss(
                 loop.denoiser, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
                 backbone,
@@ -342,6 +373,15 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     if not torch.stack([torch.isfinite(p).all() for p in state.trainable.params.values()]).all():  # one sync
         raise diverged(loop.out, done, value, what=f"the {state.method.name} parameters")
     return loss.detach()
+
+
+def concept_batch(
+    images: ConceptImages, cache: LatentCache | None, config: TrainConfig, generator: torch.Generator
+) -> torch.Tensor | Posterior:
+    """A batch of ``images`` (B, 3, R, R), or with `cache_latents` their cached posteriors, chosen alike."""
+    if cache is None:
+        return images.batch(config.batch_size, generator, config.min_crop, config.flip)
+    return cache.draw(config.batch_size, generator)[0]
 
 
 def prompt_text(loop: Loop, prompt: str) -> Condition:
@@ -404,14 +444,17 @@ def denoising_loss(
     pipe: StableDiffusionPipeline,
     noise_scheduler: object,
     text: Condition,
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | Posterior,
     generator: torch.Generator,
     backbone: Backbone = SD,
 ) -> torch.Tensor:
-    """Latent diffusion's MSE between the denoiser's prediction and its target. The backbone owns the
-    latents, the noise schedule, the target (epsilon or v for the U-Net family, the flow-matching velocity
-    for Flux) and the denoiser call; the loop passes its pipeline's."""
-    latents = backbone.latents(pipe, pixels, text.hidden.device, generator)
+    """Latent diffusion's MSE between the denoiser's prediction and its target, for a batch of ``pixels``
+    (B, 3, H, W) or of their VAE posteriors (`cache_latents`). The backbone owns the VAE encoding, the
+    latents sampled from it, the noise schedule, the target (epsilon or v for the U-Net family, the
+    flow-matching velocity for Flux) and the denoiser call; the loop passes its pipeline's."""
+    device = text.hidden.device
+    posterior = pixels if isinstance(pixels, Posterior) else backbone.posterior(pipe, pixels, device)
+    latents = backbone.latents(pipe, posterior, generator)
     noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
     prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
     return F.mse_loss(prediction.float(), target.float())
