@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 FALSE_ALARMS = (  # (logger, a piece of the message)
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
-    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Tensor objects. This may affect loading checkpoints"),
     ("torchao.kernel.intmm", "Detected no triton"),
     ("torchao", "Failed to load"),
     ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
