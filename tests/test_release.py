@@ -10,15 +10,19 @@ import weakref
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config, train_argv
+from PIL import Image
 
 from persres import read_residual_file
 from persres.cli import main
 from persres.config import TrainConfig
 from persres.core.pipeline import load_pipeline, release_text_encoders, text_towers
 from persres.errors import ConfigError
+from persres.formats.concepts import Concept
+from persres.inference.sampling import SampleSettings, encode_prompts, sample
 from persres.methods.catalog import METHODS
 from persres.training.train import train
 
@@ -115,15 +119,36 @@ def test_methods_that_train_the_text_side_are_refused_by_name(
         tiny_config(conv_base, photos, method="perfusion", release_text_encoders=True)
 
 
-def test_validation_prompts_are_refused_with_the_encoders_released(
-    conv_base: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize("model", ["conv_base", "xl_base", "flux_base"])
+def test_validation_images_with_the_encoders_released_equal_those_with_them_loaded(
+    model: str, photos: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    out = tmp_path / "run"
-    argv = train_argv(conv_base, photos, out, "--validation-prompt", "a V* dog", "--release-text-encoders")
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--release-text-encoders samples no validation images" in err
-    assert "--validation-prompt" in err and not out.exists()
+    """The validation prompts are encoded before the encoders go, and sampled from their embeddings."""
+    base = request.getfixturevalue(model)
+    flags = ("--steps", "2", "--validation-prompt", "a V* dog", "--validation-prompt", "a V* dog in snow")
+    assert main(train_argv(base, photos, tmp_path / "loaded", *flags, "--validation-every", "1")) == 0
+    released = train_argv(base, photos, tmp_path / "released", *flags, "--validation-every", "1")
+    assert main([*released, "--release-text-encoders"]) == 0
+    loaded = tmp_path / "loaded"
+    folders = sorted(p.relative_to(loaded) for p in (loaded / "validation").rglob("*.png"))
+    assert len(folders) == 2 * 3  # steps 1 and 2: two prompts and a grid each
+    for name in folders:
+        mine = np.asarray(Image.open(tmp_path / "released" / name))
+        theirs = np.asarray(Image.open(tmp_path / "loaded" / name))
+        assert np.array_equal(mine, theirs), name
+    assert_same_run(tmp_path / "released", tmp_path / "loaded")
+
+
+def test_a_prompt_not_encoded_before_the_release_is_refused_by_name(conv_base: Path) -> None:
+    pipe = load_pipeline(str(conv_base))
+    concepts = [Concept("sks", "dog")]
+    encoded = encode_prompts(pipe, ["a V* dog"], concepts)
+    release_text_encoders(pipe)
+    settings = SampleSettings(steps=2, height=16, width=16)
+    [image] = sample(pipe, ["a V* dog"], concepts, settings, progress=False, encoded=encoded)
+    assert image.image.size == (16, 16)
+    with pytest.raises(ConfigError, match="the text encoders are released .* 'a V\\* cat' was not encoded"):
+        sample(pipe, ["a V* cat"], concepts, settings, progress=False, encoded=encoded)
 
 
 def test_old_configs_load_without_the_setting_and_it_may_change_on_resume(

@@ -210,17 +210,12 @@ class TrainConfig:
             )
 
     def check_release(self) -> None:
-        """`release_text_encoders` needs prompts that can be encoded once, and nothing sampled during
-        training (validation images are drawn through the pipeline's text encoders)."""
+        """`release_text_encoders` needs prompts that can be encoded once (the validation prompts are
+        encoded before the encoders are released, and sampled from their embeddings)."""
         if METHODS[self.method].trains_text_side:
             raise ConfigError(
                 f"`release_text_encoders` cannot be used with `method` {self.method}: it trains the text "
                 "side, so its prompts are encoded again every step; drop `release_text_encoders`"
-            )
-        if self.validation_prompts:
-            raise ConfigError(
-                "`release_text_encoders` samples no validation images (sampling needs the text encoders); "
-                "drop `validation_prompts` or `release_text_encoders`, and sample the result afterwards"
             )
 
     @property

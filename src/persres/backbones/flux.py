@@ -237,6 +237,15 @@ class FluxBackbone:
         )
         return FluxConditioning(hidden, pooled, text_ids)
 
+    def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline call's prompt as embeddings (T5 sequence and pooled CLIP), encoded now as the
+        pipeline would: sampling then needs no text encoder."""
+        with torch.no_grad():
+            hidden, pooled, _ = pipe.encode_prompt(
+                prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=TEXT_LENGTH
+            )
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
     def join_conditioning(
         self, conditions: Sequence[FluxConditioning], size: tuple[int, int]
     ) -> FluxConditioning:

@@ -206,6 +206,17 @@ class UNetBackbone:
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=hidden.dtype, device=device)
         return Conditioning(hidden, pooled, time_ids)
 
+    def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """The pipeline call's prompt as embeddings, encoded now as the pipeline would (with the empty
+        prompt's, for classifier-free guidance): sampling then needs no text encoder."""
+        with torch.no_grad():
+            encoded = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=True)  # fmt: skip
+        names = ["prompt_embeds", "negative_prompt_embeds"]
+        if self.xl:
+            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        return dict(zip(names, encoded, strict=True))
+
     def join_conditioning(self, conditions: Sequence[Conditioning], size: tuple[int, int]) -> Conditioning:
         """One batch's conditioning from each image's (``encode``'s, (1, ...) each), for a batch of
         ``size`` (H, W) pixels: SDXL's size ids say (H, W, 0, 0, H, W), as ``encode``'s say (R, R, 0, 0,

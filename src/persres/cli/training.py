@@ -96,8 +96,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--release-text-encoders",
         action="store_true",
-        help="encode the training prompts once, then free the text encoders' memory (T5-XXL on Flux); "
-        "not with validation prompts or methods that train the text side (default off)",
+        help="encode the training and validation prompts once, then free the text encoders' memory "
+        "(T5-XXL on Flux); not with methods that train the text side (default off)",
     )
     p.add_argument(
         "--quantize-base",

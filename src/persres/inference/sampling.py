@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ TRUNCATION_NOTICE = "The following part of your input was truncated"  # diffuser
 
 Sampler = Literal["normal", "lag", "both"]
 SAMPLERS = ("normal", "lag", "both")
+PromptInputs = dict[str, Any]  # the pipeline call's prompt: {"prompt": text} or its embeddings
 __all__ = ["SAMPLERS", "Sample", "SampleSettings", "Sampler", "generate", "sample"]
 
 
@@ -62,11 +64,14 @@ def sample(
     sampler: Sampler = "normal",
     save_masks: bool = False,
     progress: bool = True,
+    encoded: Mapping[str, PromptInputs] | None = None,
 ) -> list[Sample]:
     """Generate ``settings.num_images`` images per prompt with the concepts loaded in the pipeline's
     denoiser (its U-Net or transformer).
 
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
+    ``encoded``: the prompts' embeddings made by ``encode_prompts`` before the text encoders were
+    released (`release_text_encoders`), used instead of the pipeline's encoders.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
@@ -75,7 +80,11 @@ def sample(
         for concept in concepts:
             check_token(tokenizer, concept.token, new=False)
     attended = backbone_of(pipe).attended_towers(pipe)  # the positions LAG reads (Flux: T5's)
-    towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in attended]
+    # a released encoder (None) leaves its tokenizer, bounded by the encoder when the pipeline was loaded
+    towers = [
+        (tokenizer, text_length(tokenizer, getattr(encoder, "config", None)))
+        for tokenizer, encoder in attended
+    ]
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
         for tokenizer, limit in towers:
             check_prompt_length(tokenizer, plan, concepts, limit)
@@ -91,9 +100,36 @@ def sample(
             for j in range(settings.num_images):
                 for kind in kinds:
                     state = LagState(columns[plan.prompt][None], record=save_masks) if kind == "lag" else None
-                    samples.append(generate(pipe, plan, settings.seed + j, settings, state))
+                    inputs = prompt_inputs(pipe, plan, encoded)
+                    samples.append(generate(pipe, plan, settings.seed + j, settings, state, inputs))
                     bar.update()
     return samples
+
+
+def encode_prompts(
+    pipe: StableDiffusionPipeline, prompts: list[str], concepts: list[Concept]
+) -> dict[str, PromptInputs]:
+    """Each prompt's pipeline inputs as embeddings (V* expanded to the identifier), encoded now, for
+    ``sample``'s ``encoded`` once the text encoders are released."""
+    backbone, device = backbone_of(pipe), pipe._execution_device
+    return {
+        plan.expanded: backbone.prompt_inputs(pipe, plan.expanded, device)
+        for plan in plan_prompts(prompts, concepts)
+    }
+
+
+def prompt_inputs(
+    pipe: StableDiffusionPipeline, plan: PromptPlan, encoded: Mapping[str, PromptInputs] | None
+) -> PromptInputs:
+    """The pipeline call's prompt: its embeddings when they were encoded before, else its text."""
+    if encoded is not None and plan.expanded in encoded:
+        return encoded[plan.expanded]
+    if any(encoder is None for _, encoder in text_towers(pipe)):
+        raise ConfigError(
+            f"the text encoders are released (`release_text_encoders`) and {plan.prompt!r} was not encoded "
+            "before; sample it from the run's result afterwards"
+        )
+    return {"prompt": plan.expanded}
 
 
 def check_localizable(pipe: StableDiffusionPipeline) -> None:
@@ -118,15 +154,21 @@ def prompt_columns(
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline, plan: PromptPlan, seed: int, settings: SampleSettings, lag: LagState | None
+    pipe: StableDiffusionPipeline,
+    plan: PromptPlan,
+    seed: int,
+    settings: SampleSettings,
+    lag: LagState | None,
+    inputs: PromptInputs | None = None,
 ) -> Sample:
-    """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
+    """One image; with ``lag`` the residuals apply only inside the concepts' attention masks. ``inputs``:
+    the prompt as the pipeline takes it (``prompt_inputs``), its text by default."""
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
     # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
     with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
         result = pipe(
-            plan.expanded,
+            **(inputs if inputs is not None else {"prompt": plan.expanded}),
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             height=settings.height,

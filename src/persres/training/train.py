@@ -40,6 +40,7 @@ from persres.files import check_writable, write_json
 from persres.formats.concepts import Concept, PromptPlan, check_prompt_length, plan_prompts
 from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
+from persres.inference.sampling import PromptInputs
 from persres.methods import check_runs_on, get_method
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
@@ -57,6 +58,7 @@ from persres.training.trainlog import LossLog, check_tracker, tracker_config
 from persres.training.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
 from persres.training.validation import (
     drop_later,
+    encode_validation,
     validation_due,
     validation_folder,
     write_final,
@@ -103,6 +105,7 @@ class Loop:
     texts: dict[str, Condition] | None = None  # with `captions` or `buckets`: each prompt's encoding
     latents: LatentCache | None = None  # with `cache_latents`: the photos' VAE posteriors
     prior_latents: LatentCache | None = None  # with `cache_latents` and prior images: theirs
+    validation_inputs: dict[str, PromptInputs] | None = None  # `release_text_encoders`: encoded before
 
 
 def train(
@@ -244,7 +247,10 @@ def prepare_loop(
     if data is not None and not state.trainable.text_trainable:  # each distinct prompt encoded once
         device = accelerator.device
         texts = {p: encode(pipe, p, device, config.resolution).detach() for p in dict.fromkeys(data.prompts)}
+    validation_inputs = None
     if config.release_text_encoders:  # every prompt the steps use is encoded above
+        if config.validation_prompts and state.processes.is_main:  # the validation prompts, for the sampler
+            validation_inputs = encode_validation(pipe, config)
         release(pipe, state)
     latents = prior_latents = None
     if config.cache_latents:
@@ -253,6 +259,7 @@ def prepare_loop(
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
         noise_scheduler, accelerator, loss_log, folder, data, texts, latents, prior_latents,
+        validation_inputs,
     )  # fmt: skip
 
 
@@ -329,7 +336,7 @@ def run_steps(loop: Loop, start: int, callback: StepCallback | None, progress: b
             bar.set_postfix(smoothed_loss=f"{smoothed:.4f}")
         if validation_due(config, done) and loop.state.processes.is_main:
             loop.folder.record(validation_folder(loop.out, done))
-            write_validation(loop.pipe, config, loop.out, done)
+            write_validation(loop.pipe, config, loop.out, done, loop.validation_inputs)
         if done % config.checkpoint_every == 0 or done == config.steps:
             checkpoint(loop, done)
         if callback is not None:
@@ -423,7 +430,7 @@ def finish(loop: Loop) -> Path:
         metadata = {**run_metadata(loop.config), "architecture": architecture(denoiser)}
         path = loop.state.method.save(loop.pipe, loop.state.trainable, loop.out, metadata)
         log.info("%s written to %s", loop.state.method.name, path)
-        write_final(loop.pipe, loop.config, loop.out)
+        write_final(loop.pipe, loop.config, loop.out, loop.validation_inputs)
         if loop.log is not None:
             loop.log.plot()
     loop.state.processes.barrier()

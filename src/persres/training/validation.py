@@ -20,7 +20,7 @@ from persres.files import atomic_dir
 from persres.formats.concepts import Concept
 from persres.formats.runfolder import GRID, VALIDATION
 from persres.inference.outputs import save_png, side_by_side, write_samples
-from persres.inference.sampling import SampleSettings, sample
+from persres.inference.sampling import PromptInputs, SampleSettings, encode_prompts, sample
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,30 @@ def validation_due(config: TrainConfig, step: int) -> bool:
     return bool(config.validation_prompts) and every is not None and step % every == 0
 
 
-def write_validation(pipe: StableDiffusionPipeline, config: TrainConfig, out: Path, step: int) -> Path:
-    """One image per validation prompt (V* = the identifier), at the training resolution, plus a grid."""
+def concepts_of(config: TrainConfig) -> list[Concept]:
+    return [Concept(config.token, config.class_word)]
+
+
+def encode_validation(pipe: StableDiffusionPipeline, config: TrainConfig) -> dict[str, PromptInputs]:
+    """The validation prompts as the pipeline's embeddings, made before `release_text_encoders` frees
+    the text encoders: the images are then the same as with the encoders loaded."""
+    return encode_prompts(pipe, list(config.validation_prompts), concepts_of(config))
+
+
+def write_validation(
+    pipe: StableDiffusionPipeline,
+    config: TrainConfig,
+    out: Path,
+    step: int,
+    encoded: dict[str, PromptInputs] | None = None,
+) -> Path:
+    """One image per validation prompt (V* = the identifier), at the training resolution, plus a grid.
+    ``encoded``: the prompts' embeddings (``encode_validation``) when the text encoders are released."""
     settings = SampleSettings(
         steps=VALIDATION_STEPS, seed=config.seed, height=config.resolution, width=config.resolution
     )
-    concept = Concept(config.token, config.class_word)
-    samples = sample(pipe, list(config.validation_prompts), [concept], settings, progress=False)
+    prompts = list(config.validation_prompts)
+    samples = sample(pipe, prompts, concepts_of(config), settings, progress=False, encoded=encoded)
     target = validation_folder(out, step)
     extra = {"base": config.base, "token": config.token, "train_step": step}
     with atomic_dir(target) as tmp:
@@ -53,12 +70,17 @@ def write_validation(pipe: StableDiffusionPipeline, config: TrainConfig, out: Pa
     return target
 
 
-def write_final(pipe: StableDiffusionPipeline, config: TrainConfig, out: Path) -> Path | None:
+def write_final(
+    pipe: StableDiffusionPipeline,
+    config: TrainConfig,
+    out: Path,
+    encoded: dict[str, PromptInputs] | None = None,
+) -> Path | None:
     """The final images, unless ``--validation-every`` already wrote them at the last step."""
     if not config.validation_prompts:
         return None
     target = validation_folder(out, config.steps)
-    return target if target.is_dir() else write_validation(pipe, config, out, config.steps)
+    return target if target.is_dir() else write_validation(pipe, config, out, config.steps, encoded)
 
 
 def drop_later(out: Path, step: int) -> None:
