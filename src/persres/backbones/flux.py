@@ -75,6 +75,9 @@ from persres.errors import ModelError
 FLUX_RESOLUTION = 1024  # Flux.1's native resolution
 TEXT_LENGTH = 512  # T5 tokens per prompt: FluxPipeline's max_sequence_length default, and the trainer's
 TRAINING_GUIDANCE = 1.0  # the guidance embedding's value in training (see the module's notes)
+# the guidance embedding's value in sampling when none is given: FluxPipeline's guidance_scale default
+# and Flux.1-dev's model card; a distilled guidance, not classifier-free (no negative prompt is run)
+SAMPLING_GUIDANCE = 3.5
 DEFAULT_RANK = int(RANK_DEFAULTS["FluxPipeline"])  # 21: the paper's share of its base, 0.144%, on Flux.1
 KOHYA_PREFIX = "lora_unet_"  # kohya's Flux LoRA files keep the U-Net prefix (sd-scripts' lora_flux)
 KOHYA_VERSION = "flux1"  # kohya's ss_base_model_version for Flux.1
@@ -144,6 +147,11 @@ class FluxBackbone:
     def rank_default(self) -> float | int:
         """A fixed rank of 21 on every layer: the paper's share of the base (see the module's notes)."""
         return DEFAULT_RANK
+
+    @property
+    def default_guidance(self) -> float:
+        """3.5, fed to the guidance embedding (``SAMPLING_GUIDANCE``); schnell has none and ignores it."""
+        return SAMPLING_GUIDANCE
 
     @property
     def method_capability(self) -> str | None:

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 KOHYA_PREFIX = "lora_unet_"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the LoRA method's layers (``lora_targets``)
 XL_RESOLUTION = 1024  # SDXL's native resolution (its training images and default sampling size)
+# classifier-free guidance scale when none is given: StableDiffusionPipeline's and
+# StableDiffusionXLPipeline's guidance_scale default (diffusers 0.42)
+CFG_SCALE = 7.5
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,11 @@ class UNetBackbone:
     def rank_default(self) -> float | int:
         """The paper's rule, 5% of each layer's width (16/32/64 for SD's 320/640/1280 channels)."""
         return ResidualConfig.rank
+
+    @property
+    def default_guidance(self) -> float:
+        """Classifier-free guidance 7.5 (``CFG_SCALE``)."""
+        return CFG_SCALE
 
     @property
     def method_capability(self) -> str | None:

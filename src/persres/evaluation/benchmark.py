@@ -28,6 +28,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+from persres.backbones import backbone_for_base
 from persres.config import DEFAULT_TOKEN, TrainConfig
 from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
 from persres.core.tokens import text_length
@@ -63,10 +64,12 @@ SETTINGS_FILE = "benchmark.json"
 
 
 def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
-    """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
+    """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash. No
+    `guidance`: the base family's, resolved before the settings are recorded (a rerun compares numbers)."""
     out = Path(config.out)
     inputs = {"dataset": config.dataset, "base": config.base, "clip": config.clip}
     check_apart(out, "out", [*inputs.items(), ("dino", config.dino), ("nouns", config.nouns)])
+    config = with_base_guidance(config)
     entries = select(load_dataset(config.dataset), config.concepts)
     check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")
@@ -87,6 +90,13 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
         merge_results(out)
     state.wait_for_everyone()
     return out
+
+
+def with_base_guidance(config: BenchmarkConfig) -> BenchmarkConfig:
+    """``config`` with the base family's `guidance` (``Backbone.default_guidance``) when none was given,
+    read from the base's model_index.json without loading it."""
+    default = backbone_for_base(config.base).default_guidance
+    return replace(config, sample=config.sample.with_guidance(default))
 
 
 def is_done(folder: Path) -> bool:

@@ -52,6 +52,7 @@ class Sample:
     image: Image.Image
     masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> block -> (1, G, HW)
     latent_size: tuple[int, int] = (0, 0)  # (h, w) of the latents, to lay masks out spatially
+    guidance: float | None = None  # the guidance it was drawn with (the base's default when none was given)
 
 
 def sample(
@@ -67,6 +68,8 @@ def sample(
     denoiser (its U-Net or transformer).
 
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
+    ``settings.guidance`` None: the base family's (``Backbone.default_guidance``), recorded in each
+    ``Sample``.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
@@ -120,7 +123,9 @@ def prompt_columns(
 def generate(
     pipe: StableDiffusionPipeline, plan: PromptPlan, seed: int, settings: SampleSettings, lag: LagState | None
 ) -> Sample:
-    """One image; with ``lag`` the residuals apply only inside the concepts' attention masks."""
+    """One image; with ``lag`` the residuals apply only inside the concepts' attention masks;
+    ``settings.guidance`` None: the base family's (``Backbone.default_guidance``)."""
+    settings = settings.with_guidance(backbone_of(pipe).default_guidance)
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
     # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
@@ -138,4 +143,5 @@ def generate(
     masks = lag.records if lag is not None else {}
     image = result.images[0]
     latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
-    return Sample(plan.prompt, plan.expanded, seed, "lag" if lag else "normal", image, masks, latent)
+    kind = "lag" if lag else "normal"
+    return Sample(plan.prompt, plan.expanded, seed, kind, image, masks, latent, settings.guidance)
