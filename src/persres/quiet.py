@@ -15,6 +15,10 @@ from collections.abc import Iterator
 
 TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
 EMITTER = "transformers.utils.import_utils"  # the logger that emits it (transformers 5.x)
+# transformers 5's notice when a prompt is tokenized past the tokenizer's model_max_length (diffusers'
+# encode_prompt does, untruncated, to find the cut): persres has checked the prompt's length itself
+LENGTH_NOTICE = "Token indices sequence length is longer than the specified maximum"
+LENGTH_EMITTER = "transformers.tokenization_utils_base"
 
 
 class DropTorchvisionFallback(logging.Filter):

@@ -11,10 +11,12 @@ A backbone owns:
   ``pipe.transformer``), extra ``from_pretrained`` arguments and fixes after loading (SDXL's fp32 VAE
   under fp16), the scheduler persres samples with (``sampling_scheduler``: DDIM for the U-Nets, the
   shipped flow-matching Euler for Flux), the (tokenizer, text encoder) pairs and those whose positions
-  the denoiser attends to (``attended_towers``: where LAG finds a concept's words, and whose length limit
-  a prompt is checked against), the default training resolution and `rank`, the `guidance` sampling
-  uses when none is given (``default_guidance``: classifier-free 7.5 on the U-Nets, Flux.1-dev's
-  distilled 3.5), and a weightless ``skeleton`` of its denoiser for checks before loading;
+  the denoiser attends to (``attended_towers``, and their subfolders ``attended_folders`` for checks
+  before loading: where LAG finds a concept's words, and whose tokenizers and length limits a prompt and
+  an identifier are checked with: SD's CLIP, Flux's T5 and not its pooled CLIP), the default training
+  resolution and `rank`, the `guidance` sampling uses when none is given (``default_guidance``:
+  classifier-free 7.5 on the U-Nets, Flux.1-dev's distilled 3.5), and a weightless ``skeleton`` of its
+  denoiser for checks before loading;
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
 - LAG: which attention layers give the maps of a residual's block (``attention_layers``), the processor
   that captures their text-column probabilities (``capture_processor``), the block's mask laid out on the
@@ -101,6 +103,8 @@ class Backbone(Protocol):
     def training_scheduler(self, pipe: Any) -> Any: ...
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]: ...
     def attended_towers(self, pipe: Any) -> list[tuple[Any, Any]]: ...
+    @property
+    def attended_folders(self) -> tuple[tuple[str, str], ...]: ...
     def skeleton(self, base: str) -> nn.Module: ...
 
     def residual_targets(self, denoiser: nn.Module) -> dict[str, nn.Module]: ...

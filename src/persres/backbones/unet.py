@@ -144,6 +144,12 @@ class UNetBackbone:
         """Every text tower: SDXL's two sequences sit side by side per position in the cross-attention."""
         return self.text_towers(pipe)
 
+    @property
+    def attended_folders(self) -> tuple[tuple[str, str], ...]:
+        """The (tokenizer, text encoder) subfolders of ``attended_towers``, read before loading."""
+        first = (("tokenizer", "text_encoder"),)
+        return (*first, ("tokenizer_2", "text_encoder_2")) if self.xl else first
+
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
         pairs = [(pipe.tokenizer, pipe.text_encoder)]

@@ -30,8 +30,7 @@ from accelerate import PartialState
 
 from persres.backbones import backbone_for_base
 from persres.config import DEFAULT_TOKEN, TrainConfig
-from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
-from persres.core.tokens import text_length
+from persres.core.pipeline import load_pipeline, load_prompt_readers, resolve_device
 from persres.errors import ConfigError, InputError
 from persres.evaluation.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
     CLASS_SOURCES,
@@ -122,8 +121,8 @@ def check_other_results(out: Path, config: BenchmarkConfig, entries: list[Concep
 
 
 def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
-    """What can be checked before the first concept is trained: the noun list, and every prompt with
-    the dataset's class word against the base model's tokenizer (nearest and balanced class words are
+    """What can be checked before the first concept is trained: the noun list, and every prompt with the
+    dataset's class word against the base model's tokenizers (nearest and balanced class words are
     known only once CLIP has ranked the nouns: their prompts are checked then, before that training)."""
     if config.nouns is not None and set(config.class_sources) != {"dataset"}:
         load_nouns(config.nouns)
@@ -132,13 +131,13 @@ def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
 
 
 def check_entry_prompts(config: BenchmarkConfig, cases: list[tuple[ConceptEntry, str]]) -> None:
-    """Each (concept, class word)'s prompts as they will be sampled, with the base model's tokenizer."""
-    tokenizer = load_tokenizer(config.base)
-    limit = text_length(tokenizer, load_text_encoder_config(config.base))
+    """Each (concept, class word)'s prompts as they will be sampled, with the tokenizers of the base
+    model's text encoders that carry the prompt (``load_prompt_readers``: SD's CLIP, Flux's T5)."""
+    readers = load_prompt_readers(config.base)
     token = config.train.token if config.train else DEFAULT_TOKEN
     for entry, class_word in cases:
         count = config.max_prompts or len(entry.templates)
-        check_prompts(entry, class_word, token, tokenizer, limit, count)
+        check_prompts(entry, class_word, token, readers, count)
 
 
 def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True) -> None:

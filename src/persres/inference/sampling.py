@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from persres.backbones import backbone_of, denoiser_of
 from persres.config import SampleSettings
 from persres.core.lag import LagState, localized
-from persres.core.pipeline import text_towers
+from persres.core.pipeline import prompt_readers, text_towers
 from persres.core.residuals import find_residuals
-from persres.core.tokens import check_token, text_length
+from persres.core.tokens import PromptReader, check_token
 from persres.errors import ConfigError, quote
 from persres.formats.concepts import (
     Concept,
@@ -32,7 +32,7 @@ from persres.formats.concepts import (
     concept_columns,
     plan_prompts,
 )
-from persres.quiet import message_hidden
+from persres.quiet import LENGTH_EMITTER, LENGTH_NOTICE, message_hidden
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,14 @@ def sample(
     for tokenizer, _ in text_towers(pipe):  # a concept bound to a special token would be in every padding
         for concept in concepts:
             check_token(tokenizer, concept.token, new=False)
-    attended = backbone_of(pipe).attended_towers(pipe)  # the positions LAG reads (Flux: T5's)
-    towers = [(tokenizer, text_length(tokenizer, encoder.config)) for tokenizer, encoder in attended]
+    readers = prompt_readers(pipe)  # the positions the denoiser attends to and LAG reads (Flux: T5's)
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
-        for tokenizer, limit in towers:
-            check_prompt_length(tokenizer, plan, concepts, limit)
+        for reader in readers:
+            check_prompt_length(reader, plan, concepts)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
     if "lag" in kinds:
         check_localizable(pipe)
-    columns = {plan.prompt: prompt_columns(towers, plan, concepts, "lag" in kinds) for plan in plans}
+    columns = {plan.prompt: prompt_columns(readers, plan, concepts, "lag" in kinds) for plan in plans}
     samples = []
     with tqdm(
         total=len(plans) * settings.num_images * len(kinds), desc="sampling", disable=not progress
@@ -109,11 +108,11 @@ def check_localizable(pipe: StableDiffusionPipeline) -> None:
 
 
 def prompt_columns(
-    towers: list[tuple[Any, int]], plan: PromptPlan, concepts: list[Concept], require: bool
+    readers: list[PromptReader], plan: PromptPlan, concepts: list[Concept], require: bool
 ) -> torch.Tensor:
     """Each concept's token columns, located in the ids of every tokenizer (SDXL has two, whose
     hidden states sit side by side per position): a column of either counts."""
-    found = [concept_columns(tokenizer, plan, concepts, require, limit) for tokenizer, limit in towers]
+    found = [concept_columns(r.tokenizer, plan, concepts, require, r.limit) for r in readers]
     width = max(c.shape[1] for c in found)
     padded = [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in found]
     return torch.stack(padded).amax(dim=0)
@@ -128,8 +127,10 @@ def generate(
     settings = settings.with_guidance(backbone_of(pipe).default_guidance)
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
-    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
-    with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
+    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it, and
+    # transformers warns of the untruncated prompt diffusers tokenizes to find it (Flux: CLIP's pooled cut)
+    cut = message_hidden(type(pipe).__module__, TRUNCATION_NOTICE)
+    with scope, cut, message_hidden(LENGTH_EMITTER, LENGTH_NOTICE):
         result = pipe(
             plan.expanded,
             num_inference_steps=settings.steps,
