@@ -54,7 +54,7 @@ from persres.files import check_apart, write_json
 from persres.formats.runfolder import SAMPLES, find_run
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import sample
-from persres.methods import METHODS, get_method
+from persres.methods import METHODS, check_runs_on, get_method
 from persres.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,13 @@ def check_other_results(out: Path, config: BenchmarkConfig, entries: list[Concep
 
 
 def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
-    """What can be checked before the first concept is trained: the noun list, and every prompt with the
-    dataset's class word against the base model's tokenizers (nearest and balanced class words are
-    known only once CLIP has ranked the nouns: their prompts are checked then, before that training)."""
+    """What can be checked before the first concept is trained: that every method trains on the base's
+    family, the noun list, and every prompt with the dataset's class word against the base model's
+    tokenizers (nearest and balanced class words are known only once CLIP has ranked the nouns: their
+    prompts are checked then, before that training)."""
+    backbone = backbone_for_base(config.base)
+    for method in config.methods:  # e.g. a peer method that does not train on Flux: refused by name now
+        check_runs_on(method, backbone, config.base)
     if config.nouns is not None and set(config.class_sources) != {"dataset"}:
         load_nouns(config.nouns)
     if "dataset" in config.class_sources:
