@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from helpers import tiny_config
 
+from persres.cli import main
 from persres.config import ResidualConfig, SampleSettings
 from persres.core.pipeline import load_pipeline, load_prompt_readers, prompt_readers
 from persres.core.residuals import add_residuals
-from persres.core.tokens import PromptReader, check_identifier_read
+from persres.core.tokens import PromptReader, check_identifier_read, suggest_tokens
 from persres.errors import ConfigError
 from persres.formats.concepts import Concept, plan_prompts
 from persres.inference.sampling import prompt_columns, sample
@@ -114,3 +115,16 @@ def test_the_identifier_is_checked_with_each_prompt_tokenizer_once_per_split(
         check_identifier_read([clip, replace(clip, name="CLIPTextModelWithProjection")], "dog", {"dog"})
     assert "is 1 tokens" not in caplog.text and "tokens (" not in caplog.text
     assert caplog.text.count("'dog' is a common English word") == 1
+
+
+def test_suggested_identifiers_are_one_token_for_every_tokenizer_that_carries_the_prompt(
+    flux_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CLIP's rarest whole words (its BPE order) that T5 also reads as one token: on Flux T5 carries V*."""
+    clip = word_tokenizer(["sks", "zwx", "qqq", "dog"])
+    assert suggest_tokens(clip, {"dog"}, count=5) == ["zwx", "sks", "qqq"]
+    assert suggest_tokens(clip, {"dog"}, count=5, readers=[t5_word_tokenizer(["sks", "dog"])]) == ["sks"]
+    assert main(["suggest-token", "--base", str(flux_base), "--top", "2"]) == 0
+    suggested = capsys.readouterr().out.split()
+    t5 = load_prompt_readers(str(flux_base))[0].tokenizer
+    assert len(suggested) == 2 and all(len(t5.tokenize(word)) == 1 for word in suggested)

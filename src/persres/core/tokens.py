@@ -137,10 +137,12 @@ def suggest_tokens(
     real_words: set[str],
     count: int = 10,
     lengths: tuple[int, int] = (3, 4),
+    readers: Sequence[PreTrainedTokenizerBase] = (),
 ) -> list[str]:
     """The rarest whole-word tokens of ``lengths`` letters that are not real words, rarest first.
 
-    Each is checked to tokenize back to exactly one token.
+    Each is checked to tokenize back to exactly one token, in ``tokenizer`` (CLIP's BPE, whose vocabulary
+    order gives the rarity) and in each of ``readers`` (the tokenizers that carry the prompt: Flux's T5).
     """
     if count < 1:
         raise ConfigError(f"`top` must be >= 1, got {count}")
@@ -156,7 +158,15 @@ def suggest_tokens(
             continue
         if word in real_words or list(tokenizer.tokenize(word)) != [piece]:
             continue
+        if not all(one_token(reader, word) for reader in readers):
+            continue
         found.append(word)
         if len(found) == count:
             break
     return found
+
+
+def one_token(tokenizer: PreTrainedTokenizerBase, word: str) -> bool:
+    """Whether ``tokenizer`` reads ``word`` as one known token."""
+    pieces = list(tokenizer.tokenize(word))
+    return len(pieces) == 1 and pieces[0] != tokenizer.unk_token
