@@ -128,3 +128,16 @@ def test_suggested_identifiers_are_one_token_for_every_tokenizer_that_carries_th
     suggested = capsys.readouterr().out.split()
     t5 = load_prompt_readers(str(flux_base))[0].tokenizer
     assert len(suggested) == 2 and all(len(t5.tokenize(word)) == 1 for word in suggested)
+
+
+def test_suggest_token_says_so_when_no_rare_word_is_one_token_for_t5(
+    flux_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "flux"
+    shutil.copytree(flux_base, base)
+    shutil.rmtree(base / "tokenizer_2")
+    t5_word_tokenizer(["a", "photo", "of", "dog"]).save_pretrained(base / "tokenizer_2")  # no rare word whole
+    assert main(["suggest-token", "--base", str(base)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no rare word of 3-4 letters is one token for every tokenizer of" in err
+    assert len(err.splitlines()) == 1 and "--token" in err

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from persres.cli.options import COUNT, add_device, add_scorers, number
+from persres.errors import ModelError
 
 MARGIN = number(0.0, 1.0)
 
@@ -66,6 +67,12 @@ def run_suggest_token(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.base)
     readers = [reader.tokenizer for reader in load_prompt_readers(args.base)]  # Flux: T5's
-    for word in suggest_tokens(tokenizer, real_words(), args.top, readers=readers):
+    found = suggest_tokens(tokenizer, real_words(), args.top, readers=readers)
+    if not found:
+        raise ModelError(
+            f"no rare word of 3-4 letters is one token for every tokenizer of {args.base}; choose --token "
+            "yourself (persres train warns when it is several tokens)"
+        )
+    for word in found:
         print(word)
     return 0
