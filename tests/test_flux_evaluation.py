@@ -38,7 +38,6 @@ def test_evaluate_scores_images_sampled_on_flux(
     assert all(-1 <= i["clip_i"] <= 1 and -1 <= i["dino_i"] <= 1 for i in per_image)
 
 
-@pytest.mark.slow
 def test_benchmark_and_report_on_flux_residuals_and_lora(
     dataset: Path, flux_base: Path, tmp_path: Path, scorer_models: tuple[str, str],
     capsys: pytest.CaptureFixture,
