@@ -282,7 +282,7 @@ def test_prompts_are_checked_before_any_training(
     err = capsys.readouterr().err
     assert f"{dataset / 'prompts' / 'dog.txt'} {problem}" in err and len(err) < 500
     if "beach on" in lines:
-        assert "is 97 tokens, above the base model's limit of 77; shorten the line" in err
+        assert "is 97 tokens, above the base model's limit of 77 (CLIPTextModel); shorten the line" in err
     assert not (out / "runs").exists()
 
 

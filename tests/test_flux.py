@@ -295,11 +295,12 @@ def test_sampling_a_flux_run_normal_and_lag(
     ours = np.asarray(Image.open(png), dtype=np.int16)
     plain = FluxPipeline.from_pretrained(flux_base)
     plain.set_progress_bar_config(disable=True)
-    base = plain("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
+    base = plain("a photo of a sks dog", num_inference_steps=2, height=16, width=16,
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     assert ours.shape == (16, 16, 3) and np.abs(ours - np.asarray(base, dtype=np.int16)).max() > 1
     [sidecar] = images.glob("*.json")
     assert json.loads(sidecar.read_text())["scheduler"] == "FlowMatchEulerDiscrete"
+    assert json.loads(sidecar.read_text())["guidance"] == 3.5  # Flux.1-dev's, no `guidance` given
     both = tmp_path / "both"
     assert main(sample_argv(flux_base, flux_run, both, "--sampler", "both", "--save-masks")) == 0
     kinds = sorted(json.loads(s.read_text())["sampler"] for s in both.glob("*.json"))
@@ -394,9 +395,10 @@ def residual_image(flux_base: Path, run: Path, tmp_path: Path) -> np.ndarray:
 
 
 def image(pipe: FluxPipeline) -> np.ndarray:
-    """Plain diffusers' image of the prompt ``sample_argv`` samples, with its seed and size."""
+    """Plain diffusers' image of the prompt ``sample_argv`` samples, with its seed and size, and
+    FluxPipeline's own guidance (3.5), which persres takes when none is given."""
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a photo of a sks dog", num_inference_steps=2, guidance_scale=7.5, height=16, width=16,
+    out = pipe("a photo of a sks dog", num_inference_steps=2, height=16, width=16,
                generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     return np.asarray(out, dtype=np.int16)
 

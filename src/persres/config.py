@@ -335,10 +335,12 @@ MAX_STEPS = 1000  # DDIM cannot take more steps than the 1000 training timesteps
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """DDIM sampling settings; ``height``/``width`` None means the model's native size."""
+    """Sampling settings; ``height``/``width`` None means the model's native size, ``guidance`` None the
+    base family's (its backbone's ``default_guidance``: classifier-free 7.5 on Stable Diffusion, the
+    distilled 3.5 on Flux.1-dev), set by ``with_guidance`` once the base is known."""
 
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None
     num_images: int = 1
     seed: int = 0
     height: int | None = None
@@ -349,7 +351,7 @@ class SampleSettings:
             raise ConfigError(f"`steps` must be in [1, {MAX_STEPS}], got {self.steps}")
         if self.num_images < 1:
             raise ConfigError(f"`num_images` must be >= 1, got {self.num_images}")
-        if not 0 <= self.guidance <= 100:  # also refuses NaN and infinity
+        if self.guidance is not None and not 0 <= self.guidance <= 100:  # also refuses NaN and infinity
             raise ConfigError(f"`guidance` must be a finite number in [0, 100], got {self.guidance}")
         if self.seed < 0:
             raise ConfigError(f"`seed` must be >= 0, got {self.seed}")
@@ -357,3 +359,7 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"`{name}` {value} must be a positive multiple of 8")
+
+    def with_guidance(self, default: float) -> SampleSettings:
+        """These settings with ``default`` as the `guidance` when none was given; a given one is kept."""
+        return self if self.guidance is not None else dataclasses.replace(self, guidance=default)

@@ -25,6 +25,10 @@ FALSE_ALARMS = (  # (logger, a piece of the message)
     ("torchao", "Failed to load"),
     ("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),
 )
+# transformers 5's notice when a prompt is tokenized past the tokenizer's model_max_length (diffusers'
+# encode_prompt does, untruncated, to find the cut): persres has checked the prompt's length itself
+LENGTH_NOTICE = "Token indices sequence length is longer than the specified maximum"
+LENGTH_EMITTER = "transformers.tokenization_utils_base"
 
 
 def install() -> None:

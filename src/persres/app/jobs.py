@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -36,7 +36,7 @@ class Recipe:
 
     steps: int
     lr: float
-    rank: float
+    rank: float | int
     batch_size: int
     resolution: int
     flip: bool
@@ -60,7 +60,17 @@ def is_shipped_base(base: str) -> bool:
 
 
 def recipe_for(base: str) -> Recipe:
-    return TOY_RECIPE if is_shipped_base(base) else PAPER_RECIPE
+    """The toy world's recipe, or the paper's with the base family's `rank` and native `resolution` (as
+    ``persres train`` takes them: on Flux.1 rank 21 at 1024 px, on SDXL 0.05 at 1024 px)."""
+    if is_shipped_base(base):
+        return TOY_RECIPE
+    from persres.backbones import by_pipeline, rank_default_for
+    from persres.backbones.folder import pipeline_class_name
+
+    backbone = by_pipeline().get(pipeline_class_name(base) or "")
+    if backbone is None:  # not readable here (e.g. a hub id not downloaded): training says why, by name
+        return PAPER_RECIPE
+    return replace(PAPER_RECIPE, rank=rank_default_for(base), resolution=backbone.default_resolution)
 
 
 def parse_rank(text: str | float) -> float | int:

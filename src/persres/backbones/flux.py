@@ -71,10 +71,15 @@ from persres.backbones.records import FLUX_GUIDANCE, FLUX_RECORD, FLUX_TEXT_WIDT
 from persres.backbones.vae import Posterior, encode_posterior
 from persres.config import ResidualConfig
 from persres.errors import ModelError
+from persres.quiet import LENGTH_EMITTER, LENGTH_NOTICE, message_hidden
 
 FLUX_RESOLUTION = 1024  # Flux.1's native resolution
 TEXT_LENGTH = 512  # T5 tokens per prompt: FluxPipeline's max_sequence_length default, and the trainer's
 TRAINING_GUIDANCE = 1.0  # the guidance embedding's value in training (see the module's notes)
+CLIP_CUT = "truncated because CLIP can only handle"  # diffusers' (0.42) warning of the pooled prompt's cut
+# the guidance embedding's value in sampling when none is given: FluxPipeline's guidance_scale default
+# and Flux.1-dev's model card; a distilled guidance, not classifier-free (no negative prompt is run)
+SAMPLING_GUIDANCE = 3.5
 DEFAULT_RANK = int(RANK_DEFAULTS["FluxPipeline"])  # 21: the paper's share of its base, 0.144%, on Flux.1
 KOHYA_PREFIX = "lora_unet_"  # kohya's Flux LoRA files keep the U-Net prefix (sd-scripts' lora_flux)
 KOHYA_VERSION = "flux1"  # kohya's ss_base_model_version for Flux.1
@@ -146,6 +151,11 @@ class FluxBackbone:
         return DEFAULT_RANK
 
     @property
+    def default_guidance(self) -> float:
+        """3.5, fed to the guidance embedding (``SAMPLING_GUIDANCE``); schnell has none and ignores it."""
+        return SAMPLING_GUIDANCE
+
+    @property
     def method_capability(self) -> str | None:
         """Only the methods marked ``works_on_flux`` train on Flux."""
         return "works_on_flux"
@@ -180,6 +190,11 @@ class FluxBackbone:
     def attended_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """T5 only: the joint attention holds its 512 positions first; CLIP gives the pooled embedding."""
         return [(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    @property
+    def attended_folders(self) -> tuple[tuple[str, str], ...]:
+        """The (tokenizer, text encoder) subfolders of ``attended_towers`` (T5's), read before loading."""
+        return (("tokenizer_2", "text_encoder_2"),)
 
     def skeleton(self, base: str) -> nn.Module:
         """The base's transformer built from its config on the meta device: its layers' names, kinds and
@@ -231,10 +246,14 @@ class FluxBackbone:
 
     # -- training --------------------------------------------------------------------------------
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> FluxConditioning:
-        """The prompt's T5 sequence (512 tokens), pooled CLIP embedding and text ids."""
-        hidden, pooled, text_ids = pipe.encode_prompt(
-            prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=TEXT_LENGTH
-        )
+        """The prompt's T5 sequence (512 tokens), pooled CLIP embedding and text ids. A prompt longer than
+        CLIP's 77 tokens is cut for the pooled embedding only, as in FluxPipeline: the warnings diffusers
+        and transformers log of it are hidden (the T5 sequence, which carries the prompt, is checked
+        before training)."""
+        with message_hidden(type(pipe).__module__, CLIP_CUT), message_hidden(LENGTH_EMITTER, LENGTH_NOTICE):
+            hidden, pooled, text_ids = pipe.encode_prompt(
+                prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=TEXT_LENGTH
+            )
         return FluxConditioning(hidden, pooled, text_ids)
 
     def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:

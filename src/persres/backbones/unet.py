@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 KOHYA_PREFIX = "lora_unet_"
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the LoRA method's layers (``lora_targets``)
 XL_RESOLUTION = 1024  # SDXL's native resolution (its training images and default sampling size)
+# classifier-free guidance scale when none is given: StableDiffusionPipeline's and
+# StableDiffusionXLPipeline's guidance_scale default (diffusers 0.42)
+CFG_SCALE = 7.5
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,11 @@ class UNetBackbone:
         return ResidualConfig.rank
 
     @property
+    def default_guidance(self) -> float:
+        """Classifier-free guidance 7.5 (``CFG_SCALE``)."""
+        return CFG_SCALE
+
+    @property
     def method_capability(self) -> str | None:
         """SD 1.x/2.x runs every method (None); SDXL only the methods marked ``works_on_sdxl``."""
         return "works_on_sdxl" if self.xl else None
@@ -135,6 +143,12 @@ class UNetBackbone:
     def attended_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """Every text tower: SDXL's two sequences sit side by side per position in the cross-attention."""
         return self.text_towers(pipe)
+
+    @property
+    def attended_folders(self) -> tuple[tuple[str, str], ...]:
+        """The (tokenizer, text encoder) subfolders of ``attended_towers``, read before loading."""
+        first = (("tokenizer", "text_encoder"),)
+        return (*first, ("tokenizer_2", "text_encoder_2")) if self.xl else first
 
     def text_towers(self, pipe: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from persres.cli.options import COUNT, add_device, add_scorers, number
+from persres.errors import ModelError
 
 MARGIN = number(0.0, 1.0)
 
@@ -33,7 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "suggest-token",
         help="propose rare single-token identifiers that are not real words",
         description="The rarest whole-word tokens of the base model's tokenizer with 3-4 letters that are "
-        "not WordNet nouns, each checked to be one token.",
+        "not WordNet nouns, each checked to be one token (on Flux also for T5, which carries the prompt).",
     )
     p.add_argument("--base", required=True, help="base model (its tokenizer is used): folder or hub id")
     p.add_argument("--top", type=COUNT, default=10, help="how many (default 10)")
@@ -60,11 +61,18 @@ def run_suggest_class(args: argparse.Namespace) -> int:
 
 
 def run_suggest_token(args: argparse.Namespace) -> int:
-    from persres.core.pipeline import load_tokenizer
+    from persres.core.pipeline import load_prompt_readers, load_tokenizer
     from persres.core.tokens import suggest_tokens
     from persres.words import real_words
 
     tokenizer = load_tokenizer(args.base)
-    for word in suggest_tokens(tokenizer, real_words(), args.top):
+    readers = [reader.tokenizer for reader in load_prompt_readers(args.base)]  # Flux: T5's
+    found = suggest_tokens(tokenizer, real_words(), args.top, readers=readers)
+    if not found:
+        raise ModelError(
+            f"no rare word of 3-4 letters is one token for every tokenizer of {args.base}; choose --token "
+            "yourself (persres train warns when it is several tokens)"
+        )
+    for word in found:
         print(word)
     return 0

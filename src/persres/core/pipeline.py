@@ -17,13 +17,13 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, CLIPTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, CLIPTokenizer
 
 from persres.backbones import PIPELINE_NAMES, backbone_for_base, backbone_of, by_pipeline
 from persres.backbones.folder import check_local_folder, looks_like_path, not_available_message
 from persres.config import QuantizeBase
 from persres.core.quantize import quantize_denoiser
-from persres.core.tokens import text_length
+from persres.core.tokens import PromptReader, reader_of, text_length
 from persres.errors import ConfigError, ModelError, quote
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,34 @@ def text_towers(pipe: object) -> list[tuple[Any, Any]]:
     return backbone_of(pipe).text_towers(pipe)
 
 
+def prompt_readers(pipe: object) -> list[PromptReader]:
+    """The text encoders that carry a prompt to the denoiser (its backbone's ``attended_towers``), each
+    with its tokenizer and token limit: what a prompt's length and identifier are checked with."""
+    attended = backbone_of(pipe).attended_towers(pipe)
+    # a released encoder (None) leaves its tokenizer, bounded by the encoder when the pipeline was loaded
+    return [reader_of(tokenizer, getattr(encoder, "config", None)) for tokenizer, encoder in attended]
+
+
+def load_prompt_readers(base: str) -> list[PromptReader]:
+    """``prompt_readers`` of a base folder or hub id without loading a weight: its backbone's
+    ``attended_folders``' tokenizers and text encoder configs (a benchmark's prompts, checked before
+    anything is trained)."""
+    _check_local_folder(base)
+    folder = os.path.expanduser(base)
+    readers = []
+    for tokenizer_folder, encoder_folder in backbone_for_base(base).attended_folders:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, subfolder=tokenizer_folder)
+            config = AutoConfig.from_pretrained(folder, subfolder=encoder_folder)
+        except (OSError, ValueError) as exc:
+            raise ModelError(not_available_message(base, exc)) from None
+        if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):  # as load_tokenizer
+            missing = OSError(f"it has no tokenizer ({tokenizer_folder}/ folder)")
+            raise ModelError(not_available_message(base, missing))
+        readers.append(reader_of(tokenizer, config))
+    return readers
+
+
 def release_text_encoders(pipe: Any) -> int:
     """Drop the pipeline's text encoders (every tower's; the tokenizers stay) and free their memory; the
     number of parameters released. Whatever needs a prompt encoded afterwards (sampling) fails, so a
@@ -129,15 +157,6 @@ def load_tokenizer(base: str) -> CLIPTokenizer:
     if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
         raise ModelError(not_available_message(base, OSError("it has no tokenizer (tokenizer/ folder)")))
     return tokenizer
-
-
-def load_text_encoder_config(base: str) -> PretrainedConfig:
-    """The configuration of the base model's text encoder (no weights), e.g. its number of positions."""
-    _check_local_folder(base)
-    try:
-        return AutoConfig.from_pretrained(os.path.expanduser(base), subfolder="text_encoder")
-    except (OSError, ValueError) as exc:
-        raise ModelError(not_available_message(base, exc)) from None
 
 
 def _check_local_folder(base: str) -> None:

@@ -9,6 +9,8 @@ tools complain that "sks" is a rifle, and a real word drags its meaning into the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +41,24 @@ def text_length(tokenizer: PreTrainedTokenizerBase, text_config: Any) -> int:
             "states how many tokens a prompt may have; fix the base model's tokenizer_config.json"
         )
     return min(limits)
+
+
+@dataclass(frozen=True)
+class PromptReader:
+    """A text encoder whose token positions the denoiser attends to (``Backbone.attended_towers``: SD's
+    CLIP, SDXL's two CLIPs, Flux's T5, not its pooled CLIP): the tokenizer a prompt is checked with, how
+    many tokens the encoder reads (``text_length``), and its name for messages (``T5EncoderModel``)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    limit: int
+    name: str
+
+
+def reader_of(tokenizer: PreTrainedTokenizerBase, text_config: Any) -> PromptReader:
+    """The ``PromptReader`` of a tokenizer and its text encoder's config, named by the config's
+    architecture (its model type when none is recorded)."""
+    names = getattr(text_config, "architectures", None) or [getattr(text_config, "model_type", "encoder")]
+    return PromptReader(tokenizer, text_length(tokenizer, text_config), str(names[0]))
 
 
 def check_token(tokenizer: PreTrainedTokenizerBase, token: str, new: bool) -> None:
@@ -76,17 +96,21 @@ def check_token(tokenizer: PreTrainedTokenizerBase, token: str, new: bool) -> No
 
 
 def check_identifier(
-    tokenizer: PreTrainedTokenizerBase, token: str, real_words: set[str] | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    token: str,
+    real_words: set[str] | None = None,
+    reader: str = "this tokenizer",
 ) -> None:
-    """Warn when the identifier is several tokens or a real word."""
+    """Warn when the identifier is several tokens (for ``reader``'s tokenizer) or a real word."""
     pieces = list(tokenizer.tokenize(token))
     if len(pieces) != 1:
         log.warning(
-            "identifier %s is %d tokens (%s) for this tokenizer; a single rare token binds the concept more "
+            "identifier %s is %d tokens (%s) for %s; a single rare token binds the concept more "
             "cleanly (see persres suggest-token)",
             quote(token),
             len(pieces),
             " ".join(pieces[:10]) + (" ..." if len(pieces) > 10 else ""),
+            reader,
         )
     if real_words is not None and token.lower() in real_words:
         log.warning(
@@ -96,15 +120,29 @@ def check_identifier(
         )
 
 
+def check_identifier_read(readers: Sequence[PromptReader], token: str, real_words: set[str]) -> None:
+    """``check_identifier`` with the tokenizer of every text encoder that carries the prompt (Flux: T5,
+    whose pieces differ from CLIP's), once per distinct split (SDXL's two CLIP tokenizers split alike)."""
+    seen: set[tuple[str, ...]] = set()
+    for reader in readers:
+        pieces = tuple(reader.tokenizer.tokenize(token))
+        if pieces not in seen:
+            words = real_words if not seen else None  # a real word is warned of once
+            check_identifier(reader.tokenizer, token, words, f"{reader.name}'s tokenizer")
+            seen.add(pieces)
+
+
 def suggest_tokens(
     tokenizer: PreTrainedTokenizerBase,
     real_words: set[str],
     count: int = 10,
     lengths: tuple[int, int] = (3, 4),
+    readers: Sequence[PreTrainedTokenizerBase] = (),
 ) -> list[str]:
     """The rarest whole-word tokens of ``lengths`` letters that are not real words, rarest first.
 
-    Each is checked to tokenize back to exactly one token.
+    Each is checked to tokenize back to exactly one token, in ``tokenizer`` (CLIP's BPE, whose vocabulary
+    order gives the rarity) and in each of ``readers`` (the tokenizers that carry the prompt: Flux's T5).
     """
     if count < 1:
         raise ConfigError(f"`top` must be >= 1, got {count}")
@@ -120,7 +158,15 @@ def suggest_tokens(
             continue
         if word in real_words or list(tokenizer.tokenize(word)) != [piece]:
             continue
+        if not all(one_token(reader, word) for reader in readers):
+            continue
         found.append(word)
         if len(found) == count:
             break
     return found
+
+
+def one_token(tokenizer: PreTrainedTokenizerBase, word: str) -> bool:
+    """Whether ``tokenizer`` reads ``word`` as one known token."""
+    pieces = list(tokenizer.tokenize(word))
+    return len(pieces) == 1 and pieces[0] != tokenizer.unk_token

@@ -28,9 +28,9 @@ from typing import Any
 
 from accelerate import PartialState
 
+from persres.backbones import backbone_for_base
 from persres.config import DEFAULT_TOKEN, TrainConfig
-from persres.core.pipeline import load_pipeline, load_text_encoder_config, load_tokenizer, resolve_device
-from persres.core.tokens import text_length
+from persres.core.pipeline import load_pipeline, load_prompt_readers, resolve_device
 from persres.errors import ConfigError, InputError
 from persres.evaluation.benchmark_plan import (  # noqa: F401  (re-exported: the benchmark's public names)
     CLASS_SOURCES,
@@ -54,7 +54,7 @@ from persres.files import check_apart, write_json
 from persres.formats.runfolder import SAMPLES, find_run
 from persres.inference.outputs import write_samples
 from persres.inference.sampling import sample
-from persres.methods import METHODS, get_method
+from persres.methods import METHODS, check_runs_on, get_method
 from persres.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ SETTINGS_FILE = "benchmark.json"
 
 
 def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool = True) -> Path:
-    """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash."""
+    """Run (or finish) the benchmark; returns the output folder. Safe to rerun after a crash. No
+    `guidance`: the base family's, resolved before the settings are recorded (a rerun compares numbers)."""
     out = Path(config.out)
     inputs = {"dataset": config.dataset, "base": config.base, "clip": config.clip}
     check_apart(out, "out", [*inputs.items(), ("dino", config.dino), ("nouns", config.nouns)])
+    config = with_base_guidance(config)
     entries = select(load_dataset(config.dataset), config.concepts)
     check_inputs(config, entries)
     state = PartialState(cpu=resolve_device(device).type == "cpu")
@@ -87,6 +89,13 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
         merge_results(out)
     state.wait_for_everyone()
     return out
+
+
+def with_base_guidance(config: BenchmarkConfig) -> BenchmarkConfig:
+    """``config`` with the base family's `guidance` (``Backbone.default_guidance``) when none was given,
+    read from the base's model_index.json without loading it."""
+    default = backbone_for_base(config.base).default_guidance
+    return replace(config, sample=config.sample.with_guidance(default))
 
 
 def is_done(folder: Path) -> bool:
@@ -112,9 +121,13 @@ def check_other_results(out: Path, config: BenchmarkConfig, entries: list[Concep
 
 
 def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
-    """What can be checked before the first concept is trained: the noun list, and every prompt with
-    the dataset's class word against the base model's tokenizer (nearest and balanced class words are
-    known only once CLIP has ranked the nouns: their prompts are checked then, before that training)."""
+    """What can be checked before the first concept is trained: that every method trains on the base's
+    family, the noun list, and every prompt with the dataset's class word against the base model's
+    tokenizers (nearest and balanced class words are known only once CLIP has ranked the nouns: their
+    prompts are checked then, before that training)."""
+    backbone = backbone_for_base(config.base)
+    for method in config.methods:  # e.g. a peer method that does not train on Flux: refused by name now
+        check_runs_on(method, backbone, config.base)
     if config.nouns is not None and set(config.class_sources) != {"dataset"}:
         load_nouns(config.nouns)
     if "dataset" in config.class_sources:
@@ -122,13 +135,13 @@ def check_inputs(config: BenchmarkConfig, entries: list[ConceptEntry]) -> None:
 
 
 def check_entry_prompts(config: BenchmarkConfig, cases: list[tuple[ConceptEntry, str]]) -> None:
-    """Each (concept, class word)'s prompts as they will be sampled, with the base model's tokenizer."""
-    tokenizer = load_tokenizer(config.base)
-    limit = text_length(tokenizer, load_text_encoder_config(config.base))
+    """Each (concept, class word)'s prompts as they will be sampled, with the tokenizers of the base
+    model's text encoders that carry the prompt (``load_prompt_readers``: SD's CLIP, Flux's T5)."""
+    readers = load_prompt_readers(config.base)
     token = config.train.token if config.train else DEFAULT_TOKEN
     for entry, class_word in cases:
         count = config.max_prompts or len(entry.templates)
-        check_prompts(entry, class_word, token, tokenizer, limit, count)
+        check_prompts(entry, class_word, token, readers, count)
 
 
 def check_same_settings(out: Path, config: BenchmarkConfig, is_main: bool = True) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
-
+from persres.core.tokens import PromptReader
 from persres.errors import ConfigError, InputError, quote
 from persres.formats.concepts import Concept, plan_prompts, word_spans
 
@@ -129,14 +129,14 @@ def check_prompts(
     entry: ConceptEntry,
     class_word: str,
     token: str,
-    tokenizer: PreTrainedTokenizerBase,
-    limit: int,
+    readers: Sequence[PromptReader],
     count: int,
 ) -> None:
     """The first ``count`` prompts of ``entry``, as they will be sampled with ``class_word`` and the
-    identifier ``token``, checked before anything is trained: each must hold the identifier and the
-    class word (LAG masks and the prompt categories need both) and fit in the text encoder's ``limit``
-    tokens (a longer one would be cut silently)."""
+    identifier ``token``, checked before anything is trained with every text encoder that carries the
+    prompt (``readers``: SD's CLIP, Flux's T5): each must hold the identifier and the class word (LAG
+    masks and the prompt categories need both) and fit in the encoder's limit (a longer one would be cut
+    silently)."""
     concept = Concept(token, class_word)
     for number, prompt in zip(
         entry.line_numbers[:count], entry.prompts_with(class_word)[:count], strict=True
@@ -146,15 +146,24 @@ def check_prompts(
             plan = plan_prompts([prompt], [concept])[0]
         except ConfigError as exc:
             raise InputError(f"{where}: {exc}") from None
-        ids = tokenizer(plan.expanded, verbose=False).input_ids  # start and end tokens, untruncated
-        if len(ids) > limit:
+        for reader in readers:
+            check_read(where, prompt, plan.expanded, reader, (token, class_word), entry.class_word)
+
+
+def check_read(
+    where: str, prompt: str, expanded: str, reader: PromptReader, words: tuple[str, str], dataset_class: str
+) -> None:
+    """One prompt (``expanded``: as sampled) in one text encoder's tokens: within its limit, and holding
+    the identifier and the class word (``words``)."""
+    ids = reader.tokenizer(expanded, verbose=False).input_ids  # special tokens included, untruncated
+    if len(ids) > reader.limit:
+        raise InputError(
+            f"{where}: prompt {quote(prompt)} is {len(ids)} tokens, above the base model's limit of "
+            f"{reader.limit} ({reader.name}); shorten the line"
+        )
+    for word, what in zip(words, ("identifier", "class word"), strict=True):
+        if not word_spans(reader.tokenizer, ids, word):
             raise InputError(
-                f"{where}: prompt {quote(prompt)} is {len(ids)} tokens, above the base model's limit of "
-                f"{limit}; shorten the line"
+                f"{where}: prompt {quote(prompt)} has no {what} {quote(word)}; write the concept as {{}} "
+                f"or as {quote(MODIFIER + ' ' + dataset_class)}"
             )
-        for word, what in ((token, "identifier"), (class_word, "class word")):
-            if not word_spans(tokenizer, ids, word):
-                raise InputError(
-                    f"{where}: prompt {quote(prompt)} has no {what} {quote(word)}; write the concept as {{}} "
-                    f"or as {quote(MODIFIER + ' ' + entry.class_word)}"
-                )

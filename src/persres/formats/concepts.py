@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from persres.config import ResidualConfig
 from persres.core.residuals import add_residuals, find_proj_outs, find_residuals
+from persres.core.tokens import PromptReader
 from persres.errors import ConfigError, quote
 from persres.formats.io import ResidualFile, check_architecture, check_fits, read_residual_file
 
@@ -215,12 +216,12 @@ def concept_columns(
     return columns
 
 
-def check_prompt_length(
-    tokenizer: PreTrainedTokenizerBase, plan: PromptPlan, concepts: list[Concept], limit: int
-) -> None:
-    """Refuse a prompt whose identifier falls past the text encoder's ``limit`` (it would be cut off
-    silently, and the image would not show the concept); warn when only other words are cut."""
-    ids = tokenizer(plan.expanded, verbose=False).input_ids  # start and end tokens, untruncated
+def check_prompt_length(reader: PromptReader, plan: PromptPlan, concepts: list[Concept]) -> None:
+    """Refuse a prompt whose identifier falls past the limit of ``reader`` (a text encoder that carries
+    the prompt: it would be cut off silently, and the image would not show the concept); warn when only
+    other words are cut."""
+    tokenizer, limit = reader.tokenizer, reader.limit
+    ids = tokenizer(plan.expanded, verbose=False).input_ids  # special tokens included, untruncated
     if len(ids) <= limit:
         return
     kept = limit - 1  # truncation keeps the first limit - 1 tokens and appends the end token
@@ -231,13 +232,15 @@ def check_prompt_length(
             name = "V*" if len(concepts) == 1 else f"V{g + 1}*"
             raise ConfigError(
                 f"prompt {quote(plan.prompt)} is {len(ids)} tokens and its identifier {name} "
-                f"({quote(concept.token)}) falls past the text encoder's limit of {limit} tokens, where it "
-                f"would be cut off; shorten the prompt or move {name} nearer its start"
+                f"({quote(concept.token)}) falls past the text encoder's limit of {limit} tokens "
+                f"({reader.name}), where it would be cut off; shorten the prompt or move {name} nearer its "
+                "start"
             )
     log.warning(
-        "prompt %s is %d tokens: the text encoder reads %d, the words after %s are cut off",
+        "prompt %s is %d tokens: the text encoder reads %d (%s), the words after %s are cut off",
         quote(plan.prompt),
         len(ids),
         limit,
-        quote(" ".join(tokenizer.decode(ids[1:kept]).split()[-6:])),
+        reader.name,
+        quote(" ".join(tokenizer.decode(ids[:kept], skip_special_tokens=True).split()[-6:])),
     )

@@ -103,6 +103,8 @@ def plan_files(
     for stem, item in stems(out, samples):
         path = out / f"{stem}-{item.sampler}.png"
         sidecar = {"prompt": item.prompt, "expanded_prompt": item.expanded, **asdict(settings), **extra}
+        if item.guidance is not None:  # the base's default, where the settings left it open
+            sidecar["guidance"] = item.guidance
         sidecar.update(
             seed=item.seed,
             num_images=1,

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from persres.backbones import backbone_of, denoiser_of
 from persres.config import SampleSettings
 from persres.core.lag import LagState, localized
-from persres.core.pipeline import text_towers
+from persres.core.pipeline import prompt_readers, text_towers
 from persres.core.residuals import find_residuals
-from persres.core.tokens import check_token, text_length
+from persres.core.tokens import PromptReader, check_token
 from persres.errors import ConfigError, quote
 from persres.formats.concepts import (
     Concept,
@@ -33,7 +33,7 @@ from persres.formats.concepts import (
     concept_columns,
     plan_prompts,
 )
-from persres.quiet import message_hidden
+from persres.quiet import LENGTH_EMITTER, LENGTH_NOTICE, message_hidden
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Sample:
     image: Image.Image
     masks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> block -> (1, G, HW)
     latent_size: tuple[int, int] = (0, 0)  # (h, w) of the latents, to lay masks out spatially
+    guidance: float | None = None  # the guidance it was drawn with (the base's default when none was given)
 
 
 def sample(
@@ -72,6 +73,8 @@ def sample(
     ``sampler="both"`` returns a normal and a LAG image for every prompt and seed, in that order.
     ``encoded``: the prompts' embeddings made by ``encode_prompts`` before the text encoders were
     released (`release_text_encoders`), used instead of the pipeline's encoders.
+    ``settings.guidance`` None: the base family's (``Backbone.default_guidance``), recorded in each
+    ``Sample``.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {quote(sampler)} is not one of {', '.join(SAMPLERS)}")
@@ -79,19 +82,14 @@ def sample(
     for tokenizer, _ in text_towers(pipe):  # a concept bound to a special token would be in every padding
         for concept in concepts:
             check_token(tokenizer, concept.token, new=False)
-    attended = backbone_of(pipe).attended_towers(pipe)  # the positions LAG reads (Flux: T5's)
-    # a released encoder (None) leaves its tokenizer, bounded by the encoder when the pipeline was loaded
-    towers = [
-        (tokenizer, text_length(tokenizer, getattr(encoder, "config", None)))
-        for tokenizer, encoder in attended
-    ]
+    readers = prompt_readers(pipe)  # the positions the denoiser attends to and LAG reads (Flux: T5's)
     for plan in plans:  # every sampler: diffusers would cut a long prompt with only a hidden warning
-        for tokenizer, limit in towers:
-            check_prompt_length(tokenizer, plan, concepts, limit)
+        for reader in readers:
+            check_prompt_length(reader, plan, concepts)
     kinds = ["normal", "lag"] if sampler == "both" else [sampler]
     if "lag" in kinds:
         check_localizable(pipe)
-    columns = {plan.prompt: prompt_columns(towers, plan, concepts, "lag" in kinds) for plan in plans}
+    columns = {plan.prompt: prompt_columns(readers, plan, concepts, "lag" in kinds) for plan in plans}
     samples = []
     with tqdm(
         total=len(plans) * settings.num_images * len(kinds), desc="sampling", disable=not progress
@@ -142,11 +140,11 @@ def check_localizable(pipe: StableDiffusionPipeline) -> None:
 
 
 def prompt_columns(
-    towers: list[tuple[Any, int]], plan: PromptPlan, concepts: list[Concept], require: bool
+    readers: list[PromptReader], plan: PromptPlan, concepts: list[Concept], require: bool
 ) -> torch.Tensor:
     """Each concept's token columns, located in the ids of every tokenizer (SDXL has two, whose
     hidden states sit side by side per position): a column of either counts."""
-    found = [concept_columns(tokenizer, plan, concepts, require, limit) for tokenizer, limit in towers]
+    found = [concept_columns(r.tokenizer, plan, concepts, require, r.limit) for r in readers]
     width = max(c.shape[1] for c in found)
     padded = [torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in found]
     return torch.stack(padded).amax(dim=0)
@@ -162,11 +160,15 @@ def generate(
     inputs: PromptInputs | None = None,
 ) -> Sample:
     """One image; with ``lag`` the residuals apply only inside the concepts' attention masks. ``inputs``:
-    the prompt as the pipeline takes it (``prompt_inputs``), its text by default."""
+    the prompt as the pipeline takes it (``prompt_inputs``), its text by default; ``settings.guidance``
+    None: the base family's (``Backbone.default_guidance``)."""
+    settings = settings.with_guidance(backbone_of(pipe).default_guidance)
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
-    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it
-    with scope, message_hidden(type(pipe).__module__, TRUNCATION_NOTICE):
+    # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it, and
+    # transformers warns of the untruncated prompt diffusers tokenizes to find it (Flux: CLIP's pooled cut)
+    cut = message_hidden(type(pipe).__module__, TRUNCATION_NOTICE)
+    with scope, cut, message_hidden(LENGTH_EMITTER, LENGTH_NOTICE):
         result = pipe(
             **(inputs if inputs is not None else {"prompt": plan.expanded}),
             num_inference_steps=settings.steps,
@@ -180,4 +182,5 @@ def generate(
     masks = lag.records if lag is not None else {}
     image = result.images[0]
     latent = (image.height // pipe.vae_scale_factor, image.width // pipe.vae_scale_factor)
-    return Sample(plan.prompt, plan.expanded, seed, "lag" if lag else "normal", image, masks, latent)
+    kind = "lag" if lag else "normal"
+    return Sample(plan.prompt, plan.expanded, seed, kind, image, masks, latent, settings.guidance)

@@ -33,8 +33,8 @@ from persres.backbones.unet import SD
 from persres.backbones.vae import Posterior
 from persres.config import TrainConfig
 from persres.core.conditioning import Condition, encode
-from persres.core.pipeline import DTYPES, load_pipeline, release_text_encoders, text_towers
-from persres.core.tokens import check_identifier, check_token, text_length
+from persres.core.pipeline import DTYPES, load_pipeline, prompt_readers, release_text_encoders, text_towers
+from persres.core.tokens import check_identifier_read, check_token
 from persres.errors import ConfigError, TrainingDivergedError, first_line
 from persres.files import check_writable, write_json
 from persres.formats.concepts import Concept, PromptPlan, check_prompt_length, plan_prompts
@@ -179,14 +179,14 @@ def train_in(
     check_runs_on(config.method, backbone_of(pipe), config.base)
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)
+    readers = prompt_readers(pipe)  # the text encoders whose tokens carry the prompt (Flux: T5)
     if not method.adds_token:  # an existing token (a learned one is added by prepare)
-        check_identifier(pipe.tokenizer, concept[0].token, real_words())
+        check_identifier_read(readers, concept[0].token, real_words())
     # adds what the method trains and checks its settings against the model before anything is written
     trainable = method.prepare(pipe, config, torch.Generator().manual_seed(config.seed))
     for plan in validation:  # refused now, not after training when they are sampled
-        check_prompt_length(
-            pipe.tokenizer, plan, concept, text_length(pipe.tokenizer, pipe.text_encoder.config)
-        )
+        for reader in readers:
+            check_prompt_length(reader, plan, concept)
     data = None
     if config.captions or config.buckets:  # off, the paper's recipe: one prompt, square crops
         check_captions(pipe, images, captions, concept)
@@ -307,12 +307,13 @@ def check_captions(
     """Refuse a caption whose identifier the text encoder would cut off (as a validation prompt is)."""
     if captions is None:
         return
-    limit = text_length(pipe.tokenizer, pipe.text_encoder.config)
+    readers = prompt_readers(pipe)
     for path, caption in zip(images.paths, captions, strict=True):
         if caption is None:
             continue
         try:
-            check_prompt_length(pipe.tokenizer, PromptPlan(caption, caption, (True,)), concept, limit)
+            for reader in readers:
+                check_prompt_length(reader, PromptPlan(caption, caption, (True,)), concept)
         except ConfigError as exc:
             raise ConfigError(f"caption of {path.name}: {exc}") from None
 

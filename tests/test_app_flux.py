@@ -1,0 +1,62 @@
+"""The web app on a Flux base (``persres app --base FLUX_FOLDER``), through the functions its Train and
+Sample pages call: the Train page's recipe is the family's (rank 21, 1024 px, as ``persres train``), a few
+steps train, and the Sample page draws normal and LAG images with Flux's guidance and shows LAG's masks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from persres.config import ResidualConfig
+from persres.formats.runfolder import RESIDUALS_FILE, SAMPLES
+
+pytest.importorskip("gradio", reason="persres app needs gradio: make test installs the app extra")
+
+from persres.app import jobs, sample_page, train_page  # noqa: E402  (after the skip: they import gradio)
+from persres.app.common import AppSettings  # noqa: E402
+
+
+def no_progress(*args: Any, **kwargs: Any) -> None:
+    """Stands in for gradio's progress bar outside a request."""
+
+
+def test_the_train_page_recipe_on_flux_is_the_familys(flux_base: Path, linear_base: Path) -> None:
+    flux, sd = jobs.recipe_for(str(flux_base)), jobs.recipe_for(str(linear_base))
+    assert (flux.rank, flux.resolution) == (21, 1024)  # as persres train on Flux.1: 0.144% of the base
+    assert (sd.rank, sd.resolution) == (ResidualConfig.rank, 512) and sd == jobs.PAPER_RECIPE
+    assert (flux.steps, flux.lr, flux.batch_size) == (sd.steps, sd.lr, sd.batch_size)  # the paper's
+
+
+def test_the_app_trains_and_samples_on_a_tiny_flux_base(
+    flux_base: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = replace(jobs.recipe_for(str(flux_base)), resolution=16, batch_size=1)  # 1024 px: minutes here
+    monkeypatch.setattr(jobs, "recipe_for", lambda base: recipe)
+    settings = AppSettings(str(flux_base), tmp_path / "runs", "cpu")
+    uploads = [str(p) for p in sorted(photos.glob("*.png"))]
+    updates = list(train_page.train(settings, uploads, "dog", "sks", "flux-dog", 3, 0.05, "21",
+                                    progress=no_progress))  # type: ignore[arg-type]  # fmt: skip
+    status, curve = updates[-1]
+    assert "step 3/3" in status and "Finished" in status and curve.size[0] > 300
+    run = settings.runs / "flux-dog"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["base"], config["residual"]["rank"], config["resolution"]) == (str(flux_base), 21, 16)
+    assert (run / RESIDUALS_FILE).is_file()
+    assert len(list((run / "validation").glob("step-000003/*.png"))) == 2  # the image and its grid
+
+    prompt = "a photo of a V* dog"
+    shown, masks, slider, samples = sample_page.draw(settings, ["flux-dog"], prompt, "both", 0, 2)
+    assert [caption for _, caption in shown] == ["normal", "LAG"]
+    normal, lag = (np.asarray(s.image, dtype=np.int16) for s in samples)
+    assert normal.shape == lag.shape and not np.array_equal(normal, lag)  # LAG changed the image
+    assert [s.guidance for s in samples] == [3.5, 3.5]  # Flux.1-dev's, the page has no guidance field
+    assert masks and all(caption.startswith("step 2/2: ") for _, caption in masks)
+    assert slider["maximum"] == 1
+    sidecars = [json.loads(p.read_text()) for p in (run / SAMPLES).glob("*.json")]
+    assert sorted(s["sampler"] for s in sidecars) == ["lag", "normal"]
+    assert {s["guidance"] for s in sidecars} == {3.5} and {s["base"] for s in sidecars} == {str(flux_base)}
