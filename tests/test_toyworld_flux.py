@@ -66,6 +66,7 @@ def test_export_loads_with_plain_diffusers_and_draws(toy_flux: Path) -> None:
     assert pipe.transformer.config.in_channels == 4 * LATENT_CHANNELS == 4 * pipe.vae.config.latent_channels
     assert pipe.transformer.config.guidance_embeds is False
     assert pipe.vae.config.shift_factor is not None and pipe.vae.config.scaling_factor > 0
+    assert pipe.tokenizer_2.model_max_length == TINY.text_length  # the length it was trained at
     generator = torch.Generator().manual_seed(0)
     image = pipe(
         "a photo of a blue dotted car on the beach",
@@ -74,6 +75,7 @@ def test_export_loads_with_plain_diffusers_and_draws(toy_flux: Path) -> None:
         height=32,
         width=32,
         num_inference_steps=2,
+        max_sequence_length=pipe.tokenizer_2.model_max_length,
         generator=generator,
         output_type="np",
     ).images[0]

@@ -8,8 +8,8 @@ One stage trains the transformer and both text encoders (CLIP, pooled; T5, seque
 scenes, as persres' Flux backbone trains (``persres.backbones.flux``): flow matching, sigma at a uniform
 index into the scheduler's training table, velocity target, the transformer called as diffusers' Flux
 pipeline calls it, the prompt encoded by the pipeline's own ``encode_prompt`` (T5 padded to
-``text_length``, 512: the pipeline's and persres' length, since Flux has no text mask and reads the
-padding). 10% empty
+``text_length``, 32 tokens, which the saved T5 tokenizer states as its ``model_max_length``: Flux has no
+text mask and reads the padding, so sampling must pad to the same length). 10% empty
 captions (for true classifier-free guidance), captions with words dropped as the U-Net base's, gradient
 clipping 1.0, EMA weights exported. The same scenes and captions, batch for batch, as the U-Net base's
 stage 2 (stage 2 of seed 0). Every batch is drawn from (seed, stage, step), so a run stopped and resumed
@@ -46,14 +46,14 @@ STAGE = 2  # the U-Net base's stage 2 draws the same scenes and captions
 @dataclass(frozen=True)
 class FluxTrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 5000
     batch: int = 32
     lr: float = 3e-4
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    text_length: int = 512
-    heads: int = 4  # of 32: width 128
+    text_length: int = 32  # T5 tokens per prompt (see model_flux: not the pipeline's default 512)
+    heads: int = 6  # of 32: width 192
     double_blocks: int = 2
     single_blocks: int = 4
     checkpoint_every: int = 250
