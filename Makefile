@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test test-fast demo app lint typecheck bench bench-toyworld bench-methods toyworld-base toyworld-oracle clean
+.PHONY: test test-fast demo app lint typecheck bench bench-toyworld bench-methods toyworld-base toyworld-flux toyworld-oracle clean
 
 # dev: the test tools; app: persres app (gradio), which the tests drive too
 $(STAMP): pyproject.toml constraints.txt
@@ -49,9 +49,13 @@ bench-methods: $(STAMP)
 	$(PY) bench/toyworld_methods.py --out bench-output/toyworld-methods --experiments
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
-# Both refuse to overwrite: move the shipped folder away first.
+# Each refuses to overwrite: move the shipped folder away first.
 toyworld-base: $(STAMP)
 	$(PY) -m persres.toyworld.train_base --work toyworld-work --out models/toyworld-base
+
+# The Flux-shaped toy base: reuses models/toyworld-base's VAE (2 CPU cores: about two hours).
+toyworld-flux: $(STAMP)
+	$(PY) -m persres.toyworld.train_flux_base --work toyworld-flux-work --out models/toyworld-flux
 
 toyworld-oracle: $(STAMP)
 	$(PY) -m persres.toyworld.train_oracle --out models/toyworld-oracle

@@ -28,6 +28,7 @@ ARCHITECTURE_TESTS = re.compile(
     r"guidance_embeds|joint_attention_dim|is_flux"
 )
 MAY_NAME_ARCHITECTURES = {"testing"}  # published configs and test fixtures
+MAY_NAME_FILES = {"toyworld/model_flux.py"}  # the toy Flux base's definition: builds one architecture
 
 
 def proj_outs_as_before(unet: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -128,6 +129,7 @@ def test_no_module_outside_backbones_tests_the_architecture() -> None:
         f"{path.relative_to(package)}:{number}: {line.strip()}"
         for path in sorted(package.rglob("*.py"))
         if not {"backbones", *MAY_NAME_ARCHITECTURES} & set(path.relative_to(package).parts)
+        and path.relative_to(package).as_posix() not in MAY_NAME_FILES
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if ARCHITECTURE_TESTS.search(line)
     ]

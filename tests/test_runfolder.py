@@ -198,6 +198,7 @@ RUN_FOLDER_LITERALS = {
 }
 NOT_A_RUN_FOLDER = {  # (module, literal): the same word, not a name in a run folder
     ("toyworld/train_base.py", "config.json"),  # the toy base's settings, in its own work folder
+    ("toyworld/train_flux_base.py", "config.json"),  # the toy Flux base's, in its own work folder
     ("cli/training.py", "result"),  # "result: PATH", the label of the line train prints
 }
 
