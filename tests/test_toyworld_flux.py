@@ -12,10 +12,12 @@ from diffusers import AutoencoderKL, FluxPipeline
 from helpers import train_argv
 from safetensors.torch import load_file
 
+from persres import load_concepts, read_residual_file
 from persres.backbones import backbone_of
 from persres.backbones.flux import FLUX
 from persres.cli import main
 from persres.core.pipeline import load_pipeline
+from persres.inference.sampling import SampleSettings, sample
 from persres.toymodels import find_toy_model
 from persres.toyworld.model import LATENT_CHANNELS
 from persres.toyworld.train_flux_base import FluxTrainConfig, flux_vae, train_flux
@@ -91,3 +93,20 @@ def test_persres_loads_the_export_as_flux_and_trains_on_it(
     out = tmp_path / "run"
     assert main(train_argv(toy_flux, photos, out, "--resolution", "32")) == 0
     assert (out / "residuals.safetensors").is_file()
+    # persres reads its prompts at the T5 length it was trained at (its tokenizer's), not Flux.1's 512
+    text_length = TINY.text_length
+    assert FLUX.encode(pipe, "a photo of a dog", torch.device("cpu"), 32).hidden.shape[1] == text_length
+    calls: list[dict[str, object]] = []
+    original = type(pipe).__call__
+
+    def spy(self: FluxPipeline, *args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    [concept] = load_concepts(pipe.transformer, [read_residual_file(out / "residuals.safetensors")])
+    settings = SampleSettings(steps=2, height=32, width=32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipe), "__call__", spy)
+        images = sample(pipe, ["a photo of a V* dog"], [concept], settings, "both", progress=False)
+    assert [s.sampler for s in images] == ["normal", "lag"]
+    assert [call["max_sequence_length"] for call in calls] == [text_length, text_length]

@@ -172,7 +172,9 @@ class FluxBackbone:
         return {}
 
     def after_load(self, pipe: Any, dtype: torch.dtype) -> None:
-        pass
+        """T5 prompts padded to the tokenizer's length, at most 512 (``TEXT_LENGTH``): a model trained at a
+        shorter one (its tokenizer says so, as the toy Flux base's 32) then reads what it was trained on."""
+        pipe.tokenizer_2.model_max_length = sequence_length(pipe)
 
     def sampling_scheduler(self, pipe: Any) -> Any:
         """The pipeline's own flow-matching Euler scheduler: its shift settings belong to the model."""
@@ -246,14 +248,15 @@ class FluxBackbone:
 
     # -- training --------------------------------------------------------------------------------
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> FluxConditioning:
-        """The prompt's T5 sequence (512 tokens), pooled CLIP embedding and text ids. A prompt longer than
-        CLIP's 77 tokens is cut for the pooled embedding only, as in FluxPipeline: the warnings diffusers
-        and transformers log of it are hidden (the T5 sequence, which carries the prompt, is checked
+        """The prompt's T5 sequence (``sequence_length``), pooled CLIP embedding and text ids. A prompt
+        longer than CLIP's 77 tokens is cut for the pooled embedding only, as in FluxPipeline: the warnings
+        diffusers and transformers log of it are hidden (the T5 sequence, which carries the prompt, is checked
         before training)."""
         with message_hidden(type(pipe).__module__, CLIP_CUT), message_hidden(LENGTH_EMITTER, LENGTH_NOTICE):
             hidden, pooled, text_ids = pipe.encode_prompt(
-                prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=TEXT_LENGTH
-            )
+                prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=sequence_length(pipe),
+            )  # fmt: skip
         return FluxConditioning(hidden, pooled, text_ids)
 
     def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -261,9 +264,15 @@ class FluxBackbone:
         pipeline would: sampling then needs no text encoder."""
         with torch.no_grad():
             hidden, pooled, _ = pipe.encode_prompt(
-                prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=TEXT_LENGTH
-            )
+                prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=sequence_length(pipe),
+            )  # fmt: skip
         return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]:
+        """The distilled guidance (ignored by a model without a guidance embedding) and the T5 length the
+        prompts were encoded at."""
+        return {"guidance_scale": guidance, "max_sequence_length": sequence_length(pipe)}
 
     def join_conditioning(
         self, conditions: Sequence[FluxConditioning], size: tuple[int, int]
@@ -357,6 +366,12 @@ class FluxBackbone:
 
 
 FLUX = FluxBackbone()
+
+
+def sequence_length(pipe: Any) -> int:
+    """The T5 tokens of a prompt: the tokenizer's ``model_max_length`` (bounded by load_pipeline), at
+    most 512, diffusers' and the reference trainers' length for Flux.1."""
+    return min(TEXT_LENGTH, int(pipe.tokenizer_2.model_max_length))
 
 
 def is_flux_transformer(denoiser: object) -> bool:

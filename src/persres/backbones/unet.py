@@ -231,6 +231,10 @@ class UNetBackbone:
             names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         return dict(zip(names, encoded, strict=True))
 
+    def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]:
+        """Classifier-free guidance at ``guidance``."""
+        return {"guidance_scale": guidance}
+
     def join_conditioning(self, conditions: Sequence[Conditioning], size: tuple[int, int]) -> Conditioning:
         """One batch's conditioning from each image's (``encode``'s, (1, ...) each), for a batch of
         ``size`` (H, W) pixels: SDXL's size ids say (H, W, 0, 0, H, W), as ``encode``'s say (R, R, 0, 0,

@@ -162,7 +162,9 @@ def generate(
     """One image; with ``lag`` the residuals apply only inside the concepts' attention masks. ``inputs``:
     the prompt as the pipeline takes it (``prompt_inputs``), its text by default; ``settings.guidance``
     None: the base family's (``Backbone.default_guidance``)."""
-    settings = settings.with_guidance(backbone_of(pipe).default_guidance)
+    backbone = backbone_of(pipe)
+    settings = settings.with_guidance(backbone.default_guidance)
+    guidance = settings.guidance if settings.guidance is not None else backbone.default_guidance
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
     # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it, and
@@ -172,7 +174,7 @@ def generate(
         result = pipe(
             **(inputs if inputs is not None else {"prompt": plan.expanded}),
             num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
+            **backbone.sampling_kwargs(pipe, guidance),
             height=settings.height,
             width=settings.width,
             generator=generator,
