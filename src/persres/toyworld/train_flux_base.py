@@ -137,13 +137,20 @@ def main(argv: list[str] | None = None) -> None:
         "--vae", type=Path, default=Path("models/toyworld-base"), help="the toy base whose VAE is reused"
     )
     parser.add_argument("--steps", type=int, default=FluxTrainConfig.steps)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=FluxTrainConfig.threads,
+        help="torch threads (1 beside another torch process: two 2-thread processes on 2 cores crawl); "
+        "recorded in training.json, since the thread count may change the last bits of a sum",
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} already exists; remove it or choose another --out")
     if not (args.vae / "vae").is_dir():
         parser.error(f"{args.vae} has no vae folder; pass the toy base's folder (models/toyworld-base)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = FluxTrainConfig(steps=args.steps)
+    config = FluxTrainConfig(steps=args.steps, threads=args.threads)
     torch.set_num_threads(config.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     write_json(args.work / "config.json", asdict(config))
