@@ -14,9 +14,10 @@ A backbone owns:
   the denoiser attends to (``attended_towers``, and their subfolders ``attended_folders`` for checks
   before loading: where LAG finds a concept's words, and whose tokenizers and length limits a prompt and
   an identifier are checked with: SD's CLIP, Flux's T5 and not its pooled CLIP), the default training
-  resolution and `rank`, the `guidance` sampling uses when none is given (``default_guidance``:
-  classifier-free 7.5 on the U-Nets, Flux.1-dev's distilled 3.5), and a weightless ``skeleton`` of its
-  denoiser for checks before loading;
+  resolution and `rank`, the `guidance` sampling uses when none is given (``default_guidance`` of the
+  denoiser's config: classifier-free 7.5 on the U-Nets, Flux.1-dev's distilled 3.5, 1 (none) on a Flux
+  model without a guidance embedding, where a given `guidance` is classifier-free), and a weightless
+  ``skeleton`` of its denoiser for checks before loading;
 - residuals: which layers get them (``residual_targets``, keyed by module path) and the default rank rule;
 - LAG: which attention layers give the maps of a residual's block (``attention_layers``), the processor
   that captures their text-column probabilities (``capture_processor``), the block's mask laid out on the
@@ -95,10 +96,9 @@ class Backbone(Protocol):
     @property
     def rank_default(self) -> float | int: ...
     @property
-    def default_guidance(self) -> float: ...
-    @property
     def method_capability(self) -> str | None: ...
 
+    def default_guidance(self, denoiser_config: Mapping[str, Any]) -> float: ...
     def denoiser(self, pipe: Any) -> nn.Module: ...
     def load_kwargs(self, as_shipped: bool) -> dict[str, Any]: ...
     def after_load(self, pipe: Any, dtype: torch.dtype) -> None: ...
@@ -123,6 +123,7 @@ class Backbone(Protocol):
     def encode(self, pipe: Any, prompt: str, device: torch.device, resolution: int) -> Condition: ...
     def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]: ...
     def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]: ...
+    def text_inputs(self, pipe: Any, prompt: str) -> dict[str, Any]: ...
     def join_conditioning(self, conditions: Sequence[Any], size: tuple[int, int]) -> Condition: ...
     def posterior(self, pipe: Any, pixels: torch.Tensor, device: torch.device) -> Posterior: ...
     def latents(self, pipe: Any, posterior: Posterior, generator: torch.Generator) -> torch.Tensor: ...
@@ -183,6 +184,13 @@ def without_denoiser(pipe: object, what: str) -> ModelError:
     return ModelError(
         f"`base` {base_name(pipe)} is a {type(pipe).__name__} without {what}; persres supports {SUPPORTED}"
     )
+
+
+def default_guidance_for_base(base: str) -> float:
+    """The `guidance` sampling uses on ``base`` when none is given, from its denoiser's config (read on
+    the meta device: no weight is loaded)."""
+    backbone = backbone_for_base(base)
+    return backbone.default_guidance(backbone.skeleton(base).config)
 
 
 def backbone_for_base(base: str) -> Backbone:

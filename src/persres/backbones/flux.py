@@ -80,6 +80,7 @@ CLIP_CUT = "truncated because CLIP can only handle"  # diffusers' (0.42) warning
 # the guidance embedding's value in sampling when none is given: FluxPipeline's guidance_scale default
 # and Flux.1-dev's model card; a distilled guidance, not classifier-free (no negative prompt is run)
 SAMPLING_GUIDANCE = 3.5
+NO_GUIDANCE = 1.0  # a model without a guidance embedding, by default: one call a step, as schnell samples
 DEFAULT_RANK = int(RANK_DEFAULTS["FluxPipeline"])  # 21: the paper's share of its base, 0.144%, on Flux.1
 KOHYA_PREFIX = "lora_unet_"  # kohya's Flux LoRA files keep the U-Net prefix (sd-scripts' lora_flux)
 KOHYA_VERSION = "flux1"  # kohya's ss_base_model_version for Flux.1
@@ -150,10 +151,11 @@ class FluxBackbone:
         """A fixed rank of 21 on every layer: the paper's share of the base (see the module's notes)."""
         return DEFAULT_RANK
 
-    @property
-    def default_guidance(self) -> float:
-        """3.5, fed to the guidance embedding (``SAMPLING_GUIDANCE``); schnell has none and ignores it."""
-        return SAMPLING_GUIDANCE
+    def default_guidance(self, denoiser_config: Mapping[str, Any]) -> float:
+        """3.5 fed to the guidance embedding (``SAMPLING_GUIDANCE``) of a guidance-distilled model
+        (Flux.1-dev); 1, no guidance, on a model without one (Flux.1-schnell samples so), where a given
+        `guidance` above 1 is true classifier-free guidance (``sampling_kwargs``)."""
+        return SAMPLING_GUIDANCE if denoiser_config.get("guidance_embeds") else NO_GUIDANCE
 
     @property
     def method_capability(self) -> str | None:
@@ -261,18 +263,25 @@ class FluxBackbone:
 
     def prompt_inputs(self, pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
         """The pipeline call's prompt as embeddings (T5 sequence and pooled CLIP), encoded now as the
-        pipeline would: sampling then needs no text encoder."""
-        with torch.no_grad():
-            hidden, pooled, _ = pipe.encode_prompt(
-                prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-                max_sequence_length=sequence_length(pipe),
-            )  # fmt: skip
-        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+        pipeline would: sampling then needs no text encoder. A model without a guidance embedding also gets
+        the empty negative prompt's (``text_inputs``)."""
+        inputs = embeddings(pipe, prompt, device)
+        if not distilled(pipe):
+            inputs |= {"negative_" + name: value for name, value in embeddings(pipe, "", device).items()}
+        return inputs
 
     def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]:
-        """The distilled guidance (ignored by a model without a guidance embedding) and the T5 length the
-        prompts were encoded at."""
-        return {"guidance_scale": guidance, "max_sequence_length": sequence_length(pipe)}
+        """The distilled guidance of a guidance-distilled model, else true classifier-free guidance
+        (FluxPipeline's ``true_cfg_scale``, with the empty negative prompt of ``text_inputs``), and the T5
+        length the prompts were encoded at."""
+        if distilled(pipe):
+            return {"guidance_scale": guidance, "max_sequence_length": sequence_length(pipe)}
+        return {"true_cfg_scale": guidance, "max_sequence_length": sequence_length(pipe)}
+
+    def text_inputs(self, pipe: Any, prompt: str) -> dict[str, Any]:
+        """The pipeline call's prompt as text; a model without a guidance embedding gets the empty
+        negative prompt that true classifier-free guidance contrasts it with (used when `guidance` > 1)."""
+        return {"prompt": prompt} if distilled(pipe) else {"prompt": prompt, "negative_prompt": ""}
 
     def join_conditioning(
         self, conditions: Sequence[FluxConditioning], size: tuple[int, int]
@@ -366,6 +375,21 @@ class FluxBackbone:
 
 
 FLUX = FluxBackbone()
+
+
+def embeddings(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """FluxPipeline's ``prompt_embeds`` and ``pooled_prompt_embeds`` of ``prompt``, as it encodes them."""
+    with torch.no_grad():
+        hidden, pooled, _ = pipe.encode_prompt(
+            prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=sequence_length(pipe),
+        )  # fmt: skip
+    return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+
+def distilled(pipe: Any) -> bool:
+    """A guidance-distilled transformer (Flux.1-dev): guidance is an input of the model, not two calls."""
+    return bool(pipe.transformer.config.guidance_embeds)
 
 
 def sequence_length(pipe: Any) -> int:

@@ -99,8 +99,7 @@ class UNetBackbone:
         """The paper's rule, 5% of each layer's width (16/32/64 for SD's 320/640/1280 channels)."""
         return ResidualConfig.rank
 
-    @property
-    def default_guidance(self) -> float:
+    def default_guidance(self, denoiser_config: Mapping[str, Any]) -> float:
         """Classifier-free guidance 7.5 (``CFG_SCALE``)."""
         return CFG_SCALE
 
@@ -230,6 +229,10 @@ class UNetBackbone:
         if self.xl:
             names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         return dict(zip(names, encoded, strict=True))
+
+    def text_inputs(self, pipe: Any, prompt: str) -> dict[str, Any]:
+        """The pipeline call's prompt as text (its negative is the empty prompt, diffusers' default)."""
+        return {"prompt": prompt}
 
     def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]:
         """Classifier-free guidance at ``guidance``."""

@@ -4,12 +4,15 @@ Paper (section 3.2): at each transformer block, sum the cross-attention maps of 
 and of the macro-class word, binarise at the median to get M_i at the block's own resolution, and
 apply the residual only there: f = W x + b + M_i * (A B x). ``attn2`` runs before ``proj_out`` in
 the same block, so this step's mask is ready when ``proj_out`` needs it: one U-Net pass per step.
-Choices: maps are averaged over heads; under classifier-free guidance the unconditional half (which
-has no V*) reuses the conditional half's mask. With several concepts each gets its own mask from its
-own token and class word; a concept the prompt does not mention gets an empty mask. A block with
-several transformer layers (SDXL: up to 10 before one ``proj_out``) sums the scores of all its
-cross-attention layers before the median, as the paper sums over tokens: every layer's view of where
-the concept is counts, none decides alone (a single layer equals the paper's SD 1.x case exactly).
+Choices: maps are averaged over heads; under classifier-free guidance the unconditional half (which has
+no V*) reuses the conditional half's mask, in one batch (the U-Net pipelines) or in a second call of the
+same step (a pipeline's true classifier-free guidance calls the denoiser with the prompt, then with
+the negative prompt: the second call of a step keeps the first call's masks). With several concepts each
+gets its own mask from its own token and class word; a concept the prompt does not mention gets an empty
+mask. A block with several transformer layers (SDXL: up to 10 before one ``proj_out``) sums the scores
+of all its cross-attention layers before the median, as the paper sums over tokens: every layer's view
+of where the concept is counts, none decides alone (a single layer equals the paper's SD 1.x case
+exactly).
 
 The backbone says which attention layers give a block's maps (``attention_layers``), which processor
 captures them (``capture_processor``: all T text columns, or only the requested ones with their
@@ -92,8 +95,11 @@ def mask_setters(
     up, and the last one's sum, laid on the tokens of the residual layer by ``shape``, becomes
     ``wrapper``'s mask for this step. A hook given ``keys`` gets only those text columns."""
     total: list[torch.Tensor] = []
+    made_at: list[int] = []  # the step whose call made the current mask
 
     def hook(index: int, probs: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        if made_at == [state.step]:  # a second call in this step (the negative prompt's): keep the mask
+            return
         columns = state.columns if keys is None else state.columns[..., keys.to(state.columns.device)]
         score = block_score(probs, columns)
         total[:] = [score] if index == 0 else [total[0] + score]
@@ -101,6 +107,7 @@ def mask_setters(
             return
         mask = binarize(total[0], probs.shape[0])  # (B, groups, HW)
         wrapper.mask = shape(mask)
+        made_at[:] = [state.step]
         if state.record:
             count = state.columns.shape[0]
             state.records.setdefault(state.step, {})[block] = mask[-count:].cpu()

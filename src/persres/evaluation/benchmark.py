@@ -28,7 +28,7 @@ from typing import Any
 
 from accelerate import PartialState
 
-from persres.backbones import backbone_for_base
+from persres.backbones import backbone_for_base, default_guidance_for_base
 from persres.config import DEFAULT_TOKEN, TrainConfig
 from persres.core.pipeline import load_pipeline, load_prompt_readers, resolve_device
 from persres.errors import ConfigError, InputError
@@ -94,7 +94,7 @@ def run_benchmark(config: BenchmarkConfig, device: str = "auto", progress: bool 
 def with_base_guidance(config: BenchmarkConfig) -> BenchmarkConfig:
     """``config`` with the base family's `guidance` (``Backbone.default_guidance``) when none was given,
     read from the base's model_index.json without loading it."""
-    default = backbone_for_base(config.base).default_guidance
+    default = default_guidance_for_base(config.base)
     return replace(config, sample=config.sample.with_guidance(default))
 
 

@@ -127,7 +127,7 @@ def prompt_inputs(
             f"the text encoders are released (`release_text_encoders`) and {plan.prompt!r} was not encoded "
             "before; sample it from the run's result afterwards"
         )
-    return {"prompt": plan.expanded}
+    return backbone_of(pipe).text_inputs(pipe, plan.expanded)
 
 
 def check_localizable(pipe: StableDiffusionPipeline) -> None:
@@ -163,8 +163,8 @@ def generate(
     the prompt as the pipeline takes it (``prompt_inputs``), its text by default; ``settings.guidance``
     None: the base family's (``Backbone.default_guidance``)."""
     backbone = backbone_of(pipe)
-    settings = settings.with_guidance(backbone.default_guidance)
-    guidance = settings.guidance if settings.guidance is not None else backbone.default_guidance
+    settings = settings.with_guidance(backbone.default_guidance(backbone.denoiser(pipe).config))
+    assert settings.guidance is not None
     generator = torch.Generator().manual_seed(seed)
     scope = localized(denoiser_of(pipe), lag) if lag is not None else contextlib.nullcontext()
     # check_prompt_length has warned of a cut, quoting the prompt briefly: diffusers repeats all of it, and
@@ -172,9 +172,9 @@ def generate(
     cut = message_hidden(type(pipe).__module__, TRUNCATION_NOTICE)
     with scope, cut, message_hidden(LENGTH_EMITTER, LENGTH_NOTICE):
         result = pipe(
-            **(inputs if inputs is not None else {"prompt": plan.expanded}),
+            **(inputs if inputs is not None else backbone.text_inputs(pipe, plan.expanded)),
             num_inference_steps=settings.steps,
-            **backbone.sampling_kwargs(pipe, guidance),
+            **backbone.sampling_kwargs(pipe, settings.guidance),
             height=settings.height,
             width=settings.width,
             generator=generator,

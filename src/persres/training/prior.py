@@ -31,7 +31,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from persres.backbones import backbone_for_base
+from persres.backbones import default_guidance_for_base
 from persres.config import MAX_PRIOR_IMAGES, SampleSettings, TrainConfig
 from persres.core.pipeline import load_pipeline, looks_like_path
 from persres.errors import ConfigError, ModelError, quote
@@ -70,7 +70,7 @@ def class_images(
     with ``read_class_images``. ``settings.guidance`` None: the base family's (``default_guidance``)."""
     if not 1 <= count <= MAX_PRIOR_IMAGES:
         raise ConfigError(f"prior images must be in [1, {MAX_PRIOR_IMAGES:,}] to draw them, got {count:,}")
-    settings = settings.with_guidance(backbone_for_base(base).default_guidance)  # the key holds a number
+    settings = settings.with_guidance(default_guidance_for_base(base))  # the key holds a number
     key = {
         "base": fingerprint(base),
         "prompt": class_prompt(class_word),
