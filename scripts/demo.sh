@@ -3,17 +3,24 @@
 # The base model (models/toyworld-base) is a small text-to-image model trained from scratch on
 # procedural scenes (see its README); the concept, a red striped dog, is one it has never seen.
 # The oracle (models/toyworld-oracle) knows every scene's truth, so the scores mean something.
+# The same demo on the toy Flux base (a FluxPipeline; true classifier-free guidance, 7.5 as on the U-Net):
+#   BASE=models/toyworld-flux OUT=demo-output-flux GUIDANCE=7.5 bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 PY=.venv/bin/python
 PERSRES=".venv/bin/persres"
-OUT=demo-output
-BASE=models/toyworld-base
+OUT="${OUT:-demo-output}"
+BASE="${BASE:-models/toyworld-base}"
+GUIDANCE=(${GUIDANCE:+--guidance "$GUIDANCE"})  # none: the base's default (7.5 on the U-Net)
 ORACLE=models/toyworld-oracle
 RUN="$OUT/run/residuals.safetensors"
 
 echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
+case "$OUT" in  # it is removed first: only the demo's own folders
+    demo-output*) ;;
+    *) echo "OUT must be a folder named demo-output... (it is removed and written anew), got $OUT" >&2; exit 2 ;;
+esac
 rm -rf "$OUT"  # the demo's own output folder only
 "$PY" scripts/demo_setup.py "$OUT"
 
@@ -24,7 +31,7 @@ echo "== train: 5 photos of a red striped dog, 400 steps, batch 4, lr 5e-3, 32 p
 echo "== sample: normal and LAG from the same noise, with LAG's masks =="
 "$PERSRES" sample --base "$BASE" --residuals "$RUN" --out "$OUT/samples" \
     --prompt "a V* dog on the beach" --prompt "a painting of a V* dog" \
-    --num-images 2 --steps 25 --device cpu --sampler both --save-masks
+    --num-images 2 --steps 25 --device cpu --sampler both --save-masks "${GUIDANCE[@]}"
 
 echo "== info, evaluate (oracle CLIP/DINO), merge, export as LoRA files =="
 "$PERSRES" info "$RUN"
@@ -41,6 +48,7 @@ echo "== six prompt kinds: base (class word only) | normal | LAG, scored by the 
 echo "== benchmark runner on a CustomConcept101-format dataset, and its report =="
 "$PERSRES" benchmark --dataset "$OUT/cc101" --base "$BASE" --out "$OUT/benchmark" \
     --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --images-per-prompt 2 --sample-steps 25 \
+    "${GUIDANCE[@]}" \
     --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
 "$PERSRES" report "$OUT/benchmark"
 
