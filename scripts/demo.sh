@@ -16,11 +16,11 @@ GUIDANCE=(${GUIDANCE:+--guidance "$GUIDANCE"})  # none: the base's default (7.5 
 ORACLE=models/toyworld-oracle
 RUN="$OUT/run/residuals.safetensors"
 
-echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
 case "$OUT" in  # it is removed first: only the demo's own folders
     demo-output*) ;;
     *) echo "OUT must be a folder named demo-output... (it is removed and written anew), got $OUT" >&2; exit 2 ;;
 esac
+echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
 rm -rf "$OUT"  # the demo's own output folder only
 "$PY" scripts/demo_setup.py "$OUT"
 
