@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from toybench import md_table, parse_fresh, toy_parser
 
+from persres.backbones import backbone_of
 from persres.config import ResidualConfig
 from persres.core.pipeline import load_pipeline
 from persres.evaluation.evaluate import Scorers
@@ -38,7 +39,7 @@ from persres.toyworld.experiment import (
 from persres.toyworld.judge import HEADS, Judge, load_judge, read_images
 from persres.toyworld.prompts import concept_prompts
 from persres.toyworld.quality import means
-from persres.toyworld.scenes import HELD_OUT, Scene, caption, random_scene
+from persres.toyworld.scenes import HELD_OUT, SIZE, Scene, caption, random_scene
 
 
 def base_quality(pipe: Any, judge: Judge, count: int, seed: int, held_out: bool) -> dict[str, float]:
@@ -49,10 +50,17 @@ def base_quality(pipe: Any, judge: Judge, count: int, seed: int, held_out: bool)
         instance = HELD_OUT[i % len(HELD_OUT)] if held_out else None
         scenes.append(random_scene(rng, instance=instance))
     images = []
+    backbone = backbone_of(pipe)  # the U-Net's classifier-free guidance, or Flux's (true CFG on the toy)
     for i, scene in enumerate(scenes):
         generator = torch.Generator().manual_seed(seed + i)
         out = pipe(
-            caption(scene), num_inference_steps=25, guidance_scale=7.5, generator=generator, output_type="np"
+            **backbone.text_inputs(pipe, caption(scene)),
+            **backbone.sampling_kwargs(pipe, 7.5),
+            num_inference_steps=25,
+            height=SIZE,
+            width=SIZE,
+            generator=generator,
+            output_type="np",
         )
         images.append((out.images[0] * 255).round().astype(np.uint8))
     reads = read_images(judge, images)

@@ -32,7 +32,7 @@ from persres.methods.recipes import Overrides, train_config
 from persres.toyworld.judge import Judge, read_images
 from persres.toyworld.prompts import Instance, ToyPrompt
 from persres.toyworld.quality import border_change, check
-from persres.toyworld.scenes import random_scene, render
+from persres.toyworld.scenes import SIZE, random_scene, render
 from persres.training.train import TrainResult, train
 
 VARIANTS = ("base", "normal", "lag")
@@ -56,7 +56,10 @@ class ToySettings:
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
 
     def sampling(self) -> SampleSettings:
-        return SampleSettings(self.sample_steps, self.guidance, self.images_per_prompt, self.seed)
+        """The scenes' size given, not left to the pipeline: FluxPipeline's default is 128 latent pixels."""
+        return SampleSettings(
+            self.sample_steps, self.guidance, self.images_per_prompt, self.seed, height=SIZE, width=SIZE
+        )
 
 
 def reference_photos(instance: Instance, folder: Path, count: int = 5, seed: int = 0) -> Path:
@@ -90,7 +93,7 @@ def personalize(
         str(photos),
         instance[0],
         overrides,
-        resolution=32,
+        resolution=SIZE,
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
