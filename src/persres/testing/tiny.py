@@ -342,6 +342,27 @@ def tiny_flux_vae() -> AutoencoderKL:
     )
 
 
+def t5_encoder_config(
+    tokenizer: Any, width: int, head_width: int, ff: int, buckets: int, max_distance: int = 128
+) -> T5Config:
+    """A 2-layer, 4-head T5 v1.1 encoder's config (gated GELU, as Flux's T5-XXL) for a word tokenizer."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=head_width,
+        d_ff=ff,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_flux_pipeline(
     seed: int = 0, words: Iterable[str] = BASIC_WORDS, guidance: bool = True
 ) -> FluxPipeline:
@@ -351,20 +372,7 @@ def tiny_flux_pipeline(
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(words)
     tokenizer_2 = t5_word_tokenizer(words)
-    t5 = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's T5-XXL
-        dropout_rate=0.0,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-    )
+    t5 = t5_encoder_config(tokenizer_2, width=32, head_width=8, ff=37, buckets=8)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=tiny_flux_vae(),

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from persres.testing.tiny import t5_word_tokenizer
+from persres.testing.tiny import t5_encoder_config, t5_word_tokenizer
 from persres.toyworld.model import LATENT_CHANNELS, TEXT_WIDTH, toy_text_encoder, toy_tokenizer
 from persres.toyworld.scenes import vocabulary
 
@@ -57,23 +57,10 @@ def flux_tokenizers(text_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
 
 
 def toy_t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=T5_WIDTH,
-            d_kv=16,
-            d_ff=2 * T5_WIDTH,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=16,
-            relative_attention_max_distance=32,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's T5-XXL
-            dropout_rate=0.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+    config = t5_encoder_config(
+        tokenizer, T5_WIDTH, head_width=16, ff=2 * T5_WIDTH, buckets=16, max_distance=32
     )
+    return T5EncoderModel(config)
 
 
 def toy_flux_transformer(heads: int = 6, double: int = 2, single: int = 4) -> FluxTransformer2DModel:
