@@ -23,6 +23,8 @@ from persres.errors import ModelError
 
 TOY_MODELS_ENV = "PERSRES_TOY_MODELS"
 TOY_BASE = "toyworld-base"
+TOY_FLUX_BASE = "toyworld-flux"  # the same world on a Flux-shaped base (toyworld/train_flux_base.py)
+TOY_BASES = (TOY_BASE, TOY_FLUX_BASE)
 TOY_ORACLE = "toyworld-oracle"
 PACKAGE = Path(__file__).resolve().parent  # src/persres in a checkout, site-packages/persres installed
 

@@ -24,7 +24,7 @@ from persres.inference.outputs import write_samples
 from persres.inference.sampling import Sample, Sampler
 from persres.methods.catalog import DEFAULT_METHOD, METHODS
 from persres.methods.recipes import Overrides, train_config
-from persres.toymodels import TOY_BASE, locate_toy_model
+from persres.toymodels import TOY_BASES, locate_toy_model
 
 MACHINE = threading.Lock()
 VALIDATION_PROMPT = "a photo of a V* {}"
@@ -54,9 +54,10 @@ PAPER_RECIPE = Recipe(  # the paper's, as persres train takes it
 
 
 def is_shipped_base(base: str) -> bool:
-    """Whether ``base`` is the shipped toy world; False (not an error) where the toy world is absent."""
-    shipped = locate_toy_model(TOY_BASE)
-    return shipped is not None and Path(base).resolve() == shipped
+    """Whether ``base`` is one of the shipped toy world's bases (the U-Net's or the Flux-shaped one);
+    False (not an error) where the toy world is absent."""
+    shipped = [locate_toy_model(name) for name in TOY_BASES]
+    return Path(base).resolve() in [path for path in shipped if path is not None]
 
 
 def recipe_for(base: str) -> Recipe:

@@ -9,6 +9,7 @@ at a time and the page shows a waiting job its place in line. Light ones (previe
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import gradio as gr
 
@@ -41,7 +42,7 @@ def build(settings: AppSettings) -> gr.Blocks:
 
 
 def base_name(base: str) -> str:
-    return "the shipped toy world (`models/toyworld-base`)" if is_shipped_base(base) else f"`{base}`"
+    return f"the shipped toy world (`models/{Path(base).name}`)" if is_shipped_base(base) else f"`{base}`"
 
 
 def launch(
