@@ -287,7 +287,7 @@ def test_attention_masks_come_from_the_frozen_base_without_gradients(
     backbone = backbone_of(pipe)
     denoiser = backbone.denoiser(pipe)
     text = encode(pipe, config.prompt, CPU, 16).detach()
-    masks = AttentionMasks(pipe, config.prompt, "dog")
+    masks = AttentionMasks.of(pipe, config.prompt, "dog")
     assert int(masks.columns.sum()) >= 1
     before = dict(denoiser.attn_processors)
     latents = torch.randn(
@@ -323,13 +323,13 @@ def test_attention_masks_read_the_base_under_a_lora_and_leave_it_trainable(
         torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
         torch.tensor([300, 700]),
     )
-    first = AttentionMasks(pipe, "a photo of a sks dog", "dog")(noisy, steps, text)  # no adapters yet
+    first = AttentionMasks.of(pipe, "a photo of a sks dog", "dog")(noisy, steps, text)  # no adapters yet
     config = tiny_config(conv_base, photos, method="lora")
     trainable = get_method("lora").prepare(pipe, config, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for param in trainable.params.values():
             param.normal_(0, 3.0)  # an adapter that moves every map
-    masks = AttentionMasks(pipe, "a photo of a sks dog", "dog")
+    masks = AttentionMasks.of(pipe, "a photo of a sks dog", "dog")
     assert torch.equal(masks(noisy, steps, text), first)
     monkeypatch.setattr(attention_masks, "base_only", lambda _: contextlib.nullcontext())
     assert not torch.equal(masks(noisy, steps, text), first)  # the adapters would have moved it
@@ -340,14 +340,14 @@ def test_attention_masks_read_the_base_under_a_lora_and_leave_it_trainable(
 
 def test_attention_masks_pick_the_class_words_columns(conv_base: Path) -> None:
     pipe = load_pipeline(str(conv_base))
-    masks = AttentionMasks(pipe, "a photo of a sks dog", "dog")
+    masks = AttentionMasks.of(pipe, "a photo of a sks dog", "dog")
     ids = pipe.tokenizer("a photo of a sks dog").input_ids
     dog = pipe.tokenizer("dog", add_special_tokens=False).input_ids
     assert masks.columns.shape == (1, 1, 77)
     expected = [i for i, token in enumerate(ids) if token in dog]
     assert masks.columns[0, 0].nonzero().flatten().tolist() == expected
     with pytest.raises(ConfigError, match="class word"):
-        AttentionMasks(pipe, "a photo of a sks", "dog")
+        AttentionMasks.of(pipe, "a photo of a sks", "dog")
 
 
 # -- training runs ---------------------------------------------------------------------------------

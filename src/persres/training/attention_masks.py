@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from persres.backbones import backbone_of
+from persres.backbones import Backbone, backbone_of
 from persres.core.attention import swapped_processors
 from persres.core.lag import binarize, block_score, requested_keys
 from persres.core.pipeline import prompt_readers
@@ -37,34 +37,47 @@ from persres.formats.concepts import word_spans
 
 
 class AttentionMasks:
-    """The step's masks (B, 1, h, w) for ``prompt``'s ``class_word``, called as ``(noisy, steps, text)``."""
+    """The step's masks (B, 1, h, w) of the text columns ``columns`` (1, 1, T), called as ``(noisy, steps,
+    text)``; ``pipe`` is what ``backbone.predict`` takes with ``denoiser`` (unwrapped: the mask pass needs
+    no distributed sync)."""
 
-    def __init__(self, pipe: Any, prompt: str, class_word: str) -> None:
-        self.pipe = pipe
-        self.backbone = backbone_of(pipe)
-        self.denoiser = self.backbone.denoiser(pipe)  # unwrapped: the mask pass needs no distributed sync
-        self.columns = class_columns(pipe, prompt, class_word)  # (1, 1, T)
+    def __init__(self, pipe: Any, denoiser: nn.Module, backbone: Backbone, columns: torch.Tensor) -> None:
+        self.pipe, self.denoiser, self.backbone, self.columns = pipe, denoiser, backbone, columns
         self.layers = [
             layer
             for target in self.backbone.residual_targets(self.denoiser)
             for layer in self.backbone.attention_layers(self.denoiser, target)
         ]
 
+    @classmethod
+    def of(cls, pipe: Any, prompt: str, class_word: str) -> AttentionMasks:
+        """The masks of ``class_word`` in the training ``prompt``, from ``pipe``'s denoiser."""
+        backbone = backbone_of(pipe)
+        return cls(pipe, backbone.denoiser(pipe), backbone, class_columns(pipe, prompt, class_word))
+
     def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
+        batch, _, height, width = noisy.shape
+        with torch.no_grad(), base_only(self.denoiser), self.capturing(noisy) as total:
+            self.backbone.predict(self.pipe, self.denoiser, noisy.detach(), steps, text.detach())
+        return binarize(total.flatten(2), batch).view(batch, 1, height, width)
+
+    @contextlib.contextmanager
+    def capturing(self, noisy: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Inside the block, the denoiser's calls on latents shaped as ``noisy`` (B, C, h, w) add the class
+        word's maps of every captured layer, on the latent grid, detached, to the yielded (B, 1, h, w)."""
         batch, _, height, width = noisy.shape
         columns = self.columns.to(noisy.device).expand(batch, -1, -1)  # (B, 1, T)
         total = torch.zeros(batch, 1, height, width, device=noisy.device)
 
         def hook(probs: torch.Tensor, keys: torch.Tensor | None = None) -> None:
             chosen = columns if keys is None else columns[..., keys.to(columns.device)]
-            score = block_score(probs, chosen)  # (B, 1, HW) of the layer's grid
+            score = block_score(probs.detach(), chosen)  # (B, 1, HW) of the layer's grid
             total.add_(on_latent_grid(score, height, width))
 
         keys, length = requested_keys(self.columns), self.columns.shape[-1]
         processors = {layer: self.backbone.capture_processor(hook, keys, length) for layer in self.layers}
-        with torch.no_grad(), base_only(self.denoiser), swapped_processors(self.denoiser, processors):
-            self.backbone.predict(self.pipe, self.denoiser, noisy.detach(), steps, text.detach())
-        return binarize(total.flatten(2), batch).view(batch, 1, height, width)
+        with swapped_processors(self.denoiser, processors):
+            yield total
 
 
 def on_latent_grid(score: torch.Tensor, height: int, width: int) -> torch.Tensor:

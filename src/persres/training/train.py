@@ -269,7 +269,7 @@ def prepare_loop(
     if config.cache_latents:
         latents = cache_latents(pipe, images, config.flip, accelerator, data)
         prior_latents = None if prior is None else cache_latents(pipe, prior, config.flip, accelerator)
-    attention = AttentionMasks(pipe, prompt, config.class_word) if config.mask == ATTENTION else None
+    attention = AttentionMasks.of(pipe, prompt, config.class_word) if config.mask == ATTENTION else None
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
         noise_scheduler, accelerator, loss_log, folder, data, texts, latents, prior_latents,
