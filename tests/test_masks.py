@@ -27,6 +27,7 @@ from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals
 from persres.errors import ConfigError
 from persres.methods import get_method
+from persres.methods.catalog import METHODS
 from persres.training import attention_masks
 from persres.training.attention_masks import AttentionMasks, on_latent_grid
 from persres.training.batches import TrainingData
@@ -407,3 +408,34 @@ def test_lora_trains_with_masks_from_the_command_line(
     assert (written["method"], written["mask"], written["mask_background_weight"]) == ("lora", mask, 0.2)
     rows = (out / "logs" / "loss.csv").read_text().splitlines()
     assert len(rows) == 3  # the header and two steps
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_with_either_kind_of_mask(
+    method: str, conv_base: Path, masked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    photos, folder = masked[0], masked[1]
+    for mask in (str(folder), "attention"):
+        config = tiny_config(conv_base, photos, method=method, mask=mask, steps=2, lr=1e-4)
+        out = tmp_path / Path(mask).name
+        seen = losses(config, out)
+        assert len(seen) == 2 and all(np.isfinite(seen)), (method, mask)
+        assert json.loads((out / "config.json").read_text())["mask"] == mask
+
+
+def test_sdxl_trains_with_attention_masks(
+    xl_base: Path, masked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config = tiny_config(xl_base, masked[0], mask="attention", mask_background_weight=0.1, steps=2)
+    seen = losses(config, tmp_path / "run")
+    plain = losses(tiny_config(xl_base, masked[0], steps=2), tmp_path / "plain")
+    assert all(np.isfinite(seen)) and seen != plain
+
+
+def test_the_app_offers_attention_masks() -> None:
+    pytest.importorskip("gradio")
+    from persres.app.jobs import TOY_RECIPE, make_config
+
+    plain = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE)
+    masked = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE, masked=True)
+    assert (plain.mask, masked.mask, masked.mask_background_weight) == ("none", "attention", 0.0)
