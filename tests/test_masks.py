@@ -229,6 +229,9 @@ def bad_mask_cases(root: Path, photos: Path) -> dict[str, tuple[str, str]]:
     made = folder("size")
     Image.fromarray(np.full((20, 24), 255, np.uint8)).save(made / "p0.png")  # p0 is 24 x 24
     cases["wrong size"] = (str(made), "p0.png")
+    made = folder("two")
+    Image.fromarray(np.full((24, 24), 255, np.uint8)).save(made / "p2.jpg")
+    cases["two masks"] = (str(made), "p2.jpg")
     cases["no folder"] = (str(root / "nowhere"), "nowhere")
     return cases
 
@@ -249,8 +252,11 @@ def test_every_bad_mask_is_refused_by_name_before_anything_is_written(
     opaque = tmp_path / "opaque"
     opaque.mkdir()
     Image.new("RGBA", (24, 24), (200, 10, 10, 255)).save(opaque / "solid.png")
+    clear = tmp_path / "clear"
+    clear.mkdir()
+    Image.new("RGBA", (24, 24), (200, 10, 10, 0)).save(clear / "invisible.png")
     runs = [(square, mask, named) for mask, named in cases.values()]
-    runs += [(plain, "alpha", "red.png"), (opaque, "alpha", "solid.png")]
+    runs += [(plain, "alpha", "red.png"), (opaque, "alpha", "solid.png"), (clear, "alpha", "invisible.png")]
     for images, mask, named in runs:
         out = tmp_path / "runs" / Path(mask).name
         assert main(train_argv(conv_base, images, out, "--mask", mask)) == 2, (mask, named)
