@@ -445,3 +445,17 @@ def test_the_app_offers_attention_masks() -> None:
     plain = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE)
     masked = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE, masked=True)
     assert (plain.mask, masked.mask, masked.mask_background_weight) == ("none", "attention", 0.0)
+
+
+def test_the_toy_world_writes_true_object_masks_that_train(conv_base: Path, tmp_path: Path) -> None:
+    from persres.toyworld.experiment import reference_photos
+
+    instance = ("dog", "red", "striped")
+    photos = reference_photos(instance, tmp_path / "photos", count=3, masks=tmp_path / "masks")
+    kept = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert kept == sorted(p.name for p in photos.iterdir()) and len(kept) == 3
+    for name in kept:
+        mask = np.asarray(Image.open(tmp_path / "masks" / name))
+        assert mask.shape == (32, 32) and 0 < (mask > 127).mean() < 0.9  # an object on a background
+    config = tiny_config(conv_base, photos, mask=str(tmp_path / "masks"), resolution=32, steps=2)
+    assert all(np.isfinite(losses(config, tmp_path / "run")))
