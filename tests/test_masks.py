@@ -33,8 +33,8 @@ from persres.training.attention_masks import AttentionMasks, on_latent_grid
 from persres.training.batches import TrainingData
 from persres.training.data import ConceptImages
 from persres.training.latent_cache import LatentCache
-from persres.training.masks import read_masks, to_latent_grid, weighted_mse
-from persres.training.train import denoising_loss, file_mask, train
+from persres.training.masks import file_mask, read_masks, to_latent_grid, weighted_mse
+from persres.training.train import denoising_loss, train
 
 DATA = Path(__file__).parent / "data" / "mask-none-losses"
 CPU = torch.device("cpu")

@@ -142,6 +142,15 @@ def to_latent_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks, size=grid, mode="area")
 
 
+def file_mask(masks: torch.Tensor) -> LatentMask:
+    """A batch's pixel masks (B, 1, H, W) as the loss's latent mask: area averages over the latent grid."""
+
+    def on_grid(noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
+        return to_latent_grid(masks.to(noisy.device), (noisy.shape[-2], noisy.shape[-1]))
+
+    return on_grid
+
+
 def loss_weights(mask: torch.Tensor, background: float) -> torch.Tensor:
     """w = mask + background (1 - mask): 1 on the subject, ``background`` elsewhere."""
     return mask + background * (1.0 - mask)

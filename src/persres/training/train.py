@@ -7,7 +7,8 @@ timesteps) comes from one CPU generator per process whose state is checkpointed,
 and resumed run ends where an uninterrupted one does. With `cache_latents` the photos' VAE posteriors
 are encoded before the first step (``latent_cache.py``) and each step samples them. Each step's loss
 goes to ``OUT/logs/loss.csv`` (``trainlog.py``); validation images to ``OUT/validation/step-NNNNNN/``
-(``validation.py``).
+(``validation.py``). With `mask` the denoising loss is weighted inside and outside the concept's mask, from
+the photos' files or the base's attention (``masks.py``, ``attention_masks.py``).
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ from persres.training.latent_cache import LatentCache
 from persres.training.masks import (
     ATTENTION,
     LatentMask,
+    file_mask,
     from_files,
     loss_weights,
     read_masks,
-    to_latent_grid,
     weighted_mse,
 )
 from persres.training.prior import class_prompt, prior_images
@@ -409,15 +410,6 @@ def concept_batch(
         return pixels, masks
     posterior, masks, _ = cache.draw_masked(config.batch_size, generator)
     return posterior, masks
-
-
-def file_mask(masks: torch.Tensor) -> LatentMask:
-    """A batch's pixel masks (B, 1, H, W) as the loss's latent mask: area averages over the latent grid."""
-
-    def on_grid(noisy: torch.Tensor, steps: torch.Tensor, text: Condition) -> torch.Tensor:
-        return to_latent_grid(masks.to(noisy.device), (noisy.shape[-2], noisy.shape[-1]))
-
-    return on_grid
 
 
 def prompt_text(loop: Loop, prompt: str) -> Condition:
