@@ -29,7 +29,7 @@ from persres.errors import ConfigError
 from persres.methods import get_method
 from persres.methods.catalog import METHODS
 from persres.training import attention_masks
-from persres.training.attention_masks import AttentionMasks, on_latent_grid
+from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks, on_latent_grid
 from persres.training.batches import TrainingData
 from persres.training.data import ConceptImages
 from persres.training.latent_cache import LatentCache
@@ -273,7 +273,8 @@ def test_settings_are_checked() -> None:
     assert (config.mask, config.mask_background_weight) == ("none", 0.0)
     for bad in ({"mask": "alpha", "mask_background_weight": 1.5}, {"mask": " "},
                 {"mask": "alpha", "mask_background_weight": float("nan")},
-                {"mask": "attention", "captions": True}):  # fmt: skip
+                {"mask": "attention", "captions": True}, {"mask": "attention-trained", "captions": True},
+                {"mask": "attention-trained", "gradient_checkpointing": True}):  # fmt: skip
         with pytest.raises(ConfigError):
             TrainConfig(base="b", images="i", class_word="dog", **bad)  # type: ignore[arg-type]
     old = {k: v for k, v in config.to_dict().items() if not k.startswith("mask")}
@@ -345,6 +346,37 @@ def test_attention_masks_read_the_base_under_a_lora_and_leave_it_trainable(
     assert adapted.requires_grad
 
 
+@pytest.mark.parametrize("model", ["conv_base", "flux_base"])
+def test_attention_trained_reads_the_training_pass_detached(
+    model: str, photos: Path, request: pytest.FixtureRequest
+) -> None:
+    base = request.getfixturevalue(model)
+    pipe = load_pipeline(str(base))
+    config = tiny_config(base, photos)
+    get_method("residuals").prepare(pipe, config, torch.Generator().manual_seed(0))  # B = 0: the base
+    backbone = backbone_of(pipe)
+    denoiser = backbone.denoiser(pipe)
+    text = encode(pipe, config.prompt, CPU, 16).detach()
+    channels = 4 if model == "conv_base" else 16
+    noisy = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    steps = torch.tensor([400, 800]) if model == "conv_base" else torch.tensor([400.0, 800.0])
+    frozen = AttentionMasks.of(pipe, config.prompt, "dog")
+    trained = TrainedAttentionMasks.of(pipe, config.prompt, "dog")
+    with pytest.raises(RuntimeError, match="inside watching"):
+        trained(noisy, steps, text)  # asked for without a pass to read
+    with trained.watching(noisy):
+        prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
+    mask = trained(noisy, steps, text)
+    assert prediction.requires_grad and not mask.requires_grad  # the training pass, the mask detached
+    assert torch.equal(mask, frozen(noisy, steps, text))  # residuals at zero: the base's own map
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    randomize_residuals(denoiser, std=5.0)  # trained residuals move the trained model's maps, not the base's
+    with trained.watching(noisy):
+        backbone.predict(pipe, denoiser, noisy, steps, text)
+    assert not torch.equal(trained(noisy, steps, text), frozen(noisy, steps, text))
+    assert torch.equal(frozen(noisy, steps, text), mask)
+
+
 def test_attention_masks_pick_the_class_words_columns(conv_base: Path) -> None:
     pipe = load_pipeline(str(conv_base))
     masks = AttentionMasks.of(pipe, "a photo of a sks dog", "dog")
@@ -377,12 +409,12 @@ def test_mask_none_gives_the_losses_of_persres_before_masks(
 
 
 @pytest.mark.parametrize("model", ["conv_base", "flux_base"])
-@pytest.mark.parametrize("mask", ["folder", "attention"])
+@pytest.mark.parametrize("mask", ["folder", "attention", "attention-trained"])
 def test_masked_runs_train_and_resume_exactly(
     model: str, mask: str, masked: tuple[Path, Path, Path], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     photos, folder = masked[0], masked[1]
-    setting = str(folder) if mask == "folder" else "attention"
+    setting = str(folder) if mask == "folder" else mask
     config = tiny_config(request.getfixturevalue(model), photos, mask=setting, mask_background_weight=0.1,
                          steps=4, lr=5e-2)  # fmt: skip
     whole = losses(config, tmp_path / "whole")
@@ -421,7 +453,7 @@ def test_every_method_trains_with_either_kind_of_mask(
     method: str, conv_base: Path, masked: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     photos, folder = masked[0], masked[1]
-    for mask in (str(folder), "attention"):
+    for mask in (str(folder), "attention", "attention-trained"):
         config = tiny_config(conv_base, photos, method=method, mask=mask, steps=2, lr=1e-4)
         out = tmp_path / Path(mask).name
         seen = losses(config, out)

@@ -116,10 +116,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mask",
         default=DEFAULTS["mask"],
-        metavar="none|alpha|attention|DIR",
+        metavar="none|alpha|attention|attention-trained|DIR",
         help="weigh the loss by a mask of the concept: alpha (each photo's alpha channel, opaque = subject), "
-        "DIR (one mask per photo, same name, white = subject), attention (the base's cross-attention map "
-        "of the class word at each step); none trains on the whole photo (default none)",
+        "DIR (one mask per photo, same name, white = subject), attention (the frozen base's cross-attention "
+        "map of the class word at each step, a second pass), attention-trained (the same map of the model "
+        "being trained, read in its own pass: no extra cost); none trains on the whole photo (default none)",
     )
     p.add_argument(
         "--mask-background-weight",

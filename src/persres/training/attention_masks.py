@@ -55,6 +55,10 @@ class AttentionMasks:
         backbone = backbone_of(pipe)
         return cls(pipe, backbone.denoiser(pipe), backbone, class_columns(pipe, prompt, class_word))
 
+    def watching(self, noisy: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+        """Nothing to read from the training pass: the mask is the base's own pass (``__call__``)."""
+        return contextlib.nullcontext()
+
     def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
         batch, _, height, width = noisy.shape
         with torch.no_grad(), base_only(self.denoiser), self.capturing(noisy) as total:
@@ -78,6 +82,27 @@ class AttentionMasks:
         processors = {layer: self.backbone.capture_processor(hook, keys, length) for layer in self.layers}
         with swapped_processors(self.denoiser, processors):
             yield total
+
+
+class TrainedAttentionMasks(AttentionMasks):
+    """`mask` attention-trained: the class word's maps captured in the step's own forward pass of the model
+    being trained (detached, summed and binarised as ``AttentionMasks``): no second pass. ``watching``
+    surrounds that pass; the mask is asked for after it."""
+
+    captured: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def watching(self, noisy: torch.Tensor) -> Iterator[object]:
+        with self.capturing(noisy) as total:
+            yield total
+        self.captured = total
+
+    def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
+        if self.captured is None:
+            raise RuntimeError("`mask` attention-trained is read from a forward pass inside watching()")
+        total, self.captured = self.captured, None
+        batch, _, height, width = noisy.shape
+        return binarize(total.flatten(2), batch).view(batch, 1, height, width)
 
 
 def on_latent_grid(score: torch.Tensor, height: int, width: int) -> torch.Tensor:

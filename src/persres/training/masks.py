@@ -8,7 +8,9 @@ Where the masks come from:
 - a folder: one mask image per photo, matched by file stem (photo ``dog1.jpg`` <-> ``DIR/dog1.png``), of
   the photo's size; white = subject, grey values are partial weights (kohya's ``--masked_loss``);
 - "attention": at each step, the frozen base's cross-attention map of the class word for the step's noisy
-  latents (``attention_masks.py``).
+  latents, from a second, no_grad pass (``attention_masks.py``);
+- "attention-trained": the same map read from the model being trained, in the step's own forward pass
+  (detached): no second pass, but the map of the personalized model, as LAG reads it when sampling.
 
 A mask from a file is read at the photo's upright size (EXIF orientation, as the photo), resized with the
 photo to the training resolution, and cropped and flipped with the very draws of its photo
@@ -27,9 +29,10 @@ weight (0.1) keeps some of it, e.g. to learn a concept's usual surroundings. The
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,16 +42,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from persres.errors import InputError
 from persres.images import load_rgb
 
-NONE, ALPHA, ATTENTION = "none", "alpha", "attention"
+NONE, ALPHA, ATTENTION, ATTENTION_TRAINED = "none", "alpha", "attention", "attention-trained"
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-# (noisy latents, timesteps, conditioning) -> (B, 1, h, w) masks in [0, 1] at the latent grid
-LatentMask = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+class LatentMask(Protocol):
+    """A step's loss mask: ``watching`` is entered around the step's forward pass (a mask read from that
+    very pass), then the mask is asked for: (noisy latents, timesteps, conditioning) -> (B, 1, h, w) in
+    [0, 1] at the latent grid."""
+
+    def watching(self, noisy: torch.Tensor) -> AbstractContextManager[object]: ...
+
+    def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor: ...
 
 
 def from_files(mask: str) -> bool:
     """Whether `mask` is read from files (alpha channels or a folder), before training."""
-    return mask not in (NONE, ATTENTION)
+    return mask not in (NONE, ATTENTION, ATTENTION_TRAINED)
 
 
 def read_masks(mask: str, photos: list[Path]) -> list[Image.Image]:
@@ -142,13 +152,21 @@ def to_latent_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks, size=grid, mode="area")
 
 
-def file_mask(masks: torch.Tensor) -> LatentMask:
+class FileMask:
     """A batch's pixel masks (B, 1, H, W) as the loss's latent mask: area averages over the latent grid."""
 
-    def on_grid(noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
-        return to_latent_grid(masks.to(noisy.device), (noisy.shape[-2], noisy.shape[-1]))
+    def __init__(self, masks: torch.Tensor) -> None:
+        self.masks = masks
 
-    return on_grid
+    def watching(self, noisy: torch.Tensor) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
+        return to_latent_grid(self.masks.to(noisy.device), (noisy.shape[-2], noisy.shape[-1]))
+
+
+def file_mask(masks: torch.Tensor) -> LatentMask:
+    return FileMask(masks)
 
 
 def loss_weights(mask: torch.Tensor, background: float) -> torch.Tensor:

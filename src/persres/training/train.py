@@ -43,7 +43,7 @@ from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.inference.sampling import PromptInputs
 from persres.methods import check_runs_on, get_method
-from persres.training.attention_masks import AttentionMasks
+from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
 from persres.training.checkpoint import (
@@ -57,6 +57,7 @@ from persres.training.data import ConceptImages
 from persres.training.latent_cache import LatentCache
 from persres.training.masks import (
     ATTENTION,
+    ATTENTION_TRAINED,
     LatentMask,
     file_mask,
     from_files,
@@ -117,7 +118,7 @@ class Loop:
     latents: LatentCache | None = None  # with `cache_latents`: the photos' VAE posteriors
     prior_latents: LatentCache | None = None  # with `cache_latents` and prior images: theirs
     validation_inputs: dict[str, PromptInputs] | None = None  # `release_text_encoders`: encoded before
-    attention: LatentMask | None = None  # `mask` attention: each step's mask from the base's attention
+    attention: LatentMask | None = None  # `mask` attention(-trained): each step's mask from attention maps
 
 
 def train(
@@ -270,7 +271,10 @@ def prepare_loop(
     if config.cache_latents:
         latents = cache_latents(pipe, images, config.flip, accelerator, data)
         prior_latents = None if prior is None else cache_latents(pipe, prior, config.flip, accelerator)
-    attention = AttentionMasks.of(pipe, prompt, config.class_word) if config.mask == ATTENTION else None
+    attention = None
+    if config.mask in (ATTENTION, ATTENTION_TRAINED):  # the base's own pass, or the trained model's
+        kind = AttentionMasks if config.mask == ATTENTION else TrainedAttentionMasks
+        attention = kind.of(pipe, prompt, config.class_word)
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
         noise_scheduler, accelerator, loss_log, folder, data, texts, latents, prior_latents,
@@ -488,11 +492,12 @@ def denoising_loss(
     posterior = pixels if isinstance(pixels, Posterior) else backbone.posterior(pipe, pixels, device)
     latents = backbone.latents(pipe, posterior, generator)
     noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
-    inside = None if mask is None else mask(noisy, steps, text)  # made before the step's forward pass
-    prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
-    if inside is None:
+    if mask is None:
+        prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
         return F.mse_loss(prediction.float(), target.float())
-    return weighted_mse(prediction, target, loss_weights(inside, background))
+    with mask.watching(noisy):  # `mask` attention-trained reads this very pass
+        prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
+    return weighted_mse(prediction, target, loss_weights(mask(noisy, steps, text), background))
 
 
 def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:
