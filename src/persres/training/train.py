@@ -43,7 +43,7 @@ from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.inference.sampling import PromptInputs
 from persres.methods import check_runs_on, get_method
-from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks
+from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks, class_columns
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
 from persres.training.checkpoint import (
@@ -202,6 +202,8 @@ def train_in(
     for plan in validation:  # refused now, not after training when they are sampled
         for reader in readers:
             check_prompt_length(reader, plan, concept)
+    if config.mask in (ATTENTION, ATTENTION_TRAINED):  # the class word found in the prompt, before writing
+        class_columns(pipe, method.training_prompt(config), config.class_word)
     data = None
     if config.captions or config.buckets:  # off, the paper's recipe: one prompt, square crops
         check_captions(pipe, images, captions, concept)
