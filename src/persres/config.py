@@ -136,6 +136,11 @@ class TrainConfig:
     # compute: each photo encoded by the VAE once before the first step, at a fixed (centred) crop
     # (training/latent_cache.py); needs `min_crop` 1
     cache_latents: bool = False
+    # masked loss (training/masks.py): "none" (the paper's plain MSE), "alpha" (each photo's alpha channel),
+    # "attention" (the frozen base's map of the class word, each step), "attention-trained" (the same map
+    # read in the training pass of the model being trained), or a folder of one mask per photo
+    mask: str = "none"
+    mask_background_weight: float = 0.0  # the loss weight outside the mask (kohya's masked loss: 0)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -207,6 +212,36 @@ class TrainConfig:
                 f"`cache_latents` encodes each photo once, at one fixed crop, but `min_crop` {self.min_crop} "
                 "crops the photos anew every step; set `min_crop` 1 (each photo's centred crop) or drop "
                 "`cache_latents`"
+            )
+        self.check_mask()
+
+    def check_mask(self) -> None:
+        """`mask` is none, alpha, attention or a folder; `mask_background_weight` in [0, 1], with a mask."""
+        if not self.mask.strip():
+            raise ConfigError(
+                "`mask` must be none, alpha, attention, attention-trained or a folder of masks, got an empty "
+                "value"
+            )
+        if not 0.0 <= self.mask_background_weight <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"`mask_background_weight` must be in [0, 1], got {self.mask_background_weight}"
+            )
+        if self.mask == "none" and self.mask_background_weight != 0.0:
+            raise ConfigError(
+                "`mask_background_weight` weighs the loss outside a mask, but `mask` is none; give a `mask` "
+                "(alpha, attention or a folder) or drop `mask_background_weight`"
+            )
+        if self.mask in ("attention", "attention-trained") and self.captions:
+            raise ConfigError(
+                f"`mask` {self.mask} reads the class word's attention in the training prompt, but `captions` "
+                "gives each photo its own prompt, which need not name the class word; use `mask` alpha or "
+                "a folder of masks with `captions`, or drop `captions`"
+            )
+        if self.mask == "attention-trained" and self.gradient_checkpointing:
+            raise ConfigError(
+                "`mask` attention-trained reads the maps in the training pass with other attention "
+                "processors, which `gradient_checkpointing`'s recomputation would not match; use `mask` "
+                "attention, or drop `gradient_checkpointing`"
             )
 
     def check_release(self) -> None:

@@ -89,7 +89,9 @@ def make_config(
     rank: str | float,
     recipe: Recipe,
     buckets: bool = False,
+    masked: bool = False,
 ) -> TrainConfig:
+    """The app's run: personalized residuals with the base's recipe; ``masked``: `mask` attention."""
     if not class_word.strip():
         raise ConfigError("class word is empty: say what the concept is, e.g. dog")
     try:
@@ -110,6 +112,7 @@ def make_config(
         checkpoint_every=max(1, steps // 4),
         validation_prompts=(VALIDATION_PROMPT.format(class_word.strip()),),
         buckets=buckets,
+        mask="attention" if masked else "none",
     )
 
 
@@ -187,11 +190,12 @@ def start_training(
     rank: str | float,
     device: str = "auto",
     buckets: bool = False,
+    masked: bool = False,
 ) -> TrainingJob:
     """Check the settings and photos, make the run's folder and keep its photos; the job to run."""
     recipe = recipe_for(base)
     # bad settings: nothing written
-    make_config(base, Path("."), class_word, token, steps, lr, rank, recipe, buckets)
+    make_config(base, Path("."), class_word, token, steps, lr, rank, recipe, buckets, masked)
     out = new_run(runs, name or f"{token.strip() or 'sks'}-{class_word}")
     try:
         photos = photo_folder(runs, out)
@@ -199,7 +203,7 @@ def start_training(
     except BaseException:
         out.rmdir()
         raise
-    config = make_config(base, photos, class_word, token, steps, lr, rank, recipe, buckets)
+    config = make_config(base, photos, class_word, token, steps, lr, rank, recipe, buckets, masked)
     write_json(out / REQUEST, config.to_dict())
     return TrainingJob(config, out, resume=False, device=device)
 

@@ -54,6 +54,8 @@ FLAGS: dict[str, str] = {
     "release_text_encoders": "--release-text-encoders",
     "quantize_base": "--quantize-base",
     "cache_latents": "--cache-latents",
+    "mask": "--mask",
+    "mask_background_weight": "--mask-background-weight",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",

@@ -9,6 +9,7 @@ from dataclasses import fields
 from persres.cli.options import (
     BATCH_SIZE,
     LEARNING_RATE,
+    MASK_BACKGROUND_WEIGHT,
     PIXELS,
     PRIOR_IMAGES,
     PRIOR_WEIGHT,
@@ -111,6 +112,21 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="encode each photo by the VAE once before the first step instead of every step; each photo "
         "then keeps one centred crop (no random crop; the flip stays) (default off)",
+    )
+    p.add_argument(
+        "--mask",
+        default=DEFAULTS["mask"],
+        metavar="none|alpha|attention|attention-trained|DIR",
+        help="weigh the loss by a mask of the concept: alpha (each photo's alpha channel, opaque = subject), "
+        "DIR (one mask per photo, same name, white = subject), attention (the frozen base's cross-attention "
+        "map of the class word at each step, a second pass), attention-trained (the same map of the model "
+        "being trained, read in its own pass: no extra cost); none trains on the whole photo (default none)",
+    )
+    p.add_argument(
+        "--mask-background-weight",
+        type=MASK_BACKGROUND_WEIGHT,
+        default=DEFAULTS["mask_background_weight"],
+        help="the loss weight outside the mask, in [0, 1] (default 0: the background is not learned)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -236,6 +252,8 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         release_text_encoders=args.release_text_encoders,
         quantize_base=args.quantize_base,
         cache_latents=args.cache_latents,
+        mask=args.mask,
+        mask_background_weight=args.mask_background_weight,
         **({"min_crop": 1.0} if args.cache_latents else {}),  # cached latents take fixed crops
         validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every,

@@ -54,6 +54,8 @@ class ToySettings:
     seed: int = 0
     method: str = DEFAULT_METHOD
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
+    mask: str = "none"  # `mask`: none, attention, or a folder (``reference_photos``' true object masks)
+    mask_background_weight: float = 0.0
 
     def sampling(self) -> SampleSettings:
         """The scenes' size given, not left to the pipeline: FluxPipeline's default is 128 latent pixels."""
@@ -62,13 +64,21 @@ class ToySettings:
         )
 
 
-def reference_photos(instance: Instance, folder: Path, count: int = 5, seed: int = 0) -> Path:
-    """``count`` photos of the instance on random backgrounds, no second object."""
+def reference_photos(
+    instance: Instance, folder: Path, count: int = 5, seed: int = 0, masks: Path | None = None
+) -> Path:
+    """``count`` photos of the instance on random backgrounds, no second object; with ``masks``, each
+    photo's true object mask there too, under the photo's name (a `mask` folder: white = the object)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if masks is not None:
+        masks.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 11])
     for i in range(count):
         scene = random_scene(rng, instance=instance, style="photo", second=None)
-        Image.fromarray(render(scene)[0]).save(folder / f"{instance[0]}-{i}.png")
+        image, mask = render(scene)
+        Image.fromarray(image).save(folder / f"{instance[0]}-{i}.png")
+        if masks is not None:
+            Image.fromarray((mask * 255).round().astype(np.uint8)).save(masks / f"{instance[0]}-{i}.png")
     return folder
 
 
@@ -97,6 +107,8 @@ def personalize(
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
+        mask=settings.mask,
+        mask_background_weight=settings.mask_background_weight,
     )
     return train(config, out, resume=resume, device="cpu", progress=False, distributed=False)
 

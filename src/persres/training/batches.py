@@ -28,6 +28,7 @@ class Drawn:
     pixels: torch.Tensor | Posterior  # (B, 3, H, W), one size; with `cache_latents`, their posteriors
     prompts: tuple[str, ...]  # each image's
     cached_size: Size | None = None  # with `cache_latents`: the images' (H, W) pixels
+    masks: torch.Tensor | None = None  # with a `mask` from files: (B, 1, H, W), cropped with the images
 
     @property
     def size(self) -> Size:
@@ -70,13 +71,16 @@ class TrainingData:
         """A batch and its prompts; with ``cache`` (`cache_latents`, built from these photos and buckets
         with `flip`) the cached posteriors, chosen with the same draws."""
         if cache is not None:
-            posterior, picks = cache.draw(size, generator)
-            return Drawn(posterior, tuple(self.prompts[i] for i in picks), cache.sizes[picks[0]])
+            posterior, masks, picks = cache.draw_masked(size, generator)
+            return Drawn(posterior, tuple(self.prompts[i] for i in picks), cache.sizes[picks[0]], masks)
         if self.buckets is None:
-            pixels, picks = self.images.draw(size, generator, min_crop, flip)
+            pixels, masks, picks = self.images.draw_masked(size, generator, min_crop, flip)
         else:
-            pixels, picks = self.buckets.batch(self.images.tensors, size, generator, min_crop, flip)
-        return Drawn(pixels, tuple(self.prompts[i] for i in picks))
+            tensors = self.images.tensors
+            pixels, masks, picks = self.buckets.batch_masked(
+                tensors, self.images.masks, size, generator, min_crop, flip
+            )
+        return Drawn(pixels, tuple(self.prompts[i] for i in picks), None, masks)
 
 
 def batch_conditioning(drawn: Drawn, encoded: Callable[[str], Any], backbone: Backbone) -> Any:

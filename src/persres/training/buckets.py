@@ -90,10 +90,28 @@ class Buckets:
         flip: bool,
     ) -> tuple[torch.Tensor, list[int]]:
         """(size, 3, H, W) of one bucket (H, W), and the photo each image came from."""
+        images, _, picks = self.batch_masked(tensors, None, size, generator, min_crop, flip)
+        return images, picks
+
+    def batch_masked(
+        self,
+        tensors: list[torch.Tensor],
+        masks: list[torch.Tensor] | None,
+        size: int,
+        generator: torch.Generator,
+        min_crop: float,
+        flip: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """``batch``, and each image's mask (size, 1, H, W) windowed with its photo's draws (None without)."""
         picks = self.picks(size, generator)
         bucket = self.of_photo[picks[0]]
-        images = [window(tensors[i], bucket, generator, min_crop, flip) for i in picks]
-        return torch.stack(images), picks
+        images, windows = [], []
+        for i in picks:
+            draws = augment_draws(generator)
+            images.append(window_at(tensors[i], bucket, draws, min_crop, flip))
+            if masks is not None:
+                windows.append(window_at(masks[i], bucket, draws, min_crop, flip))
+        return torch.stack(images), torch.stack(windows) if windows else None, picks
 
     def choose(self, size: int, generator: torch.Generator, flip: bool) -> tuple[list[int], list[bool]]:
         """``batch``'s photos and whether each is flipped, from the very draws ``batch`` makes, without
@@ -111,7 +129,8 @@ def window(
 
 
 def window_at(image: torch.Tensor, bucket: Size, draws: Draws, min_crop: float, flip: bool) -> torch.Tensor:
-    """``window`` placed by ``draws`` (``CENTRED``: the largest window, centred, as cached latents take)."""
+    """``window`` placed by ``draws`` (``CENTRED``: the largest window, centred, as cached latents take); of
+    any channels (a photo's mask, with its photo's draws)."""
     _, height, width = image.shape
     target_h, target_w = bucket
     if width * target_h >= height * target_w:  # the photo is wider than its bucket: the window is as tall
@@ -127,7 +146,7 @@ def window_at(image: torch.Tensor, bucket: Size, draws: Draws, min_crop: float, 
     if (crop_h, crop_w) != bucket:
         crop = F.interpolate(crop[None], size=bucket, mode="bilinear", antialias=True, align_corners=False)[
             0
-        ]  # (3, h, w)
+        ]  # (C, h, w)
     if flipped(draws, flip):
         crop = crop.flip(-1)
     return crop

@@ -25,6 +25,7 @@ from PIL import Image
 from persres.errors import InputError
 from persres.images import load_rgb
 from persres.training.captions import check_pairs, is_caption
+from persres.training.masks import mask_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_IMAGES = 50
@@ -85,6 +86,7 @@ class ConceptImages:
     paths: list[Path]
     tensors: list[torch.Tensor]  # each (3, H, W), min(H, W) == resolution
     resolution: int
+    masks: list[torch.Tensor] | None = None  # with a `mask` from files: each (1, H, W) in [0, 1] (masks.py)
 
     @classmethod
     def from_folder(
@@ -101,6 +103,13 @@ class ConceptImages:
         tensors = [to_tensor(resize_shorter_side(load_rgb(p), resolution)) for p in paths]
         return cls(paths, tensors, resolution)
 
+    def with_masks(self, masks: list[Image.Image]) -> ConceptImages:
+        """These photos with a mask each (``masks.read_masks``: the photo's upright size), resized as the
+        photos are."""
+        sizes = [(int(t.shape[2]), int(t.shape[1])) for t in self.tensors]  # (W, H)
+        tensors = [mask_tensor(m, size) for m, size in zip(masks, sizes, strict=True)]
+        return ConceptImages(self.paths, self.tensors, self.resolution, tensors)
+
     def batch(self, size: int, generator: torch.Generator, min_crop: float, flip: bool) -> torch.Tensor:
         """(size, 3, R, R): random images, each randomly cropped and flipped."""
         return self.draw(size, generator, min_crop, flip)[0]
@@ -109,9 +118,22 @@ class ConceptImages:
         self, size: int, generator: torch.Generator, min_crop: float, flip: bool
     ) -> tuple[torch.Tensor, list[int]]:
         """``batch``'s images, and the photo each came from."""
+        pixels, _, picks = self.draw_masked(size, generator, min_crop, flip)
+        return pixels, picks
+
+    def draw_masked(
+        self, size: int, generator: torch.Generator, min_crop: float, flip: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """``draw``'s images, their masks (size, 1, R, R) cropped and flipped with the same draws (None
+        without masks), and the photo each came from."""
         picks = draw_picks(len(self.tensors), size, generator)
-        crops = [self.square(self.tensors[i], augment_draws(generator), min_crop, flip) for i in picks]
-        return torch.stack(crops), picks
+        crops, masks = [], []
+        for i in picks:
+            draws = augment_draws(generator)
+            crops.append(self.square(self.tensors[i], draws, min_crop, flip))
+            if self.masks is not None:
+                masks.append(self.square(self.masks[i], draws, min_crop, flip))
+        return torch.stack(crops), torch.stack(masks) if masks else None, picks
 
     def choose(self, size: int, generator: torch.Generator, flip: bool) -> tuple[list[int], list[bool]]:
         """``draw``'s photos and whether each is flipped, from the very draws ``draw`` makes, without the
@@ -120,7 +142,8 @@ class ConceptImages:
         return picks, [flipped(augment_draws(generator), flip) for _ in picks]
 
     def square(self, image: torch.Tensor, draws: Draws, min_crop: float, flip: bool) -> torch.Tensor:
-        """(3, R, R): the square of ``image`` (3, H, W) that ``draws`` place, resized, maybe flipped."""
+        """(C, R, R): the square of ``image`` (C, H, W) that ``draws`` place, resized, maybe flipped (a photo,
+        or its mask with the photo's draws)."""
         _, height, width = image.shape
         side = round(min(height, width) * (min_crop + (1.0 - min_crop) * draws[0]))
         top = int(draws[1] * (height - side + 1))

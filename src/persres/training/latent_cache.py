@@ -36,6 +36,7 @@ class LatentCache:
     mirrors: list[Posterior] | None  # None without `flip`
     sizes: list[Size]  # each photo's crop, (H, W) pixels
     buckets: Buckets | None = None  # with `buckets`: a batch is of one bucket, as without the cache
+    masks: list[torch.Tensor] | None = None  # with a `mask` from files: each photo's at its crop, (1, H, W)
 
     @classmethod
     def encode(
@@ -51,23 +52,39 @@ class LatentCache:
         photos = [posterior(crop[None]) for crop in crops]
         mirrors = [posterior(crop.flip(-1)[None]) for crop in crops] if flip else None
         sizes = [(int(crop.shape[1]), int(crop.shape[2])) for crop in crops]
-        return cls(images, photos, mirrors, sizes, buckets)
+        masks = None
+        if images.masks is not None:  # cropped as their photos (a mirror's mask is the mask mirrored)
+            masks = [fixed_crop(images, index, buckets, images.masks[index]) for index in range(len(crops))]
+        return cls(images, photos, mirrors, sizes, buckets, masks)
 
     def draw(self, size: int, generator: torch.Generator) -> tuple[Posterior, list[int]]:
         """A batch of ``size`` posteriors, chosen as the uncached path chooses its images, and the photo
         each came from."""
+        posterior, _, picks = self.draw_masked(size, generator)
+        return posterior, picks
+
+    def draw_masked(
+        self, size: int, generator: torch.Generator
+    ) -> tuple[Posterior, torch.Tensor | None, list[int]]:
+        """``draw``, and the chosen crops' masks (size, 1, H, W), mirrored with their photo (None without)."""
         flip = self.mirrors is not None
         chooser = self.images if self.buckets is None else self.buckets
         picks, flips = chooser.choose(size, generator, flip)
         mirrors = self.mirrors or self.photos
         chosen = [(mirrors if f else self.photos)[i] for i, f in zip(picks, flips, strict=True)]
-        return Posterior.cat(chosen), picks
+        masks = None
+        if self.masks is not None:
+            pairs = zip(picks, flips, strict=True)
+            masks = torch.stack([self.masks[i].flip(-1) if f else self.masks[i] for i, f in pairs])
+        return Posterior.cat(chosen), masks, picks
 
 
-def fixed_crop(images: ConceptImages, index: int, buckets: Buckets | None) -> torch.Tensor:
+def fixed_crop(
+    images: ConceptImages, index: int, buckets: Buckets | None, image: torch.Tensor | None = None
+) -> torch.Tensor:
     """(3, H, W): photo ``index``'s centred square at the training resolution, or its centred window at
-    its bucket's size."""
-    image = images.tensors[index]
+    its bucket's size; of ``image`` (its mask, (1, H, W)) instead of the photo where given."""
+    image = images.tensors[index] if image is None else image
     if buckets is None:
         return images.square(image, CENTRED, 1.0, False)
     return window_at(image, buckets.of_photo[index], CENTRED, 1.0, False)

@@ -7,7 +7,8 @@ timesteps) comes from one CPU generator per process whose state is checkpointed,
 and resumed run ends where an uninterrupted one does. With `cache_latents` the photos' VAE posteriors
 are encoded before the first step (``latent_cache.py``) and each step samples them. Each step's loss
 goes to ``OUT/logs/loss.csv`` (``trainlog.py``); validation images to ``OUT/validation/step-NNNNNN/``
-(``validation.py``).
+(``validation.py``). With `mask` the denoising loss is weighted inside and outside the concept's mask, from
+the photos' files or the base's attention (``masks.py``, ``attention_masks.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.inference.sampling import PromptInputs
 from persres.methods import check_runs_on, get_method
+from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks, class_columns
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
 from persres.training.checkpoint import (
@@ -53,6 +55,16 @@ from persres.training.checkpoint import (
 )
 from persres.training.data import ConceptImages
 from persres.training.latent_cache import LatentCache
+from persres.training.masks import (
+    ATTENTION,
+    ATTENTION_TRAINED,
+    LatentMask,
+    file_mask,
+    from_files,
+    loss_weights,
+    read_masks,
+    weighted_mse,
+)
 from persres.training.prior import class_prompt, prior_images
 from persres.training.trainlog import LossLog, check_tracker, tracker_config
 from persres.training.trainsetup import make_accelerator, make_state, processes_of, restore_or_start
@@ -106,6 +118,7 @@ class Loop:
     latents: LatentCache | None = None  # with `cache_latents`: the photos' VAE posteriors
     prior_latents: LatentCache | None = None  # with `cache_latents` and prior images: theirs
     validation_inputs: dict[str, PromptInputs] | None = None  # `release_text_encoders`: encoded before
+    attention: LatentMask | None = None  # `mask` attention(-trained): each step's mask from attention maps
 
 
 def train(
@@ -170,6 +183,8 @@ def train_in(
     validation = plan_prompts(list(config.validation_prompts), concept, allow_empty=True)
     # fail on bad images and captions before loading
     images = ConceptImages.from_folder(config.images, config.resolution, captions=config.captions)
+    if from_files(config.mask):  # every mask checked with its photo before anything is loaded or written
+        images = images.with_masks(read_masks(config.mask, images.paths))
     captions = read_captions(images.paths, concept[0].token, config.class_word) if config.captions else None
     accelerator = make_accelerator(config, device, out)
     processes = processes_of(accelerator) if distributed else Processes()
@@ -187,6 +202,8 @@ def train_in(
     for plan in validation:  # refused now, not after training when they are sampled
         for reader in readers:
             check_prompt_length(reader, plan, concept)
+    if config.mask in (ATTENTION, ATTENTION_TRAINED):  # the class word found in the prompt, before writing
+        class_columns(pipe, method.training_prompt(config), config.class_word)
     data = None
     if config.captions or config.buckets:  # off, the paper's recipe: one prompt, square crops
         check_captions(pipe, images, captions, concept)
@@ -256,10 +273,14 @@ def prepare_loop(
     if config.cache_latents:
         latents = cache_latents(pipe, images, config.flip, accelerator, data)
         prior_latents = None if prior is None else cache_latents(pipe, prior, config.flip, accelerator)
+    attention = None
+    if config.mask in (ATTENTION, ATTENTION_TRAINED):  # the base's own pass, or the trained model's
+        kind = AttentionMasks if config.mask == ATTENTION else TrainedAttentionMasks
+        attention = kind.of(pipe, prompt, config.class_word)
     return Loop(
         config, out, pipe, denoiser, optimizer, state, images, prior, prior_text, prompt, text,
         noise_scheduler, accelerator, loss_log, folder, data, texts, latents, prior_latents,
-        validation_inputs,
+        validation_inputs, attention,
     )  # fmt: skip
 
 
@@ -350,10 +371,11 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
     config, state = loop.config, loop.state
     drawn = None
     if loop.data is None:
-        pixels = concept_batch(loop.images, loop.latents, config, state.generator)
+        pixels, masks = concept_batch(loop.images, loop.latents, config, state.generator)
     else:
         drawn = loop.data.draw(config.batch_size, state.generator, config.min_crop, config.flip, loop.latents)
-        pixels = drawn.pixels
+        pixels, masks = drawn.pixels, drawn.masks
+    mask = loop.attention if masks is None else file_mask(masks)
     with loop.accelerator.autocast():
         text = loop.text
         backbone = backbone_of(loop.pipe)
@@ -362,10 +384,11 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
         elif state.trainable.text_trainable:  # a learned token: the embedding changes every step
             text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(
-            loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone
-        )
-        if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior preservation
-            classes = concept_batch(loop.prior, loop.prior_latents, config, state.generator)
+            loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone,
+            mask, config.mask_background_weight,
+        )  # fmt: skip
+        if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior loss, unmasked
+            classes, _ = concept_batch(loop.prior, loop.prior_latents, config, state.generator)
             prior = denoising_loss(
                 loop.denoiser, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
                 backbone,
@@ -385,11 +408,14 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
 
 def concept_batch(
     images: ConceptImages, cache: LatentCache | None, config: TrainConfig, generator: torch.Generator
-) -> torch.Tensor | Posterior:
-    """A batch of ``images`` (B, 3, R, R), or with `cache_latents` their cached posteriors, chosen alike."""
+) -> tuple[torch.Tensor | Posterior, torch.Tensor | None]:
+    """A batch of ``images`` (B, 3, R, R), or with `cache_latents` their cached posteriors, chosen alike;
+    with a `mask` from files, their masks (B, 1, R, R) cropped with them."""
     if cache is None:
-        return images.batch(config.batch_size, generator, config.min_crop, config.flip)
-    return cache.draw(config.batch_size, generator)[0]
+        pixels, masks, _ = images.draw_masked(config.batch_size, generator, config.min_crop, config.flip)
+        return pixels, masks
+    posterior, masks, _ = cache.draw_masked(config.batch_size, generator)
+    return posterior, masks
 
 
 def prompt_text(loop: Loop, prompt: str) -> Condition:
@@ -455,17 +481,25 @@ def denoising_loss(
     pixels: torch.Tensor | Posterior,
     generator: torch.Generator,
     backbone: Backbone = SD,
+    mask: LatentMask | None = None,
+    background: float = 0.0,
 ) -> torch.Tensor:
     """Latent diffusion's MSE between the denoiser's prediction and its target, for a batch of ``pixels``
     (B, 3, H, W) or of their VAE posteriors (`cache_latents`). The backbone owns the VAE encoding, the
     latents sampled from it, the noise schedule, the target (epsilon or v for the U-Net family, the
-    flow-matching velocity for Flux) and the denoiser call; the loop passes its pipeline's."""
+    flow-matching velocity for Flux) and the denoiser call; the loop passes its pipeline's. With ``mask``
+    (`mask`: the step's (B, 1, h, w) mask on the latent grid, whose prediction every backbone returns as
+    (B, C, h, w)) the MSE is weighted, ``background`` outside the mask (``masks.py``)."""
     device = text.hidden.device
     posterior = pixels if isinstance(pixels, Posterior) else backbone.posterior(pipe, pixels, device)
     latents = backbone.latents(pipe, posterior, generator)
     noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
-    prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
-    return F.mse_loss(prediction.float(), target.float())
+    if mask is None:
+        prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
+        return F.mse_loss(prediction.float(), target.float())
+    with mask.watching(noisy):  # `mask` attention-trained reads this very pass
+        prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
+    return weighted_mse(prediction, target, loss_weights(mask(noisy, steps, text), background))
 
 
 def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:
