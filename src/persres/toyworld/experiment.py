@@ -58,7 +58,7 @@ class ToySettings:
     mask_background_weight: float = 0.0
 
     def sampling(self) -> SampleSettings:
-        """The scenes' size given, not left to the pipeline: FluxPipeline's default is 128 latent pixels."""
+        """The scenes' size given, not left to the pipeline (a Flux pipeline's default: 128 latent px)."""
         return SampleSettings(
             self.sample_steps, self.guidance, self.images_per_prompt, self.seed, height=SIZE, width=SIZE
         )
