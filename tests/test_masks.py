@@ -402,10 +402,15 @@ def losses(config: TrainConfig, out: Path) -> list[float]:
 def test_mask_none_gives_the_losses_of_persres_before_masks(
     case: str, photos: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """Recorded with one thread before `mask` existed: bit for bit on one thread, within float32's last
+    bits with more (a sum's order changes with the thread count: CI runs two)."""
     before = json.loads((DATA / "losses.json").read_text())[case]
     model, changes = MASK_NONE_CASES[case]
     got = losses(tiny_config(request.getfixturevalue(model), photos, **changes), tmp_path / "run")
-    assert torch.equal(torch.tensor(got, dtype=torch.float64), torch.tensor(before, dtype=torch.float64))
+    got_t, before_t = torch.tensor(got, dtype=torch.float64), torch.tensor(before, dtype=torch.float64)
+    if torch.get_num_threads() == 1:
+        assert torch.equal(got_t, before_t)
+    torch.testing.assert_close(got_t, before_t, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("model", ["conv_base", "flux_base"])
