@@ -19,6 +19,7 @@ pytest.importorskip("gradio", reason="persres app needs gradio: make test instal
 
 from persres.app import jobs, sample_page, train_page  # noqa: E402  (after the skip: they import gradio)
 from persres.app.common import AppSettings  # noqa: E402
+from persres.toymodels import TOY_BASES, find_toy_model  # noqa: E402
 
 
 def no_progress(*args: Any, **kwargs: Any) -> None:
@@ -30,6 +31,13 @@ def test_the_train_page_recipe_on_flux_is_the_familys(flux_base: Path, linear_ba
     assert (flux.rank, flux.resolution) == (21, 1024)  # as persres train on Flux.1: 0.144% of the base
     assert (sd.rank, sd.resolution) == (ResidualConfig.rank, 512) and sd == jobs.PAPER_RECIPE
     assert (flux.steps, flux.lr, flux.batch_size) == (sd.steps, sd.lr, sd.batch_size)  # the paper's
+
+
+def test_both_shipped_toy_bases_take_the_toy_recipe() -> None:
+    """The toy world's recipe (32 px, 400 steps at 5e-3) on its U-Net base and on its Flux-shaped one."""
+    for name in TOY_BASES:
+        assert jobs.is_shipped_base(str(find_toy_model(name)))
+        assert jobs.recipe_for(str(find_toy_model(name))) == jobs.TOY_RECIPE
 
 
 def test_the_app_trains_and_samples_on_a_tiny_flux_base(

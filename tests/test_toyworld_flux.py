@@ -110,3 +110,22 @@ def test_persres_loads_the_export_as_flux_and_trains_on_it(
         images = sample(pipe, ["a photo of a V* dog"], [concept], settings, "both", progress=False)
     assert [s.sampler for s in images] == ["normal", "lag"]
     assert [call["max_sequence_length"] for call in calls] == [text_length, text_length]
+
+
+def test_the_shipped_flux_base_loads_with_plain_diffusers_and_draws_the_asked_background() -> None:
+    """models/toyworld-flux (its card: the judge reads the background of 93% of full captions right)."""
+    from persres.toymodels import TOY_FLUX_BASE, TOY_ORACLE
+    from persres.toyworld.judge import load_judge, read_images
+
+    pipe = FluxPipeline.from_pretrained(find_toy_model(TOY_FLUX_BASE))
+    places = ("on the beach", "in the snow", "in the forest", "in the city")
+    images = []
+    for seed, place in enumerate(places):
+        call = {"negative_prompt": "", "true_cfg_scale": 7.5, "height": 32, "width": 32, "output_type": "np"}
+        generator = torch.Generator().manual_seed(seed)
+        prompt = f"a photo of a dog {place}"
+        out = pipe(prompt, max_sequence_length=32, num_inference_steps=12, generator=generator, **call)
+        images.append((out.images[0] * 255).round().astype("uint8"))
+    reads = read_images(load_judge(find_toy_model(TOY_ORACLE)), images)
+    expected = ["beach", "snow", "forest", "city"]
+    assert sum(read["background"] == want for read, want in zip(reads, expected, strict=True)) >= 3, reads
