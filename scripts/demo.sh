@@ -31,7 +31,7 @@ echo "== train: 5 photos of a red striped dog, 400 steps, batch 4, lr 5e-3, 32 p
 echo "== sample: normal and LAG from the same noise, with LAG's masks =="
 "$PERSRES" sample --base "$BASE" --residuals "$RUN" --out "$OUT/samples" \
     --prompt "a V* dog on the beach" --prompt "a painting of a V* dog" \
-    --num-images 2 --steps 25 --device cpu --sampler both --save-masks "${GUIDANCE[@]}"
+    --num-images 2 --steps 25 --height 32 --width 32 --device cpu --sampler both --save-masks "${GUIDANCE[@]}"
 
 echo "== info, evaluate (oracle CLIP/DINO), merge, export as LoRA files =="
 "$PERSRES" info "$RUN"
@@ -48,7 +48,7 @@ echo "== six prompt kinds: base (class word only) | normal | LAG, scored by the 
 echo "== benchmark runner on a CustomConcept101-format dataset, and its report =="
 "$PERSRES" benchmark --dataset "$OUT/cc101" --base "$BASE" --out "$OUT/benchmark" \
     --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --images-per-prompt 2 --sample-steps 25 \
-    "${GUIDANCE[@]}" \
+    --height 32 --width 32 "${GUIDANCE[@]}" \
     --clip "$ORACLE/clip" --dino "$ORACLE/dino" --device cpu
 "$PERSRES" report "$OUT/benchmark"
 

@@ -20,6 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from persres.backbones import denoiser_of
 from persres.config import InitMode
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
@@ -156,7 +157,7 @@ def method_samples(
     pipe.set_progress_bar_config(disable=True)
     concepts = [get_method(method).load(pipe, result)]
     if layers is not None:
-        for path, wrapper in find_residuals(pipe.unet).items():
+        for path, wrapper in find_residuals(denoiser_of(pipe)).items():
             wrapper.enabled = path.startswith(layers)
     samplers = ("normal", "lag") if METHODS[method].samples_with_lag else ("normal",)
     kind: Sampler = "both" if len(samplers) == 2 else "normal"
@@ -169,11 +170,11 @@ def sample_variants(
 ) -> dict[str, list[Sample]]:
     """base / normal / lag samples, each in prompt order then seed order."""
     variants = {"base": base_samples(pipe, prompts, settings)}
-    concepts = load_concepts(pipe.unet, [residuals])
+    concepts = load_concepts(denoiser_of(pipe), [residuals])
     try:
         both = sample(pipe, [p.text for p in prompts], concepts, settings, "both", progress=False)
     finally:
-        remove_residuals(pipe.unet)
+        remove_residuals(denoiser_of(pipe))
     variants["normal"] = [s for s in both if s.sampler == "normal"]
     variants["lag"] = [s for s in both if s.sampler == "lag"]
     return variants
