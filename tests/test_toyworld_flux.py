@@ -129,3 +129,20 @@ def test_the_shipped_flux_base_loads_with_plain_diffusers_and_draws_the_asked_ba
     reads = read_images(load_judge(find_toy_model(TOY_ORACLE)), images)
     expected = ["beach", "snow", "forest", "city"]
     assert sum(read["background"] == want for read, want in zip(reads, expected, strict=True)) >= 3, reads
+
+
+def test_the_toy_experiment_samples_base_normal_and_lag_on_the_flux_base(
+    toy_flux: Path, photos: Path, tmp_path: Path
+) -> None:
+    """The toy world's comparison code (``sample_variants``: the demo's report, the benchmarks) on Flux."""
+    from persres.toyworld.experiment import ToySettings, sample_variants
+    from persres.toyworld.prompts import concept_prompts
+
+    run = tmp_path / "run"
+    assert main(train_argv(toy_flux, photos, run, "--resolution", "32", "--steps", "2")) == 0
+    pipe = load_pipeline(str(toy_flux))
+    prompts = concept_prompts(("dog", "red", "striped"), per_kind=1)[:2]
+    settings = replace(ToySettings(images_per_prompt=1, sample_steps=2).sampling(), guidance=4.0)
+    variants = sample_variants(pipe, run / "residuals.safetensors", prompts, settings)
+    assert {name: len(samples) for name, samples in variants.items()} == {"base": 2, "normal": 2, "lag": 2}
+    assert all(s.image.size == (32, 32) and s.guidance == 4.0 for v in variants.values() for s in v)
