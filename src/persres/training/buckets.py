@@ -120,17 +120,11 @@ class Buckets:
         return picks, [flipped(augment_draws(generator), flip) for _ in picks]
 
 
-def window(
-    image: torch.Tensor, bucket: Size, generator: torch.Generator, min_crop: float, flip: bool
-) -> torch.Tensor:
-    """(3, h, w) of the bucket's shape from ``image`` (3, H, W): a random window of the bucket's ratio
-    covering at least ``min_crop`` of the largest one, resized to the bucket, maybe flipped."""
-    return window_at(image, bucket, augment_draws(generator), min_crop, flip)
-
-
 def window_at(image: torch.Tensor, bucket: Size, draws: Draws, min_crop: float, flip: bool) -> torch.Tensor:
-    """``window`` placed by ``draws`` (``CENTRED``: the largest window, centred, as cached latents take); of
-    any channels (a photo's mask, with its photo's draws)."""
+    """(C, h, w) of the bucket's shape from ``image`` (C, H, W): the window of the bucket's ratio covering at
+    least ``min_crop`` of the largest one that ``draws`` place (``CENTRED``: the largest, centred, as cached
+    latents take), resized to the bucket, maybe flipped; of any channels (a photo's mask, with its photo's
+    draws)."""
     _, height, width = image.shape
     target_h, target_w = bucket
     if width * target_h >= height * target_w:  # the photo is wider than its bucket: the window is as tall
