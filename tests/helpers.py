@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
@@ -17,6 +18,7 @@ from persres.config import TrainConfig
 from persres.core.residuals import find_residuals
 from persres.evaluation.results import merge_results
 from persres.files import write_json
+from persres.formats.io import read_residual_file
 
 
 def unet_inputs(
@@ -77,6 +79,24 @@ def interrupt_at(stop: int) -> Callable[[int, float], None]:
             raise KeyboardInterrupt
 
     return callback
+
+
+def interrupted_and_resumed(config: TrainConfig, out: Path, stop: int) -> Path:
+    """Train ``config`` into ``out``, stopped by Ctrl-C at step ``stop``, then resumed to the end; the
+    resumed run's result file."""
+    from persres.training.train import train
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out, progress=False, callback=interrupt_at(stop))
+    return train(config, out, resume=True, progress=False).residuals
+
+
+def assert_same_factors(got: Path, expected: Path) -> None:
+    """Two residual files hold the same tensors, within 1e-6."""
+    mine, theirs = read_residual_file(got).tensors, read_residual_file(expected).tensors
+    assert mine.keys() == theirs.keys() and mine
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], atol=1e-6, rtol=0)
 
 
 def train_argv(base: Path, photos: Path, out: Path, *flags: str) -> list[str]:

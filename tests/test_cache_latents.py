@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import interrupt_at, tiny_config, train_argv
+from helpers import assert_same_factors, interrupted_and_resumed, tiny_config, train_argv
 from PIL import Image
 
 from persres import read_residual_file
@@ -149,13 +149,7 @@ def test_a_resumed_cached_run_equals_an_uninterrupted_one(
 ) -> None:
     config = tiny_config(conv_base, photos, cache_latents=True, min_crop=1.0)
     whole = train(config, tmp_path / "whole", progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "split", progress=False, callback=interrupt_at(5))
-    resumed = train(config, tmp_path / "split", resume=True, progress=False)
-    expected, got = read_residual_file(whole.residuals).tensors, read_residual_file(resumed.residuals).tensors
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    assert_same_factors(interrupted_and_resumed(config, tmp_path / "split", 5), whole.residuals)
     uncached = replace(config, cache_latents=False, steps=8)
     assert uncached.resumable_with(config) == ["cache_latents"]  # it fixes the crops: not free
     with pytest.raises(ConfigError, match=r"settings differ .*\['cache_latents'\]"):

@@ -14,10 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import interrupt_at, randomize_residuals, tiny_config, train_argv
+from helpers import (
+    assert_same_factors,
+    interrupted_and_resumed,
+    randomize_residuals,
+    tiny_config,
+    train_argv,
+)
 from PIL import Image
 
-from persres import read_residual_file
 from persres.backbones import backbone_of
 from persres.backbones.vae import Posterior
 from persres.cli import main
@@ -425,14 +430,8 @@ def test_masked_runs_train_and_resume_exactly(
     whole = losses(config, tmp_path / "whole")
     plain = losses(tiny_config(request.getfixturevalue(model), photos, steps=4, lr=5e-2), tmp_path / "plain")
     assert len(whole) == 4 and all(np.isfinite(whole)) and whole != plain
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "split", progress=False, callback=interrupt_at(3))
-    resumed = train(config, tmp_path / "split", resume=True, progress=False)
-    expected = read_residual_file(tmp_path / "whole" / "residuals.safetensors").tensors
-    got = read_residual_file(resumed.residuals).tensors
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    resumed = interrupted_and_resumed(config, tmp_path / "split", 3)
+    assert_same_factors(resumed, tmp_path / "whole" / "residuals.safetensors")
     written = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert (written["mask"], written["mask_background_weight"]) == (setting, 0.1)
 
