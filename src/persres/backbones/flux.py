@@ -114,7 +114,7 @@ FLUX_LORA_TARGETS = (
 class FluxConditioning:
     """What the Flux transformer is conditioned on for one prompt."""
 
-    hidden: torch.Tensor  # (1, T, D): T5's sequence, T = 512
+    hidden: torch.Tensor  # (1, T, D): T5's sequence, T = sequence_length(pipe), 512 for Flux.1
     pooled: torch.Tensor  # (1, P): CLIP's pooled embedding
     text_ids: torch.Tensor  # (T, 3): the text's position ids (zeros)
 
@@ -265,9 +265,15 @@ class FluxBackbone:
         """The pipeline call's prompt as embeddings (T5 sequence and pooled CLIP), encoded now as the
         pipeline would: sampling then needs no text encoder. A model without a guidance embedding also gets
         the empty negative prompt's (``text_inputs``)."""
-        inputs = embeddings(pipe, prompt, device)
+
+        def embeddings(text: str) -> dict[str, torch.Tensor]:  # FluxPipeline's names for ``encode``'s parts
+            with torch.no_grad():
+                condition = self.encode(pipe, text, device, resolution=0)  # no size in Flux's conditioning
+            return {"prompt_embeds": condition.hidden, "pooled_prompt_embeds": condition.pooled}
+
+        inputs = embeddings(prompt)
         if not distilled(pipe):
-            inputs |= {"negative_" + name: value for name, value in embeddings(pipe, "", device).items()}
+            inputs |= {"negative_" + name: value for name, value in embeddings("").items()}
         return inputs
 
     def sampling_kwargs(self, pipe: Any, guidance: float) -> dict[str, Any]:
@@ -375,16 +381,6 @@ class FluxBackbone:
 
 
 FLUX = FluxBackbone()
-
-
-def embeddings(pipe: Any, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """FluxPipeline's ``prompt_embeds`` and ``pooled_prompt_embeds`` of ``prompt``, as it encodes them."""
-    with torch.no_grad():
-        hidden, pooled, _ = pipe.encode_prompt(
-            prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=sequence_length(pipe),
-        )  # fmt: skip
-    return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
 
 
 def distilled(pipe: Any) -> bool:
