@@ -19,6 +19,10 @@
 4. ``--experiments`` (point 5): residuals' recipe with one thing changed (``EXPERIMENTS``: steps,
    learning rate, rank, init), and a run sampled with only some blocks' residuals on
    (``LAYER_ABLATIONS``), on the same held-out concepts; about 6 more minutes per concept.
+5. ``--change METHOD:SETTING=VALUE`` (repeatable): the method's chosen recipe with one setting changed
+   (``CHANGEABLE``; `mask` object: the photos' true object masks), trained on the sweep's training
+   instances first (compared with the chosen cell, same prompts and seeds: where a decision is made)
+   and on the held-out concepts last (compared with the chosen recipe there: reported, not tuned on).
 
 Every finished cell's rows are a JSON file under ``--out``; a rerun with the same ``--out`` skips them
 (an interrupted run continues). 2-core CPU: about 50 minutes of sweep and 10 minutes per concept (16
@@ -45,10 +49,11 @@ from persres.core.pipeline import load_pipeline
 from persres.evaluation.evaluate import Scorers
 from persres.evaluation.measure import size_on_disk
 from persres.files import write_json
+from persres.formats.runfolder import RESIDUALS_FILE
 from persres.inference.sampling import Sample
 from persres.methods import METHODS, RESIDUALS, get_method
-from persres.methods.residuals import RESULT
 from persres.toyworld.experiment import (
+    OBJECT_MASKS,
     ToySettings,
     base_samples,
     method_samples,
@@ -95,6 +100,42 @@ LAYER_ABLATIONS: dict[str, tuple[str, ...]] = {
     "residuals, 200 steps, up blocks only": ("up_blocks.",),
 }
 BOOTSTRAP_RESAMPLES = 2000
+# The settings `--change` may change (ToySettings' fields), each a number or a word; `mask` object: the
+# photos' true object masks (``OBJECT_MASKS``).
+CHANGEABLE = ("steps", "lr", "rank", "init", "mask", "mask_background_weight")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting of a method's chosen recipe changed: ``--change residuals:mask=attention``."""
+
+    method: str
+    setting: str
+    value: Any
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}, {self.setting.replace('_', ' ')} {self.value}"
+
+    def applied(self, settings: ToySettings) -> ToySettings:
+        return replace(settings, **{self.setting: self.value})
+
+
+def parse_change(text: str) -> Change:
+    """``METHOD:SETTING=VALUE`` -> a Change; the value a number where it reads as one."""
+    method, _, assignment = text.partition(":")
+    setting, _, value = assignment.partition("=")
+    if method not in METHODS or setting not in CHANGEABLE or not value:
+        raise argparse.ArgumentTypeError(
+            f"--change {text!r}: write METHOD:SETTING=VALUE, METHOD one of {', '.join(METHODS)} and SETTING "
+            f"one of {', '.join(CHANGEABLE)} (mask: none, attention, attention-trained or {OBJECT_MASKS})"
+        )
+    for kind in (int, float):
+        try:
+            return Change(method, setting, kind(value))
+        except ValueError:
+            continue
+    return Change(method, setting, value)
 
 
 def variant_names(label: str, method: str) -> dict[str, str]:
@@ -146,20 +187,65 @@ def toy_settings(method: str, steps: int, lr_factor: float, images: int) -> ToyS
 
 
 def sweep_cell(
-    base: str, instance: Instance, photos: Path, run: Path, settings: ToySettings, judge: Judge
+    base: str,
+    instance: Instance,
+    photos: Path,
+    run: Path,
+    settings: ToySettings,
+    judge: Judge,
+    border: bool = False,
 ) -> list[dict[str, Any]]:
-    result = personalize(base, instance, photos, run, settings, resume=run.exists())  # extends 200 -> 400
+    """Train (``resume`` extends 200 -> 400 steps) and score one prompt of each kind; with ``border``,
+    also the base images from the same noise, for each image's border change (their rows dropped)."""
+    result = personalize(base, instance, photos, run, settings, resume=run.exists())
     prompts = concept_prompts(instance, per_kind=1)
     sampling = settings.sampling()
-    variants = method_samples(base, settings.method, result.residuals, prompts, sampling)
+    variants: dict[str, list[Sample]] = {}
+    if border:
+        pipe = load_pipeline(base, torch.float32, torch.device("cpu"))
+        pipe.set_progress_bar_config(disable=True)
+        variants["base"] = base_samples(pipe, prompts, sampling)
+    variants |= method_samples(base, settings.method, result.residuals, prompts, sampling)
     images = fresh(run / f"images-{settings.steps}")
-    rows = score_concept(variants, prompts, sampling, judge, None, images, photos)
+    rows = [
+        r
+        for r in score_concept(variants, prompts, sampling, judge, None, images, photos)
+        if r["variant"] != "base"
+    ]
     factor = settings.lr / get_method(settings.method).recipe.lr
     for row in rows:
         row.update(method=settings.method, steps=settings.steps, lr=settings.lr, lr_factor=factor)
         row["instance"] = name_of(instance)
     print(f"  sweep {run.name} {settings.steps} steps done", file=sys.stderr, flush=True)
     return rows
+
+
+def decision_rows(
+    label: str, settings: ToySettings, base: str, judge: Judge, out: Path
+) -> list[dict[str, Any]]:
+    """``settings`` (a chosen recipe, or one changed) on the training instances, scored like a sweep
+    cell with border change; rows named as in the held-out tables, ``concept`` = the instance."""
+    rows = []
+    settings = replace(settings, images_per_prompt=SWEEP_SEEDS)
+    names = variant_names(label, settings.method)
+    for instance in TUNING:
+        photos = reference_photos(instance, out / "photos" / name_of(instance))
+        run = out / "runs" / f"{label}-{name_of(instance)}"
+        compute = functools.partial(sweep_cell, base, instance, photos, run, settings, judge, True)
+        for row in cached_rows(out / "rows" / f"{run.name}.json", compute):
+            rows.append({**row, "variant": names[str(row["variant"])], "concept": row["instance"]})
+    return rows
+
+
+def parse_chosen(text: str) -> tuple[str, dict[str, Any]]:
+    """``METHOD=STEPS@LR_FACTOR`` -> (method, its sweep cell as ``choose`` writes it, without scores)."""
+    method, _, recipe = text.partition("=")
+    steps, _, factor = recipe.partition("@")
+    if method not in METHODS or not steps.isdigit():
+        raise argparse.ArgumentTypeError(f"--chosen {text!r}: write METHOD=STEPS@LR_FACTOR (residuals=400@5)")
+    lr_factor = float(factor or 1)
+    cell = {"method": method, "steps": int(steps), "lr_factor": lr_factor}
+    return method, cell | {"lr": get_method(method).recipe.lr * lr_factor}
 
 
 def choose(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,13 +266,20 @@ def choose(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # 2. the held-out concepts ---------------------------------------------------------------------------
 
 
-def entries_of(chosen: dict[str, dict[str, Any]], experiments: bool) -> dict[str, ToySettings]:
-    """Label -> settings: every method's chosen recipe, and with ``experiments`` residuals' variants."""
-    entries = {m: toy_settings(m, int(c["steps"]), float(c["lr_factor"]), 4) for m, c in chosen.items()}
+def entries_of(
+    chosen: dict[str, dict[str, Any]], experiments: bool, changes: list[Change]
+) -> dict[str, ToySettings]:
+    """Label -> settings: every method's chosen recipe, with ``experiments`` residuals' variants, and
+    each of ``changes`` applied to its method's chosen recipe."""
+    entries = {m: chosen_settings(m, c, 4) for m, c in chosen.items()}
     if experiments and RESIDUALS in entries:
         start = replace(entries[RESIDUALS], **EXPERIMENT_START)
         entries |= {label: replace(start, **change) for label, change in EXPERIMENTS.items()}
-    return entries
+    return entries | {c.label: c.applied(entries[c.method]) for c in changes}
+
+
+def chosen_settings(method: str, cell: dict[str, Any], images: int) -> ToySettings:
+    return toy_settings(method, int(cell["steps"]), float(cell["lr_factor"]), images)
 
 
 def concept_rows(
@@ -228,7 +321,7 @@ def concept_rows(
         )
         cell = folder / "rows" / f"{label}.json"
         rows += same_recipe(cached_rows(cell, compute), settings, cell)
-    ablated = folder / "runs" / START / RESULT
+    ablated = folder / "runs" / START / RESIDUALS_FILE
     for label, layers in ablations.items():
         drawn = Drawn(label, base, RESIDUALS, ablated, prompts, base_images)
         compute = functools.partial(ablation_rows, drawn, layers, (judge, scorers), folder, photos)
@@ -329,8 +422,14 @@ def sampled_rows(
 # 3. tables ------------------------------------------------------------------------------------------
 
 
-def variant_order(methods: list[str]) -> list[str]:
-    return ["base", "in words", *(v for m in methods for v in variant_names(m, m).values())]
+def variant_order(methods: list[str], changes: tuple[Change, ...] = ()) -> list[str]:
+    labels = [*((m, m) for m in methods), *((c.label, c.method) for c in changes)]
+    return ["base", "in words", *(v for label, m in labels for v in variant_names(label, m).values())]
+
+
+def experiment_names() -> set[str]:
+    """Point 5's variant names (``EXPERIMENTS`` and ``LAYER_ABLATIONS``, both samplers)."""
+    return {n for label in (*EXPERIMENTS, *LAYER_ABLATIONS) for n in variant_names(label, RESIDUALS).values()}
 
 
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
@@ -365,12 +464,67 @@ def with_costs(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: list[str]) -> str:
-    is_tried = [str(r["variant"]).startswith(f"{RESIDUALS},") for r in rows]  # point 5's experiments
-    tried = [r for r, t in zip(rows, is_tried, strict=True) if t]
-    rows = [r for r, t in zip(rows, is_tried, strict=True) if not t]
+def change_differences(rows: list[dict[str, Any]], changes: tuple[Change, ...]) -> str:
+    """Each changed variant minus its method's chosen recipe with the same sampler (LAG against LAG),
+    on the same concept, prompt and seed: identity, text and border change with 95% intervals."""
+    paired = ("identity", "text", "border_change")
+    lines = []
+    for change in changes:
+        references = variant_names(change.method, change.method)
+        for sampler, name in variant_names(change.label, change.method).items():
+            pair = [r for r in rows if r["variant"] in (name, references[sampler])]
+            for d in paired_differences(pair, references[sampler], paired, BOOTSTRAP_RESAMPLES):
+                line = {"variant": d["variant"], "minus": references[sampler], "prompts": d["prompts"]}
+                lines.append(line | {m: interval(d[m]) for m in paired})
+    return md_table(lines, ("variant", "minus", "prompts", *paired))
+
+
+def changes_tables(
+    decisions: list[dict[str, Any]], rows: list[dict[str, Any]], changes: tuple[Change, ...]
+) -> list[str]:
+    """``--change``'s sections: on the training instances (the decision), then the held-out concepts."""
+    methods = list(dict.fromkeys(c.method for c in changes))
+    order = variant_order(methods, changes)[2:]
+    shown = [r for r in rows if r["variant"] in order]
+    parts = ["\n## One setting changed, on the training instances (where a decision is made)\n"]
+    overall = sorted(means(decisions, ("variant",)), key=lambda r: order.index(str(r["variant"])))
+    parts += [md_table(overall, ("variant", "n", *JUDGED, "border_change")), ""]
+    parts += [change_differences(decisions, changes)]
+    parts += ["\n## One setting changed, on the held-out concepts (reported, not tuned on)\n"]
+    overall = sorted(means(shown, ("variant",)), key=lambda r: order.index(str(r["variant"])))
+    parts += [md_table([with_costs(r) for r in overall], OVERALL), ""]
+    parts += [change_differences(shown, changes)]
+    parts += per_kind_tables(shown, order, "one setting changed, held-out")
+    return parts
+
+
+def per_kind_tables(rows: list[dict[str, Any]], order: list[str], title: str) -> list[str]:
+    parts = []
+    kinds = means(rows, ("category", "variant"))
+    for metric in ("identity", "text", "border_change"):
+        by_kind: dict[str, dict[str, Any]] = {}
+        for cell in kinds:
+            line = by_kind.setdefault(str(cell["category"]), {"kind": cell["category"]})
+            line[str(cell["variant"])] = cell.get(metric, "")
+        shown = [v for v in order if any(v in line for line in by_kind.values())]
+        parts += [
+            f"\n## Per prompt kind ({title}): {metric}\n",
+            md_table(list(by_kind.values()), ("kind", *shown)),
+        ]
+    return parts
+
+
+def tables(
+    sweep: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    methods: list[str],
+    changes: tuple[Change, ...] = (),
+    decisions: list[dict[str, Any]] | None = None,
+) -> str:
     order = variant_order(methods)
-    overall = sorted(means(rows, ("variant",)), key=lambda r: order.index(str(r["variant"])))
+    tried = [r for r in rows if r["variant"] in experiment_names()]  # point 5's experiments
+    rows_of_methods = [r for r in rows if r["variant"] in order]
+    overall = sorted(means(rows_of_methods, ("variant",)), key=lambda r: order.index(str(r["variant"])))
     parts = [
         f"## Sweep on {len(TUNING)} training instances (judge, normal, {12 * len(TUNING)} images per cell)\n",
         sweep_table(sweep),
@@ -385,18 +539,14 @@ def tables(sweep: list[dict[str, Any]], rows: list[dict[str, Any]], methods: lis
             md_table([with_costs(r) for r in chosen + changed], OVERALL),
         ]
     parts += ["\n## Minus residuals (same concept, prompt and seed; 95% bootstrap interval over prompts)\n"]
-    parts += [difference_table(rows, RESIDUALS)]
+    parts += [difference_table(rows_of_methods, RESIDUALS)]
     if tried:
         chosen_rows = [r for r in rows if r["variant"] == RESIDUALS]
         parts += [f"\n## Point 5's variants minus {START!r}, their start\n"]
         parts += [difference_table(chosen_rows + tried, START)]
-    kinds = means(rows, ("category", "variant"))
-    for metric in ("identity", "text", "border_change"):
-        by_kind: dict[str, dict[str, Any]] = {}
-        for cell in kinds:
-            line = by_kind.setdefault(str(cell["category"]), {"kind": cell["category"]})
-            line[str(cell["variant"])] = cell.get(metric, "")
-        parts += [f"\n## Per prompt kind: {metric}\n", md_table(list(by_kind.values()), ("kind", *order))]
+    parts += per_kind_tables(rows_of_methods, order, "held-out")
+    if changes:
+        parts += changes_tables(decisions or [], rows, changes)
     return "\n".join(parts) + "\n"
 
 
@@ -412,32 +562,61 @@ def main() -> None:
     parser.add_argument(
         "--tables-only", action="store_true", help="tables from the finished cells only (nothing computed)"
     )
+    parser.add_argument(
+        "--change",
+        type=parse_change,
+        action="append",
+        default=[],
+        metavar="METHOD:SETTING=VALUE",
+        help="also a method's chosen recipe with one setting changed (repeatable; the docstring's point 5)",
+    )
+    parser.add_argument(
+        "--chosen",
+        type=parse_chosen,
+        action="append",
+        default=[],
+        metavar="METHOD=STEPS@LR_FACTOR",
+        help="a recipe an earlier sweep on this base chose (bench/RESULTS.md); that method is not swept",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-output/toyworld-methods"))
     args = parser.parse_args()
     methods = [m for m in METHOD_ORDER if m in args.methods]
+    changes = tuple(args.change)
+    for change in changes:
+        if change.method not in methods:
+            parser.error(f"--change {change.label!r}: {change.method} is not among --methods")
     TABLES_ONLY[0] = args.tables_only
     torch.manual_seed(0)
     judge = load_judge(args.oracle)
 
-    sweep_rows = [r for m in methods for r in sweep_method(m, args.base, judge, args.out / "sweep")]
-    sweep = choose(sweep_rows)
+    given = dict(args.chosen)
+    swept = [m for m in methods if m not in given]
+    sweep_rows = [r for m in swept for r in sweep_method(m, args.base, judge, args.out / "sweep")]
+    sweep = choose(sweep_rows) + [{**cell, "chosen": "given"} for cell in given.values()]
     chosen = {str(c["method"]): c for c in sweep if c["chosen"]}
     write_json(args.out / "sweep.json", sweep, overwrite=True)
     print(sweep_table(sweep))
     if args.sweep_only:
         return
+    decisions = []
+    for method in dict.fromkeys(c.method for c in changes):
+        settings = chosen_settings(method, chosen[method], SWEEP_SEEDS)
+        decisions += decision_rows(method, settings, args.base, judge, args.out / "decisions")
+    for change in changes:
+        settings = change.applied(chosen_settings(change.method, chosen[change.method], SWEEP_SEEDS))
+        decisions += decision_rows(change.label, settings, args.base, judge, args.out / "decisions")
 
     pipe = load_pipeline(args.base, torch.float32, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     scorers = Scorers.load(str(args.oracle / "clip"), str(args.oracle / "dino"), device="cpu")
-    entries = entries_of(chosen, args.experiments)
+    entries = entries_of(chosen, args.experiments, list(changes))
     ablations = LAYER_ABLATIONS if args.experiments and RESIDUALS in entries else {}
     rows = []
     for index in range(args.concepts):
         found = concept_rows(index, entries, ablations, args.base, (pipe, judge, scorers), args.out)
-        if set(variant_order(methods)) <= {r["variant"] for r in found}:  # --tables-only: finished ones
+        if set(variant_order(methods, changes)) <= {r["variant"] for r in found}:  # --tables-only
             rows += found
-    text = tables(sweep, rows, methods)
+    text = tables(sweep, rows, methods, changes, decisions)
     (args.out / "tables.md").write_text(text)
     print(text)
 

@@ -23,7 +23,7 @@ from persres.app import runstore
 from persres.app.jobs import parse_rank
 from persres.app.photos import MAX_PIXELS, check_photo
 from persres.errors import ConfigError, InputError
-from persres.toymodels import find_toy_model
+from persres.toymodels import TOY_BASES, find_toy_model
 
 SHIPPED_BASE = find_toy_model()  # the toy world in the checkout's models/
 STEPS = 20  # enough to write residuals, checkpoints, the loss curve and a validation grid
@@ -242,6 +242,8 @@ def test_cli_warns_when_serving_beyond_localhost_without_auth(
     assert run_app(argparse.Namespace(**{**vars(args), "auth": "ann:pw"})) == 0
     assert "without a login" not in caplog.text and launched[-1][3] == ("ann", "pw")
     assert launched[0][1:3] == ("0.0.0.0", port) and json.dumps(str(launched[0][0].base))  # type: ignore[attr-defined]
+    shipped = tuple(str(find_toy_model(name)) for name in TOY_BASES)  # the U-Net's first, then the Flux one
+    assert launched[0][0].bases == shipped and len(set(shipped)) == 2  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
 """persres app in a real browser: headless Chromium (Debian's ``chromium``, driven by playwright from
 PyPI with ``executable_path``: playwright's own browser download is not reachable here) uploads photos,
-sees a non-image refused by name, trains, samples ``both`` and sees the result images and LAG's masks.
-Screenshots go to the test's output folder; the sampled page is also copied to docs/app.png (README)."""
+sees a non-image refused by name, trains, samples ``both`` and sees the result images and LAG's masks;
+then picks the toy world's Flux-shaped base (served beside the U-Net's, as ``persres app`` does by
+default), sees the recipe's fields reset to that base's, and trains on it. Screenshots go to the test's
+output folder; the sampled page is also copied to docs/app.png (README)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,7 +38,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from persres.app import ui
-    from persres.toymodels import find_toy_model
+    from persres.toymodels import TOY_BASES, find_toy_model
     from persres.toyworld.experiment import reference_photos
 
     photos = sorted(reference_photos(("dog", "red", "striped"), tmp_path / "photos").iterdir())
@@ -44,9 +47,9 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
     port = free_port()
-    server = ui.launch(
-        ui.AppSettings(str(find_toy_model()), tmp_path / "runs", "cpu"), "127.0.0.1", port, None, False
-    )
+    unet, flux = (str(find_toy_model(name)) for name in TOY_BASES)
+    settings = ui.AppSettings(unet, tmp_path / "runs", "cpu", others=(flux,))
+    server = ui.launch(settings, "127.0.0.1", port, None, False)
     try:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -83,8 +86,30 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
                 "document.querySelector('#runs-table').innerText.includes('finished')", timeout=10_000
             )
             page.screenshot(path=shots / "3-runs.png", full_page=True)
+
+            page.get_by_role("tab", name="Train").click()
+            page.locator("#steps input").first.fill("7")
+            page.locator("#base input").first.click()
+            options = page.locator("[role=option]").all_inner_texts()
+            offered = [text.removeprefix("✓").strip() for text in options]
+            assert offered == [  # the U-Net's chosen
+                f"the shipped toy world, Stable Diffusion 1.x/2.x-shaped (models/{Path(unet).name})",
+                f"the shipped toy world, Flux.1-shaped (models/{Path(flux).name})",
+            ]
+            page.locator("[role=option]", has_text="Flux.1-shaped").click()
+            page.wait_for_function("document.querySelector('#steps input').value == '400'", timeout=10_000)
+            page.locator("#steps input").first.fill(str(STEPS))
+            page.locator("#run-name textarea, #run-name input").first.fill("flux-dog")
+            page.locator("#train").click()
+            status = "document.querySelector('#train-status').innerText"
+            done = f"{status}.includes('flux-dog: step {STEPS}/{STEPS}') && {status}.includes('Finished')"
+            page.wait_for_function(done, timeout=120_000)
+            page.screenshot(path=shots / "4-trained-on-flux.png", full_page=True)
             browser.close()
     finally:
         server.close()
+    config = json.loads((tmp_path / "runs" / "flux-dog" / "config.json").read_text())
+    assert (config["base"], config["steps"]) == (flux, STEPS)
+    assert (tmp_path / "runs" / "flux-dog" / "residuals.safetensors").is_file()
     if os.access(ROOT / "docs", os.W_OK):
         shutil.copyfile(shots / "2-sampled.png", ROOT / "docs" / "app.png")

@@ -1,6 +1,7 @@
-"""The web app on a Flux base (``persres app --base FLUX_FOLDER``), through the functions its Train and
-Sample pages call: the Train page's recipe is the family's (rank 21, 1024 px, as ``persres train``), a few
-steps train, and the Sample page draws normal and LAG images with Flux's guidance and shows LAG's masks."""
+"""The web app on a Flux base (``persres app --base SD_FOLDER --base FLUX_FOLDER``: the Train page offers
+both), through the functions its Train and Sample pages call: the Train page's recipe is the family's
+(rank 21, 1024 px, as ``persres train``), a few steps train on the base chosen, and the Sample page draws
+normal and LAG images on the run's own base with Flux's guidance and shows LAG's masks."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import numpy as np
 import pytest
 
 from persres.config import ResidualConfig
-from persres.formats.runfolder import RESIDUALS_FILE, SAMPLES
+from persres.errors import ConfigError
+from persres.files import write_json
+from persres.formats.runfolder import REQUEST, RESIDUALS_FILE, SAMPLES, write_marker
 
 pytest.importorskip("gradio", reason="persres app needs gradio: make test installs the app extra")
 
 from persres.app import jobs, sample_page, train_page  # noqa: E402  (after the skip: they import gradio)
 from persres.app.common import AppSettings  # noqa: E402
+from persres.app.runstore import new_run  # noqa: E402
 from persres.toymodels import TOY_BASES, find_toy_model  # noqa: E402
 
 
@@ -45,10 +49,11 @@ def test_the_app_trains_and_samples_on_a_tiny_flux_base(
 ) -> None:
     recipe = replace(jobs.recipe_for(str(flux_base)), resolution=16, batch_size=1)  # 1024 px: minutes here
     monkeypatch.setattr(jobs, "recipe_for", lambda base: recipe)
-    settings = AppSettings(str(flux_base), tmp_path / "runs", "cpu")
+    toy_unet = str(find_toy_model(TOY_BASES[0]))
+    settings = AppSettings(toy_unet, tmp_path / "runs", "cpu", others=(str(flux_base),))  # the U-Net first
     uploads = [str(p) for p in sorted(photos.glob("*.png"))]
     updates = list(train_page.train(settings, uploads, "dog", "sks", "flux-dog", 3, 0.05, "21",
-                                    progress=no_progress))  # type: ignore[arg-type]  # fmt: skip
+                                    base=str(flux_base), progress=no_progress))  # type: ignore[arg-type]  # fmt: skip
     status, curve = updates[-1]
     assert "step 3/3" in status and "Finished" in status and curve.size[0] > 300
     run = settings.runs / "flux-dog"
@@ -68,3 +73,37 @@ def test_the_app_trains_and_samples_on_a_tiny_flux_base(
     sidecars = [json.loads(p.read_text()) for p in (run / SAMPLES).glob("*.json")]
     assert sorted(s["sampler"] for s in sidecars) == ["lag", "normal"]
     assert {s["guidance"] for s in sidecars} == {3.5} and {s["base"] for s in sidecars} == {str(flux_base)}
+
+
+def test_the_train_page_offers_each_base_with_its_recipe_and_refuses_any_other(
+    flux_base: Path, linear_base: Path, photos: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    settings = AppSettings(str(linear_base), runs, "cpu", others=(str(flux_base), str(linear_base)))
+    assert settings.bases == (str(linear_base), str(flux_base))  # the first first, each once
+    fields = {b: [u["value"] for u in train_page.recipe_fields(settings, b)] for b in settings.bases}
+    assert fields[str(flux_base)][2] == "21" and fields[str(linear_base)][2] == str(ResidualConfig.rank)
+    with pytest.raises(ConfigError, match="not one this app serves; choose one of"):
+        train_page.recipe_fields(settings, str(tmp_path))
+    uploads = [str(p) for p in sorted(photos.glob("*.png"))]
+    with pytest.raises(ConfigError, match=f"base model '{tmp_path}' is not one this app serves"):
+        list(train_page.train(settings, uploads, "dog", "sks", "elsewhere", 3, 0.05, "21", base=str(tmp_path),
+                              progress=no_progress))  # type: ignore[arg-type]  # fmt: skip
+    assert not runs.exists()  # nothing written
+
+
+def test_runs_trained_on_two_bases_are_not_sampled_together(
+    flux_base: Path, linear_base: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    for name, base in (("on-sd", linear_base), ("on-flux", flux_base)):
+        recipe = jobs.recipe_for(str(base))
+        config = jobs.make_config(str(base), Path("."), "dog", "sks", 3, 0.05, "21", recipe)
+        folder = new_run(runs, name)
+        write_json(folder / REQUEST, config.to_dict())  # a run as the Train page starts it
+        write_marker(folder, [REQUEST])
+    assert jobs.trained_base([runs / "on-flux"]) == str(flux_base)
+    both = f"on-sd on {linear_base}; on-flux on {flux_base}"
+    with pytest.raises(ConfigError, match=f"different base models cannot be sampled together .{both}"):
+        jobs.sample_runs(runs, ["on-sd", "on-flux"], "a photo of a V* dog", "normal", 0, 2, "cpu")
+    assert not any((runs / name / SAMPLES).exists() for name in ("on-sd", "on-flux"))

@@ -16,7 +16,7 @@ from PIL import Image
 from persres.app import jobs
 from persres.app.fields import checked_args, labelled, rules_of
 from persres.app.figures import loss_image
-from persres.errors import PersresError
+from persres.errors import ConfigError, PersresError
 
 log = logging.getLogger(__name__)
 # Heavy events (train, resume, sample) share one queue slot: one at a time, the others wait in line with
@@ -27,11 +27,27 @@ LIGHT: dict[str, Any] = {"concurrency_limit": None}
 
 @dataclass(frozen=True)
 class AppSettings:
-    base: str
+    base: str  # the Train page's base model at first
     runs: Path
     device: str = "auto"
     clip: str | None = None  # a CLIP model for class-word suggestions; none: the button is hidden
     nouns: str | None = None  # the nouns suggested from (one per line); none: WordNet's, as suggest-class
+    others: tuple[str, ...] = ()  # the other base models the Train page offers
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Every base model the app trains on, ``base`` first."""
+        return tuple(dict.fromkeys((self.base, *self.others)))
+
+    def served_base(self, base: str | None) -> str:
+        """``base`` if this app trains on it (``base`` when none is given); any other is refused by name
+        (the page's list holds only these: another is an API call's)."""
+        if not base:
+            return self.base
+        if base not in self.bases:
+            served = ", ".join(self.bases)
+            raise ConfigError(f"base model {base!r} is not one this app serves; choose one of {served}")
+        return base
 
 
 def refused(handler: Callable[..., Any], inputs: Sequence[Any] = ()) -> Callable[..., Any]:

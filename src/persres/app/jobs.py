@@ -217,20 +217,21 @@ def resume_training(runs: Path, name: str, device: str = "auto") -> TrainingJob:
 def sample_runs(
     runs: Path,
     names: Sequence[str],
-    base: str,
     prompt: str,
     sampler: str,
     seed: int,
     steps: int,
     device: str = "auto",
 ) -> list[Sample]:
-    """Sample ``prompt`` with the runs' concepts (V* or V1*, V2*), the same noise for normal and LAG."""
+    """Sample ``prompt`` with the runs' concepts (V* or V1*, V2*) on the base they were trained on, the
+    same noise for normal and LAG."""
     from persres.inference.personalized import load_personalized
     from persres.inference.sampling import sample
 
     if not 1 <= len(names) <= 2:
         raise ConfigError(f"choose one or two runs to sample, got {len(names)}")
     folders = [run_folder(runs, n) for n in names]
+    base = trained_base(folders)
     settings = SampleSettings(steps=int(steps), seed=int(seed))
     with MACHINE:
         pipe, concepts = load_personalized(base, [str(f / RESIDUALS_FILE) for f in folders], device)
@@ -245,6 +246,25 @@ def sample_runs(
         )
     write_samples(folders[0] / SAMPLES, samples, settings, {"base": base, "runs": list(names)})
     return samples
+
+
+def trained_base(folders: Sequence[Path]) -> str:
+    """The base model the runs were trained on; runs of two bases cannot be sampled together."""
+    bases = {f.name: run_config(f).base for f in folders}
+    if len(set(bases.values())) > 1:
+        trained = "; ".join(f"{name} on {base}" for name, base in bases.items())
+        raise ConfigError(f"runs trained on different base models cannot be sampled together ({trained})")
+    return next(iter(bases.values()))
+
+
+def base_label(base: str) -> str:
+    """How the page names a base model: the shipped toy world's by its family, any other by itself."""
+    from persres.backbones import by_pipeline
+    from persres.backbones.folder import pipeline_class_name
+
+    backbone = by_pipeline().get(pipeline_class_name(base) or "")
+    family = f", {backbone.name}-shaped" if backbone is not None else ""
+    return f"the shipped toy world{family} (models/{Path(base).name})" if is_shipped_base(base) else base
 
 
 def export_run(runs: Path, name: str, fmt: str) -> Path:

@@ -81,8 +81,7 @@ def draw(
 ) -> tuple[Any, Any, Any, list[Sample]]:
     """``seed`` and ``steps`` come checked by their fields."""
     chosen = [names] if isinstance(names, str) else list(names or [])
-    runs, base, device = settings.runs, settings.base, settings.device
-    samples = jobs.sample_runs(runs, chosen, base, prompt, sampler, seed, steps, device)
+    samples = jobs.sample_runs(settings.runs, chosen, prompt, sampler, seed, steps, settings.device)
     shown = [(enlarged(s.image), "LAG" if s.sampler == "lag" else "normal") for s in samples]
     last = steps - 1
     return shown, mask_page(samples, last), gr.update(maximum=last, value=last), samples

@@ -24,6 +24,13 @@ STEPS = integer(1, 1000)  # a page's training takes minutes, not hours (train --
 
 def train_tab(settings: AppSettings) -> None:
     recipe = jobs.recipe_for(settings.base)
+    base = gr.Dropdown(
+        choices=[(jobs.base_label(b), b) for b in settings.bases],
+        value=settings.base,
+        label="base model",
+        visible=len(settings.bases) > 1,
+        elem_id="base",
+    )
     with gr.Row():
         with gr.Column():
             photos = gr.File(
@@ -80,9 +87,19 @@ def train_tab(settings: AppSettings) -> None:
         **LIGHT,
         api_name="example",
     )
-    asked = [photos, class_word, token, name, steps, lr, rank, buckets, masked]
+    chosen = [base]
+    fields = refused(functools.partial(recipe_fields, settings), chosen)
+    base.change(fields, chosen, [steps, lr, rank], **LIGHT, api_name="recipe")
+    asked = [photos, class_word, token, name, steps, lr, rank, buckets, masked, base]
     handler = refused_stream(functools.partial(train, settings), asked)
     start.click(handler, asked, [state, curve], **HEAVY, api_name="train")
+
+
+def recipe_fields(settings: AppSettings, base: str) -> tuple[Any, Any, Any]:
+    """The advanced fields' values for ``base`` (its recipe: the toy world's, or the paper's with the
+    base family's rank)."""
+    recipe = jobs.recipe_for(settings.served_base(base))
+    return gr.update(value=recipe.steps), gr.update(value=recipe.lr), gr.update(value=str(recipe.rank))
 
 
 def preview(files: list[str] | None) -> tuple[list[tuple[str, str]], str]:
@@ -135,18 +152,20 @@ def train(
     rank: str,
     buckets: bool = False,
     masked: bool = False,
+    base: str | None = None,
     progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple[str, Image.Image]]:
     """``steps`` and ``lr`` come checked by their fields; ``rank`` is checked before anything is kept.
     ``buckets``: aspect-ratio buckets (the uploads keep their shape, shrunk to 1024 px at most). Caption
     files are not offered here: the app keeps uploads under names of its own and reads only photos.
     ``masked``: `mask` attention (masks from files are not offered: the uploads are re-encoded as RGB, and
-    a second upload of masks would have to be paired with the photos by name)."""
+    a second upload of masks would have to be paired with the photos by name). ``base``: one of the
+    app's (``settings.bases``), its first when none is given."""
     job = jobs.start_training(
         settings.runs,
         name,
         files or [],
-        settings.base,
+        settings.served_base(base),
         class_word,
         token,
         steps,

@@ -9,12 +9,11 @@ at a time and the page shows a waiting job its place in line. Light ones (previe
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import gradio as gr
 
 from persres.app.common import LIGHT, AppSettings, refused
-from persres.app.jobs import is_shipped_base
+from persres.app.jobs import base_label
 from persres.app.runs_page import run_lists, runs_tab
 from persres.app.sample_page import sample_tab
 from persres.app.train_page import train_tab
@@ -27,7 +26,7 @@ def build(settings: AppSettings) -> gr.Blocks:
         gr.Markdown(
             "# persres: Personalized Residuals\nTeach the model a concept from 3-15 photos, then sample it "
             "with normal sampling and with LAG (residuals only where the concept is). "
-            f"Base model: {base_name(settings.base)}."
+            f"{base_names(settings.bases)}."
         )
         with gr.Tab("Train"):
             train_tab(settings)
@@ -41,8 +40,10 @@ def build(settings: AppSettings) -> gr.Blocks:
     return page
 
 
-def base_name(base: str) -> str:
-    return f"the shipped toy world (`models/{Path(base).name}`)" if is_shipped_base(base) else f"`{base}`"
+def base_names(bases: tuple[str, ...]) -> str:
+    if len(bases) == 1:
+        return f"Base model: {base_label(bases[0])}"
+    return "Base models (chosen on the Train page): " + "; ".join(base_label(b) for b in bases)
 
 
 def launch(

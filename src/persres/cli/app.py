@@ -11,7 +11,7 @@ from pathlib import Path
 
 from persres.cli.options import integer
 from persres.errors import ConfigError, ModelError
-from persres.toymodels import TOY_BASE, find_toy_model
+from persres.toymodels import TOY_BASE, TOY_BASES, find_toy_model, locate_toy_model
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         "app",
         help="a web app: train, sample normal and LAG side by side, export (pip install 'persres[app]')",
         description="Serves a page to personalize a model from photos, sample with and without LAG from the "
-        "same noise, list runs and download them as LoRA files. With no arguments: the shipped toy world "
-        "(trains on a CPU in about a minute), runs in ./app-runs, at http://127.0.0.1:7860.",
+        "same noise, list runs and download them as LoRA files. With no arguments: the shipped toy world's "
+        "bases, U-Net and Flux-shaped, to choose from (each trains on a CPU in about a minute), runs in "
+        "./app-runs, at http://127.0.0.1:7860.",
     )
     p.add_argument(
-        "--base", default=None, help="base model: hub id or folder (default: the shipped toy world)"
+        "--base",
+        action="append",
+        default=None,
+        help="base model: hub id or folder; repeat it to offer several, the first chosen at first (default: "
+        "the shipped toy world's bases)",
     )
     p.add_argument("--runs", default="app-runs", help="folder of the app's runs (default ./app-runs)")
     p.add_argument(
@@ -93,21 +98,24 @@ def port_error(host: str, port: int, exc: OSError) -> ConfigError:
     return ConfigError(f"--port {port}: {why}")
 
 
-def default_base() -> str:
-    """The shipped toy world, so that a first visit trains and samples on a CPU in a minute or two. Found
-    before gradio and torch load: where it is absent (installed without a checkout) the refusal is one
-    line, and names ``--base`` as the other way."""
+def default_bases() -> list[str]:
+    """The shipped toy world's bases (the U-Net's first, then the Flux-shaped one where it is shipped), so
+    that a first visit trains and samples on a CPU in a minute or two. Found before gradio and torch
+    load: where the toy world is absent (installed without a checkout) the refusal is one line, and
+    names ``--base`` as the other way."""
     try:
-        return str(find_toy_model(TOY_BASE))
+        first = str(find_toy_model(TOY_BASE))
     except ModelError as exc:
         raise ModelError(f"{exc}; or pass --base (a hub id or a diffusers folder)") from None
+    others = [locate_toy_model(name) for name in TOY_BASES if name != TOY_BASE]
+    return [first, *(str(path) for path in others if path is not None)]
 
 
 def run_app(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth)
     runs = Path(args.runs).resolve()
     check_runs(runs)
-    base = args.base or default_base()
+    bases = list(dict.fromkeys(args.base or default_bases()))
     check_port(args.host, args.port)
     try:
         from persres.app import ui
@@ -123,9 +131,9 @@ def run_app(args: argparse.Namespace) -> int:
             args.host,
         )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    settings = ui.AppSettings(base=base, runs=runs, device=args.device, clip=args.clip, nouns=args.nouns)
+    settings = ui.AppSettings(bases[0], runs, args.device, args.clip, args.nouns, others=tuple(bases[1:]))
     make_runs(runs)  # the last check: nothing is written before the others pass
-    print(f"persres app: base {base}, runs in {settings.runs}, http://{args.host}:{args.port}")
+    print(f"persres app: base {', '.join(bases)}, runs in {settings.runs}, http://{args.host}:{args.port}")
     try:
         ui.launch(settings, args.host, args.port, auth)
     except OSError as exc:  # the port taken since check_port: gradio's "Cannot find empty port"

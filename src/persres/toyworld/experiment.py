@@ -55,7 +55,7 @@ class ToySettings:
     seed: int = 0
     method: str = DEFAULT_METHOD
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
-    mask: str = "none"  # `mask`: none, attention, or a folder (``reference_photos``' true object masks)
+    mask: str = "none"  # `mask`: none, attention, attention-trained, a folder, or OBJECT_MASKS
     mask_background_weight: float = 0.0
 
     def sampling(self) -> SampleSettings:
@@ -63,6 +63,10 @@ class ToySettings:
         return SampleSettings(
             self.sample_steps, self.guidance, self.images_per_prompt, self.seed, height=SIZE, width=SIZE
         )
+
+
+# ToySettings.mask: the photos' true object masks, written beside them (``object_masks``).
+OBJECT_MASKS = "object"
 
 
 def reference_photos(
@@ -90,6 +94,7 @@ def personalize(
     extends (more steps) the run in ``out``. The result's path is ``.residuals``."""
     info = method_info(settings.method)
     residual = info.trains_residuals  # the rank and init here are a residual's
+    mask = str(object_masks(instance, photos)) if settings.mask == OBJECT_MASKS else settings.mask
     overrides = Overrides(
         steps=settings.steps,
         batch_size=settings.batch_size,
@@ -108,10 +113,19 @@ def personalize(
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
-        mask=settings.mask,
+        mask=mask,
         mask_background_weight=settings.mask_background_weight,
     )
     return train(config, out, resume=resume, device="cpu", progress=False, distributed=False)
+
+
+def object_masks(instance: Instance, photos: Path) -> Path:
+    """The true object mask of each of ``reference_photos``' photos in ``photos`` (the same draws again),
+    in the sibling folder ``<photos>-masks``."""
+    masks = photos.with_name(f"{photos.name}-masks")
+    count = len(list(photos.glob("*.png")))
+    reference_photos(instance, photos, count=count, masks=masks)  # rewrites the same photos
+    return masks
 
 
 def base_samples(
