@@ -19,10 +19,11 @@
 4. ``--experiments`` (point 5): residuals' recipe with one thing changed (``EXPERIMENTS``: steps,
    learning rate, rank, init), and a run sampled with only some blocks' residuals on
    (``LAYER_ABLATIONS``), on the same held-out concepts; about 6 more minutes per concept.
-5. ``--change METHOD:SETTING=VALUE`` (repeatable): the method's chosen recipe with one setting changed
-   (``CHANGEABLE``; `mask` object: the photos' true object masks), trained on the sweep's training
-   instances first (compared with the chosen cell, same prompts and seeds: where a decision is made)
-   and on the held-out concepts last (compared with the chosen recipe there: reported, not tuned on).
+5. ``--change METHOD:SETTING=VALUE[,SETTING=VALUE]`` (repeatable): the method's chosen recipe with
+   those settings changed (``CHANGEABLE``; `mask` object: the photos' true object masks), trained on
+   the sweep's training instances first (compared with the chosen cell, same prompts and seeds: where a
+   decision is made) and on the held-out concepts last (compared with the chosen recipe there: reported,
+   not tuned on).
 
 Every finished cell's rows are a JSON file under ``--out``; a rerun with the same ``--out`` skips them
 (an interrupted run continues). 2-core CPU: about 50 minutes of sweep and 10 minutes per concept (16
@@ -102,40 +103,54 @@ LAYER_ABLATIONS: dict[str, tuple[str, ...]] = {
 BOOTSTRAP_RESAMPLES = 2000
 # The settings `--change` may change (ToySettings' fields), each a number or a word; `mask` object: the
 # photos' true object masks (``OBJECT_MASKS``).
-CHANGEABLE = ("steps", "lr", "rank", "init", "mask", "mask_background_weight")
+CHANGEABLE = (
+    "steps",
+    "lr",
+    "lr_schedule",
+    "timestep_weighting",
+    "rank",
+    "init",
+    "mask",
+    "mask_background_weight",
+)
 
 
 @dataclass(frozen=True)
 class Change:
-    """One setting of a method's chosen recipe changed: ``--change residuals:mask=attention``."""
+    """Settings of a method's chosen recipe changed: ``--change residuals:mask=attention`` (one), or
+    ``--change residuals:steps=800,lr_schedule=cosine`` (together)."""
 
     method: str
-    setting: str
-    value: Any
+    settings: tuple[tuple[str, Any], ...]
 
     @property
     def label(self) -> str:
-        return f"{self.method}, {self.setting.replace('_', ' ')} {self.value}"
+        return ", ".join([self.method, *(f"{k.replace('_', ' ')} {v}" for k, v in self.settings)])
 
     def applied(self, settings: ToySettings) -> ToySettings:
-        return replace(settings, **{self.setting: self.value})
+        return replace(settings, **dict(self.settings))
 
 
 def parse_change(text: str) -> Change:
-    """``METHOD:SETTING=VALUE`` -> a Change; the value a number where it reads as one."""
-    method, _, assignment = text.partition(":")
-    setting, _, value = assignment.partition("=")
-    if method not in METHODS or setting not in CHANGEABLE or not value:
+    """``METHOD:SETTING=VALUE[,SETTING=VALUE]`` -> a Change; a value is a number where it reads as one."""
+    method, _, assignments = text.partition(":")
+    pairs = [a.partition("=") for a in assignments.split(",")]
+    if method not in METHODS or not all(k in CHANGEABLE and v for k, _, v in pairs):
         raise argparse.ArgumentTypeError(
-            f"--change {text!r}: write METHOD:SETTING=VALUE, METHOD one of {', '.join(METHODS)} and SETTING "
-            f"one of {', '.join(CHANGEABLE)} (mask: none, attention, attention-trained or {OBJECT_MASKS})"
+            f"--change {text!r}: write METHOD:SETTING=VALUE[,SETTING=VALUE], METHOD one of "
+            f"{', '.join(METHODS)} and SETTING one of {', '.join(CHANGEABLE)} (mask: none, attention, "
+            f"attention-trained or {OBJECT_MASKS})"
         )
+    return Change(method, tuple((k, number_or_word(v)) for k, _, v in pairs))
+
+
+def number_or_word(value: str) -> Any:
     for kind in (int, float):
         try:
-            return Change(method, setting, kind(value))
+            return kind(value)
         except ValueError:
             continue
-    return Change(method, setting, value)
+    return value
 
 
 def variant_names(label: str, method: str) -> dict[str, str]:
@@ -567,8 +582,8 @@ def main() -> None:
         type=parse_change,
         action="append",
         default=[],
-        metavar="METHOD:SETTING=VALUE",
-        help="also a method's chosen recipe with one setting changed (repeatable; the docstring's point 5)",
+        metavar="METHOD:SETTING=VALUE[,SETTING=VALUE]",
+        help="also a method's chosen recipe with settings changed (repeatable; the docstring's point 5)",
     )
     parser.add_argument(
         "--chosen",

@@ -26,6 +26,16 @@ ReportTo = Literal["none", "tensorboard", "wandb"]
 REPORT_TO = ("none", "tensorboard", "wandb")
 QuantizeBase = Literal["no", "int8"]  # the frozen denoiser's weights: as loaded, or int8 (core/quantize.py)
 QUANTIZE_BASE = ("no", "int8")
+# The learning rate over a run: constant (the paper's), or cosine, from `lr` at the first step down to 0
+# after the last (``TrainConfig.lr_at``; a function of the step, so a resumed run takes the same rates).
+LrSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES = ("constant", "cosine")
+# Each training image's loss weighted by its timestep: none (the paper's plain mean), or min-snr (Hang et
+# al. 2023, kohya's --min_snr_gamma): min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for v, with
+# gamma = MIN_SNR_GAMMA; where a family offers it is its backbone's (``timestep_weightings``).
+TimestepWeighting = Literal["none", "min-snr"]
+TIMESTEP_WEIGHTINGS = ("none", "min-snr")
+MIN_SNR_GAMMA = 5.0  # the paper's recommended gamma
 DEFAULT_TOKEN = "sks"
 MAX_TRAIN_SEED = 2**63 - 1  # torch generators take seeds below 2**64; each process adds its index
 # The personalization methods and the method-specific settings each one takes (persres.methods.catalog,
@@ -110,6 +120,8 @@ class TrainConfig:
     steps: int = PAPER_RECIPE.steps
     batch_size: int = PAPER_RECIPE.batch_size
     lr: float = PAPER_RECIPE.lr
+    lr_schedule: LrSchedule = "constant"
+    timestep_weighting: TimestepWeighting = "none"
     residual: ResidualConfig = ResidualConfig()
     resolution: int = 512
     seed: int = 0
@@ -286,8 +298,17 @@ class TrainConfig:
             "lr",
             "release_text_encoders",  # the same losses with the encoders loaded or released (tested)
         }
+        if self.lr_schedule != "constant" or other.lr_schedule != "constant":
+            free.discard("steps")  # a decaying rate is a function of the run's length: it cannot be extended
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in free and mine[k] != theirs[k])
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1 .. `steps`): `lr`, or with `lr_schedule` cosine
+        `lr` (1 + cos(pi (step - 1) / steps)) / 2, `lr` at the first step and near 0 at the last."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
 
 
 def from_fields(cls: type[Any], data: Mapping[str, Any], where: str = "") -> Any:

@@ -70,7 +70,7 @@ from persres.backbones.folder import meta_component
 from persres.backbones.records import FLUX_GUIDANCE, FLUX_RECORD, FLUX_TEXT_WIDTH
 from persres.backbones.vae import Posterior, encode_posterior
 from persres.config import ResidualConfig
-from persres.errors import ModelError
+from persres.errors import ConfigError, ModelError
 from persres.quiet import LENGTH_EMITTER, LENGTH_NOTICE, message_hidden
 
 FLUX_RESOLUTION = 1024  # Flux.1's native resolution
@@ -181,6 +181,16 @@ class FluxBackbone:
     def sampling_scheduler(self, pipe: Any) -> Any:
         """The pipeline's own flow-matching Euler scheduler: its shift settings belong to the model."""
         return pipe.scheduler
+
+    @property
+    def timestep_weightings(self) -> tuple[str, ...]:
+        """none only: min-snr is defined for DDPM's epsilon and v targets, not flow matching's velocity."""
+        return ("none",)
+
+    def timestep_weights(self, scheduler: Any, steps: torch.Tensor, weighting: str) -> torch.Tensor | None:
+        if weighting != "none":  # checked before training: this is a caller's mistake
+            raise ConfigError(f"`timestep_weighting` {weighting} is not offered on {self.name}; use none")
+        return None
 
     def training_scheduler(self, pipe: Any) -> FlowMatchEulerDiscreteScheduler:
         """A fresh copy of the pipeline's scheduler, for its training table of sigmas."""

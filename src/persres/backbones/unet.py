@@ -37,7 +37,7 @@ from persres.backbones.folder import meta_component, prediction_type
 from persres.backbones.records import XL_CONDITIONING, is_xl_config
 from persres.backbones.unet_attention import CaptureCrossAttnProcessor
 from persres.backbones.vae import Posterior, encode_posterior
-from persres.config import ResidualConfig, TrainConfig
+from persres.config import MIN_SNR_GAMMA, TIMESTEP_WEIGHTINGS, ResidualConfig, TrainConfig
 from persres.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,21 @@ class UNetBackbone:
         if scheduler.config.prediction_type == "v_prediction":
             return noisy, steps, scheduler.get_velocity(latents, noise, steps)
         return noisy, steps, noise
+
+    @property
+    def timestep_weightings(self) -> tuple[str, ...]:
+        return TIMESTEP_WEIGHTINGS
+
+    def timestep_weights(self, scheduler: Any, steps: torch.Tensor, weighting: str) -> torch.Tensor | None:
+        """Each image's loss weight at its DDPM ``steps`` (B,): none, or min-snr, min(SNR, gamma) / SNR for
+        an epsilon target and / (SNR + 1) for v (kohya's ``apply_snr_weight``), SNR = a / (1 - a) of the
+        scheduler's cumulative alpha."""
+        if weighting == "none":
+            return None
+        alphas = scheduler.alphas_cumprod.to(steps.device)[steps].float()
+        snr = alphas / (1.0 - alphas)
+        clipped = snr.clamp(max=MIN_SNR_GAMMA)
+        return clipped / (snr + 1.0) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
     def predict(
         self,

@@ -40,6 +40,8 @@ FLAGS: dict[str, str] = {
     "steps": "--steps",  # also sampling's DDIM steps in sample; benchmark calls those --sample-steps
     "batch_size": "--batch-size",
     "lr": "--lr",
+    "lr_schedule": "--lr-schedule",
+    "timestep_weighting": "--timestep-weighting",
     "rank": "--rank",  # the residuals' rank (ResidualConfig.rank)
     "lora_rank": "--rank",  # the same flag sets a LoRA's rank with --method lora
     "init": "--init",

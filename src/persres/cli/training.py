@@ -18,7 +18,7 @@ from persres.cli.options import (
     add_device,
     rank,
 )
-from persres.config import DEFAULT_CLIP, QUANTIZE_BASE, TrainConfig
+from persres.config import DEFAULT_CLIP, LR_SCHEDULES, QUANTIZE_BASE, TIMESTEP_WEIGHTINGS, TrainConfig
 from persres.errors import ConfigError
 from persres.methods.catalog import METHODS
 from persres.methods.recipes import Overrides, not_taken, train_config
@@ -99,6 +99,20 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="encode the training and validation prompts once, then free the text encoders' memory "
         "(T5-XXL on Flux); not with methods that train the text side (default off)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="the learning rate over the run: constant (the paper's), or cosine from --lr down to 0 at the "
+        "last step (default constant)",
+    )
+    p.add_argument(
+        "--timestep-weighting",
+        choices=TIMESTEP_WEIGHTINGS,
+        default="none",
+        help="weigh each image's loss by its timestep: none (the paper's), or min-snr (min(SNR, 5) / SNR, "
+        "Hang et al. 2023; Stable Diffusion bases) (default none)",
     )
     p.add_argument(
         "--quantize-base",
@@ -252,6 +266,8 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         release_text_encoders=args.release_text_encoders,
         quantize_base=args.quantize_base,
         cache_latents=args.cache_latents,
+        lr_schedule=args.lr_schedule,
+        timestep_weighting=args.timestep_weighting,
         mask=args.mask,
         mask_background_weight=args.mask_background_weight,
         **({"min_crop": 1.0} if args.cache_latents else {}),  # cached latents take fixed crops

@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from persres.backbones import denoiser_of
-from persres.config import InitMode
+from persres.config import InitMode, LrSchedule, TimestepWeighting
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
 from persres.evaluation.evaluate import Scorers, evaluate_folder
@@ -46,6 +46,8 @@ class ToySettings:
     steps: int = 400
     batch_size: int = 4
     lr: float = 5e-3
+    lr_schedule: LrSchedule = "constant"
+    timestep_weighting: TimestepWeighting = "none"
     rank: float | int = 0.05
     init: InitMode = "zero"  # residuals' factor init (ResidualConfig)
     photos: int = 5
@@ -113,6 +115,8 @@ def personalize(
         seed=settings.seed,
         checkpoint_every=settings.steps,
         flip=False,  # toy objects always face one way
+        lr_schedule=settings.lr_schedule,
+        timestep_weighting=settings.timestep_weighting,
         mask=mask,
         mask_background_weight=settings.mask_background_weight,
     )

@@ -174,6 +174,10 @@ def remove_folder(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+# why `steps` may not change on resume with a decaying learning rate (``TrainConfig.resumable_with``)
+COSINE_STEPS = " (`lr_schedule` cosine decays over the run's `steps`: such a run cannot be extended)"
+
+
 def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
     """Restore the trainable tensors, optimizer and generator; returns the step the checkpoint was made at."""
     folder = checkpoint.folder
@@ -181,8 +185,9 @@ def load_checkpoint(checkpoint: Checkpoint, state: TrainState) -> int:
     changed = state.config.resumable_with(saved)
     if changed:
         raise ConfigError(
-            f"cannot resume from {folder}: settings differ from the interrupted run: {changed}; "
-            "resume with the same settings, or start a new run with `overwrite`"
+            f"cannot resume from {folder}: settings differ from the interrupted run: {changed}"
+            f"{COSINE_STEPS if 'steps' in changed else ''}; resume with the same settings, or start a new "
+            "run with `overwrite`"
         )
     rng_file = folder / f"rng-{state.processes.index}.safetensors"
     if not rng_file.is_file():

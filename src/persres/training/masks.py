@@ -174,9 +174,18 @@ def loss_weights(mask: torch.Tensor, background: float) -> torch.Tensor:
     return mask + background * (1.0 - mask)
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    per_image: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum(w e) / sum(w) over (B, C, h, w), ``weights`` (B, 1, h, w) shared by the channels: with all
-    weights 1, exactly ``F.mse_loss`` (the mean of the squared error, divided by 1)."""
+    weights 1, exactly ``F.mse_loss`` (the mean of the squared error, divided by 1). ``per_image`` (B,)
+    (`timestep_weighting`) scales each image's share: sum(t w e) / sum(w)."""
     error = (prediction.float() - target.float()).square()  # (B, C, h, w)
     weights = weights.to(error)
-    return (error * weights).mean() / weights.mean().clamp_min(1e-12)
+    weighted = error * weights
+    if per_image is not None:
+        weighted = weighted * per_image.to(error).view(-1, 1, 1, 1)
+    return weighted.mean() / weights.mean().clamp_min(1e-12)

@@ -192,6 +192,7 @@ def train_in(
         config.base, DTYPES[config.mixed_precision], accelerator.device, quantize=config.quantize_base
     )
     check_runs_on(config.method, backbone_of(pipe), config.base)
+    check_timestep_weighting(config, backbone_of(pipe))
     for tokenizer, _ in text_towers(pipe):  # before prepare adds a token or trains over a row
         check_token(tokenizer, concept[0].token, new=method.adds_token)
     readers = prompt_readers(pipe)  # the text encoders whose tokens carry the prompt (Flux: T5)
@@ -222,6 +223,16 @@ def train_in(
     finally:
         close(loop)
     return TrainResult(out, path, config.steps, loss, trainable.count())
+
+
+def check_timestep_weighting(config: TrainConfig, backbone: Backbone) -> None:
+    """`timestep_weighting` is one the base's family offers (min-snr: the U-Net families)."""
+    if config.timestep_weighting not in backbone.timestep_weightings:
+        offered = ", ".join(backbone.timestep_weightings)
+        raise ConfigError(
+            f"`timestep_weighting` {config.timestep_weighting} is not offered on {backbone.name} "
+            f"({config.base}): its training target is not DDPM's epsilon or v; use {offered}"
+        )
 
 
 def prepare_loop(
@@ -385,19 +396,21 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
             text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(
             loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone,
-            mask, config.mask_background_weight,
+            mask, config.mask_background_weight, config.timestep_weighting,
         )  # fmt: skip
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior loss, unmasked
             classes, _ = concept_batch(loop.prior, loop.prior_latents, config, state.generator)
             prior = denoising_loss(
                 loop.denoiser, loop.pipe, loop.noise_scheduler, loop.prior_text, classes, state.generator,
-                backbone,
+                backbone, timestep_weighting=config.timestep_weighting,
             )  # fmt: skip
             loss = loss + config.prior_weight * prior
     value = loss.item()
     if not math.isfinite(value):
         raise diverged(loop.out, done, value)
     loop.accelerator.backward(loss)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = config.lr_at(done)  # `lr_schedule`
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
     state.method.after_step(loop.pipe, state.trainable)
@@ -483,23 +496,29 @@ def denoising_loss(
     backbone: Backbone = SD,
     mask: LatentMask | None = None,
     background: float = 0.0,
+    timestep_weighting: str = "none",
 ) -> torch.Tensor:
     """Latent diffusion's MSE between the denoiser's prediction and its target, for a batch of ``pixels``
     (B, 3, H, W) or of their VAE posteriors (`cache_latents`). The backbone owns the VAE encoding, the
     latents sampled from it, the noise schedule, the target (epsilon or v for the U-Net family, the
     flow-matching velocity for Flux) and the denoiser call; the loop passes its pipeline's. With ``mask``
     (`mask`: the step's (B, 1, h, w) mask on the latent grid, whose prediction every backbone returns as
-    (B, C, h, w)) the MSE is weighted, ``background`` outside the mask (``masks.py``)."""
+    (B, C, h, w)) the MSE is weighted, ``background`` outside the mask (``masks.py``); with
+    ``timestep_weighting`` (not none) each image's share is weighted by the backbone's weight of its
+    timestep."""
     device = text.hidden.device
     posterior = pixels if isinstance(pixels, Posterior) else backbone.posterior(pipe, pixels, device)
     latents = backbone.latents(pipe, posterior, generator)
     noisy, steps, target = backbone.noised(noise_scheduler, latents, generator)
+    per_image = backbone.timestep_weights(noise_scheduler, steps, timestep_weighting)
     if mask is None:
         prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
-        return F.mse_loss(prediction.float(), target.float())
+        if per_image is None:
+            return F.mse_loss(prediction.float(), target.float())
+        return weighted_mse(prediction, target, torch.ones_like(noisy[:, :1]), per_image)
     with mask.watching(noisy):  # `mask` attention-trained reads this very pass
         prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
-    return weighted_mse(prediction, target, loss_weights(mask(noisy, steps, text), background))
+    return weighted_mse(prediction, target, loss_weights(mask(noisy, steps, text), background), per_image)
 
 
 def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:
