@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: test test-fast demo app lint typecheck bench bench-toyworld bench-methods toyworld-base toyworld-flux toyworld-oracle clean
+.PHONY: test test-fast demo app lint typecheck bench bench-toyworld bench-methods bench-methods-flux bench-options toyworld-base toyworld-flux toyworld-oracle clean
 
 # dev: the test tools; app: persres app (gradio), which the tests drive too
 $(STAMP): pyproject.toml constraints.txt
@@ -47,6 +47,25 @@ bench-toyworld: $(STAMP)
 # per held-out concept). A rerun continues where it stopped.
 bench-methods: $(STAMP)
 	$(PY) bench/toyworld_methods.py --out bench-output/toyworld-methods --experiments
+
+# The same harness on the toy Flux base: residuals (the toy rank 0.05 m, and Flux's default rank 21) and
+# LoRA, swept alike; residuals with a smaller update and with only one kind of block's residuals on at
+# sampling, to say where text goes (bench/RESULTS.md, "Toy Flux world: the methods side by side").
+bench-methods-flux: $(STAMP)
+	$(PY) bench/toyworld_methods.py --base models/toyworld-flux --methods residuals lora \
+		--change residuals:rank=21 --change residuals:lr=0.001 \
+		--change residuals:layers=transformer_blocks. --change residuals:layers=single_transformer_blocks. \
+		--out bench-output/toyworld-methods-flux
+
+# Residuals (and LoRA) on the toy U-Net base with each training option of the masked-training issue, from
+# the recipes the sweep of bench-methods chose (bench/RESULTS.md, "Learning the concept, not the photos").
+bench-options: $(STAMP)
+	$(PY) bench/toyworld_methods.py --methods residuals lora --chosen residuals=400@5 --chosen lora=400@5 \
+		--change residuals:mask=object --change residuals:mask=attention \
+		--change residuals:mask=attention-trained --change lora:mask=object \
+		--change residuals:timestep_weighting=min-snr --change residuals:lr_schedule=cosine \
+		--change residuals:steps=800,lr_schedule=cosine \
+		--out bench-output/toyworld-masks
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
 # Each refuses to overwrite: move the shipped folder away first.

@@ -112,6 +112,7 @@ CHANGEABLE = (
     "init",
     "mask",
     "mask_background_weight",
+    "layers",  # sampling only: PREFIX+PREFIX, the module paths whose residuals stay on
 )
 
 
@@ -128,7 +129,8 @@ class Change:
         return ", ".join([self.method, *(f"{k.replace('_', ' ')} {v}" for k, v in self.settings)])
 
     def applied(self, settings: ToySettings) -> ToySettings:
-        return replace(settings, **dict(self.settings))
+        changed = {k: tuple(str(v).split("+")) if k == "layers" else v for k, v in self.settings}
+        return replace(settings, **changed)
 
 
 def parse_change(text: str) -> Change:
@@ -220,7 +222,7 @@ def sweep_cell(
         pipe = load_pipeline(base, torch.float32, torch.device("cpu"))
         pipe.set_progress_bar_config(disable=True)
         variants["base"] = base_samples(pipe, prompts, sampling)
-    variants |= method_samples(base, settings.method, result.residuals, prompts, sampling)
+    variants |= method_samples(base, settings.method, result.residuals, prompts, sampling, settings.layers)
     images = fresh(run / f"images-{settings.steps}")
     rows = [
         r
@@ -376,7 +378,7 @@ def method_rows(
     result = personalize(base, instance, photos, run, settings, resume=run.exists())
     seconds = time.perf_counter() - started
     drawn = Drawn(label, base, settings.method, result.residuals, prompts, base_images)
-    rows = sampled_rows(drawn, settings, scoring, folder, photos)
+    rows = sampled_rows(drawn, settings, scoring, folder, photos, settings.layers)
     costs = {
         "trainable_parameters": float(result.parameters),
         "file_size_bytes": float(size_on_disk(result.residuals)),

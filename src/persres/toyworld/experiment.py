@@ -59,6 +59,9 @@ class ToySettings:
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
     mask: str = "none"  # `mask`: none, attention, attention-trained, a folder, or OBJECT_MASKS
     mask_background_weight: float = 0.0
+    # residuals only: module path prefixes whose residuals stay on at sampling, the others off (an
+    # ablation of the layers; training is unchanged); None: every layer's
+    layers: tuple[str, ...] | None = None
 
     def sampling(self) -> SampleSettings:
         """The scenes' size given, not left to the pipeline (a Flux pipeline's default: 128 latent px)."""
