@@ -65,6 +65,8 @@ bench-options: $(STAMP)
 		--change residuals:mask=attention-trained --change lora:mask=object \
 		--change residuals:timestep_weighting=min-snr --change residuals:lr_schedule=cosine \
 		--change residuals:steps=800,lr_schedule=cosine \
+		--change residuals:mask=attention-trained,timestep_weighting=min-snr \
+		--change residuals:mask=attention-trained,mask_background_weight=0.1 \
 		--out bench-output/toyworld-masks
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).
