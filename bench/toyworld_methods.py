@@ -112,6 +112,7 @@ CHANGEABLE = (
     "init",
     "mask",
     "mask_background_weight",
+    "mask_background_target",
     "layers",  # sampling only: PREFIX+PREFIX, the module paths whose residuals stay on
 )
 

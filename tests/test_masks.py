@@ -2,7 +2,8 @@
 all-ones mask; a hand computation otherwise), masks from alpha channels and folders cropped and flipped
 with their photos and area-averaged to the latent grid, bad masks refused by name with nothing written,
 `mask` attention made by the frozen base under no_grad, `mask` none giving the losses persres gave before
-masks existed, and masked runs resuming exactly, on SD 1.x and Flux."""
+masks existed, and masked runs resuming exactly, on SD 1.x and Flux; `mask_background_target` base holding
+the background to the frozen base's prediction (the hand computation, one base pass, who may use it)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from persres.training.attention_masks import AttentionMasks, TrainedAttentionMas
 from persres.training.batches import TrainingData
 from persres.training.data import ConceptImages
 from persres.training.latent_cache import LatentCache
-from persres.training.masks import file_mask, read_masks, to_latent_grid, weighted_mse
+from persres.training.masks import anchored_mse, file_mask, read_masks, to_latent_grid, weighted_mse
 from persres.training.train import denoising_loss, train
 
 DATA = Path(__file__).parent / "data" / "mask-none-losses"
@@ -284,6 +285,122 @@ def test_settings_are_checked() -> None:
             TrainConfig(base="b", images="i", class_word="dog", **bad)  # type: ignore[arg-type]
     old = {k: v for k, v in config.to_dict().items() if not k.startswith("mask")}
     assert TrainConfig.from_dict(old) == config  # configs written before masks load
+
+
+# -- the background held to the base (`mask_background_target` base) ------------------------------
+
+
+def test_anchored_mse_is_the_hand_computation_and_weighted_mse_when_the_base_is_the_target() -> None:
+    draw = torch.Generator().manual_seed(11)
+    prediction, target, base = (torch.randn(2, 3, 4, 4, generator=draw) for _ in range(3))
+    mask = torch.rand(2, 1, 4, 4, generator=draw)  # soft weights, as a file mask's area averages
+    per_image = torch.tensor([0.5, 2.0])
+    got = anchored_mse(prediction, target, base, mask, 0.3, per_image)
+    numerator = denominator = 0.0
+    for b in range(2):
+        for c in range(3):
+            for i in range(4):
+                for j in range(4):
+                    m, p = float(mask[b, 0, i, j]), float(prediction[b, c, i, j])
+                    term = m * (p - float(target[b, c, i, j])) ** 2
+                    term += 0.3 * (1 - m) * (p - float(base[b, c, i, j])) ** 2
+                    numerator += float(per_image[b]) * term
+                    denominator += m + 0.3 * (1 - m)
+    assert got.item() == pytest.approx(numerator / denominator, rel=1e-5)
+    same = anchored_mse(prediction, target, target, mask, 0.3, per_image)
+    weights = mask + 0.3 * (1 - mask)
+    torch.testing.assert_close(same, weighted_mse(prediction, target, weights, per_image))
+
+
+class Kept:
+    """A step's mask as the loss asks for it, kept with the step's noisy latents and timesteps."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def watching(self, noisy: torch.Tensor) -> Any:
+        return self.inner.watching(noisy)
+
+    def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
+        self.noisy, self.steps, self.mask = noisy, steps, self.inner(noisy, steps, text)
+        return self.mask
+
+    def base_prediction(self) -> torch.Tensor | None:
+        return self.inner.base_prediction()
+
+
+@pytest.mark.parametrize("mask", ["folder", "attention", "attention-trained"])
+def test_the_background_is_held_to_the_base_with_one_base_pass(
+    mask: str, conv_base: Path, photos: Path
+) -> None:
+    """Residuals at zero: the model is the base, so the background's term is 0 and only the subject's
+    error counts; random residuals: the background's error against the base's own prediction counts too.
+    Each loss runs the denoiser twice (the trained pass and one of the base: `mask` attention's own)."""
+    pipe, backbone, text, pixels = step_inputs(conv_base, seed=2)
+    config = tiny_config(conv_base, photos)
+    get_method("residuals").prepare(pipe, config, torch.Generator().manual_seed(0))
+    denoiser, scheduler = backbone.denoiser(pipe), backbone.training_scheduler(pipe)
+    half = (torch.arange(16) < 8).float().expand(2, 1, 16, 16)
+    masks: Any = {
+        "folder": lambda: file_mask(half),
+        "attention": lambda: AttentionMasks.of(pipe, config.prompt, "dog"),
+        "attention-trained": lambda: TrainedAttentionMasks.of(pipe, config.prompt, "dog"),
+    }[mask]
+    passes: list[bool] = []
+    handle = denoiser.register_forward_pre_hook(lambda *_: passes.append(torch.is_grad_enabled()))
+
+    def loss(target: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, and by hand: the step's mask, the trained model's and the base's errors."""
+        kept = Kept(masks())
+        generator = torch.Generator().manual_seed(5)
+        got = denoising_loss(denoiser, pipe, scheduler, text, pixels, generator, backbone, kept, 1.0,
+                             background_target=target)  # fmt: skip
+        generator = torch.Generator().manual_seed(5)  # the same draws, by hand
+        latents = backbone.latents(pipe, backbone.posterior(pipe, pixels, CPU), generator)
+        _, _, wanted = backbone.noised(scheduler, latents, generator)
+        with torch.no_grad():
+            trained = backbone.predict(pipe, denoiser, kept.noisy, kept.steps, text)
+            with attention_masks.base_only(denoiser):
+                frozen = backbone.predict(pipe, denoiser, kept.noisy, kept.steps, text)
+        return got, kept.mask, (trained - wanted).square(), (trained - frozen).square()
+
+    try:
+        passes.clear()
+        got, m, subject, background = loss("base")
+        assert passes[:2] == [True, False]  # the trained pass, then one of the base
+        assert torch.equal(background, torch.zeros_like(background))  # zero residuals: the base itself
+        assert got.item() == pytest.approx(float((m * subject).mean()), rel=1e-5)  # sum(w) = sum(1)
+        randomize_residuals(denoiser, std=0.5)
+        passes.clear()
+        got, m, subject, background = loss("base")
+        assert len(passes) == 4 and passes[:2] == [True, False]  # 2 in the loss, 2 by hand
+        assert float(((1 - m) * background).mean()) > 0 and 0 < float(m.mean()) < 1
+        assert got.item() == pytest.approx(float((m * subject + (1 - m) * background).mean()), rel=1e-5)
+        photo, _, _, _ = loss("photo")  # background weight 1 on the photo: the plain MSE
+        assert photo.item() == pytest.approx(float(subject.mean()), rel=1e-5)
+        assert abs(got.item() - photo.item()) > 1e-6
+    finally:
+        handle.remove()
+
+
+def test_the_background_target_is_checked(conv_base: Path, photos: Path, tmp_path: Path) -> None:
+    for bad in ({"mask_background_target": "base"},  # no mask
+                {"mask": "attention", "mask_background_target": "base"},  # weight 0
+                {"mask": "attention", "mask_background_weight": 1.0, "mask_background_target": "sky"},
+                {"mask": "attention", "mask_background_weight": 1.0, "mask_background_target": "base",
+                 "method": "dreambooth"}):  # fmt: skip
+        with pytest.raises(ConfigError, match="mask_background_target"):
+            TrainConfig(base="b", images="i", class_word="dog", **bad)  # type: ignore[arg-type]
+    out = tmp_path / "run"
+    argv = train_argv(conv_base, photos, out, "--method", "lora", "--mask", "attention",
+                      "--mask-background-weight", "1", "--mask-background-target", "base")  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert (written["mask"], written["mask_background_target"]) == ("attention", "base")
+    assert main(train_argv(conv_base, photos, tmp_path / "db", "--method", "textual-inversion", "--mask",
+                           "attention", "--mask-background-weight", "1", "--mask-background-target",
+                           "base")) == 2  # fmt: skip
+    assert not (tmp_path / "db").exists()
 
 
 # -- attention masks -------------------------------------------------------------------------------

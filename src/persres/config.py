@@ -36,6 +36,12 @@ LR_SCHEDULES = ("constant", "cosine")
 TimestepWeighting = Literal["none", "min-snr"]
 TIMESTEP_WEIGHTINGS = ("none", "min-snr")
 MIN_SNR_GAMMA = 5.0  # the paper's recommended gamma
+# What the loss compares the prediction with outside a `mask` (training/masks.py): the photo's own target
+# (the masked loss of kohya's scripts), or the frozen base's prediction for the same noisy latents, so
+# that what is trained learns to leave the background as the base draws it (methods that are
+# ``bypassable`` only).
+MaskBackgroundTarget = Literal["photo", "base"]
+MASK_BACKGROUND_TARGETS = ("photo", "base")
 DEFAULT_TOKEN = "sks"
 MAX_TRAIN_SEED = 2**63 - 1  # torch generators take seeds below 2**64; each process adds its index
 # The personalization methods and the method-specific settings each one takes (persres.methods.catalog,
@@ -153,6 +159,7 @@ class TrainConfig:
     # read in the training pass of the model being trained), or a folder of one mask per photo
     mask: str = "none"
     mask_background_weight: float = 0.0  # the loss weight outside the mask (kohya's masked loss: 0)
+    mask_background_target: MaskBackgroundTarget = "photo"  # outside the mask: the photo, or the base
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
@@ -243,6 +250,7 @@ class TrainConfig:
                 "`mask_background_weight` weighs the loss outside a mask, but `mask` is none; give a `mask` "
                 "(alpha, attention or a folder) or drop `mask_background_weight`"
             )
+        self.check_background_target()
         if self.mask in ("attention", "attention-trained") and self.captions:
             raise ConfigError(
                 f"`mask` {self.mask} reads the class word's attention in the training prompt, but `captions` "
@@ -254,6 +262,26 @@ class TrainConfig:
                 "`mask` attention-trained reads the maps in the training pass with other attention "
                 "processors, which `gradient_checkpointing`'s recomputation would not match; use `mask` "
                 "attention, or drop `gradient_checkpointing`"
+            )
+
+    def check_background_target(self) -> None:
+        """`mask_background_target` base needs a mask, a background weight and a base to switch to."""
+        if self.mask_background_target not in MASK_BACKGROUND_TARGETS:
+            raise ConfigError(
+                f"`mask_background_target` must be photo or base, got {quote(self.mask_background_target)}"
+            )
+        if self.mask_background_target == "photo":
+            return
+        if self.mask == "none" or self.mask_background_weight == 0.0:
+            raise ConfigError(
+                "`mask_background_target` base compares the background with the base's prediction, but "
+                "it has no weight: give a `mask` and a `mask_background_weight` above 0 (e.g. 1)"
+            )
+        if not METHODS[self.method].bypassable:
+            takes = ", ".join(name for name, info in METHODS.items() if info.bypassable)
+            raise ConfigError(
+                f"`mask_background_target` base needs the frozen base's prediction, which `method` "
+                f"{self.method} changes as it trains (methods that keep it: {takes}); use photo"
             )
 
     def check_release(self) -> None:

@@ -58,6 +58,7 @@ FLAGS: dict[str, str] = {
     "cache_latents": "--cache-latents",
     "mask": "--mask",
     "mask_background_weight": "--mask-background-weight",
+    "mask_background_target": "--mask-background-target",
     "validation_prompts": "--validation-prompt",  # given once per prompt
     "validation_every": "--validation-every",
     "report_to": "--report-to",

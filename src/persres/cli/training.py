@@ -18,7 +18,14 @@ from persres.cli.options import (
     add_device,
     rank,
 )
-from persres.config import DEFAULT_CLIP, LR_SCHEDULES, QUANTIZE_BASE, TIMESTEP_WEIGHTINGS, TrainConfig
+from persres.config import (
+    DEFAULT_CLIP,
+    LR_SCHEDULES,
+    MASK_BACKGROUND_TARGETS,
+    QUANTIZE_BASE,
+    TIMESTEP_WEIGHTINGS,
+    TrainConfig,
+)
 from persres.errors import ConfigError
 from persres.methods.catalog import METHODS
 from persres.methods.recipes import Overrides, not_taken, train_config
@@ -141,6 +148,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=MASK_BACKGROUND_WEIGHT,
         default=DEFAULTS["mask_background_weight"],
         help="the loss weight outside the mask, in [0, 1] (default 0: the background is not learned)",
+    )
+    p.add_argument(
+        "--mask-background-target",
+        choices=MASK_BACKGROUND_TARGETS,
+        default=DEFAULTS["mask_background_target"],
+        help="what the prediction outside the mask is compared with: photo (the photo's own target), or "
+        "base (the frozen base's prediction, a second pass unless --mask attention makes it anyway: the "
+        "background is kept as the base draws it; residuals and lora) (default photo)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -270,6 +285,7 @@ def train_config_of(args: argparse.Namespace, class_word: str, reason: str) -> T
         timestep_weighting=args.timestep_weighting,
         mask=args.mask,
         mask_background_weight=args.mask_background_weight,
+        mask_background_target=args.mask_background_target,
         **({"min_crop": 1.0} if args.cache_latents else {}),  # cached latents take fixed crops
         validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every,

@@ -47,6 +47,9 @@ class MethodInfo:
     trains_on_8bit_base: what it trains sits beside the base's weights (residuals, adapters, an embedding),
         so the frozen base may hold 8-bit weights (`quantize_base`); the others change or read the base's
         own weights (DreamBooth fine-tunes them, Custom Diffusion and Perfusion copy and edit K and V).
+    bypassable: what it trains can be switched off during training (residuals bypassed, LoRA adapters
+        disabled), so the frozen base's own prediction is at hand (`mask_background_target` base); the
+        others train the base's weights or the text side, which no switch takes out of the prediction.
     """
 
     name: str
@@ -59,6 +62,7 @@ class MethodInfo:
     works_on_flux: bool = False
     trains_text_side: bool = False
     trains_on_8bit_base: bool = False
+    bypassable: bool = False
 
     @property
     def takes_prior_images(self) -> bool:
@@ -84,6 +88,7 @@ _METHODS = (
         works_on_sdxl=True,
         works_on_flux=True,
         trains_on_8bit_base=True,
+        bypassable=True,
     ),
     MethodInfo(
         name="lora",
@@ -104,6 +109,7 @@ _METHODS = (
         options=frozenset({"rank"}),
         works_on_flux=True,
         trains_on_8bit_base=True,
+        bypassable=True,
     ),
     MethodInfo(
         name="dreambooth",

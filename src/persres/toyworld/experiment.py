@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from persres.backbones import denoiser_of
-from persres.config import InitMode, LrSchedule, TimestepWeighting
+from persres.config import InitMode, LrSchedule, MaskBackgroundTarget, TimestepWeighting
 from persres.core.pipeline import load_pipeline
 from persres.core.residuals import find_residuals, remove_residuals
 from persres.evaluation.evaluate import Scorers, evaluate_folder
@@ -59,6 +59,7 @@ class ToySettings:
     prior_images: int = 100  # class images of the methods with prior preservation (authors: 200)
     mask: str = "none"  # `mask`: none, attention, attention-trained, a folder, or OBJECT_MASKS
     mask_background_weight: float = 0.0
+    mask_background_target: MaskBackgroundTarget = "photo"
     # residuals only: module path prefixes whose residuals stay on at sampling, the others off (an
     # ablation of the layers; training is unchanged); None: every layer's
     layers: tuple[str, ...] | None = None
@@ -122,6 +123,7 @@ def personalize(
         timestep_weighting=settings.timestep_weighting,
         mask=mask,
         mask_background_weight=settings.mask_background_weight,
+        mask_background_target=settings.mask_background_target,
     )
     return train(config, out, resume=resume, device="cpu", progress=False, distributed=False)
 

@@ -59,11 +59,18 @@ class AttentionMasks:
         """Nothing to read from the training pass: the mask is the base's own pass (``__call__``)."""
         return contextlib.nullcontext()
 
+    base: torch.Tensor | None = None  # the base's prediction of the last mask's pass
+
     def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
         batch, _, height, width = noisy.shape
-        with torch.no_grad(), base_only(self.denoiser), self.capturing(noisy) as total:
-            self.backbone.predict(self.pipe, self.denoiser, noisy.detach(), steps, text.detach())
+        with self.capturing(noisy) as total:
+            self.base = frozen_prediction(self.pipe, self.denoiser, self.backbone, noisy, steps, text)
         return binarize(total.flatten(2), batch).view(batch, 1, height, width)
+
+    def base_prediction(self) -> torch.Tensor | None:
+        """The base's prediction made with the last mask (once: the next step makes its own)."""
+        base, self.base = self.base, None
+        return base
 
     @contextlib.contextmanager
     def capturing(self, noisy: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -104,6 +111,9 @@ class TrainedAttentionMasks(AttentionMasks):
         batch, _, height, width = noisy.shape
         return binarize(total.flatten(2), batch).view(batch, 1, height, width)
 
+    def base_prediction(self) -> torch.Tensor | None:
+        return None  # the map came from the trained model's pass: the base has not run
+
 
 def on_latent_grid(score: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, 1, HW) over a grid downsampled s times from the latents' (h, w), row-major -> (B, 1, h, w),
@@ -138,6 +148,15 @@ def class_columns(pipe: Any, prompt: str, class_word: str) -> torch.Tensor:
             "use a `class_word` the prompt names, or another `mask`"
         )
     return joined.view(1, 1, width)
+
+
+def frozen_prediction(
+    pipe: Any, denoiser: nn.Module, backbone: Backbone, noisy: torch.Tensor, steps: torch.Tensor, text: Any
+) -> torch.Tensor:
+    """The frozen base's prediction for ``noisy`` at ``steps`` under ``text``: no gradient, what is trained
+    switched off (``base_only``)."""
+    with torch.no_grad(), base_only(denoiser):
+        return backbone.predict(pipe, denoiser, noisy.detach(), steps, text.detach())
 
 
 @contextlib.contextmanager

@@ -25,6 +25,12 @@ exactly the plain MSE, and the loss keeps its scale whatever the subject's size.
 weight is 0, kohya's masked loss: the background is not learned at all (the base draws it); a small
 weight (0.1) keeps some of it, e.g. to learn a concept's usual surroundings. The prior-preservation loss
 (DreamBooth) stays unmasked.
+
+`mask_background_target` base (residuals and LoRA, whose training can be switched off): outside the mask
+the prediction is compared with the frozen base's own prediction for the same noisy latents and prompt
+(no gradient through it) instead of the photo's target: sum(m e_photo + b (1 - m) e_base) / sum(w), so
+the background is neither learned from the photos nor left free, but held where the base puts it. The
+base's prediction is the `attention` mask's own pass where that mask is used, else a second pass.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class LatentMask(Protocol):
     def watching(self, noisy: torch.Tensor) -> AbstractContextManager[object]: ...
 
     def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor: ...
+
+    def base_prediction(self) -> torch.Tensor | None:
+        """The frozen base's prediction made for the last mask (`mask` attention's pass), else None."""
+        ...
 
 
 def from_files(mask: str) -> bool:
@@ -164,6 +174,9 @@ class FileMask:
     def __call__(self, noisy: torch.Tensor, steps: torch.Tensor, text: Any) -> torch.Tensor:
         return to_latent_grid(self.masks.to(noisy.device), (noisy.shape[-2], noisy.shape[-1]))
 
+    def base_prediction(self) -> torch.Tensor | None:
+        return None
+
 
 def file_mask(masks: torch.Tensor) -> LatentMask:
     return FileMask(masks)
@@ -189,3 +202,23 @@ def weighted_mse(
     if per_image is not None:
         weighted = weighted * per_image.to(error).view(-1, 1, 1, 1)
     return weighted.mean() / weights.mean().clamp_min(1e-12)
+
+
+def anchored_mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    base: torch.Tensor,
+    mask: torch.Tensor,
+    background: float,
+    per_image: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mask_background_target` base: sum(m e_target + b (1 - m) e_base) / sum(w) over (B, C, h, w),
+    e_target = (prediction - target)^2, e_base = (prediction - base)^2, ``mask`` m (B, 1, h, w), b
+    ``background``, w = ``loss_weights``; with ``base`` = ``target``, ``weighted_mse``'s loss."""
+    predicted = prediction.float()
+    mask = mask.to(predicted)
+    error = mask * (predicted - target.float()).square()
+    error = error + background * (1.0 - mask) * (predicted - base.float()).square()
+    if per_image is not None:
+        error = error * per_image.to(error).view(-1, 1, 1, 1)
+    return error.mean() / loss_weights(mask, background).mean().clamp_min(1e-12)

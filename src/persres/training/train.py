@@ -43,7 +43,12 @@ from persres.formats.io import architecture
 from persres.formats.runfolder import CONFIG_FILE, LOGS, LOSS_CSV, LOSS_PNG, RunFolder, result_name
 from persres.inference.sampling import PromptInputs
 from persres.methods import check_runs_on, get_method
-from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks, class_columns
+from persres.training.attention_masks import (
+    AttentionMasks,
+    TrainedAttentionMasks,
+    class_columns,
+    frozen_prediction,
+)
 from persres.training.batches import TrainingData, batch_conditioning
 from persres.training.captions import read_captions
 from persres.training.checkpoint import (
@@ -59,6 +64,7 @@ from persres.training.masks import (
     ATTENTION,
     ATTENTION_TRAINED,
     LatentMask,
+    anchored_mse,
     file_mask,
     from_files,
     loss_weights,
@@ -396,7 +402,7 @@ def train_step(loop: Loop, done: int) -> torch.Tensor:
             text = encode(loop.pipe, loop.prompt, loop.accelerator.device, config.resolution)
         loss = denoising_loss(
             loop.denoiser, loop.pipe, loop.noise_scheduler, text, pixels, state.generator, backbone,
-            mask, config.mask_background_weight, config.timestep_weighting,
+            mask, config.mask_background_weight, config.timestep_weighting, config.mask_background_target,
         )  # fmt: skip
         if loop.prior is not None and loop.prior_text is not None:  # DreamBooth's prior loss, unmasked
             classes, _ = concept_batch(loop.prior, loop.prior_latents, config, state.generator)
@@ -497,6 +503,7 @@ def denoising_loss(
     mask: LatentMask | None = None,
     background: float = 0.0,
     timestep_weighting: str = "none",
+    background_target: str = "photo",
 ) -> torch.Tensor:
     """Latent diffusion's MSE between the denoiser's prediction and its target, for a batch of ``pixels``
     (B, 3, H, W) or of their VAE posteriors (`cache_latents`). The backbone owns the VAE encoding, the
@@ -505,7 +512,8 @@ def denoising_loss(
     (`mask`: the step's (B, 1, h, w) mask on the latent grid, whose prediction every backbone returns as
     (B, C, h, w)) the MSE is weighted, ``background`` outside the mask (``masks.py``); with
     ``timestep_weighting`` (not none) each image's share is weighted by the backbone's weight of its
-    timestep."""
+    timestep; with ``background_target`` base the background is compared with the frozen base's own
+    prediction (``masks.anchored_mse``)."""
     device = text.hidden.device
     posterior = pixels if isinstance(pixels, Posterior) else backbone.posterior(pipe, pixels, device)
     latents = backbone.latents(pipe, posterior, generator)
@@ -518,7 +526,13 @@ def denoising_loss(
         return weighted_mse(prediction, target, torch.ones_like(noisy[:, :1]), per_image)
     with mask.watching(noisy):  # `mask` attention-trained reads this very pass
         prediction = backbone.predict(pipe, denoiser, noisy, steps, text)
-    return weighted_mse(prediction, target, loss_weights(mask(noisy, steps, text), background), per_image)
+    weights = mask(noisy, steps, text)
+    if background_target == "base":
+        base = mask.base_prediction()  # `mask` attention's own pass of the base, else one more
+        if base is None:
+            base = frozen_prediction(pipe, denoiser, backbone, noisy, steps, text)
+        return anchored_mse(prediction, target, base, weights, background, per_image)
+    return weighted_mse(prediction, target, loss_weights(weights, background), per_image)
 
 
 def diverged(out: Path, step: int, loss: float, what: str = "") -> TrainingDivergedError:
