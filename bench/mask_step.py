@@ -13,6 +13,9 @@ forward + backward + AdamW step of personalized residuals (rank 0.05 m_i) on one
 - attention-trained: the same weighted MSE, the maps captured during the training forward itself (the
              model being trained, not the frozen base; detached): no second pass
              (``training.attention_masks.TrainedAttentionMasks``)
+- file+base: a file mask, the background held to the frozen base's prediction (`mask_background_target`
+             base, weight 1: ``masks.anchored_mse``), which takes one more no_grad pass of the base
+- attention+base: the same with `mask` attention, whose own pass of the base gives that prediction
 
     OMP_NUM_THREADS=1 python bench/mask_step.py [--latent-size 16] [--batch-size 1] [--repeats 5]
 """
@@ -32,10 +35,10 @@ from persres import add_residuals
 from persres.backbones.unet import SD, Conditioning
 from persres.config import ResidualConfig
 from persres.testing.reference_configs import SD15_UNET
-from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks
-from persres.training.masks import loss_weights, to_latent_grid, weighted_mse
+from persres.training.attention_masks import AttentionMasks, TrainedAttentionMasks, frozen_prediction
+from persres.training.masks import anchored_mse, loss_weights, to_latent_grid, weighted_mse
 
-KINDS = ("none", "file", "attention", "attention-trained")
+KINDS = ("none", "file", "attention", "attention-trained", "file+base", "attention+base")
 CLASS_COLUMN = 5  # "a photo of a sks dog": <start> a photo of a sks dog -> "dog" at position 5
 
 
@@ -74,6 +77,8 @@ def main() -> None:
         "file": lambda: to_latent_grid(pixels, (size, size)),
         "attention": lambda: attention(noisy, steps, text),
         "attention-trained": lambda: None,
+        "file+base": lambda: to_latent_grid(pixels, (size, size)),
+        "attention+base": lambda: attention(noisy, steps, text),
     }
 
     def step(kind: str) -> float:
@@ -85,7 +90,12 @@ def main() -> None:
             inside = trained(noisy, steps, text)
         else:
             prediction = SD.predict(pipe, unet, noisy, steps, text)
-        if inside is None:
+        if kind.endswith("+base"):
+            base = attention.base_prediction() if kind == "attention+base" else None
+            if base is None:
+                base = frozen_prediction(pipe, unet, SD, noisy, steps, text)
+            loss = anchored_mse(prediction, target, base, inside, 1.0)
+        elif inside is None:
             loss = F.mse_loss(prediction.float(), target.float())
         else:
             loss = weighted_mse(prediction, target, loss_weights(inside, 0.0))
@@ -111,6 +121,8 @@ def main() -> None:
     print(f"file / none      = {median['file'] / median['none']:.3f}")
     print(f"attention / none = {median['attention'] / median['none']:.3f}  (target <= 1.10)")
     print(f"attention-trained / none = {median['attention-trained'] / median['none']:.3f}  (target <= 1.10)")
+    print(f"file+base / none = {median['file+base'] / median['none']:.3f}")
+    print(f"attention+base / none = {median['attention+base'] / median['none']:.3f}")
 
 
 if __name__ == "__main__":

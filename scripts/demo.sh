@@ -3,8 +3,9 @@
 # The base model (models/toyworld-base) is a small text-to-image model trained from scratch on
 # procedural scenes (see its README); the concept, a red striped dog, is one it has never seen.
 # The oracle (models/toyworld-oracle) knows every scene's truth, so the scores mean something.
-# The same demo on the toy Flux base (a FluxPipeline; true classifier-free guidance, 7.5 as on the U-Net):
-#   BASE=models/toyworld-flux OUT=demo-output-flux GUIDANCE=7.5 bash scripts/demo.sh
+# The same demo on the toy Flux base (a FluxPipeline; true classifier-free guidance, 7.5 as on the U-Net;
+# unmasked, without min-SNR: the loss options were measured on the U-Net world, min-SNR is for DDPM bases):
+#   BASE=models/toyworld-flux OUT=demo-output-flux GUIDANCE=7.5 TRAIN_OPTIONS= bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -13,6 +14,9 @@ PERSRES=".venv/bin/persres"
 OUT="${OUT:-demo-output}"
 BASE="${BASE:-models/toyworld-base}"
 GUIDANCE=(${GUIDANCE:+--guidance "$GUIDANCE"})  # none: the base's default (7.5 on the U-Net)
+# The toy U-Net world's loss: the class word's attention maps as the mask, min-SNR weighting (what won on
+# the toy world's training instances and held on its held-out concepts: bench/RESULTS.md)
+read -r -a TRAIN_OPTIONS <<< "${TRAIN_OPTIONS---mask attention-trained --timestep-weighting min-snr}"
 ORACLE=models/toyworld-oracle
 RUN="$OUT/run/residuals.safetensors"
 
@@ -24,9 +28,10 @@ echo "== persres demo in the toy world: base $BASE, oracle $ORACLE =="
 rm -rf "$OUT"  # the demo's own output folder only
 "$PY" scripts/demo_setup.py "$OUT"
 
-echo "== train: 5 photos of a red striped dog, 400 steps, batch 4, lr 5e-3, 32 px =="
+echo "== train: 5 photos of a red striped dog, 400 steps, batch 4, lr 5e-3, 32 px ${TRAIN_OPTIONS[*]} =="
 "$PERSRES" train --base "$BASE" --images "$OUT/photos" --class-word dog --out "$OUT/run" \
-    --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --checkpoint-every 200 --device cpu
+    --steps 400 --batch-size 4 --lr 5e-3 --resolution 32 --no-flip --checkpoint-every 200 --device cpu \
+    "${TRAIN_OPTIONS[@]}"
 
 echo "== sample: normal and LAG from the same noise, with LAG's masks =="
 "$PERSRES" sample --base "$BASE" --residuals "$RUN" --out "$OUT/samples" \

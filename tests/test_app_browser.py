@@ -63,6 +63,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
             page.wait_for_function("document.querySelectorAll('#thumbs img').length == 5", timeout=20_000)
             page.locator("#class-word textarea, #class-word input").first.fill("dog")
             page.get_by_text("advanced").click()
+            assert page.locator("#mask-attention input").first.is_checked()  # the toy U-Net's recipe
             page.locator("#steps input").first.fill(str(STEPS))
             page.locator("#train").click()
             page.wait_for_selector("#train-status :text('Finished')", timeout=120_000)
@@ -98,6 +99,7 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
             ]
             page.locator("[role=option]", has_text="Flux.1-shaped").click()
             page.wait_for_function("document.querySelector('#steps input').value == '400'", timeout=10_000)
+            page.wait_for_function("!document.querySelector('#mask-attention input').checked", timeout=10_000)
             page.locator("#steps input").first.fill(str(STEPS))
             page.locator("#run-name textarea, #run-name input").first.fill("flux-dog")
             page.locator("#train").click()
@@ -108,8 +110,11 @@ def test_upload_train_sample_in_a_browser(tmp_path: Path) -> None:
             browser.close()
     finally:
         server.close()
+    first = json.loads((tmp_path / "runs" / "sks-dog" / "config.json").read_text())
+    assert (first["mask"], first["timestep_weighting"]) == ("attention-trained", "min-snr")
     config = json.loads((tmp_path / "runs" / "flux-dog" / "config.json").read_text())
     assert (config["base"], config["steps"]) == (flux, STEPS)
+    assert (config["mask"], config["timestep_weighting"]) == ("none", "none")
     assert (tmp_path / "runs" / "flux-dog" / "residuals.safetensors").is_file()
     if os.access(ROOT / "docs", os.W_OK):
         shutil.copyfile(shots / "2-sampled.png", ROOT / "docs" / "app.png")

@@ -38,10 +38,15 @@ def test_the_train_page_recipe_on_flux_is_the_familys(flux_base: Path, linear_ba
 
 
 def test_both_shipped_toy_bases_take_the_toy_recipe() -> None:
-    """The toy world's recipe (32 px, 400 steps at 5e-3) on its U-Net base and on its Flux-shaped one."""
+    """The toy world's recipe (32 px, 400 steps at 5e-3) on its U-Net base and on its Flux-shaped one; the
+    masked, min-SNR-weighted loss on the U-Net's only (measured there; min-SNR weighs DDPM targets)."""
+    recipes = {}
     for name in TOY_BASES:
         assert jobs.is_shipped_base(str(find_toy_model(name)))
-        assert jobs.recipe_for(str(find_toy_model(name))) == jobs.TOY_RECIPE
+        recipes[name] = jobs.recipe_for(str(find_toy_model(name)))
+    unet, flux = (recipes[name] for name in TOY_BASES)
+    assert unet == jobs.TOY_RECIPE and (unet.masked, unet.timestep_weighting) == (True, "min-snr")
+    assert flux == replace(unet, masked=False, timestep_weighting="none")
 
 
 def test_the_app_trains_and_samples_on_a_tiny_flux_base(
@@ -83,6 +88,7 @@ def test_the_train_page_offers_each_base_with_its_recipe_and_refuses_any_other(
     assert settings.bases == (str(linear_base), str(flux_base))  # the first first, each once
     fields = {b: [u["value"] for u in train_page.recipe_fields(settings, b)] for b in settings.bases}
     assert fields[str(flux_base)][2] == "21" and fields[str(linear_base)][2] == str(ResidualConfig.rank)
+    assert fields[str(flux_base)][3] is False and fields[str(linear_base)][3] is False  # the paper's
     with pytest.raises(ConfigError, match="not one this app serves; choose one of"):
         train_page.recipe_fields(settings, str(tmp_path))
     uploads = [str(p) for p in sorted(photos.glob("*.png"))]

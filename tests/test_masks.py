@@ -591,13 +591,16 @@ def test_sdxl_trains_with_attention_masks(
     assert all(np.isfinite(seen)) and seen != plain
 
 
-def test_the_app_offers_attention_masks() -> None:
+def test_the_app_offers_attention_masks_and_the_toy_recipe_starts_with_them() -> None:
     pytest.importorskip("gradio")
-    from persres.app.jobs import TOY_RECIPE, make_config
+    from persres.app.jobs import PAPER_RECIPE, TOY_RECIPE, make_config
 
     plain = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE)
     masked = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", TOY_RECIPE, masked=True)
-    assert (plain.mask, masked.mask, masked.mask_background_weight) == ("none", "attention", 0.0)
+    assert (plain.mask, masked.mask, masked.mask_background_weight) == ("none", "attention-trained", 0.0)
+    assert TOY_RECIPE.masked and masked.timestep_weighting == plain.timestep_weighting == "min-snr"
+    paper = make_config("b", Path("p"), "dog", "sks", 10, 5e-3, "0.05", PAPER_RECIPE)
+    assert not PAPER_RECIPE.masked and (paper.mask, paper.timestep_weighting) == ("none", "none")
 
 
 def test_the_toy_world_writes_true_object_masks_that_train(conv_base: Path, tmp_path: Path) -> None:

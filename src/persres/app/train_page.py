@@ -71,9 +71,9 @@ def train_tab(settings: AppSettings) -> None:
                 elem_id="buckets",
             )
             masked = gr.Checkbox(
-                label="learn the concept, not its background: the loss only where the base model's attention "
-                "puts the class word (mask attention; about 1.5x the time per step)",
-                value=False,
+                label="learn the concept, not its background: the loss only where the model's attention puts "
+                "the class word (mask attention-trained; no extra time per step)",
+                value=recipe.masked,
                 elem_id="mask-attention",
             )
     start = gr.Button("Train", variant="primary", elem_id="train")
@@ -89,17 +89,22 @@ def train_tab(settings: AppSettings) -> None:
     )
     chosen = [base]
     fields = refused(functools.partial(recipe_fields, settings), chosen)
-    base.change(fields, chosen, [steps, lr, rank], **LIGHT, api_name="recipe")
+    base.change(fields, chosen, [steps, lr, rank, masked], **LIGHT, api_name="recipe")
     asked = [photos, class_word, token, name, steps, lr, rank, buckets, masked, base]
     handler = refused_stream(functools.partial(train, settings), asked)
     start.click(handler, asked, [state, curve], **HEAVY, api_name="train")
 
 
-def recipe_fields(settings: AppSettings, base: str) -> tuple[Any, Any, Any]:
+def recipe_fields(settings: AppSettings, base: str) -> tuple[Any, Any, Any, Any]:
     """The advanced fields' values for ``base`` (its recipe: the toy world's, or the paper's with the
     base family's rank)."""
     recipe = jobs.recipe_for(settings.served_base(base))
-    return gr.update(value=recipe.steps), gr.update(value=recipe.lr), gr.update(value=str(recipe.rank))
+    return (
+        gr.update(value=recipe.steps),
+        gr.update(value=recipe.lr),
+        gr.update(value=str(recipe.rank)),
+        gr.update(value=recipe.masked),
+    )
 
 
 def preview(files: list[str] | None) -> tuple[list[tuple[str, str]], str]:
@@ -158,9 +163,9 @@ def train(
     """``steps`` and ``lr`` come checked by their fields; ``rank`` is checked before anything is kept.
     ``buckets``: aspect-ratio buckets (the uploads keep their shape, shrunk to 1024 px at most). Caption
     files are not offered here: the app keeps uploads under names of its own and reads only photos.
-    ``masked``: `mask` attention (masks from files are not offered: the uploads are re-encoded as RGB, and
-    a second upload of masks would have to be paired with the photos by name). ``base``: one of the
-    app's (``settings.bases``), its first when none is given."""
+    ``masked``: `mask` attention-trained (masks from files are not offered: the uploads are re-encoded as
+    RGB, and a second upload of masks would have to be paired with the photos by name). ``base``: one of
+    the app's (``settings.bases``), its first when none is given."""
     job = jobs.start_training(
         settings.runs,
         name,
