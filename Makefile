@@ -67,6 +67,11 @@ bench-options: $(STAMP)
 		--change residuals:steps=800,lr_schedule=cosine \
 		--change residuals:mask=attention-trained,timestep_weighting=min-snr \
 		--change residuals:mask=attention-trained,mask_background_weight=0.1 \
+		--change residuals:mask=attention,mask_background_weight=1,mask_background_target=base \
+		--change residuals:mask=attention,mask_background_weight=0.3,mask_background_target=base \
+		--change residuals:mask=attention,mask_background_weight=1,mask_background_target=base,timestep_weighting=min-snr \
+		--change residuals:mask=object,mask_background_weight=1,mask_background_target=base \
+		--change lora:mask=attention,mask_background_weight=1,mask_background_target=base \
 		--out bench-output/toyworld-masks
 
 # Rebuild the shipped toy-world models from scratch (fixed seeds; see each model's README.md).

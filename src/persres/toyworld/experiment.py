@@ -42,7 +42,9 @@ VARIANTS = ("base", "normal", "lag")
 @dataclass(frozen=True)
 class ToySettings:
     # The paper's 150 steps at lr 1e-3 barely move a 32 px toy concept; 400 steps at 5e-3 learn it
-    # (bench/RESULTS.md, "Toy world quality").
+    # (bench/RESULTS.md, "Toy world quality"). The benchmarks' baseline, which `--change` varies: the
+    # recipe users get (scripts/demo.sh, the app's TOY_RECIPE) adds what won there, mask attention-trained
+    # and min-SNR ("Learning the concept, not the photos").
     steps: int = 400
     batch_size: int = 4
     lr: float = 5e-3
