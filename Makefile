@@ -55,6 +55,7 @@ bench-methods-flux: $(STAMP)
 	$(PY) bench/toyworld_methods.py --base models/toyworld-flux --methods residuals lora \
 		--change residuals:rank=21 --change residuals:lr=0.001 \
 		--change residuals:layers=transformer_blocks. --change residuals:layers=single_transformer_blocks. \
+		--change residuals:mask=attention,mask_background_weight=1,mask_background_target=base \
 		--out bench-output/toyworld-methods-flux
 
 # Residuals (and LoRA) on the toy U-Net base with each training option of the masked-training issue, from
